@@ -1,0 +1,512 @@
+//! Typed settings for every service, loaded once at start from defaults, an optional TOML file
+//! and `BRIDGE__<SECTION>__<KEY>` environment overrides (SPEC §5).
+//!
+//! One file configures all services (it is also the Kubernetes ConfigMap), so every binary
+//! parses and validates the whole file: a typo in any section stops every service at start.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Why settings could not be loaded; the message always names the offending key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub redis: RedisSettings,
+    /// Models clients may ask for, by the `modelId` of the API.
+    pub models: BTreeMap<String, ModelSettings>,
+    pub limits: LimitsSettings,
+    pub streams: StreamsSettings,
+    pub telemetry: TelemetrySettings,
+    pub gateway: GatewaySettings,
+    pub producer: ProducerSettings,
+    pub processor: ProcessorSettings,
+    pub mock_llm: MockLlmSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut models = BTreeMap::new();
+        // The local system runs with no API key: both default models are served by mock-llm.
+        for (id, upstream) in [("mock", "mock"), ("gpt-4", "mock-gpt-4")] {
+            models.insert(
+                id.to_owned(),
+                ModelSettings {
+                    base_url: "http://127.0.0.1:8090/v1".to_owned(),
+                    upstream_model: upstream.to_owned(),
+                    ..ModelSettings::default()
+                },
+            );
+        }
+        Self {
+            redis: RedisSettings::default(),
+            models,
+            limits: LimitsSettings::default(),
+            streams: StreamsSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            gateway: GatewaySettings::default(),
+            producer: ProducerSettings::default(),
+            processor: ProcessorSettings::default(),
+            mock_llm: MockLlmSettings::default(),
+        }
+    }
+}
+
+/// `[redis]`: where every service finds Redis.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` (TLS) or `redis-cluster://host:port?node=host:port…`.
+    /// May carry `user:password@`; it is never printed.
+    pub url: String,
+    /// Connections in the pool that serves request handlers (blocking reads get their own).
+    pub pool_size: usize,
+    /// A command that takes longer fails, so API calls answer 503 instead of hanging.
+    pub command_timeout_ms: u64,
+    /// Time allowed to establish a connection.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            pool_size: 4,
+            command_timeout_ms: 2_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced, for logs and debug output.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // set_password only fails for URLs that cannot carry one, which this one does.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparsable url>".to_owned(),
+    }
+}
+
+/// `[models.<id>]`: one OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSettings {
+    /// OpenAI-compatible API base, e.g. `http://127.0.0.1:8090/v1` or `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// The model name sent upstream.
+    pub upstream_model: String,
+    /// Name of the environment variable holding the provider key (never the key itself).
+    pub api_key_env: Option<String>,
+    /// Upper bound on the whole upstream request, first byte to last.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            upstream_model: String::new(),
+            api_key_env: None,
+            request_timeout_secs: 600,
+        }
+    }
+}
+
+/// `[limits]`: input bounds the gateway enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Largest prompt (sum of message contents).
+    pub max_prompt_bytes: usize,
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Largest `maxTokens` a client may ask for.
+    pub max_tokens_cap: u32,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_prompt_bytes: 256 * 1024,
+            max_messages: 256,
+            max_tokens_cap: 32_768,
+        }
+    }
+}
+
+/// `[streams]`: retention and sharding of the Redis streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsSettings {
+    /// Approximate cap (`MAXLEN ~`) of each session stream.
+    pub session_maxlen: u64,
+    /// Approximate cap of the job stream.
+    pub requests_maxlen: u64,
+    /// Approximate cap of each event shard.
+    pub events_maxlen: u64,
+    /// Number of `llm:events:{n}` shards.
+    pub event_shards: u16,
+    /// A session stream expires this long after its last request ended.
+    pub session_ttl_secs: u64,
+}
+
+impl Default for StreamsSettings {
+    fn default() -> Self {
+        Self {
+            session_maxlen: 10_000,
+            requests_maxlen: 100_000,
+            events_maxlen: 1_000_000,
+            event_shards: 8,
+            session_ttl_secs: 3_600,
+        }
+    }
+}
+
+/// `[telemetry]`: logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `tracing` filter directive, e.g. `info` or `gateway=debug,info`; `RUST_LOG` wins.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Listen address of the HTTP API, SSE and demo page.
+    pub addr: String,
+    /// Seconds between `: ping` comments on an idle SSE stream.
+    pub keepalive_secs: u64,
+    /// Bytes an SSE client may fall behind before it is disconnected (it resumes from Redis).
+    pub sse_buffer_bytes: usize,
+    /// Most entries one multiplexed `XREAD` returns per stream.
+    pub reader_batch: u64,
+    /// How long the multiplexed reader blocks in one `XREAD`.
+    pub reader_block_ms: u64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".to_owned(),
+            keepalive_secs: 15,
+            sse_buffer_bytes: 1024 * 1024,
+            reader_batch: 512,
+            reader_block_ms: 5_000,
+        }
+    }
+}
+
+/// `[producer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerSettings {
+    /// Listen address of health and metrics.
+    pub addr: String,
+    /// Most requests one producer streams at once; it claims jobs only when a slot is free.
+    pub concurrency: usize,
+    /// Consumer name in `llm:producers`; empty means hostname-pid (unique per process).
+    pub consumer_name: String,
+    /// How long one `XREADGROUP` for jobs blocks.
+    pub claim_block_ms: u64,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8081".to_owned(),
+            concurrency: 64,
+            consumer_name: String::new(),
+            claim_block_ms: 2_000,
+        }
+    }
+}
+
+/// `[processor]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSettings {
+    /// Listen address of health and metrics.
+    pub addr: String,
+    /// Consumer name in `llm:processors`; empty means hostname-pid.
+    pub consumer_name: String,
+    /// Most entries read per shard per batch.
+    pub batch_size: u64,
+    /// How long one `XREADGROUP` blocks.
+    pub block_ms: u64,
+    /// Analytics keys expire after this long without updates.
+    pub stats_ttl_secs: u64,
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8082".to_owned(),
+            consumer_name: String::new(),
+            batch_size: 256,
+            block_ms: 2_000,
+            stats_ttl_secs: 7 * 24 * 3_600,
+        }
+    }
+}
+
+/// `[mock_llm]`: the development upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockLlmSettings {
+    /// Listen address; models point at `http://<addr>/v1`.
+    pub addr: String,
+    /// Tokens per completion unless the request or a directive says otherwise.
+    pub default_tokens: usize,
+    /// Delay before each token, in milliseconds.
+    pub token_delay_ms: u64,
+    /// Seed mixed into the deterministic text.
+    pub seed: u64,
+}
+
+impl Default for MockLlmSettings {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8090".to_owned(),
+            default_tokens: 120,
+            token_delay_ms: 20,
+            seed: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the TOML file (when given), then `BRIDGE__SECTION__KEY` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = config::Environment::with_prefix("BRIDGE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        Self::load_with(path, env)
+    }
+
+    /// Like [`Settings::load`] with explicit variables instead of the process environment.
+    pub fn load_from_vars(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env = config::Environment::with_prefix("BRIDGE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(vars.into_iter().collect()));
+        Self::load_with(path, env)
+    }
+
+    fn load_with(path: Option<&Path>, env: config::Environment) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: URLs parse, addresses parse, limits are positive.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let redis = url::Url::parse(&self.redis.url)
+            .map_err(|e| invalid("redis.url", format!("not a URL: {e}")))?;
+        if !matches!(redis.scheme(), "redis" | "rediss" | "redis-cluster" | "rediss-cluster") {
+            return Err(invalid(
+                "redis.url",
+                "scheme must be redis, rediss or redis-cluster",
+            ));
+        }
+        for (key, addr) in [
+            ("gateway.addr", &self.gateway.addr),
+            ("producer.addr", &self.producer.addr),
+            ("processor.addr", &self.processor.addr),
+            ("mock_llm.addr", &self.mock_llm.addr),
+        ] {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| invalid(key, format!("not a socket address: {e}")))?;
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "at least one model must be configured"));
+        }
+        for (id, model) in &self.models {
+            stream_schema::ModelId::parse(id)
+                .map_err(|e| invalid(format!("models.{id}"), e.to_string()))?;
+            url::Url::parse(&model.base_url).map_err(|e| {
+                invalid(format!("models.{id}.base_url"), format!("not a URL: {e}"))
+            })?;
+            if model.upstream_model.is_empty() {
+                return Err(invalid(
+                    format!("models.{id}.upstream_model"),
+                    "missing required value",
+                ));
+            }
+        }
+        if self.streams.event_shards == 0 {
+            return Err(invalid("streams.event_shards", "must be at least 1"));
+        }
+        if self.producer.concurrency == 0 {
+            return Err(invalid("producer.concurrency", "must be at least 1"));
+        }
+        if self.redis.pool_size == 0 {
+            return Err(invalid("redis.pool_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_run_the_local_system() -> Result<(), ConfigError> {
+        let settings = Settings::load_from_vars(None, vars(&[]))?;
+        assert!(settings.models.contains_key("mock"));
+        assert_eq!(settings.gateway.addr, "127.0.0.1:8080");
+        Ok(())
+    }
+
+    #[test]
+    fn env_overrides_a_key() -> Result<(), ConfigError> {
+        let settings = Settings::load_from_vars(
+            None,
+            vars(&[
+                ("BRIDGE__REDIS__URL", "redis://127.0.0.1:6380"),
+                ("BRIDGE__GATEWAY__ADDR", "127.0.0.1:9000"),
+                ("BRIDGE__PRODUCER__CONCURRENCY", "3"),
+            ]),
+        )?;
+        assert_eq!(settings.redis.url, "redis://127.0.0.1:6380");
+        assert_eq!(settings.gateway.addr, "127.0.0.1:9000");
+        assert_eq!(settings.producer.concurrency, 3);
+        Ok(())
+    }
+
+    fn load_toml(text: &str) -> Result<Settings, ConfigError> {
+        // Unique per test thread so parallel tests never share a file.
+        let name = format!("bridge-config-{}-{:?}.toml", std::process::id(), std::thread::current().id())
+            .replace(['(', ')'], "");
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, text).map_err(|e| invalid("test", e.to_string()))?;
+        let loaded = Settings::load_from_vars(Some(&path), vars(&[]));
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    #[test]
+    fn a_file_configures_models() -> Result<(), ConfigError> {
+        let settings = load_toml(
+            "[models.\"gpt-4o\"]\nbase_url = \"https://api.openai.com/v1\"\nupstream_model = \"gpt-4o\"\napi_key_env = \"OPENAI_API_KEY\"\n",
+        )?;
+        assert_eq!(settings.models.len(), 1);
+        assert_eq!(
+            settings.models["gpt-4o"].api_key_env.as_deref(),
+            Some("OPENAI_API_KEY")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_model_key_is_named() {
+        let err = load_toml(
+            "[models.m]\nbase_url = \"http://x/v1\"\nupstream_model = \"m\"\nbase_ulr = \"typo\"\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("base_ulr"), "{err}");
+    }
+
+    #[test]
+    fn an_unparsable_url_is_named() {
+        let err = load_toml("[redis]\nurl = \"not a url\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("redis.url"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_upstream_model_is_named() {
+        let err = load_toml("[models.m]\nbase_url = \"http://x/v1\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("models.m.upstream_model"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_redis_password() {
+        let settings = RedisSettings {
+            url: "redis://app:hunter2@redis:6379".to_owned(),
+            ..RedisSettings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+    }
+}

@@ -1,0 +1,144 @@
+//! Operations endpoints every service serves: `/healthz` (alive), `/readyz` (Redis reachable and
+//! every registered loop running) and `/metrics` (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use fred::prelude::*;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// Installs the Prometheus recorder as the process-wide `metrics` recorder.
+///
+/// A second call in one process (tests) gets a handle of its own recorder that sees nothing,
+/// instead of failing.
+pub fn install_metrics() -> PrometheusHandle {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::debug!("a metrics recorder is already installed in this process");
+    }
+    handle
+}
+
+/// Running state of one internal loop; the loop sets it, `/readyz` reads it.
+#[derive(Clone, Debug)]
+pub struct LoopFlag(Arc<AtomicBool>);
+
+impl LoopFlag {
+    pub fn set(&self, running: bool) {
+        self.0.store(running, Ordering::Relaxed);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What `/readyz` checks and `/metrics` renders. Cheap to clone.
+#[derive(Clone)]
+pub struct OpsState {
+    redis: Pool,
+    metrics: PrometheusHandle,
+    /// Registered by each service at build time; flipped by the loops themselves.
+    loops: Arc<Mutex<BTreeMap<&'static str, LoopFlag>>>,
+}
+
+impl OpsState {
+    pub fn new(redis: Pool, metrics: PrometheusHandle) -> Self {
+        Self {
+            redis,
+            metrics,
+            loops: Arc::default(),
+        }
+    }
+
+    /// Registers a loop that must be running for the service to be ready.
+    pub fn register_loop(&self, name: &'static str) -> LoopFlag {
+        let flag = LoopFlag(Arc::new(AtomicBool::new(false)));
+        if let Ok(mut loops) = self.loops.lock() {
+            loops.insert(name, flag.clone());
+        }
+        flag
+    }
+
+    /// Loops that are not running.
+    fn stopped_loops(&self) -> Vec<&'static str> {
+        match self.loops.lock() {
+            Ok(loops) => loops
+                .iter()
+                .filter(|(_, flag)| !flag.is_running())
+                .map(|(name, _)| *name)
+                .collect(),
+            Err(_) => vec!["<registry poisoned>"],
+        }
+    }
+
+    async fn redis_reachable(&self) -> bool {
+        let ping = self.redis.next().ping::<String>(None);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
+    let redis = state.redis_reachable().await;
+    let stopped = state.stopped_loops();
+    let body = serde_json::json!({
+        "status": if redis && stopped.is_empty() { "ready" } else { "unavailable" },
+        "redis": if redis { "ok" } else { "unreachable" },
+        "stoppedLoops": stopped,
+    });
+    if redis && stopped.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics_text(state: web::Data<OpsState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// Mounts the three endpoints on an app (the gateway mounts them beside its API).
+pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::new(state))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_text));
+    }
+}
+
+/// Serves only the ops endpoints (producer, processor) until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    state: OpsState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new().configure(configure(state.clone()))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop(true).await;
+    });
+    server.await
+}

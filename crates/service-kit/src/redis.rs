@@ -1,0 +1,60 @@
+//! Connecting to Redis (single node, TLS or cluster) with the timeouts and reconnect policy that
+//! make the system fail fast while Redis is down and recover by itself when it returns.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use crate::config::RedisSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("invalid redis.url: {0}")]
+    Url(fred::error::Error),
+    #[error("cannot create Redis client: {0}")]
+    Build(fred::error::Error),
+}
+
+fn builder(settings: &RedisSettings) -> Result<Builder, RedisSetupError> {
+    let config = Config::from_url(&settings.url).map_err(RedisSetupError::Url)?;
+    let mut builder = Builder::from_config(config);
+    let command_timeout = Duration::from_millis(settings.command_timeout_ms);
+    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+    builder
+        .with_config(|config| {
+            // Keep retrying the first connection too: a service started before Redis becomes
+            // ready once Redis is up (its /readyz says 503 meanwhile).
+            config.fail_fast = false;
+        })
+        .with_connection_config(|config| {
+            config.connection_timeout = connect_timeout;
+            config.internal_command_timeout = connect_timeout;
+            // A command interrupted by a dropped connection is retried once, not thrice, so a
+            // caller learns about an outage within its timeout.
+            config.max_command_attempts = 2;
+        })
+        .with_performance_config(|config| {
+            config.default_command_timeout = command_timeout;
+        })
+        // Reconnect forever, 100 ms doubling to 2 s: services heal without a restart.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+    Ok(builder)
+}
+
+/// A pool for request handlers and ordinary commands. Call `init()` on it.
+pub fn pool(settings: &RedisSettings) -> Result<Pool, RedisSetupError> {
+    builder(settings)?
+        .build_pool(settings.pool_size)
+        .map_err(RedisSetupError::Build)
+}
+
+/// A dedicated client for blocking reads (`XREAD BLOCK`, `XREADGROUP BLOCK`): a blocking command
+/// occupies its connection, so it never shares the request pool. Its command timeout is
+/// disabled because a blocking read legitimately waits.
+pub fn blocking_client(settings: &RedisSettings) -> Result<Client, RedisSetupError> {
+    let mut builder = builder(settings)?;
+    builder.with_performance_config(|config| {
+        config.default_command_timeout = Duration::ZERO;
+    });
+    builder.build().map_err(RedisSetupError::Build)
+}

@@ -1,0 +1,155 @@
+//! Field-level encoding shared by every entry type: the schema version, the field source trait
+//! and the typed decode error.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+/// Written as field `v` in every entry; bumped when an entry's meaning changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Field name of the schema version in every entry.
+pub(crate) const F_VERSION: &str = "v";
+
+/// An entry ready for `XADD`/`HSET`: ordered field/value pairs.
+pub type Fields = Vec<(&'static str, String)>;
+
+/// Why an entry could not be decoded. Readers log and count it and go on; it never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{field}` is invalid: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("unknown schema version `{0}`")]
+    UnknownVersion(String),
+    #[error("unknown entry type `{0}`")]
+    UnknownType(String),
+}
+
+/// Where decoders read fields from: a map or the pair list a stream read returns.
+pub trait FieldSource {
+    fn field(&self, name: &str) -> Option<&str>;
+}
+
+impl FieldSource for HashMap<String, String> {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+}
+
+impl FieldSource for [(String, String)] {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl FieldSource for Vec<(String, String)> {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.as_slice().field(name)
+    }
+}
+
+pub(crate) fn required<'a, S: FieldSource + ?Sized>(
+    src: &'a S,
+    name: &'static str,
+) -> Result<&'a str, DecodeError> {
+    src.field(name).ok_or(DecodeError::MissingField(name))
+}
+
+pub(crate) fn parsed<T, S>(src: &S, name: &'static str) -> Result<T, DecodeError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+    S: FieldSource + ?Sized,
+{
+    required(src, name)?
+        .parse()
+        .map_err(|e: T::Err| DecodeError::InvalidField {
+            field: name,
+            reason: e.to_string(),
+        })
+}
+
+pub(crate) fn optional_parsed<T, S>(src: &S, name: &'static str) -> Result<Option<T>, DecodeError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+    S: FieldSource + ?Sized,
+{
+    match src.field(name) {
+        None | Some("") => Ok(None),
+        Some(_) => parsed(src, name).map(Some),
+    }
+}
+
+pub(crate) fn parse_bool<S: FieldSource + ?Sized>(
+    src: &S,
+    name: &'static str,
+) -> Result<bool, DecodeError> {
+    match required(src, name)? {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        other => Err(DecodeError::InvalidField {
+            field: name,
+            reason: format!("expected 0 or 1, got {other:?}"),
+        }),
+    }
+}
+
+pub(crate) fn bool_field(value: bool) -> String {
+    if value { "1" } else { "0" }.to_owned()
+}
+
+/// Checks the `v` field; every decoder calls it first.
+pub(crate) fn check_version<S: FieldSource + ?Sized>(src: &S) -> Result<(), DecodeError> {
+    let v = required(src, F_VERSION)?;
+    if v == "1" {
+        Ok(())
+    } else {
+        Err(DecodeError::UnknownVersion(v.to_owned()))
+    }
+}
+
+pub(crate) fn version_field() -> (&'static str, String) {
+    (F_VERSION, SCHEMA_VERSION.to_string())
+}
+
+/// Maps a `FromStr` for snake_case enums with a fixed set of names.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        $vis enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),*
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    other => Err(format!("unknown {} `{}`", stringify!($name), other)),
+                }
+            }
+        }
+    };
+}
+pub(crate) use string_enum;

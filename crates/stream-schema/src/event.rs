@@ -1,0 +1,394 @@
+//! Session stream entries: the events a client receives over SSE (SPEC §2 "Event payloads").
+//!
+//! The same type is encoded to Redis fields (short names, version `v`) and serialized to the
+//! client JSON (camelCase, `type` tag).
+
+use serde::Serialize;
+
+use crate::codec::{
+    DecodeError, FieldSource, Fields, bool_field, check_version, parse_bool, parsed, required,
+    string_enum, version_field,
+};
+use crate::ids::{ModelId, RequestId, SessionId};
+
+string_enum! {
+    /// Why a request ended without an error.
+    pub enum FinishReason {
+        Stop = "stop",
+        Length = "length",
+        Cancelled = "cancelled",
+        RateLimited = "rate_limited",
+        ContentFilter = "content_filter",
+    }
+}
+
+string_enum! {
+    /// Machine-readable cause of an `error` event.
+    pub enum ErrorCode {
+        /// The upstream LLM failed (connect error, HTTP error, broken stream).
+        UpstreamError = "upstream_error",
+        /// The upstream did not send a token within its timeout.
+        UpstreamTimeout = "upstream_timeout",
+        /// The client asked to resume from history that was trimmed or expired.
+        HistoryLost = "history_lost",
+        /// Redis or another dependency is unreachable; resume later.
+        Unavailable = "unavailable",
+        /// The request failed too many times and was dead-lettered.
+        JobFailed = "job_failed",
+        /// A bug or an unexpected state; never caused by the client.
+        Internal = "internal",
+    }
+}
+
+string_enum! {
+    /// Where the usage figures of a `complete` event come from.
+    pub enum UsageSource {
+        /// Reported by the upstream (`stream_options.include_usage`).
+        Upstream = "upstream",
+        /// The upstream sent none: the producer counted the tokens it streamed.
+        Counted = "counted",
+    }
+}
+
+/// Token usage of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub source: UsageSource,
+}
+
+/// One entry of `llm:stream:{session}:model`, and one SSE `data:` object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum SessionEvent {
+    /// Written by the gateway when a chat starts, and by nobody else.
+    #[serde(rename_all = "camelCase")]
+    Start {
+        request_id: RequestId,
+        session_id: SessionId,
+        model_id: ModelId,
+        attempt: u32,
+        timestamp: u64,
+    },
+    /// One piece of generated text; `sequence` starts at 1 per attempt, without gaps.
+    #[serde(rename_all = "camelCase")]
+    Token {
+        request_id: RequestId,
+        sequence: u64,
+        content: String,
+        timestamp: u64,
+    },
+    /// A new producer took over: the client drops the partial text of the earlier attempt.
+    #[serde(rename_all = "camelCase")]
+    Restart {
+        request_id: RequestId,
+        attempt: u32,
+        reason: String,
+        timestamp: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    Complete {
+        request_id: RequestId,
+        finish_reason: FinishReason,
+        usage: Usage,
+        timestamp: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    Error {
+        request_id: RequestId,
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+        timestamp: u64,
+    },
+}
+
+const F_TYPE: &str = "type";
+const F_REQUEST: &str = "rid";
+const F_SESSION: &str = "sid";
+const F_MODEL: &str = "model";
+const F_ATTEMPT: &str = "attempt";
+const F_SEQ: &str = "seq";
+const F_CONTENT: &str = "content";
+const F_REASON: &str = "reason";
+const F_FINISH: &str = "finish";
+const F_PROMPT_TOKENS: &str = "pt";
+const F_COMPLETION_TOKENS: &str = "ct";
+const F_USAGE_SOURCE: &str = "usrc";
+const F_CODE: &str = "code";
+const F_MESSAGE: &str = "msg";
+const F_RETRYABLE: &str = "retry";
+const F_TIMESTAMP: &str = "ts";
+
+impl SessionEvent {
+    pub fn request_id(&self) -> RequestId {
+        match self {
+            Self::Start { request_id, .. }
+            | Self::Token { request_id, .. }
+            | Self::Restart { request_id, .. }
+            | Self::Complete { request_id, .. }
+            | Self::Error { request_id, .. } => *request_id,
+        }
+    }
+
+    /// `complete` and `error` end a request: an SSE response for that request ends after it.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Complete { .. } | Self::Error { .. })
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Start { .. } => "start",
+            Self::Token { .. } => "token",
+            Self::Restart { .. } => "restart",
+            Self::Complete { .. } => "complete",
+            Self::Error { .. } => "error",
+        }
+    }
+
+    /// The SSE `data:` JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail (no maps with non-string keys, no
+        // custom serializers that error); an empty object is a safe fallback all the same.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// Redis fields of this event.
+    pub fn encode(&self) -> Fields {
+        let mut f: Fields = vec![
+            version_field(),
+            (F_TYPE, self.type_name().to_owned()),
+            (F_REQUEST, self.request_id().to_string()),
+        ];
+        match self {
+            Self::Start {
+                session_id,
+                model_id,
+                attempt,
+                timestamp,
+                ..
+            } => {
+                f.push((F_SESSION, session_id.to_string()));
+                f.push((F_MODEL, model_id.to_string()));
+                f.push((F_ATTEMPT, attempt.to_string()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::Token {
+                sequence,
+                content,
+                timestamp,
+                ..
+            } => {
+                f.push((F_SEQ, sequence.to_string()));
+                f.push((F_CONTENT, content.clone()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::Restart {
+                attempt,
+                reason,
+                timestamp,
+                ..
+            } => {
+                f.push((F_ATTEMPT, attempt.to_string()));
+                f.push((F_REASON, reason.clone()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::Complete {
+                finish_reason,
+                usage,
+                timestamp,
+                ..
+            } => {
+                f.push((F_FINISH, finish_reason.as_str().to_owned()));
+                f.push((F_PROMPT_TOKENS, usage.prompt_tokens.to_string()));
+                f.push((F_COMPLETION_TOKENS, usage.completion_tokens.to_string()));
+                f.push((F_USAGE_SOURCE, usage.source.as_str().to_owned()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::Error {
+                code,
+                message,
+                retryable,
+                timestamp,
+                ..
+            } => {
+                f.push((F_CODE, code.as_str().to_owned()));
+                f.push((F_MESSAGE, message.clone()));
+                f.push((F_RETRYABLE, bool_field(*retryable)));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+        }
+        f
+    }
+
+    pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
+        check_version(src)?;
+        let request_id = parsed(src, F_REQUEST)?;
+        let timestamp = parsed(src, F_TIMESTAMP)?;
+        match required(src, F_TYPE)? {
+            "start" => Ok(Self::Start {
+                request_id,
+                session_id: parsed(src, F_SESSION)?,
+                model_id: parsed(src, F_MODEL)?,
+                attempt: parsed(src, F_ATTEMPT)?,
+                timestamp,
+            }),
+            "token" => Ok(Self::Token {
+                request_id,
+                sequence: parsed(src, F_SEQ)?,
+                content: required(src, F_CONTENT)?.to_owned(),
+                timestamp,
+            }),
+            "restart" => Ok(Self::Restart {
+                request_id,
+                attempt: parsed(src, F_ATTEMPT)?,
+                reason: required(src, F_REASON)?.to_owned(),
+                timestamp,
+            }),
+            "complete" => Ok(Self::Complete {
+                request_id,
+                finish_reason: parsed(src, F_FINISH)?,
+                usage: Usage {
+                    prompt_tokens: parsed(src, F_PROMPT_TOKENS)?,
+                    completion_tokens: parsed(src, F_COMPLETION_TOKENS)?,
+                    source: parsed(src, F_USAGE_SOURCE)?,
+                },
+                timestamp,
+            }),
+            "error" => Ok(Self::Error {
+                request_id,
+                code: parsed(src, F_CODE)?,
+                message: required(src, F_MESSAGE)?.to_owned(),
+                retryable: parse_bool(src, F_RETRYABLE)?,
+                timestamp,
+            }),
+            other => Err(DecodeError::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn as_owned(fields: Fields) -> Vec<(String, String)> {
+        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    fn samples() -> Result<Vec<SessionEvent>, crate::IdError> {
+        let request_id = RequestId::new();
+        Ok(vec![
+            SessionEvent::Start {
+                request_id,
+                session_id: SessionId::parse("user_123")?,
+                model_id: ModelId::parse("gpt-4")?,
+                attempt: 1,
+                timestamp: 1_703_123_456_789,
+            },
+            SessionEvent::Token {
+                request_id,
+                sequence: 1,
+                content: " Once\nupon \"a\" time ✨".to_owned(),
+                timestamp: 1_703_123_456_790,
+            },
+            SessionEvent::Restart {
+                request_id,
+                attempt: 2,
+                reason: "producer_lost".to_owned(),
+                timestamp: 3,
+            },
+            SessionEvent::Complete {
+                request_id,
+                finish_reason: FinishReason::Stop,
+                usage: Usage {
+                    prompt_tokens: 9,
+                    completion_tokens: 412,
+                    source: UsageSource::Upstream,
+                },
+                timestamp: 4,
+            },
+            SessionEvent::Error {
+                request_id,
+                code: ErrorCode::UpstreamError,
+                message: "upstream returned 500".to_owned(),
+                retryable: true,
+                timestamp: 5,
+            },
+        ])
+    }
+
+    #[test]
+    fn every_event_round_trips_through_redis_fields() -> Result<(), Box<dyn std::error::Error>> {
+        for event in samples()? {
+            let decoded = SessionEvent::decode(&as_owned(event.encode()))?;
+            assert_eq!(decoded, event);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn client_json_follows_the_spec() -> Result<(), Box<dyn std::error::Error>> {
+        let events = samples()?;
+        let start: serde_json::Value = serde_json::from_str(&events[0].to_json())?;
+        assert_eq!(start["type"], "start");
+        assert_eq!(start["sessionId"], "user_123");
+        assert_eq!(start["modelId"], "gpt-4");
+        assert_eq!(start["attempt"], 1);
+        let complete: serde_json::Value = serde_json::from_str(&events[3].to_json())?;
+        assert_eq!(complete["finishReason"], "stop");
+        assert_eq!(complete["usage"]["promptTokens"], 9);
+        assert_eq!(complete["usage"]["completionTokens"], 412);
+        let error: serde_json::Value = serde_json::from_str(&events[4].to_json())?;
+        assert_eq!(error["code"], "upstream_error");
+        assert_eq!(error["retryable"], true);
+        Ok(())
+    }
+
+    #[test]
+    fn decode_errors_are_typed() -> Result<(), Box<dyn std::error::Error>> {
+        let token = as_owned(samples()?[1].encode());
+
+        let mut missing = token.clone();
+        missing.retain(|(k, _)| k != "seq");
+        assert_eq!(
+            SessionEvent::decode(&missing),
+            Err(DecodeError::MissingField("seq"))
+        );
+
+        let mut wrong_type = token.clone();
+        for (k, v) in &mut wrong_type {
+            if k == "seq" {
+                *v = "first".to_owned();
+            }
+        }
+        assert!(matches!(
+            SessionEvent::decode(&wrong_type),
+            Err(DecodeError::InvalidField { field: "seq", .. })
+        ));
+
+        let mut future = token.clone();
+        for (k, v) in &mut future {
+            if k == "v" {
+                *v = "2".to_owned();
+            }
+        }
+        assert_eq!(
+            SessionEvent::decode(&future),
+            Err(DecodeError::UnknownVersion("2".to_owned()))
+        );
+
+        let mut unknown = token;
+        for (k, v) in &mut unknown {
+            if k == "type" {
+                *v = "telepathy".to_owned();
+            }
+        }
+        assert_eq!(
+            SessionEvent::decode(&unknown),
+            Err(DecodeError::UnknownType("telepathy".to_owned()))
+        );
+        Ok(())
+    }
+}

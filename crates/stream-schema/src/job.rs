@@ -1,0 +1,194 @@
+//! Job entries of `llm:requests`: what the gateway asks a producer to generate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{
+    DecodeError, FieldSource, Fields, check_version, optional_parsed, parsed, required,
+    string_enum, version_field,
+};
+use crate::ids::{ModelId, RequestId, SessionId};
+
+string_enum! {
+    /// Author of a chat message.
+    pub enum Role {
+        System = "system",
+        User = "user",
+        Assistant = "assistant",
+    }
+}
+
+/// One message of the conversation sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// A chat request waiting for a producer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub request_id: RequestId,
+    pub session_id: SessionId,
+    pub model_id: ModelId,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    /// Unix ms when the gateway enqueued the job.
+    pub enqueued_at: u64,
+}
+
+const F_REQUEST: &str = "rid";
+const F_SESSION: &str = "sid";
+const F_MODEL: &str = "model";
+const F_MESSAGES: &str = "msgs";
+const F_MAX_TOKENS: &str = "max_tokens";
+const F_TEMPERATURE: &str = "temperature";
+const F_ENQUEUED_AT: &str = "ts";
+
+impl Job {
+    pub fn encode(&self) -> Fields {
+        let mut f = vec![
+            version_field(),
+            (F_REQUEST, self.request_id.to_string()),
+            (F_SESSION, self.session_id.to_string()),
+            (F_MODEL, self.model_id.to_string()),
+            (
+                F_MESSAGES,
+                // A Vec of plain structs always serializes.
+                serde_json::to_string(&self.messages).unwrap_or_else(|_| "[]".to_owned()),
+            ),
+            (F_ENQUEUED_AT, self.enqueued_at.to_string()),
+        ];
+        if let Some(max_tokens) = self.max_tokens {
+            f.push((F_MAX_TOKENS, max_tokens.to_string()));
+        }
+        if let Some(temperature) = self.temperature {
+            f.push((F_TEMPERATURE, temperature.to_string()));
+        }
+        f
+    }
+
+    pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
+        check_version(src)?;
+        let messages = serde_json::from_str(required(src, F_MESSAGES)?).map_err(|e| {
+            DecodeError::InvalidField {
+                field: F_MESSAGES,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            request_id: parsed(src, F_REQUEST)?,
+            session_id: parsed(src, F_SESSION)?,
+            model_id: parsed(src, F_MODEL)?,
+            messages,
+            max_tokens: optional_parsed(src, F_MAX_TOKENS)?,
+            temperature: optional_parsed(src, F_TEMPERATURE)?,
+            enqueued_at: parsed(src, F_ENQUEUED_AT)?,
+        })
+    }
+}
+
+/// What `llm:request:{requestId}` holds: how to find a request's stream from its id alone
+/// (cancel and per-request SSE only know the request id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestMeta {
+    pub session_id: SessionId,
+    pub model_id: ModelId,
+    /// Entry id of the request's `start` event: a late client reads from here.
+    pub start_entry: crate::EntryId,
+}
+
+impl RequestMeta {
+    pub fn encode(&self) -> Fields {
+        vec![
+            version_field(),
+            (F_SESSION, self.session_id.to_string()),
+            (F_MODEL, self.model_id.to_string()),
+            ("start", self.start_entry.to_string()),
+        ]
+    }
+
+    pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
+        check_version(src)?;
+        Ok(Self {
+            session_id: parsed(src, F_SESSION)?,
+            model_id: parsed(src, F_MODEL)?,
+            start_entry: parsed(src, "start")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(f: Fields) -> Vec<(String, String)> {
+        f.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    #[test]
+    fn jobs_round_trip() -> Result<(), Box<dyn std::error::Error>> {
+        let job = Job {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse("s1")?,
+            model_id: ModelId::parse("mock")?,
+            messages: vec![
+                ChatMessage {
+                    role: Role::System,
+                    content: "be brief".to_owned(),
+                },
+                ChatMessage {
+                    role: Role::User,
+                    content: "Tell me a story about a dragon".to_owned(),
+                },
+            ],
+            max_tokens: Some(64),
+            temperature: Some(0.5),
+            enqueued_at: 17,
+        };
+        assert_eq!(Job::decode(&owned(job.encode()))?, job);
+
+        let bare = Job {
+            max_tokens: None,
+            temperature: None,
+            ..job
+        };
+        assert_eq!(Job::decode(&owned(bare.encode()))?, bare);
+        Ok(())
+    }
+
+    #[test]
+    fn a_job_with_broken_messages_is_a_typed_error() -> Result<(), Box<dyn std::error::Error>> {
+        let job = Job {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse("s1")?,
+            model_id: ModelId::parse("mock")?,
+            messages: vec![],
+            max_tokens: None,
+            temperature: None,
+            enqueued_at: 1,
+        };
+        let mut fields = owned(job.encode());
+        for (k, v) in &mut fields {
+            if k == "msgs" {
+                *v = "{not json".to_owned();
+            }
+        }
+        assert!(matches!(
+            Job::decode(&fields),
+            Err(DecodeError::InvalidField { field: "msgs", .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn request_meta_round_trips() -> Result<(), Box<dyn std::error::Error>> {
+        let meta = RequestMeta {
+            session_id: SessionId::parse("s1")?,
+            model_id: ModelId::parse("mock")?,
+            start_entry: crate::EntryId::parse("17-3")?,
+        };
+        assert_eq!(RequestMeta::decode(&owned(meta.encode()))?, meta);
+        Ok(())
+    }
+}

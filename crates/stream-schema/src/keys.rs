@@ -1,0 +1,109 @@
+//! Redis key names (SPEC §3). Everything of one session carries the `{sessionId}` hash tag, so it
+//! lives in one Redis Cluster slot.
+
+use std::fmt;
+
+use crate::ids::{ModelId, RequestId, SessionId};
+
+/// Consumer group of producers on the job stream.
+pub const PRODUCER_GROUP: &str = "llm:producers";
+/// Consumer group of processors on the event shards.
+pub const PROCESSOR_GROUP: &str = "llm:processors";
+
+/// The name of a Redis key. Built only by the constructors below, from validated ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamKey(String);
+
+impl StreamKey {
+    /// `llm:stream:{<sessionId>}:<modelId>`: a session's events for one model.
+    pub fn session(session: &SessionId, model: &ModelId) -> Self {
+        Self(format!("llm:stream:{{{session}}}:{model}"))
+    }
+
+    /// `llm:requests`: the job stream.
+    pub fn requests() -> Self {
+        Self("llm:requests".to_owned())
+    }
+
+    /// `llm:events:{<n>}`: one shard of the compact event records.
+    pub fn events_shard(shard: u16) -> Self {
+        Self(format!("llm:events:{{{shard}}}"))
+    }
+
+    /// `llm:cancel:{<sessionId>}:<requestId>`: set by the gateway to cancel a request.
+    pub fn cancel(session: &SessionId, request: &RequestId) -> Self {
+        Self(format!("llm:cancel:{{{session}}}:{request}"))
+    }
+
+    /// `llm:request:{<requestId>}`: the request's metadata hash (session, model, start entry).
+    pub fn request_meta(request: &RequestId) -> Self {
+        Self(format!("llm:request:{{{request}}}"))
+    }
+
+    /// `llm:stats:session:{<sessionId>}`: per-session counters kept by the processor.
+    pub fn session_stats(session: &SessionId) -> Self {
+        Self(format!("llm:stats:session:{{{session}}}"))
+    }
+
+    /// `llm:stats:model:{<modelId>}`: per-model counters kept by the processor.
+    pub fn model_stats(model: &ModelId) -> Self {
+        Self(format!("llm:stats:model:{{{model}}}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for StreamKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The event shard of a request: every record of one request lands in one shard, in order.
+pub fn event_shard_of(request: &RequestId, shards: u16) -> u16 {
+    // FNV-1a: stable across processes and releases, unlike std's randomised hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in request.to_string().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    u16::try_from(hash % u64::from(shards.max(1))).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_keys_carry_the_session_hash_tag() -> Result<(), crate::IdError> {
+        let session = SessionId::parse("user_123")?;
+        let model = ModelId::parse("gpt-4")?;
+        assert_eq!(
+            StreamKey::session(&session, &model).as_str(),
+            "llm:stream:{user_123}:gpt-4"
+        );
+        let request = RequestId::new();
+        assert_eq!(
+            StreamKey::cancel(&session, &request).as_str(),
+            format!("llm:cancel:{{user_123}}:{request}")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn event_shards_are_stable_and_in_range() {
+        let request = RequestId::new();
+        let shard = event_shard_of(&request, 8);
+        assert!(shard < 8);
+        assert_eq!(shard, event_shard_of(&request, 8));
+        assert_eq!(event_shard_of(&request, 1), 0);
+    }
+}

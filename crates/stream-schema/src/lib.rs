@@ -1,0 +1,27 @@
+//! The stream schemas: every Redis key name, stream field name and event type of the bridge
+//! (SPEC §3), as pure types and codecs. No IO lives here.
+//!
+//! **Invariant**: only this crate knows Redis field names and key layouts; every other crate
+//! goes through these types.
+
+pub mod codec;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod keys;
+pub mod record;
+
+pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
+pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
+pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
+pub use job::{ChatMessage, Job, RequestMeta, Role};
+pub use keys::StreamKey;
+pub use record::{EventRecord, Outcome};
+
+/// Milliseconds since the Unix epoch, the `timestamp` of every event.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

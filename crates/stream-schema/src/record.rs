@@ -1,0 +1,238 @@
+//! Compact records of `llm:events:{n}`: what the processor counts. One request's records all
+//! go to one shard (`keys::event_shard_of`), so they are read in order.
+
+use crate::codec::{
+    DecodeError, FieldSource, Fields, check_version, optional_parsed, parsed, required,
+    version_field,
+};
+use crate::event::{ErrorCode, FinishReason};
+use crate::ids::{ModelId, RequestId, SessionId};
+
+/// How a request attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed(FinishReason),
+    Failed(ErrorCode),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventRecord {
+    /// A producer began an attempt.
+    Started {
+        request_id: RequestId,
+        session_id: SessionId,
+        model_id: ModelId,
+        attempt: u32,
+        timestamp: u64,
+    },
+    /// `count` tokens were written to the session stream.
+    Tokens {
+        request_id: RequestId,
+        session_id: SessionId,
+        model_id: ModelId,
+        count: u32,
+        timestamp: u64,
+    },
+    /// The request ended (the terminal event was written).
+    Finished {
+        request_id: RequestId,
+        session_id: SessionId,
+        model_id: ModelId,
+        outcome: Outcome,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        /// Start of the attempt to its first token; none when no token came.
+        ttft_ms: Option<u64>,
+        duration_ms: u64,
+        timestamp: u64,
+    },
+}
+
+const F_KIND: &str = "k";
+const F_REQUEST: &str = "rid";
+const F_SESSION: &str = "sid";
+const F_MODEL: &str = "model";
+const F_ATTEMPT: &str = "attempt";
+const F_COUNT: &str = "n";
+const F_FINISH: &str = "finish";
+const F_CODE: &str = "code";
+const F_PROMPT_TOKENS: &str = "pt";
+const F_COMPLETION_TOKENS: &str = "ct";
+const F_TTFT: &str = "ttft";
+const F_DURATION: &str = "dur";
+const F_TIMESTAMP: &str = "ts";
+
+impl EventRecord {
+    pub fn request_id(&self) -> RequestId {
+        match self {
+            Self::Started { request_id, .. }
+            | Self::Tokens { request_id, .. }
+            | Self::Finished { request_id, .. } => *request_id,
+        }
+    }
+
+    pub fn encode(&self) -> Fields {
+        let (kind, request_id, session_id, model_id, timestamp) = match self {
+            Self::Started {
+                request_id,
+                session_id,
+                model_id,
+                timestamp,
+                ..
+            } => ("start", request_id, session_id, model_id, timestamp),
+            Self::Tokens {
+                request_id,
+                session_id,
+                model_id,
+                timestamp,
+                ..
+            } => ("tokens", request_id, session_id, model_id, timestamp),
+            Self::Finished {
+                request_id,
+                session_id,
+                model_id,
+                timestamp,
+                ..
+            } => ("finish", request_id, session_id, model_id, timestamp),
+        };
+        let mut f = vec![
+            version_field(),
+            (F_KIND, kind.to_owned()),
+            (F_REQUEST, request_id.to_string()),
+            (F_SESSION, session_id.to_string()),
+            (F_MODEL, model_id.to_string()),
+            (F_TIMESTAMP, timestamp.to_string()),
+        ];
+        match self {
+            Self::Started { attempt, .. } => f.push((F_ATTEMPT, attempt.to_string())),
+            Self::Tokens { count, .. } => f.push((F_COUNT, count.to_string())),
+            Self::Finished {
+                outcome,
+                prompt_tokens,
+                completion_tokens,
+                ttft_ms,
+                duration_ms,
+                ..
+            } => {
+                match outcome {
+                    Outcome::Completed(reason) => f.push((F_FINISH, reason.as_str().to_owned())),
+                    Outcome::Failed(code) => f.push((F_CODE, code.as_str().to_owned())),
+                }
+                f.push((F_PROMPT_TOKENS, prompt_tokens.to_string()));
+                f.push((F_COMPLETION_TOKENS, completion_tokens.to_string()));
+                if let Some(ttft) = ttft_ms {
+                    f.push((F_TTFT, ttft.to_string()));
+                }
+                f.push((F_DURATION, duration_ms.to_string()));
+            }
+        }
+        f
+    }
+
+    pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
+        check_version(src)?;
+        let request_id = parsed(src, F_REQUEST)?;
+        let session_id = parsed(src, F_SESSION)?;
+        let model_id = parsed(src, F_MODEL)?;
+        let timestamp = parsed(src, F_TIMESTAMP)?;
+        match required(src, F_KIND)? {
+            "start" => Ok(Self::Started {
+                request_id,
+                session_id,
+                model_id,
+                attempt: parsed(src, F_ATTEMPT)?,
+                timestamp,
+            }),
+            "tokens" => Ok(Self::Tokens {
+                request_id,
+                session_id,
+                model_id,
+                count: parsed(src, F_COUNT)?,
+                timestamp,
+            }),
+            "finish" => {
+                let outcome = match (src.field(F_FINISH), src.field(F_CODE)) {
+                    (Some(_), None) => Outcome::Completed(parsed(src, F_FINISH)?),
+                    (None, Some(_)) => Outcome::Failed(parsed(src, F_CODE)?),
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            field: F_FINISH,
+                            reason: "exactly one of `finish` and `code` must be set".to_owned(),
+                        });
+                    }
+                };
+                Ok(Self::Finished {
+                    request_id,
+                    session_id,
+                    model_id,
+                    outcome,
+                    prompt_tokens: parsed(src, F_PROMPT_TOKENS)?,
+                    completion_tokens: parsed(src, F_COMPLETION_TOKENS)?,
+                    ttft_ms: optional_parsed(src, F_TTFT)?,
+                    duration_ms: parsed(src, F_DURATION)?,
+                    timestamp,
+                })
+            }
+            other => Err(DecodeError::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() -> Result<(), Box<dyn std::error::Error>> {
+        let request_id = RequestId::new();
+        let session_id = SessionId::parse("s")?;
+        let model_id = ModelId::parse("m")?;
+        let records = [
+            EventRecord::Started {
+                request_id,
+                session_id: session_id.clone(),
+                model_id: model_id.clone(),
+                attempt: 1,
+                timestamp: 1,
+            },
+            EventRecord::Tokens {
+                request_id,
+                session_id: session_id.clone(),
+                model_id: model_id.clone(),
+                count: 3,
+                timestamp: 2,
+            },
+            EventRecord::Finished {
+                request_id,
+                session_id: session_id.clone(),
+                model_id: model_id.clone(),
+                outcome: Outcome::Completed(FinishReason::Cancelled),
+                prompt_tokens: 4,
+                completion_tokens: 5,
+                ttft_ms: Some(6),
+                duration_ms: 7,
+                timestamp: 8,
+            },
+            EventRecord::Finished {
+                request_id,
+                session_id,
+                model_id,
+                outcome: Outcome::Failed(ErrorCode::UpstreamTimeout),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                ttft_ms: None,
+                duration_ms: 9,
+                timestamp: 10,
+            },
+        ];
+        for record in records {
+            let owned: Vec<(String, String)> = record
+                .encode()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            assert_eq!(EventRecord::decode(&owned)?, record);
+        }
+        Ok(())
+    }
+}
