@@ -265,6 +265,9 @@ pub struct ProducerSettings {
     pub consumer_name: String,
     /// How long one `XREADGROUP` for jobs blocks.
     pub claim_block_ms: u64,
+    /// On SIGTERM, how long in-flight requests may run on; unfinished ones stay pending and
+    /// another producer reclaims them. Keep it below the pod's termination grace period.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ProducerSettings {
@@ -274,6 +277,7 @@ impl Default for ProducerSettings {
             concurrency: 64,
             consumer_name: String::new(),
             claim_block_ms: 2_000,
+            shutdown_grace_secs: 20,
         }
     }
 }
@@ -292,6 +296,10 @@ pub struct ProcessorSettings {
     pub block_ms: u64,
     /// Analytics keys expire after this long without updates.
     pub stats_ttl_secs: u64,
+    /// Entries pending this long with a consumer are presumed orphaned and reclaimed.
+    pub reclaim_idle_ms: u64,
+    /// How long applied entry ids are remembered to drop redeliveries (exactly-once window).
+    pub ledger_ttl_secs: u64,
 }
 
 impl Default for ProcessorSettings {
@@ -302,6 +310,8 @@ impl Default for ProcessorSettings {
             batch_size: 256,
             block_ms: 2_000,
             stats_ttl_secs: 7 * 24 * 3_600,
+            reclaim_idle_ms: 30_000,
+            ledger_ttl_secs: 24 * 3_600,
         }
     }
 }
@@ -368,7 +378,10 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let redis = url::Url::parse(&self.redis.url)
             .map_err(|e| invalid("redis.url", format!("not a URL: {e}")))?;
-        if !matches!(redis.scheme(), "redis" | "rediss" | "redis-cluster" | "rediss-cluster") {
+        if !matches!(
+            redis.scheme(),
+            "redis" | "rediss" | "redis-cluster" | "rediss-cluster"
+        ) {
             return Err(invalid(
                 "redis.url",
                 "scheme must be redis, rediss or redis-cluster",
@@ -389,9 +402,8 @@ impl Settings {
         for (id, model) in &self.models {
             stream_schema::ModelId::parse(id)
                 .map_err(|e| invalid(format!("models.{id}"), e.to_string()))?;
-            url::Url::parse(&model.base_url).map_err(|e| {
-                invalid(format!("models.{id}.base_url"), format!("not a URL: {e}"))
-            })?;
+            url::Url::parse(&model.base_url)
+                .map_err(|e| invalid(format!("models.{id}.base_url"), format!("not a URL: {e}")))?;
             if model.upstream_model.is_empty() {
                 return Err(invalid(
                     format!("models.{id}.upstream_model"),
@@ -449,8 +461,12 @@ mod tests {
 
     fn load_toml(text: &str) -> Result<Settings, ConfigError> {
         // Unique per test thread so parallel tests never share a file.
-        let name = format!("bridge-config-{}-{:?}.toml", std::process::id(), std::thread::current().id())
-            .replace(['(', ')'], "");
+        let name = format!(
+            "bridge-config-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .replace(['(', ')'], "");
         let path = std::env::temp_dir().join(name);
         std::fs::write(&path, text).map_err(|e| invalid("test", e.to_string()))?;
         let loaded = Settings::load_from_vars(Some(&path), vars(&[]));

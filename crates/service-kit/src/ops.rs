@@ -45,7 +45,7 @@ pub struct OpsState {
     redis: Pool,
     metrics: PrometheusHandle,
     /// Registered by each service at build time; flipped by the loops themselves.
-    loops: Arc<Mutex<BTreeMap<&'static str, LoopFlag>>>,
+    loops: Arc<Mutex<BTreeMap<String, LoopFlag>>>,
 }
 
 impl OpsState {
@@ -58,23 +58,23 @@ impl OpsState {
     }
 
     /// Registers a loop that must be running for the service to be ready.
-    pub fn register_loop(&self, name: &'static str) -> LoopFlag {
+    pub fn register_loop(&self, name: impl Into<String>) -> LoopFlag {
         let flag = LoopFlag(Arc::new(AtomicBool::new(false)));
         if let Ok(mut loops) = self.loops.lock() {
-            loops.insert(name, flag.clone());
+            loops.insert(name.into(), flag.clone());
         }
         flag
     }
 
     /// Loops that are not running.
-    fn stopped_loops(&self) -> Vec<&'static str> {
+    fn stopped_loops(&self) -> Vec<String> {
         match self.loops.lock() {
             Ok(loops) => loops
                 .iter()
                 .filter(|(_, flag)| !flag.is_running())
-                .map(|(name, _)| *name)
+                .map(|(name, _)| name.clone())
                 .collect(),
-            Err(_) => vec!["<registry poisoned>"],
+            Err(_) => vec!["<registry poisoned>".to_owned()],
         }
     }
 

@@ -58,3 +58,18 @@ pub fn blocking_client(settings: &RedisSettings) -> Result<Client, RedisSetupErr
     });
     builder.build().map_err(RedisSetupError::Build)
 }
+
+/// Starts connecting `client` (reconnecting forever in the background) and waits up to
+/// `connect_timeout_ms` for the first connection. A service whose Redis is not up yet still
+/// starts: its `/readyz` answers 503 and its commands fail fast until Redis is reachable.
+pub async fn start<C: ClientLike>(client: &C, settings: &RedisSettings) {
+    let _connection_task = client.connect();
+    let wait = Duration::from_millis(settings.connect_timeout_ms);
+    match tokio::time::timeout(wait, client.wait_for_connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "redis not reachable yet; retrying in the background")
+        }
+        Err(_) => tracing::warn!("redis not reachable yet; retrying in the background"),
+    }
+}

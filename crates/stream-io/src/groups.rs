@@ -35,7 +35,15 @@ pub async fn read_new(
     let names: Vec<&str> = keys.iter().map(StreamKey::as_str).collect();
     let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
     let reply: Value = client
-        .xreadgroup(group, consumer, Some(count), Some(block_ms), false, names, ids)
+        .xreadgroup(
+            group,
+            consumer,
+            Some(count),
+            Some(block_ms),
+            false,
+            names,
+            ids,
+        )
         .await?;
     parse_xread(reply)
 }

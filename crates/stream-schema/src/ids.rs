@@ -19,7 +19,12 @@ pub enum IdError {
     RequestId,
 }
 
-fn check_token(raw: &str, max: usize, allowed: &'static str, ok: fn(char) -> bool) -> Result<(), IdError> {
+fn check_token(
+    raw: &str,
+    max: usize,
+    allowed: &'static str,
+    ok: fn(char) -> bool,
+) -> Result<(), IdError> {
     if raw.is_empty() || raw.len() > max {
         return Err(IdError::Length { max });
     }
@@ -156,6 +161,18 @@ impl EntryId {
     /// Sorts before every real entry: reading "after ZERO" reads a stream from its start.
     pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
 
+    /// The greatest id that sorts before `self`: reading "after" it includes `self`.
+    pub fn predecessor(self) -> Self {
+        match (self.ms, self.seq) {
+            (0, 0) => Self::ZERO,
+            (ms, 0) => Self {
+                ms: ms - 1,
+                seq: u64::MAX,
+            },
+            (ms, seq) => Self { ms, seq: seq - 1 },
+        }
+    }
+
     pub fn parse(raw: &str) -> Result<Self, IdError> {
         let (ms, seq) = match raw.split_once('-') {
             Some((ms, seq)) => (ms, seq),
@@ -219,6 +236,9 @@ mod tests {
         assert_eq!(EntryId::parse("42")?, EntryId { ms: 42, seq: 0 });
         assert!(EntryId::parse("1-x").is_err());
         assert!(EntryId::parse("-1").is_err());
+        assert_eq!(EntryId::parse("5-1")?.predecessor(), EntryId::parse("5-0")?);
+        assert!(EntryId::parse("5-0")?.predecessor() < EntryId::parse("5-0")?);
+        assert!(EntryId::parse("4-99")? < EntryId::parse("5-0")?.predecessor());
         Ok(())
     }
 

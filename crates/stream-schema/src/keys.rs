@@ -40,14 +40,29 @@ impl StreamKey {
         Self(format!("llm:request:{{{request}}}"))
     }
 
-    /// `llm:stats:session:{<sessionId>}`: per-session counters kept by the processor.
-    pub fn session_stats(session: &SessionId) -> Self {
-        Self(format!("llm:stats:session:{{{session}}}"))
+    /// `llm:owner:{<sessionId>}:<requestId>`: the attempt allowed to write the request's events
+    /// (the fencing token; same slot as the session stream so one script checks and writes).
+    pub fn owner(session: &SessionId, request: &RequestId) -> Self {
+        Self(format!("llm:owner:{{{session}}}:{request}"))
     }
 
-    /// `llm:stats:model:{<modelId>}`: per-model counters kept by the processor.
-    pub fn model_stats(model: &ModelId) -> Self {
-        Self(format!("llm:stats:model:{{{model}}}"))
+    /// `llm:stats:{<shard>}:session:<sessionId>`: per-session counters. They live in the slot
+    /// of the event shard that carries the session's records, so the processor updates them and
+    /// records what it applied in one atomic script.
+    pub fn session_stats(shard: u16, session: &SessionId) -> Self {
+        Self(format!("llm:stats:{{{shard}}}:session:{session}"))
+    }
+
+    /// `llm:stats:{<shard>}:model:<modelId>`: one shard's part of a model's counters; readers
+    /// sum all shards.
+    pub fn model_stats(shard: u16, model: &ModelId) -> Self {
+        Self(format!("llm:stats:{{{shard}}}:model:{model}"))
+    }
+
+    /// `llm:stats:{<shard>}:applied`: entry ids of the shard the processor already applied
+    /// (its exactly-once ledger).
+    pub fn applied_ledger(shard: u16) -> Self {
+        Self(format!("llm:stats:{{{shard}}}:applied"))
     }
 
     pub fn as_str(&self) -> &str {
@@ -67,11 +82,12 @@ impl AsRef<str> for StreamKey {
     }
 }
 
-/// The event shard of a request: every record of one request lands in one shard, in order.
-pub fn event_shard_of(request: &RequestId, shards: u16) -> u16 {
+/// The event shard of a session: every record of a session lands in one shard, in order, next
+/// to the session's counters.
+pub fn event_shard_of(session: &SessionId, shards: u16) -> u16 {
     // FNV-1a: stable across processes and releases, unlike std's randomised hasher.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in request.to_string().bytes() {
+    for byte in session.as_str().bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -99,11 +115,12 @@ mod tests {
     }
 
     #[test]
-    fn event_shards_are_stable_and_in_range() {
-        let request = RequestId::new();
-        let shard = event_shard_of(&request, 8);
+    fn event_shards_are_stable_and_in_range() -> Result<(), crate::IdError> {
+        let session = SessionId::parse("user_123")?;
+        let shard = event_shard_of(&session, 8);
         assert!(shard < 8);
-        assert_eq!(shard, event_shard_of(&request, 8));
-        assert_eq!(event_shard_of(&request, 1), 0);
+        assert_eq!(shard, event_shard_of(&session, 8));
+        assert_eq!(event_shard_of(&session, 1), 0);
+        Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! Compact records of `llm:events:{n}`: what the processor counts. One request's records all
-//! go to one shard (`keys::event_shard_of`), so they are read in order.
+//! Compact records of `llm:events:{n}`: what the processor counts. One session's records all
+//! go to one shard (`keys::event_shard_of`).
 
 use crate::codec::{
     DecodeError, FieldSource, Fields, check_version, optional_parsed, parsed, required,

@@ -1,0 +1,299 @@
+//! `POST /api/chat/start`, `POST /api/chat/{requestId}/cancel` and `GET /api/models`.
+
+use actix_web::{HttpResponse, web};
+use fred::prelude::*;
+use fred::types::Value;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use stream_io::session::RequestStreams;
+use stream_schema::job::RequestMeta;
+use stream_schema::{
+    ChatMessage, ErrorCode, Job, ModelId, RequestId, Role, SessionEvent, SessionId, StreamKey,
+};
+
+use crate::error::ApiError;
+use crate::state::{AppState, SharedState};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartChatBody {
+    session_id: Option<String>,
+    model_id: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+}
+
+/// A start request that passed validation: every value is safe to use in keys and jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartChat {
+    pub session_id: SessionId,
+    pub model_id: ModelId,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+}
+
+impl StartChat {
+    /// Parses and validates a start body against the configured limits and models.
+    pub fn parse(body: &[u8], state: &AppState) -> Result<Self, ApiError> {
+        let limits = &state.settings.limits;
+        let body: StartChatBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
+            _ => ApiError::InvalidJson(e.to_string()),
+        })?;
+        let raw_session = body
+            .session_id
+            .ok_or_else(|| ApiError::InvalidSessionId("is required".to_owned()))?;
+        let session_id = SessionId::parse(&raw_session)
+            .map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+        let raw_model = body
+            .model_id
+            .ok_or_else(|| ApiError::InvalidRequest("modelId is required".to_owned()))?;
+        let model_id = state
+            .models
+            .get(&raw_model)
+            .cloned()
+            .ok_or(ApiError::UnknownModel(truncate(&raw_model, 64)))?;
+        let messages = match (body.prompt, body.messages) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::InvalidRequest(
+                    "give either prompt or messages, not both".to_owned(),
+                ));
+            }
+            (Some(prompt), None) => vec![ChatMessage {
+                role: Role::User,
+                content: prompt,
+            }],
+            (None, Some(messages)) => messages,
+            (None, None) => {
+                return Err(ApiError::InvalidRequest(
+                    "prompt or messages is required".to_owned(),
+                ));
+            }
+        };
+        if messages.is_empty() || messages.iter().all(|m| m.content.trim().is_empty()) {
+            return Err(ApiError::InvalidRequest("the prompt is empty".to_owned()));
+        }
+        if messages.len() > limits.max_messages {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "at most {} messages",
+                limits.max_messages
+            )));
+        }
+        let prompt_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+        if prompt_bytes > limits.max_prompt_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the prompt is over {} bytes",
+                limits.max_prompt_bytes
+            )));
+        }
+        if let Some(max_tokens) = body.max_tokens
+            && (max_tokens == 0 || max_tokens > limits.max_tokens_cap)
+        {
+            return Err(ApiError::InvalidRequest(format!(
+                "maxTokens must be between 1 and {}",
+                limits.max_tokens_cap
+            )));
+        }
+        if let Some(temperature) = body.temperature
+            && !(0.0..=2.0).contains(&temperature)
+        {
+            return Err(ApiError::InvalidRequest(
+                "temperature must be between 0 and 2".to_owned(),
+            ));
+        }
+        Ok(Self {
+            session_id,
+            model_id,
+            messages,
+            max_tokens: body.max_tokens,
+            temperature: body.temperature,
+        })
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+/// Reads the body up to the configured limit: a larger body is 413 before it is buffered.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::InvalidRequest(format!("reading body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the body is over {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StartChatResponse {
+    request_id: RequestId,
+    connection_id: String,
+    session_id: SessionId,
+    model_id: ModelId,
+    status: &'static str,
+    stream_url: String,
+}
+
+pub async fn start(
+    state: web::Data<SharedState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
+    let chat = match StartChat::parse(&body, &state) {
+        Ok(chat) => chat,
+        Err(error) => {
+            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
+                .increment(1);
+            return Err(error);
+        }
+    };
+    let result = enqueue(&state, chat).await;
+    let outcome = match &result {
+        Ok(_) => "started",
+        Err(error) => error.code(),
+    };
+    metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
+    result
+}
+
+async fn enqueue(state: &AppState, chat: StartChat) -> Result<HttpResponse, ApiError> {
+    let request_id = RequestId::new();
+    let now = stream_schema::now_millis();
+    let retention = state.retention();
+    let streams = RequestStreams::new(&chat.session_id, &chat.model_id, &request_id, retention);
+    let client = state.client();
+
+    let start = SessionEvent::Start {
+        request_id,
+        session_id: chat.session_id.clone(),
+        model_id: chat.model_id.clone(),
+        attempt: 1,
+        timestamp: now,
+    };
+    let start_entry = state
+        .scripts
+        .start(client, &streams.stream, &streams.owner, &start, retention)
+        .await?;
+
+    let meta = RequestMeta {
+        session_id: chat.session_id.clone(),
+        model_id: chat.model_id.clone(),
+        start_entry,
+    };
+    let job = Job {
+        request_id,
+        session_id: chat.session_id.clone(),
+        model_id: chat.model_id.clone(),
+        messages: chat.messages,
+        max_tokens: chat.max_tokens,
+        temperature: chat.temperature,
+        enqueued_at: now,
+    };
+    let meta_key = StreamKey::request_meta(&request_id);
+    let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);
+    let pipeline = client.pipeline();
+    let _: () = pipeline.hset(meta_key.as_str(), meta.encode()).await?;
+    let _: () = pipeline.expire(meta_key.as_str(), ttl, None).await?;
+    let _: () = pipeline
+        .xadd(
+            StreamKey::requests().as_str(),
+            false,
+            stream_io::approx_cap(state.settings.streams.requests_maxlen),
+            "*",
+            job.encode(),
+        )
+        .await?;
+    if let Err(error) = pipeline.all::<Vec<Value>>().await {
+        // The start event is out but no producer will ever see the job: end the stream so a
+        // waiting client is not left hanging.
+        let failed = SessionEvent::Error {
+            request_id,
+            code: ErrorCode::Unavailable,
+            message: "the request could not be queued".to_owned(),
+            retryable: true,
+            timestamp: stream_schema::now_millis(),
+        };
+        let _ = state
+            .scripts
+            .append(client, &streams, 1, &failed, false)
+            .await;
+        return Err(error.into());
+    }
+
+    tracing::info!(
+        session_id = %chat.session_id,
+        model_id = %chat.model_id,
+        request_id = %request_id,
+        "chat started"
+    );
+    let stream_url = format!("/api/sse/stream/{}?requestId={request_id}", chat.session_id);
+    Ok(HttpResponse::Ok().json(StartChatResponse {
+        request_id,
+        connection_id: crate::connections::new_connection_id(),
+        session_id: chat.session_id,
+        model_id: chat.model_id,
+        status: "connected",
+        stream_url,
+    }))
+}
+
+/// Looks up a request's session and model from its id.
+pub async fn request_meta(
+    client: &Client,
+    request_id: &RequestId,
+) -> Result<Option<RequestMeta>, ApiError> {
+    let fields: std::collections::HashMap<String, String> = client
+        .hgetall(StreamKey::request_meta(request_id).as_str())
+        .await?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    match RequestMeta::decode(&fields) {
+        Ok(meta) => Ok(Some(meta)),
+        Err(error) => {
+            tracing::error!(%request_id, %error, "undecodable request metadata");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+pub async fn cancel(
+    state: web::Data<SharedState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let request_id =
+        RequestId::parse(&path).map_err(|_| ApiError::NotFound("unknown requestId".to_owned()))?;
+    let client = state.client();
+    let meta = request_meta(client, &request_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("unknown requestId".to_owned()))?;
+    let key = StreamKey::cancel(&meta.session_id, &request_id);
+    let ttl = i64::try_from(state.settings.streams.session_ttl_secs).unwrap_or(i64::MAX);
+    let _: () = client
+        .set(key.as_str(), "1", Some(Expiration::EX(ttl)), None, false)
+        .await?;
+    tracing::info!(%request_id, session_id = %meta.session_id, "cancel requested");
+    Ok(HttpResponse::Accepted().json(serde_json::json!({
+        "requestId": request_id,
+        "status": "cancelling",
+    })))
+}
+
+pub async fn models(state: web::Data<SharedState>) -> HttpResponse {
+    let models: Vec<serde_json::Value> = state
+        .models
+        .keys()
+        .map(|id| serde_json::json!({ "id": id }))
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({ "models": models }))
+}

@@ -1,0 +1,355 @@
+//! The multiplexed reader: one blocking `XREAD` over every session stream that has a
+//! subscriber, fanning entries out to all subscribers of each stream.
+//!
+//! **Invariant**: the gateway never holds a Redis connection, or a blocking read, per SSE
+//! client. Subscribing and unsubscribing only touch the in-memory table; a new stream wakes the
+//! reader (`CLIENT UNBLOCK` on its own connection) so it re-issues the read with the new key.
+//!
+//! The seam between history and live feed: each stream has a hub cursor, the id of the last
+//! entry the hub dispatched. A subscriber registers under the table lock; every entry after the
+//! cursor at that moment reaches its channel, and the entries from its own position up to that
+//! cursor it reads with `XRANGE` ([`Subscription::catch_up_to`]). Delivery drops ids it has
+//! already sent, so neither a gap nor a duplicate can appear at the seam.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::{ClientUnblockFlag, Value};
+use service_kit::ops::LoopFlag;
+use stream_schema::{EntryId, RequestId, SessionEvent, StreamKey};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// One decoded entry and its SSE frame, encoded once and shared by every subscriber.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: EntryId,
+    pub event: Arc<SessionEvent>,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    pub fn new(id: EntryId, event: SessionEvent) -> Self {
+        let json = event.to_json();
+        let mut text = String::with_capacity(json.len() + 32);
+        text.push_str("id: ");
+        text.push_str(&id.to_string());
+        text.push_str("\ndata: ");
+        text.push_str(&json);
+        text.push_str("\n\n");
+        Self {
+            id,
+            event: Arc::new(event),
+            bytes: Bytes::from(text),
+        }
+    }
+}
+
+/// Why the hub stopped feeding a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The subscriber fell more than its byte budget behind: it resumes from Redis.
+    Overflow,
+    /// Reading from Redis failed: the client resumes once Redis is back.
+    Unavailable,
+}
+
+#[derive(Debug)]
+pub enum HubMessage {
+    Frame(Frame),
+    Closed(Closed),
+}
+
+/// Tuning of the reader.
+#[derive(Debug, Clone, Copy)]
+pub struct HubSettings {
+    /// `COUNT` per stream of one read.
+    pub batch: u64,
+    /// `BLOCK` of one read, in milliseconds.
+    pub block_ms: u64,
+    /// Bytes a subscriber may have queued before it is cut off.
+    pub buffer_bytes: usize,
+}
+
+struct Slot {
+    tx: mpsc::UnboundedSender<HubMessage>,
+    /// Bytes sent to this subscriber and not yet taken by its connection: the hub adds, the
+    /// connection's delivery task subtracts.
+    queued: Arc<AtomicUsize>,
+    filter: Option<RequestId>,
+}
+
+struct Feed {
+    /// Last entry id the hub dispatched for this stream.
+    cursor: EntryId,
+    slots: HashMap<u64, Slot>,
+}
+
+#[derive(Default)]
+struct Table {
+    feeds: HashMap<String, Feed>,
+    next_id: u64,
+}
+
+struct Shared {
+    /// Written by subscribe/unsubscribe and the reader's dispatch; held only briefly and never
+    /// across an await.
+    table: Mutex<Table>,
+    /// Signalled when a stream is added, so the blocked read is restarted with it.
+    wake: Notify,
+    settings: HubSettings,
+}
+
+/// Cheap to clone; all clones share one table and one reader.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+/// A subscriber's end: its channel and where its catch-up read must stop.
+pub struct Subscription {
+    pub key: StreamKey,
+    pub rx: mpsc::UnboundedReceiver<HubMessage>,
+    /// When set, read `(after, catch_up_to]` from Redis before taking from `rx`.
+    pub catch_up_to: Option<EntryId>,
+    queued: Arc<AtomicUsize>,
+    id: u64,
+    hub: Hub,
+}
+
+impl Subscription {
+    /// Tells the hub a frame left the queue (the connection took it).
+    pub fn consumed(&self, frame: &Frame) {
+        self.queued.fetch_sub(frame.bytes.len(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.key.as_str(), self.id);
+    }
+}
+
+impl Hub {
+    pub fn new(settings: HubSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                table: Mutex::new(Table::default()),
+                wake: Notify::new(),
+                settings,
+            }),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that
+        // matters more than losing delivery altogether, so keep serving.
+        self.shared
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follows `key` from after `after`, optionally only events of one request.
+    pub fn subscribe(
+        &self,
+        key: &StreamKey,
+        after: EntryId,
+        filter: Option<RequestId>,
+    ) -> Subscription {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (id, catch_up_to, added) = {
+            let mut table = self.table();
+            let id = table.next_id;
+            table.next_id += 1;
+            let mut added = false;
+            let feed = table
+                .feeds
+                .entry(key.as_str().to_owned())
+                .or_insert_with(|| {
+                    added = true;
+                    Feed {
+                        cursor: after,
+                        slots: HashMap::new(),
+                    }
+                });
+            let catch_up_to = (feed.cursor > after).then_some(feed.cursor);
+            feed.slots.insert(
+                id,
+                Slot {
+                    tx,
+                    queued: queued.clone(),
+                    filter,
+                },
+            );
+            (id, catch_up_to, added)
+        };
+        if added {
+            self.shared.wake.notify_one();
+        }
+        metrics::gauge!("gateway_hub_subscribers").increment(1.0);
+        Subscription {
+            key: key.clone(),
+            rx,
+            catch_up_to,
+            queued,
+            id,
+            hub: self.clone(),
+        }
+    }
+
+    fn unsubscribe(&self, key: &str, id: u64) {
+        let mut table = self.table();
+        if let Some(feed) = table.feeds.get_mut(key) {
+            if feed.slots.remove(&id).is_some() {
+                metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
+            }
+            if feed.slots.is_empty() {
+                table.feeds.remove(key);
+            }
+        }
+    }
+
+    /// Number of streams being read (for tests and metrics).
+    pub fn stream_count(&self) -> usize {
+        self.table().feeds.len()
+    }
+
+    fn snapshot(&self) -> (Vec<String>, Vec<String>) {
+        let table = self.table();
+        table
+            .feeds
+            .iter()
+            .map(|(key, feed)| (key.clone(), feed.cursor.to_string()))
+            .unzip()
+    }
+
+    fn dispatch(&self, replies: Vec<(String, Vec<stream_io::Entry>)>) {
+        let buffer_bytes = self.shared.settings.buffer_bytes;
+        let mut table = self.table();
+        for (key, entries) in replies {
+            // The stream lost its last subscriber while the read was in flight.
+            let Some(feed) = table.feeds.get_mut(&key) else {
+                continue;
+            };
+            for entry in entries {
+                if entry.id <= feed.cursor {
+                    continue;
+                }
+                feed.cursor = entry.id;
+                let frame = match SessionEvent::decode(&entry.fields) {
+                    Ok(event) => Frame::new(entry.id, event),
+                    Err(error) => {
+                        tracing::warn!(%key, id = %entry.id, %error, "skipping undecodable entry");
+                        metrics::counter!("gateway_decode_errors_total").increment(1);
+                        continue;
+                    }
+                };
+                let request = frame.event.request_id();
+                feed.slots.retain(|_, slot| {
+                    if slot.filter.is_some_and(|f| f != request) {
+                        return true;
+                    }
+                    let size = frame.bytes.len();
+                    if slot.queued.fetch_add(size, Ordering::Relaxed) + size > buffer_bytes {
+                        metrics::counter!("gateway_sse_overflows_total").increment(1);
+                        let _ = slot.tx.send(HubMessage::Closed(Closed::Overflow));
+                        metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
+                        return false;
+                    }
+                    slot.tx.send(HubMessage::Frame(frame.clone())).is_ok()
+                });
+            }
+        }
+    }
+
+    /// Ends every subscription with `reason` (Redis failed: clients resume later).
+    fn close_all(&self, reason: Closed) {
+        let mut table = self.table();
+        for (_, feed) in table.feeds.drain() {
+            for (_, slot) in feed.slots {
+                let _ = slot.tx.send(HubMessage::Closed(reason));
+                metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
+            }
+        }
+    }
+
+    /// The reader loop. `reader` is a client of its own: its connection blocks in `XREAD`.
+    pub async fn run(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
+        let settings = self.shared.settings;
+        // Longest a read may take before the connection is presumed dead.
+        let read_deadline = Duration::from_millis(settings.block_ms) + Duration::from_secs(3);
+        let mut backoff = Duration::from_millis(100);
+        flag.set(true);
+        while !shutdown.is_cancelled() {
+            let (keys, ids) = self.snapshot();
+            if keys.is_empty() {
+                tokio::select! {
+                    () = self.shared.wake.notified() => {}
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let read = reader.xread::<Value, _, _>(
+                Some(settings.batch),
+                Some(settings.block_ms),
+                keys,
+                ids,
+            );
+            let read = tokio::time::timeout(read_deadline, read);
+            tokio::pin!(read);
+            let result = tokio::select! {
+                result = &mut read => result,
+                () = self.shared.wake.notified() => interrupt(&reader, &mut read).await,
+                () = shutdown.cancelled() => {
+                    let _ = reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
+                    break;
+                }
+            };
+            match result
+                .map_err(|_| "read timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .and_then(|value| stream_io::parse_xread(value).map_err(|e| e.to_string()))
+            {
+                Ok(replies) => {
+                    backoff = Duration::from_millis(100);
+                    flag.set(true);
+                    self.dispatch(replies);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "multiplexed read failed; ending open streams");
+                    metrics::counter!("gateway_reader_errors_total").increment(1);
+                    flag.set(false);
+                    self.close_all(Closed::Unavailable);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        flag.set(false);
+    }
+}
+
+/// Interrupts the blocked read so it is re-issued with the new key set. `CLIENT UNBLOCK` may
+/// arrive before the read itself reached Redis, so it is repeated until the read returns.
+async fn interrupt<F>(reader: &Client, read: &mut std::pin::Pin<&mut F>) -> F::Output
+where
+    F: std::future::Future,
+{
+    loop {
+        if let Err(error) = reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await {
+            tracing::debug!(%error, "unblock failed; retrying");
+        }
+        if let Ok(output) = tokio::time::timeout(Duration::from_millis(20), read.as_mut()).await {
+            return output;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The gateway: chat start, SSE delivery through the multiplexed reader, cancel, the demo page.
+
+pub mod chat;
+pub mod connections;
+pub mod error;
+pub mod hub;
+pub mod page;
+pub mod sse;
+pub mod state;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context;
+use service_kit::Settings;
+use service_kit::ops::OpsState;
+use stream_schema::{ModelId, SessionId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connections::Connections;
+use crate::error::ApiError;
+use crate::hub::{Hub, HubSettings};
+use crate::state::{AppState, SharedState};
+
+/// A gateway bound to its port, ready to run.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects to Redis, starts the reader and binds `settings.gateway.addr` (port 0 allowed).
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let metrics = service_kit::ops::install_metrics();
+        let redis = service_kit::redis::pool(&settings.redis).context("redis pool")?;
+        service_kit::redis::start(&redis, &settings.redis).await;
+        let reader =
+            service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
+        service_kit::redis::start(&reader, &settings.redis).await;
+
+        let ops = OpsState::new(redis.clone(), metrics);
+        let hub = Hub::new(HubSettings {
+            batch: settings.gateway.reader_batch,
+            block_ms: settings.gateway.reader_block_ms,
+            buffer_bytes: settings.gateway.sse_buffer_bytes,
+        });
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            hub.clone()
+                .run(reader, shutdown.clone(), ops.register_loop("reader")),
+        );
+
+        let models = settings
+            .models
+            .keys()
+            .map(|id| ModelId::parse(id).map(|model| (id.clone(), model)))
+            .collect::<Result<_, _>>()
+            .context("model ids")?;
+        let listener = TcpListener::bind(&settings.gateway.addr)
+            .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
+        let port = listener.local_addr()?.port();
+        let state: SharedState = Arc::new(AppState {
+            settings,
+            redis,
+            scripts: stream_io::session::SessionScripts::default(),
+            hub,
+            connections: Connections::default(),
+            models,
+            shutdown: shutdown.clone(),
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(state.clone()))
+                .configure(service_kit::ops::configure(ops.clone()))
+                .configure(routes)
+                .default_service(web::to(not_found))
+        })
+        .disable_signals()
+        // Without this a client that closes while its stream is idle is noticed only at the
+        // next write (keep-alive ping); with it the connection is dropped at once.
+        .h1_allow_half_closed(false)
+        // Tokens are tiny writes: send each at once instead of waiting to fill a packet.
+        .tcp_nodelay(true)
+        // SSE responses end on shutdown themselves; the rest finish within this.
+        .shutdown_timeout(5)
+        .listen(listener)?
+        .run();
+        Ok(Self {
+            port,
+            server,
+            tasks,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains connections and stops the reader.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            handle.stop(true).await;
+        });
+        self.server.await.context("http server")?;
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        Ok(())
+    }
+}
+
+/// The API routes (ops endpoints are mounted by `service_kit::ops`).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(page::index))
+        .route("/api/models", web::get().to(chat::models))
+        .route("/api/chat/start", web::post().to(chat::start))
+        .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
+        .route("/api/sse/stream/{sessionId}", web::get().to(sse::stream))
+        .route(
+            "/api/sessions/{sessionId}/connections",
+            web::get().to(connections_of_session),
+        );
+}
+
+async fn connections_of_session(
+    state: web::Data<SharedState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "sessionId": session,
+        "connections": state.connections.for_session(&session),
+    })))
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint".to_owned()))
+}

@@ -1,0 +1,339 @@
+//! `GET /api/sse/stream/{sessionId}`: SSE delivery of a session's events (SPEC §2).
+//!
+//! Each connection gets one delivery task: it first reads the history it missed with `XRANGE`
+//! (late join, `Last-Event-ID` resume), then takes live frames from its hub subscription,
+//! dropping any id it already sent. The response body is a small bounded channel; the hub
+//! side is bounded in bytes, so a slow client is cut off and resumes instead of growing memory.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use stream_io::session::{entry_exists, last_entry_id, range_after};
+use stream_schema::{EntryId, ErrorCode, RequestId, SessionEvent, SessionId, StreamKey};
+use tokio::sync::mpsc;
+
+use crate::chat::request_meta;
+use crate::connections::ConnectionGuard;
+use crate::error::ApiError;
+use crate::hub::{Closed, Frame, HubMessage, Subscription};
+use crate::state::SharedState;
+
+/// Entries per `XRANGE` page while catching up.
+const CATCH_UP_PAGE: u64 = 256;
+/// Frames buffered between the delivery task and the HTTP response writer.
+const BODY_FRAMES: usize = 16;
+
+/// Where one stream of the connection starts.
+struct Plan {
+    key: StreamKey,
+    after: EntryId,
+}
+
+fn parse_query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))
+}
+
+fn resume_id(
+    req: &HttpRequest,
+    query: &HashMap<String, String>,
+) -> Result<Option<EntryId>, ApiError> {
+    let header = req
+        .headers()
+        .get("Last-Event-ID")
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::InvalidRequest("Last-Event-ID is not text".to_owned()))?;
+    match header.or_else(|| query.get("lastEventId").cloned()) {
+        None => Ok(None),
+        Some(raw) if raw.is_empty() => Ok(None),
+        Some(raw) => EntryId::parse(&raw).map(Some).map_err(|_| {
+            ApiError::InvalidRequest("Last-Event-ID is not a stream entry id".to_owned())
+        }),
+    }
+}
+
+pub async fn stream(
+    state: web::Data<SharedState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let query = parse_query(&req)?;
+    let request = query
+        .get("requestId")
+        .map(|raw| RequestId::parse(raw))
+        .transpose()
+        .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
+    let resume = resume_id(&req, &query)?;
+    let client = state.client();
+
+    let mut plans = Vec::new();
+    match request {
+        Some(request_id) => {
+            let meta = request_meta(client, &request_id)
+                .await?
+                .filter(|meta| meta.session_id == session)
+                .ok_or_else(|| {
+                    ApiError::NotFound("unknown requestId for this session".to_owned())
+                })?;
+            plans.push(Plan {
+                key: StreamKey::session(&meta.session_id, &meta.model_id),
+                after: resume.unwrap_or(meta.start_entry.predecessor()),
+            });
+        }
+        None => {
+            for model in state.models.values() {
+                let key = StreamKey::session(&session, model);
+                let after = match resume {
+                    Some(id) => id,
+                    None => last_entry_id(client, &key).await?.unwrap_or(EntryId::ZERO),
+                };
+                plans.push(Plan { key, after });
+            }
+        }
+    }
+
+    let history_lost = match resume {
+        Some(id) => {
+            let mut found = false;
+            for plan in &plans {
+                if entry_exists(client, &plan.key, id).await? {
+                    found = true;
+                    break;
+                }
+            }
+            !found
+        }
+        None => false,
+    };
+
+    let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
+    let guard = state.connections.register(session.clone(), request);
+    tracing::debug!(connection_id = %guard.connection_id, session_id = %session, "sse connected");
+    if history_lost {
+        let event = SessionEvent::Error {
+            request_id: request.unwrap_or_default(),
+            code: ErrorCode::HistoryLost,
+            message: "the events after Last-Event-ID were trimmed or expired".to_owned(),
+            retryable: false,
+            timestamp: stream_schema::now_millis(),
+        };
+        let _ = body_tx.try_send(unnumbered(&event));
+        drop(guard);
+    } else {
+        let subscriptions = plans
+            .iter()
+            .map(|plan| {
+                (
+                    state.hub.subscribe(&plan.key, plan.after, request),
+                    plan.after,
+                )
+            })
+            .collect();
+        let delivery = Delivery {
+            state: state.get_ref().clone(),
+            body: body_tx,
+            guard,
+            request,
+        };
+        tokio::spawn(delivery.run(subscriptions));
+    }
+
+    let body = futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header(("Content-Type", "text/event-stream"))
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+/// An SSE message without `id:`, for events that are not stream entries (`history_lost`,
+/// `unavailable`): the client's `Last-Event-ID` stays on the last real entry.
+fn unnumbered(event: &SessionEvent) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", event.to_json()))
+}
+
+/// Why a delivery ended.
+enum End {
+    /// The requested request completed or failed.
+    Finished,
+    ClientGone,
+    Shutdown,
+    Closed(Closed),
+}
+
+struct Delivery {
+    state: SharedState,
+    body: mpsc::Sender<Bytes>,
+    guard: ConnectionGuard,
+    request: Option<RequestId>,
+}
+
+impl Delivery {
+    async fn run(mut self, subscriptions: Vec<(Subscription, EntryId)>) {
+        let end = self.deliver(subscriptions).await;
+        let request_id = self.request.unwrap_or_default();
+        let closing = match end {
+            End::Closed(Closed::Overflow) => Some(SessionEvent::Error {
+                request_id,
+                code: ErrorCode::Unavailable,
+                message: "the client fell too far behind; resume with Last-Event-ID".to_owned(),
+                retryable: true,
+                timestamp: stream_schema::now_millis(),
+            }),
+            End::Closed(Closed::Unavailable) => Some(SessionEvent::Error {
+                request_id,
+                code: ErrorCode::Unavailable,
+                message: "the event store is unavailable; resume with Last-Event-ID".to_owned(),
+                retryable: true,
+                timestamp: stream_schema::now_millis(),
+            }),
+            End::Finished | End::ClientGone | End::Shutdown => None,
+        };
+        if let Some(event) = closing {
+            // Best effort: a client this far behind may not read it, and that is fine.
+            let _ = self.body.try_send(unnumbered(&event));
+        }
+        tracing::debug!(connection_id = %self.guard.connection_id, "sse ended");
+    }
+
+    async fn send(&mut self, bytes: Bytes) -> Result<(), End> {
+        tokio::select! {
+            sent = self.body.send(bytes) => sent.map_err(|_| End::ClientGone),
+            () = self.state.shutdown.cancelled() => Err(End::Shutdown),
+        }
+    }
+
+    /// Sends a frame unless already sent or filtered; tells whether the request ended.
+    async fn offer(&mut self, last: &mut EntryId, frame: &Frame) -> Result<bool, End> {
+        if frame.id <= *last {
+            return Ok(false);
+        }
+        *last = frame.id;
+        if self.request.is_some_and(|r| r != frame.event.request_id()) {
+            return Ok(false);
+        }
+        self.send(frame.bytes.clone()).await?;
+        self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("gateway_events_delivered_total").increment(1);
+        Ok(self.request.is_some() && frame.event.is_terminal())
+    }
+
+    async fn catch_up(
+        &mut self,
+        key: &StreamKey,
+        last: &mut EntryId,
+        until: EntryId,
+    ) -> Result<bool, End> {
+        let client = self.state.client().clone();
+        while *last < until {
+            let page = range_after(&client, key, *last, CATCH_UP_PAGE)
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "catch-up read failed");
+                    End::Closed(Closed::Unavailable)
+                })?;
+            let full = page.len() as u64 == CATCH_UP_PAGE;
+            for entry in page {
+                if entry.id > until {
+                    return Ok(false);
+                }
+                let event = match SessionEvent::decode(&entry.fields) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%key, id = %entry.id, %error, "skipping undecodable entry");
+                        metrics::counter!("gateway_decode_errors_total").increment(1);
+                        *last = entry.id;
+                        continue;
+                    }
+                };
+                if self.offer(last, &Frame::new(entry.id, event)).await? {
+                    return Ok(true);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(false)
+    }
+
+    async fn deliver(&mut self, subscriptions: Vec<(Subscription, EntryId)>) -> End {
+        // `retry:` sets EventSource's reconnect delay; it also flushes the headers at once.
+        if let Err(end) = self.send(Bytes::from_static(b"retry: 1000\n\n")).await {
+            return end;
+        }
+        let mut feeds = Vec::with_capacity(subscriptions.len());
+        for (subscription, after) in subscriptions {
+            let mut last = after;
+            if let Some(until) = subscription.catch_up_to {
+                match self.catch_up(&subscription.key, &mut last, until).await {
+                    Ok(true) => return End::Finished,
+                    Ok(false) => {}
+                    Err(end) => return end,
+                }
+            }
+            feeds.push((subscription, last));
+        }
+
+        let keepalive = Duration::from_secs(self.state.settings.gateway.keepalive_secs.max(1));
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = next_message(&mut feeds);
+            let (index, message) = tokio::select! {
+                message = next => message,
+                _ = ping.tick() => {
+                    if let Err(end) = self.send(Bytes::from_static(b": ping\n\n")).await {
+                        return end;
+                    }
+                    continue;
+                }
+                () = self.body.closed() => return End::ClientGone,
+                () = self.state.shutdown.cancelled() => return End::Shutdown,
+            };
+            match message {
+                Some(HubMessage::Frame(frame)) => {
+                    let (subscription, last) = &mut feeds[index];
+                    subscription.consumed(&frame);
+                    let mut cursor = *last;
+                    let finished = self.offer(&mut cursor, &frame).await;
+                    feeds[index].1 = cursor;
+                    match finished {
+                        Ok(true) => return End::Finished,
+                        Ok(false) => {}
+                        Err(end) => return end,
+                    }
+                }
+                Some(HubMessage::Closed(reason)) => return End::Closed(reason),
+                None => return End::Closed(Closed::Unavailable),
+            }
+        }
+    }
+}
+
+/// The next hub message of any of the connection's subscriptions, with its index.
+async fn next_message(feeds: &mut [(Subscription, EntryId)]) -> (usize, Option<HubMessage>) {
+    if let [(only, _)] = feeds {
+        return (0, only.rx.recv().await);
+    }
+    futures::future::poll_fn(|cx| {
+        for (index, (subscription, _)) in feeds.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(message) = subscription.rx.poll_recv(cx) {
+                return std::task::Poll::Ready((index, message));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -1,0 +1,40 @@
+//! What every handler shares.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fred::prelude::*;
+use service_kit::Settings;
+use stream_io::session::{Retention, SessionScripts};
+use stream_schema::ModelId;
+
+use crate::connections::Connections;
+use crate::hub::Hub;
+
+pub struct AppState {
+    pub settings: Settings,
+    /// Request-handler commands; blocking reads never use it.
+    pub redis: Pool,
+    pub scripts: SessionScripts,
+    pub hub: Hub,
+    pub connections: Connections,
+    /// Configured model ids (the allow-list of `modelId`).
+    pub models: BTreeMap<String, ModelId>,
+    /// Cancelled on shutdown: open SSE streams end cleanly.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AppState {
+    pub fn retention(&self) -> Retention {
+        Retention {
+            maxlen: self.settings.streams.session_maxlen,
+            ttl_secs: self.settings.streams.session_ttl_secs,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        self.redis.next()
+    }
+}
+
+pub type SharedState = Arc<AppState>;

@@ -1,0 +1,120 @@
+//! mock-llm: an OpenAI-compatible chat completion server with deterministic text, a
+//! configurable token delay and injectable faults; the default upstream for development,
+//! tests and benchmarks.
+//!
+//! Endpoints: `POST /v1/chat/completions` (streaming and not), `GET /v1/models`,
+//! `GET /_mock/stats`, `GET /healthz`. The text a request gets is described in [`text`], the
+//! faults it can ask for in [`directive`].
+
+pub mod directive;
+pub mod text;
+
+mod chat;
+mod error;
+mod state;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context;
+use service_kit::config::MockLlmSettings;
+
+pub use state::{Stats, StatsSnapshot};
+
+/// Largest accepted request body; well above any prompt limit the gateway allows.
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// A bound, not yet running server.
+pub struct Application {
+    local_addr: SocketAddr,
+    server: Server,
+    stats: Arc<Stats>,
+}
+
+impl Application {
+    /// Binds `settings.addr` (port 0 picks a free port); serving starts in
+    /// [`Application::run_until_stopped`].
+    pub fn build(settings: MockLlmSettings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.addr)
+            .with_context(|| format!("cannot bind mock_llm.addr {}", settings.addr))?;
+        let local_addr = listener
+            .local_addr()
+            .context("cannot read the bound address")?;
+        let stats = Arc::new(Stats::default());
+        let state = web::Data::new(state::AppState::new(settings, Arc::clone(&stats)));
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+                .route("/healthz", web::get().to(healthz))
+                .route("/v1/models", web::get().to(models))
+                .route(
+                    "/v1/chat/completions",
+                    web::post().to(chat::chat_completions),
+                )
+                .route("/_mock/stats", web::get().to(stats_handler))
+                .default_service(web::to(not_found))
+        })
+        // Without this, a client that closes its socket during a stall leaves a half-closed
+        // connection that actix keeps forever, and the disconnect is never counted.
+        .h1_allow_half_closed(false)
+        // Tokens are tiny writes; Nagle would batch them and distort latency measurements.
+        .tcp_nodelay(true)
+        // Stalled streams never finish by themselves; do not wait the default 30 s for them.
+        .shutdown_timeout(1)
+        .listen(listener)
+        .context("cannot listen on the bound socket")?
+        .run();
+        Ok(Self {
+            local_addr,
+            server,
+            stats,
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// The bound address, for logs.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The live counters behind `GET /_mock/stats`.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Stops the server from elsewhere (`handle.stop(true)`); SIGTERM and SIGINT also do.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped by a signal or the [`ServerHandle`].
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok")
+}
+
+async fn models() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock-llm"}],
+    }))
+}
+
+async fn stats_handler(state: web::Data<state::AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.stats.snapshot())
+}
+
+async fn not_found() -> Result<HttpResponse, error::ApiError> {
+    Err(error::ApiError::not_found("no such endpoint"))
+}

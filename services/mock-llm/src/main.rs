@@ -1,0 +1,18 @@
+//! `mock-llm [--config PATH]`: loads the shared config, starts logging, serves until SIGTERM.
+
+use anyhow::Context;
+use mock_llm::Application;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let path = service_kit::cli::config_path().context("cannot parse the command line")?;
+    let settings = service_kit::config::Settings::load(path.as_deref())
+        .context("cannot load the configuration")?;
+    service_kit::telemetry::init(&settings.telemetry, "mock-llm");
+
+    let app = Application::build(settings.mock_llm.clone()).context("cannot start mock-llm")?;
+    tracing::info!(addr = %app.local_addr(), "mock-llm listening");
+    app.run_until_stopped()
+        .await
+        .context("mock-llm server failed")
+}

@@ -1,0 +1,95 @@
+//! The processor: a consumer group over the event shards that keeps per-session and per-model
+//! counters, exactly once under at-least-once delivery.
+
+pub mod apply;
+pub mod consumer;
+
+use std::net::TcpListener;
+
+use anyhow::Context;
+use service_kit::Settings;
+use service_kit::ops::OpsState;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::apply::Applier;
+use crate::consumer::ShardConsumer;
+
+pub struct Application {
+    port: u16,
+    listener: TcpListener,
+    ops: OpsState,
+    consumers: Vec<ShardConsumer>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let metrics = service_kit::ops::install_metrics();
+        let redis = service_kit::redis::pool(&settings.redis).context("redis pool")?;
+        service_kit::redis::start(&redis, &settings.redis).await;
+        let consumer = service_kit::consumer_name(&settings.processor.consumer_name, "processor");
+        let applier = Applier::new(
+            settings.processor.ledger_ttl_secs,
+            settings.processor.stats_ttl_secs,
+        );
+        let mut consumers = Vec::new();
+        // One blocking connection per shard: each shard may live on a different cluster node,
+        // and a blocking read cannot span slots.
+        for shard in 0..settings.streams.event_shards {
+            let reader =
+                service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
+            service_kit::redis::start(&reader, &settings.redis).await;
+            consumers.push(ShardConsumer {
+                shard,
+                reader,
+                redis: redis.clone(),
+                consumer: consumer.clone(),
+                applier: applier.clone(),
+                batch: settings.processor.batch_size,
+                block_ms: settings.processor.block_ms,
+                reclaim_idle_ms: settings.processor.reclaim_idle_ms,
+            });
+        }
+        let listener = TcpListener::bind(&settings.processor.addr)
+            .with_context(|| format!("binding processor.addr {}", settings.processor.addr))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            port,
+            listener,
+            ops: OpsState::new(redis, metrics),
+            consumers,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs every shard's consumer until shutdown; each finishes and acks its batch first.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let ops_shutdown = CancellationToken::new();
+        let ops = tokio::spawn(service_kit::ops::serve(
+            self.listener,
+            self.ops.clone(),
+            ops_shutdown.clone(),
+        ));
+        let tasks = TaskTracker::new();
+        for consumer in self.consumers {
+            let flag = self.ops.register_loop(shard_loop_name(consumer.shard));
+            tasks.spawn(consumer.run(self.shutdown.clone(), flag));
+        }
+        tasks.close();
+        tasks.wait().await;
+        ops_shutdown.cancel();
+        ops.await
+            .context("ops server task")?
+            .context("ops server")?;
+        Ok(())
+    }
+}
+
+fn shard_loop_name(shard: u16) -> String {
+    format!("shard-{shard}")
+}
