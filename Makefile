@@ -1,0 +1,37 @@
+# Entry points for developers and CI. Kept thin: each target is a cargo call or a script in
+# scripts/ (STYLE.md, "Keep the Makefile thin"). `make` alone lists the targets.
+
+# Build outside the clone so fresh CI clones and worktrees reuse one build cache.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
+export CARGO_TARGET_DIR
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint fmt build bench bench-quick clean-logs
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+run: ## Start Redis (if needed), mock-llm, producer, processor and gateway; Ctrl-C stops all
+	@scripts/run.sh
+
+test: ## Everything CI checks: fmt, clippy, build, all test suites
+	@scripts/test.sh
+
+lint: ## rustfmt check and clippy with warnings denied
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the workspace
+	cargo fmt --all
+
+build: ## Build the four binaries (into $CARGO_TARGET_DIR/debug)
+	cargo build --workspace --bins
+
+bench: ## Benchmarks (not implemented yet)
+	@scripts/bench.sh
+
+bench-quick: ## Short benchmark run (not implemented yet)
+	@scripts/bench.sh --quick
+
+clean-logs: ## Remove logs of `make run` and of test-spawned processes
+	rm -rf .run/logs "$(CARGO_TARGET_DIR)/test-logs"

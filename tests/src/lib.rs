@@ -1,1 +1,0 @@
-//! End-to-end suite lives in tests/e2e.

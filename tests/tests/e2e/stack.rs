@@ -1,0 +1,267 @@
+//! A whole local system for one test: its own redis-server and the real service binaries on
+//! free loopback ports, configured through one TOML file like production. Everything it starts
+//! is killed when the `Stack` is dropped.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use fred::prelude::*;
+use serde_json::Value;
+use test_support::{
+    RedisServer, ServiceProcess, SseClient, SseConnection, SseEvent, bin_path, free_port,
+    wait_for_http_ok,
+};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What to start.
+pub struct StackOptions {
+    pub gateways: usize,
+    pub producers: usize,
+    /// Appended to the generated config (extra keys for existing sections must go through
+    /// `gateway_toml` etc. because TOML forbids repeating a table).
+    pub gateway_toml: String,
+    pub streams_toml: String,
+    pub token_delay_ms: u64,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            gateways: 1,
+            producers: 1,
+            gateway_toml: String::new(),
+            streams_toml: String::new(),
+            token_delay_ms: 1,
+        }
+    }
+}
+
+pub struct Stack {
+    pub redis: RedisServer,
+    pub gateways: Vec<Service>,
+    pub producers: Vec<Service>,
+    pub processor: Service,
+    pub mock_llm: Service,
+    pub http: reqwest::Client,
+    /// Holds the generated config file for the stack's lifetime.
+    _config_dir: tempfile::TempDir,
+}
+
+pub struct Service {
+    pub process: ServiceProcess,
+    pub port: u16,
+}
+
+impl Service {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
+        let redis = RedisServer::start().await?;
+        let config_dir = tempfile::tempdir()?;
+        let mock_port = free_port()?;
+        let gateway_ports = (0..options.gateways)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let producer_ports = (0..options.producers)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let processor_port = free_port()?;
+        let config = format!(
+            r#"
+[redis]
+url = "{redis}"
+
+[models.mock]
+base_url = "http://127.0.0.1:{mock_port}/v1"
+upstream_model = "mock"
+
+[models."gpt-4"]
+base_url = "http://127.0.0.1:{mock_port}/v1"
+upstream_model = "mock-gpt-4"
+
+[streams]
+event_shards = 4
+{streams}
+
+[mock_llm]
+addr = "127.0.0.1:{mock_port}"
+token_delay_ms = {delay}
+default_tokens = 20
+
+[producer]
+concurrency = 16
+claim_block_ms = 500
+
+[processor]
+block_ms = 500
+
+[gateway]
+{gateway}
+"#,
+            redis = redis.url(),
+            streams = options.streams_toml,
+            delay = options.token_delay_ms,
+            gateway = options.gateway_toml,
+        );
+        let config_path = config_dir.path().join("bridge.toml");
+        std::fs::write(&config_path, config)?;
+        let args = vec!["--config".to_owned(), config_path.display().to_string()];
+        let spawn = |name: &str, binary: &str, env: Vec<(String, String)>| {
+            ServiceProcess::spawn(name, &bin_path(binary)?, &args, &env)
+        };
+        let addr = |key: &str, port: u16| vec![(key.to_owned(), format!("127.0.0.1:{port}"))];
+
+        let mock_llm = Service {
+            process: spawn("mock-llm", "mock-llm", vec![])?,
+            port: mock_port,
+        };
+        let mut gateways = Vec::new();
+        for (i, port) in gateway_ports.into_iter().enumerate() {
+            gateways.push(Service {
+                process: spawn(
+                    &format!("gateway-{i}"),
+                    "gateway",
+                    addr("BRIDGE__GATEWAY__ADDR", port),
+                )?,
+                port,
+            });
+        }
+        let mut producers = Vec::new();
+        for (i, port) in producer_ports.into_iter().enumerate() {
+            producers.push(Service {
+                process: spawn(
+                    &format!("producer-{i}"),
+                    "producer",
+                    addr("BRIDGE__PRODUCER__ADDR", port),
+                )?,
+                port,
+            });
+        }
+        let processor = Service {
+            process: spawn(
+                "processor",
+                "processor",
+                addr("BRIDGE__PROCESSOR__ADDR", processor_port),
+            )?,
+            port: processor_port,
+        };
+        let stack = Self {
+            redis,
+            gateways,
+            producers,
+            processor,
+            mock_llm,
+            http: reqwest::Client::builder().no_proxy().build()?,
+            _config_dir: config_dir,
+        };
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_for_http_ok(&format!("{}/healthz", self.mock_llm.url()), TIMEOUT)
+            .await
+            .context("mock-llm not healthy")?;
+        for service in self
+            .gateways
+            .iter()
+            .chain(&self.producers)
+            .chain(std::iter::once(&self.processor))
+        {
+            if let Err(error) =
+                wait_for_http_ok(&format!("{}/readyz", service.url()), TIMEOUT).await
+            {
+                anyhow::bail!(
+                    "{} not ready: {error}\n{}",
+                    service.process.name(),
+                    service.process.log_tail(30).await
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn gateway(&self) -> String {
+        self.gateways[0].url()
+    }
+
+    pub async fn redis_client(&self) -> anyhow::Result<Client> {
+        self.redis.client().await
+    }
+
+    /// `POST /api/chat/start` on gateway `index`; returns status and JSON body.
+    pub async fn post_start(&self, index: usize, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/api/chat/start", self.gateways[index].url()))
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
+    /// Starts a chat that must succeed; returns the response body.
+    pub async fn start_chat(&self, session: &str, prompt: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .post_start(
+                0,
+                &serde_json::json!({"sessionId": session, "modelId": "mock", "prompt": prompt}),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "start failed: {status} {body}");
+        Ok(body)
+    }
+
+    /// Opens the chat's stream URL on gateway `index`.
+    pub async fn open(
+        &self,
+        index: usize,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<SseConnection> {
+        SseClient::connect(&format!("{}{path}", self.gateways[index].url()), headers).await
+    }
+
+    /// Reads a request's stream on gateway 0 until the server ends it.
+    pub async fn read_all(&self, stream_url: &str) -> anyhow::Result<Vec<SseEvent>> {
+        self.open(0, stream_url, &[])
+            .await?
+            .collect_to_end(TIMEOUT)
+            .await
+    }
+}
+
+/// The text mock-llm generates for a single-prompt chat of `tokens` tokens with seed 0.
+pub fn expected_text(prompt: &str, tokens: usize) -> String {
+    mock_llm::text::completion_tokens(&mock_llm::text::prompt_text([prompt]), 0, tokens).concat()
+}
+
+/// The JSON of each event.
+pub fn payloads(events: &[SseEvent]) -> anyhow::Result<Vec<Value>> {
+    events.iter().map(SseEvent::json).collect()
+}
+
+/// Concatenated token contents.
+pub fn text_of(payloads: &[Value]) -> String {
+    payloads
+        .iter()
+        .filter(|p| p["type"] == "token")
+        .filter_map(|p| p["content"].as_str())
+        .collect()
+}
+
+pub fn str_field<'a>(value: &'a Value, name: &str) -> anyhow::Result<&'a str> {
+    value[name]
+        .as_str()
+        .with_context(|| format!("missing string field {name} in {value}"))
+}
