@@ -239,6 +239,11 @@ pub struct GatewaySettings {
     pub reader_batch: u64,
     /// How long the multiplexed reader blocks in one `XREAD`.
     pub reader_block_ms: u64,
+    /// How often the gateway renews its connections in the shared (Redis) connection view.
+    pub connection_heartbeat_secs: u64,
+    /// A connection not renewed for this long disappears from the shared view (its gateway
+    /// died). Must exceed the heartbeat interval.
+    pub connection_ttl_secs: u64,
 }
 
 impl Default for GatewaySettings {
@@ -249,6 +254,8 @@ impl Default for GatewaySettings {
             sse_buffer_bytes: 1024 * 1024,
             reader_batch: 512,
             reader_block_ms: 5_000,
+            connection_heartbeat_secs: 5,
+            connection_ttl_secs: 15,
         }
     }
 }
@@ -416,6 +423,12 @@ impl Settings {
         }
         if self.producer.concurrency == 0 {
             return Err(invalid("producer.concurrency", "must be at least 1"));
+        }
+        if self.gateway.connection_ttl_secs <= self.gateway.connection_heartbeat_secs {
+            return Err(invalid(
+                "gateway.connection_ttl_secs",
+                "must be longer than gateway.connection_heartbeat_secs",
+            ));
         }
         if self.redis.pool_size == 0 {
             return Err(invalid("redis.pool_size", "must be at least 1"));

@@ -46,6 +46,17 @@ impl StreamKey {
         Self(format!("llm:owner:{{{session}}}:{request}"))
     }
 
+    /// `llm:conns:{<sessionId>}`: live SSE connection ids of a session across all gateways,
+    /// scored by the Unix ms at which they expire unless their gateway renews them.
+    pub fn connections(session: &SessionId) -> Self {
+        Self(format!("llm:conns:{{{session}}}"))
+    }
+
+    /// `llm:conninfo:{<sessionId>}`: connection id → JSON details of each live connection.
+    pub fn connection_info(session: &SessionId) -> Self {
+        Self(format!("llm:conninfo:{{{session}}}"))
+    }
+
     /// `llm:stats:{<shard>}:session:<sessionId>`: per-session counters. They live in the slot
     /// of the event shard that carries the session's records, so the processor updates them and
     /// records what it applied in one atomic script.

@@ -1,59 +1,101 @@
-//! The connection manager: which SSE connections this gateway serves, per session. A
-//! connection registers when its stream opens and is removed by its guard the moment its
-//! delivery task ends (client gone, stream complete, shutdown).
+//! The connection manager: which SSE connections are open, per session.
+//!
+//! Each gateway keeps its own connections in memory (registered when a stream opens, removed
+//! by a guard the moment its delivery task ends) and mirrors them into a shared view in Redis
+//! (`llm:conns:{session}` scored by expiry, details in `llm:conninfo:{session}`), renewed by a
+//! heartbeat. A gateway that dies stops renewing, so its connections vanish after the TTL.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde::Serialize;
-use stream_schema::{RequestId, SessionId};
+use fred::prelude::*;
+use fred::types::Value;
+use serde::{Deserialize, Serialize};
+use stream_schema::{RequestId, SessionId, StreamKey};
+use tokio_util::sync::CancellationToken;
 
 /// A snapshot of one connection, as `GET /api/sessions/{id}/connections` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
     pub connection_id: String,
     pub session_id: SessionId,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<RequestId>,
+    /// The gateway replica serving it.
+    pub gateway_id: String,
     /// Unix ms.
     pub connected_since: u64,
+    /// As of the last heartbeat when read from the shared view.
     pub events_sent: u64,
 }
 
 struct Live {
     info: ConnectionInfo,
-    /// Incremented by the connection's delivery task, read by listings.
+    /// Incremented by the connection's delivery task, read by listings and heartbeats.
     events_sent: Arc<AtomicU64>,
 }
 
-#[derive(Clone, Default)]
-pub struct Connections {
-    /// Connection id → live connection. Written on open/close, read by listings.
-    live: Arc<Mutex<HashMap<String, Live>>>,
+impl Live {
+    fn snapshot(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            events_sent: self.events_sent.load(Ordering::Relaxed),
+            ..self.info.clone()
+        }
+    }
 }
 
-/// Removes its connection from the registry when dropped.
+#[derive(Clone)]
+pub struct Connections {
+    /// Connection id → live connection of this gateway. Written on open/close, read by
+    /// listings and the heartbeat.
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    gateway_id: Arc<str>,
+    /// The shared view; `None` in unit tests.
+    redis: Option<Pool>,
+    ttl: Duration,
+}
+
+/// Removes its connection (here and in the shared view) when dropped.
 pub struct ConnectionGuard {
     pub connection_id: String,
     pub events_sent: Arc<AtomicU64>,
+    session_id: SessionId,
     registry: Connections,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.registry.remove(&self.connection_id);
+        self.registry.remove(&self.session_id, &self.connection_id);
     }
 }
 
+fn now_ms() -> u64 {
+    stream_schema::now_millis()
+}
+
 impl Connections {
+    pub fn new(gateway_id: String, redis: Option<Pool>, ttl: Duration) -> Self {
+        Self {
+            live: Arc::default(),
+            gateway_id: gateway_id.into(),
+            redis,
+            ttl,
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Live>) -> T) -> T {
         let mut live = self
             .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut live)
+    }
+
+    fn expiry_ms(&self) -> u64 {
+        now_ms() + u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn register(
@@ -65,11 +107,13 @@ impl Connections {
         let events_sent = Arc::new(AtomicU64::new(0));
         let info = ConnectionInfo {
             connection_id: connection_id.clone(),
-            session_id,
+            session_id: session_id.clone(),
             request_id,
-            connected_since: stream_schema::now_millis(),
+            gateway_id: self.gateway_id.to_string(),
+            connected_since: now_ms(),
             events_sent: 0,
         };
+        self.publish(vec![info.clone()]);
         self.with(|live| {
             live.insert(
                 connection_id.clone(),
@@ -83,34 +127,174 @@ impl Connections {
         ConnectionGuard {
             connection_id,
             events_sent,
+            session_id,
             registry: self.clone(),
         }
     }
 
-    fn remove(&self, connection_id: &str) {
+    fn remove(&self, session_id: &SessionId, connection_id: &str) {
         if self.with(|live| live.remove(connection_id)).is_some() {
             metrics::gauge!("gateway_sse_connections").decrement(1.0);
         }
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        let (session_id, connection_id) = (session_id.clone(), connection_id.to_owned());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let client = redis.next();
+                let pipeline = client.pipeline();
+                let _: Result<(), _> = pipeline
+                    .zrem(
+                        StreamKey::connections(&session_id).as_str(),
+                        connection_id.as_str(),
+                    )
+                    .await;
+                let _: Result<(), _> = pipeline
+                    .hdel(
+                        StreamKey::connection_info(&session_id).as_str(),
+                        connection_id.as_str(),
+                    )
+                    .await;
+                if let Err(error) = pipeline.all::<Vec<Value>>().await {
+                    // The entry expires by itself after the TTL.
+                    tracing::debug!(%error, "cannot remove connection from the shared view");
+                }
+            });
+        }
     }
 
-    pub fn for_session(&self, session_id: &SessionId) -> Vec<ConnectionInfo> {
+    /// Writes (or renews) connections in the shared view, in the background.
+    fn publish(&self, infos: Vec<ConnectionInfo>) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        if infos.is_empty() {
+            return;
+        }
+        let expiry = self.expiry_ms();
+        let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = write_view(&redis, &infos, expiry, ttl_secs).await {
+                    tracing::debug!(%error, "cannot update the shared connection view");
+                }
+            });
+        }
+    }
+
+    /// Renews this gateway's connections every `interval` until shutdown.
+    pub async fn heartbeat(self, interval: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let infos: Vec<ConnectionInfo> =
+                self.with(|live| live.values().map(Live::snapshot).collect());
+            self.publish(infos);
+        }
+    }
+
+    /// This gateway's connections of a session.
+    pub fn local_for_session(&self, session_id: &SessionId) -> Vec<ConnectionInfo> {
         self.with(|live| {
             let mut list: Vec<ConnectionInfo> = live
                 .values()
                 .filter(|c| &c.info.session_id == session_id)
-                .map(|c| ConnectionInfo {
-                    events_sent: c.events_sent.load(Ordering::Relaxed),
-                    ..c.info.clone()
-                })
+                .map(Live::snapshot)
                 .collect();
             list.sort_by_key(|c| c.connected_since);
             list
         })
     }
 
+    /// Every gateway's live connections of a session, from the shared view. Entries whose
+    /// gateway stopped renewing them are dropped here.
+    pub async fn for_session(
+        &self,
+        session_id: &SessionId,
+    ) -> Result<Vec<ConnectionInfo>, fred::error::Error> {
+        let Some(redis) = &self.redis else {
+            return Ok(self.local_for_session(session_id));
+        };
+        let client = redis.next();
+        let ids_key = StreamKey::connections(session_id);
+        let info_key = StreamKey::connection_info(session_id);
+        let now = now_ms();
+        let expired: Vec<String> = client
+            .zrangebyscore(ids_key.as_str(), "-inf", now as f64, false, None)
+            .await?;
+        if !expired.is_empty() {
+            let pipeline = client.pipeline();
+            let _: () = pipeline.zrem(ids_key.as_str(), expired.clone()).await?;
+            let _: () = pipeline.hdel(info_key.as_str(), expired).await?;
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        let ids: Vec<String> = client
+            .zrangebyscore(ids_key.as_str(), now as f64, "+inf", false, None)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let details: Vec<Option<String>> = client.hmget(info_key.as_str(), ids).await?;
+        let mut list: Vec<ConnectionInfo> = details
+            .into_iter()
+            .flatten()
+            .filter_map(|json| serde_json::from_str(&json).ok())
+            .collect();
+        list.sort_by_key(|c| c.connected_since);
+        Ok(list)
+    }
+
     pub fn count(&self) -> usize {
         self.with(|live| live.len())
     }
+}
+
+async fn write_view(
+    redis: &Pool,
+    infos: &[ConnectionInfo],
+    expiry: u64,
+    ttl_secs: i64,
+) -> Result<(), fred::error::Error> {
+    let client = redis.next();
+    let pipeline = client.pipeline();
+    let mut sessions = Vec::new();
+    for info in infos {
+        let json = serde_json::to_string(info).unwrap_or_default();
+        let ids_key = StreamKey::connections(&info.session_id);
+        let info_key = StreamKey::connection_info(&info.session_id);
+        let _: () = pipeline
+            .zadd(
+                ids_key.as_str(),
+                None,
+                None,
+                false,
+                false,
+                (expiry as f64, info.connection_id.as_str()),
+            )
+            .await?;
+        let _: () = pipeline
+            .hset(info_key.as_str(), (info.connection_id.as_str(), json))
+            .await?;
+        if !sessions.contains(&info.session_id) {
+            sessions.push(info.session_id.clone());
+        }
+    }
+    // The keys of a session with no live gateway left disappear too.
+    for session in &sessions {
+        let _: () = pipeline
+            .expire(StreamKey::connections(session).as_str(), ttl_secs, None)
+            .await?;
+        let _: () = pipeline
+            .expire(StreamKey::connection_info(session).as_str(), ttl_secs, None)
+            .await?;
+    }
+    let _: Vec<Value> = pipeline.all().await?;
+    Ok(())
 }
 
 /// `sse_<uuid>`: unique across gateway replicas.
@@ -124,15 +308,16 @@ mod tests {
 
     #[test]
     fn a_dropped_guard_removes_its_connection() -> Result<(), stream_schema::IdError> {
-        let connections = Connections::default();
+        let connections = Connections::new("gw".to_owned(), None, Duration::from_secs(15));
         let session = SessionId::parse("s")?;
         let guard = connections.register(session.clone(), None);
         guard.events_sent.fetch_add(3, Ordering::Relaxed);
-        let listed = connections.for_session(&session);
+        let listed = connections.local_for_session(&session);
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].events_sent, 3);
+        assert_eq!(listed[0].gateway_id, "gw");
         drop(guard);
-        assert!(connections.for_session(&session).is_empty());
+        assert!(connections.local_for_session(&session).is_empty());
         Ok(())
     }
 }

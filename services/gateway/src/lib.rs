@@ -10,6 +10,7 @@ pub mod state;
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
@@ -63,12 +64,21 @@ impl Application {
         let listener = TcpListener::bind(&settings.gateway.addr)
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
         let port = listener.local_addr()?.port();
+        let connections = Connections::new(
+            service_kit::consumer_name("", "gateway"),
+            Some(redis.clone()),
+            Duration::from_secs(settings.gateway.connection_ttl_secs),
+        );
+        tasks.spawn(connections.clone().heartbeat(
+            Duration::from_secs(settings.gateway.connection_heartbeat_secs),
+            shutdown.clone(),
+        ));
         let state: SharedState = Arc::new(AppState {
             settings,
             redis,
             scripts: stream_io::session::SessionScripts::default(),
             hub,
-            connections: Connections::default(),
+            connections,
             models,
             shutdown: shutdown.clone(),
         });
@@ -135,9 +145,10 @@ async fn connections_of_session(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let connections = state.connections.for_session(&session).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "sessionId": session,
-        "connections": state.connections.for_session(&session),
+        "connections": connections,
     })))
 }
 

@@ -127,22 +127,13 @@ pub async fn stream(
         let _ = body_tx.try_send(unnumbered(&event));
         drop(guard);
     } else {
-        let subscriptions = plans
-            .iter()
-            .map(|plan| {
-                (
-                    state.hub.subscribe(&plan.key, plan.after, request),
-                    plan.after,
-                )
-            })
-            .collect();
         let delivery = Delivery {
             state: state.get_ref().clone(),
             body: body_tx,
             guard,
             request,
         };
-        tokio::spawn(delivery.run(subscriptions));
+        tokio::spawn(delivery.run(plans));
     }
 
     let body = futures::stream::unfold(body_rx, |mut rx| async move {
@@ -180,8 +171,8 @@ struct Delivery {
 }
 
 impl Delivery {
-    async fn run(mut self, subscriptions: Vec<(Subscription, EntryId)>) {
-        let end = self.deliver(subscriptions).await;
+    async fn run(mut self, plans: Vec<Plan>) {
+        let end = self.deliver(plans).await;
         let request_id = self.request.unwrap_or_default();
         let closing = match end {
             End::Closed(Closed::Overflow) => Some(SessionEvent::Error {
@@ -229,13 +220,19 @@ impl Delivery {
         Ok(self.request.is_some() && frame.event.is_terminal())
     }
 
+    /// Sends the entries after `last` up to `until` (or to the end of the stream) from Redis;
+    /// tells whether the request ended.
     async fn catch_up(
         &mut self,
         key: &StreamKey,
         last: &mut EntryId,
-        until: EntryId,
+        until: Option<EntryId>,
     ) -> Result<bool, End> {
         let client = self.state.client().clone();
+        let until = until.unwrap_or(EntryId {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        });
         while *last < until {
             let page = range_after(&client, key, *last, CATCH_UP_PAGE)
                 .await
@@ -268,16 +265,28 @@ impl Delivery {
         Ok(false)
     }
 
-    async fn deliver(&mut self, subscriptions: Vec<(Subscription, EntryId)>) -> End {
+    async fn deliver(&mut self, plans: Vec<Plan>) -> End {
         // `retry:` sets EventSource's reconnect delay; it also flushes the headers at once.
         if let Err(end) = self.send(Bytes::from_static(b"retry: 1000\n\n")).await {
             return end;
         }
-        let mut feeds = Vec::with_capacity(subscriptions.len());
-        for (subscription, after) in subscriptions {
-            let mut last = after;
-            if let Some(until) = subscription.catch_up_to {
-                match self.catch_up(&subscription.key, &mut last, until).await {
+        let mut feeds = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let mut last = plan.after;
+            // History first, straight from Redis, before joining the live feed: a client far
+            // behind would otherwise pile live entries up in its queue while it catches up.
+            match self.catch_up(&plan.key, &mut last, None).await {
+                Ok(true) => return End::Finished,
+                Ok(false) => {}
+                Err(end) => return end,
+            }
+            let subscription = self.state.hub.subscribe(&plan.key, last, self.request);
+            // What arrived between the read above and the subscription.
+            if subscription.catch_up_to.is_some() {
+                match self
+                    .catch_up(&plan.key, &mut last, subscription.catch_up_to)
+                    .await
+                {
                     Ok(true) => return End::Finished,
                     Ok(false) => {}
                     Err(end) => return end,

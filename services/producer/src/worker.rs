@@ -44,7 +44,6 @@ struct Progress {
     sequence: u64,
     unreported: u32,
     first_token_at: Option<Instant>,
-    content_chars: usize,
 }
 
 pub struct Attempt<'a> {
@@ -136,7 +135,6 @@ impl<'a> Attempt<'a> {
             sequence: 0,
             unreported: 0,
             first_token_at: None,
-            content_chars: 0,
         };
 
         let upstream_started = Instant::now();
@@ -182,11 +180,9 @@ impl<'a> Attempt<'a> {
                 let Some(content) = choice.delta.content.filter(|c| !c.is_empty()) else {
                     continue;
                 };
-                progress.sequence += 1;
-                progress.content_chars += content.len();
                 let event = SessionEvent::Token {
                     request_id: job.request_id,
-                    sequence: progress.sequence,
+                    sequence: progress.sequence + 1,
                     content,
                     timestamp: stream_schema::now_millis(),
                 };
@@ -197,6 +193,7 @@ impl<'a> Attempt<'a> {
                     .await?
                 {
                     AppendOutcome::Written(_) => {
+                        progress.sequence += 1;
                         if progress.first_token_at.is_none() {
                             progress.first_token_at = Some(Instant::now());
                             metrics::histogram!("producer_time_to_first_token_seconds")

@@ -2,4 +2,5 @@
 //! (build them first: `cargo build --workspace --bins`), then talks HTTP/SSE like a client.
 
 mod chat_flow;
+mod delivery;
 mod stack;

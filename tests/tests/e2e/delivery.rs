@@ -1,0 +1,515 @@
+//! Delivery that never loses or repeats a token: resume, fan-out, the multiplexed reader,
+//! backpressure, keep-alive, the connection manager, stateless replicas and cancel.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use test_support::{SseEvent, wait_until};
+
+use crate::stack::{Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of};
+
+const POLL: Duration = Duration::from_millis(25);
+
+fn last_id(events: &[SseEvent]) -> anyhow::Result<String> {
+    events
+        .last()
+        .and_then(|e| e.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no event with an id"))
+}
+
+#[tokio::test]
+async fn resuming_with_last_event_id_gives_exactly_the_rest() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        token_delay_ms: 5,
+        ..StackOptions::default()
+    })
+    .await?;
+    let prompt = "Resume me [[mock tokens=60]]";
+    let started = stack.start_chat("resume", prompt).await?;
+    let url = str_field(&started, "streamUrl")?;
+
+    let mut first = stack.open(0, url, &[]).await?;
+    let mut head = Vec::new();
+    for _ in 0..10 {
+        head.extend(first.next_event(TIMEOUT).await?);
+    }
+    drop(first);
+
+    // Header form.
+    let resume_at = last_id(&head)?;
+    let rest = stack
+        .open(0, url, &[("Last-Event-ID", resume_at.as_str())])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    let mut all = head.clone();
+    all.extend(rest.clone());
+    let all_json = payloads(&all)?;
+    assert_eq!(text_of(&all_json), expected_text(prompt, 60));
+    let ids: Vec<&String> = all.iter().filter_map(|e| e.id.as_ref()).collect();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "an event was delivered twice");
+
+    // Query form, for clients that cannot set headers: same result.
+    let via_query = stack
+        .open(0, &format!("{url}&lastEventId={resume_at}"), &[])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    assert_eq!(via_query, rest);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fifty_clients_on_one_session_receive_identical_events() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        token_delay_ms: 3,
+        ..StackOptions::default()
+    })
+    .await?;
+    let started = stack
+        .start_chat("fanout", "Fan out [[mock tokens=150]]")
+        .await?;
+    let url = str_field(&started, "streamUrl")?.to_owned();
+    let gateway = stack.gateway();
+    let readers = (0..50).map(|_| {
+        let url = format!("{gateway}{url}");
+        tokio::spawn(async move {
+            test_support::SseClient::connect(&url, &[])
+                .await?
+                .collect_to_end(TIMEOUT)
+                .await
+        })
+    });
+    let results = futures::future::join_all(readers).await;
+    let mut sequences = Vec::new();
+    for result in results {
+        sequences.push(result??);
+    }
+    let first = &sequences[0];
+    assert_eq!(first.len(), 152, "start + 150 tokens + complete");
+    for other in &sequences[1..] {
+        assert_eq!(other, first);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_stream_without_request_id_follows_new_requests() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    // An earlier request is history: "from now on" excludes it.
+    let old = stack
+        .start_chat("follow", "old one [[mock tokens=3]]")
+        .await?;
+    stack.read_all(str_field(&old, "streamUrl")?).await?;
+
+    let mut watcher = stack.open(0, "/api/sse/stream/follow", &[]).await?;
+    let a = stack
+        .start_chat("follow", "first [[mock tokens=4]]")
+        .await?;
+    let first = watcher
+        .collect_until(TIMEOUT, |e| e.data.contains("\"complete\""))
+        .await?;
+    let b = stack
+        .start_chat("follow", "second [[mock tokens=5]]")
+        .await?;
+    let second = watcher
+        .collect_until(TIMEOUT, |e| e.data.contains("\"complete\""))
+        .await?;
+    let first_json = payloads(&first)?;
+    let second_json = payloads(&second)?;
+    assert!(first_json.iter().all(|e| e["requestId"] == a["requestId"]));
+    assert!(second_json.iter().all(|e| e["requestId"] == b["requestId"]));
+    assert_eq!(
+        text_of(&first_json),
+        expected_text("first [[mock tokens=4]]", 4)
+    );
+    assert_eq!(
+        text_of(&second_json),
+        expected_text("second [[mock tokens=5]]", 5)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn resuming_into_trimmed_history_reports_history_lost() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let started = stack
+        .start_chat("trimmed", "short lived [[mock tokens=5]]")
+        .await?;
+    let url = str_field(&started, "streamUrl")?;
+    let events = stack.read_all(url).await?;
+    let early = events[1].id.clone().unwrap_or_default();
+
+    let redis = stack.redis_client().await?;
+    let _: u64 = redis
+        .xtrim("llm:stream:{trimmed}:mock", ("MAXLEN", "=", 1))
+        .await?;
+    let after = stack
+        .open(0, url, &[("Last-Event-ID", early.as_str())])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    let after_json = payloads(&after)?;
+    assert_eq!(after_json.len(), 1, "{after_json:?}");
+    assert_eq!(after_json[0]["type"], "error");
+    assert_eq!(after_json[0]["code"], "history_lost");
+    assert_eq!(after_json[0]["retryable"], false);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateways: 2,
+        token_delay_ms: 5,
+        ..StackOptions::default()
+    })
+    .await?;
+    let started = stack
+        .start_chat("replicas", "a very long story [[mock tokens=5000]]")
+        .await?;
+    let request_id = str_field(&started, "requestId")?;
+    let mut on_b = stack
+        .open(1, str_field(&started, "streamUrl")?, &[])
+        .await?;
+    let mut received = Vec::new();
+    while received.len() < 11 {
+        received.extend(on_b.next_event(TIMEOUT).await?);
+    }
+
+    let cancel = stack
+        .http
+        .post(format!(
+            "{}/api/chat/{request_id}/cancel",
+            stack.gateways[1].url()
+        ))
+        .send()
+        .await?;
+    assert_eq!(cancel.status().as_u16(), 202);
+    let cancelled_at = Instant::now();
+    received.extend(on_b.collect_to_end(TIMEOUT).await?);
+    let events = payloads(&received)?;
+    let last = events.last().cloned().unwrap_or_default();
+    assert_eq!(last["type"], "complete");
+    assert_eq!(last["finishReason"], "cancelled");
+    let tokens = events.iter().filter(|e| e["type"] == "token").count();
+    assert!(tokens < 5000, "generation went on to the end");
+    assert_eq!(last["usage"]["completionTokens"], tokens);
+
+    // The producer dropped the upstream connection: mock-llm saw its client go away.
+    let stats_url = format!("{}/_mock/stats", stack.mock_llm.url());
+    let http = stack.http.clone();
+    wait_until(Duration::from_secs(1), POLL, || {
+        let (http, stats_url) = (http.clone(), stats_url.clone());
+        async move {
+            let stats: Value = http.get(&stats_url).send().await?.json().await?;
+            Ok((stats["streams_disconnected"] == 1).then_some(()))
+        }
+    })
+    .await?;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_are_listed_across_gateways_and_removed_on_disconnect() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateways: 2,
+        ..StackOptions::default()
+    })
+    .await?;
+    let on_a = stack.open(0, "/api/sse/stream/watched", &[]).await?;
+    let on_b = stack.open(1, "/api/sse/stream/watched", &[]).await?;
+    let list_url = format!("{}/api/sessions/watched/connections", stack.gateway());
+    let http = stack.http.clone();
+    let count = |want: usize| {
+        let (http, list_url) = (http.clone(), list_url.clone());
+        async move {
+            let body: Value = http.get(&list_url).send().await?.json().await?;
+            let list = body["connections"].as_array().cloned().unwrap_or_default();
+            Ok((list.len() == want).then_some(list))
+        }
+    };
+    let both = wait_until(TIMEOUT, POLL, || count(2)).await?;
+    let gateways: std::collections::HashSet<&str> = both
+        .iter()
+        .filter_map(|c| c["gatewayId"].as_str())
+        .collect();
+    assert_eq!(gateways.len(), 2, "{both:?}");
+    assert!(both.iter().all(|c| c["sessionId"] == "watched"));
+
+    drop(on_b);
+    // SPEC §4: removed within 1 s of the disconnect.
+    wait_until(Duration::from_secs(1), POLL, || count(1)).await?;
+    drop(on_a);
+    wait_until(Duration::from_secs(1), POLL, || count(0)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_stream_gets_keepalive_comments() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateway_toml: "keepalive_secs = 1".to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    let response = stack
+        .http
+        .get(format!("{}/api/sse/stream/quiet", stack.gateway()))
+        .send()
+        .await?;
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.contains(": ping") {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(remaining, body.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no keep-alive within 5 s; got {seen:?}"))?;
+        let chunk = chunk.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        token_delay_ms: 10,
+        ..StackOptions::default()
+    })
+    .await?;
+    let redis = stack.redis_client().await?;
+    let clients_now = || {
+        let redis = redis.clone();
+        async move {
+            let info: String = redis.info(Some(fred::types::InfoKind::Clients)).await?;
+            let count = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("no connected_clients in {info}"))?;
+            anyhow::Ok(count)
+        }
+    };
+    // Warm up: the reader's first subscription opens its fixed connections (fred's
+    // backchannel for CLIENT UNBLOCK among them); from then on the count must not move.
+    let mut warm = Vec::new();
+    for i in 0..5 {
+        warm.push(
+            stack
+                .open(0, &format!("/api/sse/stream/warm-{i}"), &[])
+                .await?,
+        );
+    }
+    let before = clients_now().await?;
+
+    // A live chat on some sessions, idle session-wide streams on the others.
+    let mut live = Vec::new();
+    for i in 0..10 {
+        live.push(
+            stack
+                .start_chat(&format!("crowd-{i}"), "crowd [[mock tokens=200]]")
+                .await?,
+        );
+    }
+    let mut connections = Vec::new();
+    for i in 0..1000 {
+        let path = if i < 100 {
+            str_field(&live[i % 10], "streamUrl")?.to_owned()
+        } else {
+            format!("/api/sse/stream/idle-{}", i % 300)
+        };
+        connections.push(stack.open(0, &path, &[]).await?);
+    }
+    let during = clients_now().await?;
+    assert_eq!(
+        during, before,
+        "the gateway opened Redis connections per SSE client"
+    );
+    // And the clients really are served: the live ones get their whole answer.
+    let mut finished = 0;
+    for connection in connections.iter_mut().take(100) {
+        let events = connection.collect_to_end(TIMEOUT).await?;
+        if events
+            .last()
+            .is_some_and(|e| e.data.contains("\"complete\""))
+        {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 100);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateway_toml: "sse_buffer_bytes = 65536".to_owned(),
+        token_delay_ms: 0,
+        ..StackOptions::default()
+    })
+    .await?;
+    let prompt = "flood [[mock tokens=30000]]";
+    let started = stack.start_chat("slow", prompt).await?;
+    let url = str_field(&started, "streamUrl")?;
+
+    // Read a little, then stop reading while the producer floods the stream.
+    let mut slow = stack.open(0, url, &[]).await?;
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        received.extend(slow.next_event(TIMEOUT).await?);
+    }
+    let http = stack.http.clone();
+    let metrics_url = format!("{}/metrics", stack.gateway());
+    wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        let (http, metrics_url) = (http.clone(), metrics_url.clone());
+        async move {
+            let text = http.get(&metrics_url).send().await?.text().await?;
+            Ok(text.contains("gateway_sse_overflows_total 1").then_some(()))
+        }
+    })
+    .await?;
+    // Drain what the kernel and the gateway had buffered; the stream ends with a retryable
+    // error instead of growing the gateway's memory.
+    let rest = slow.collect_to_end(TIMEOUT).await?;
+    let tail = rest
+        .last()
+        .map(SseEvent::json)
+        .transpose()?
+        .unwrap_or_default();
+    assert_eq!(tail["type"], "error", "{tail}");
+    assert_eq!(tail["retryable"], true);
+    received.extend(rest.into_iter().filter(|e| e.id.is_some()));
+
+    // Resume like EventSource does, until the request completes (a resumed client that is
+    // again too slow is cut again; it never loses anything either way).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !received
+        .last()
+        .is_some_and(|e| e.data.contains("\"complete\""))
+    {
+        anyhow::ensure!(Instant::now() < deadline, "did not complete after resuming");
+        let resumed = stack
+            .open(0, url, &[("Last-Event-ID", last_id(&received)?.as_str())])
+            .await?
+            .collect_to_end(Duration::from_secs(60))
+            .await?;
+        received.extend(resumed.into_iter().filter(|e| e.id.is_some()));
+    }
+    let all = payloads(&received)?;
+    let sequences: Vec<u64> = all
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .filter_map(|e| e["sequence"].as_u64())
+        .collect();
+    let expected_sequences: Vec<u64> = (1..=30_000).collect();
+    if sequences != expected_sequences {
+        let first_bad = sequences
+            .iter()
+            .zip(&expected_sequences)
+            .position(|(a, b)| a != b);
+        anyhow::bail!(
+            "{} tokens; first mismatch at index {first_bad:?}; last event {:?}",
+            sequences.len(),
+            all.last()
+        );
+    }
+    assert!(
+        text_of(&all) == expected_text(prompt, 30_000),
+        "text differs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn clients_that_drop_and_resume_at_random_see_every_token_once() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        token_delay_ms: 1,
+        ..StackOptions::default()
+    })
+    .await?;
+    let prompt = "chaos [[mock tokens=1500]]";
+    let started = stack.start_chat("chaos", prompt).await?;
+    let url = format!("{}{}", stack.gateway(), str_field(&started, "streamUrl")?);
+    let expected = expected_text(prompt, 1500);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let clients = (0..20u64).map(|client| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            // A small deterministic PRNG per client: reproducible drop points.
+            let mut state = client.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move |bound: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % bound
+            };
+            let mut events: Vec<SseEvent> = Vec::new();
+            let mut reconnects = 0u32;
+            loop {
+                anyhow::ensure!(Instant::now() < deadline, "chaos client ran out of time");
+                let headers: Vec<(&str, String)> = events
+                    .last()
+                    .and_then(|e| e.id.clone())
+                    .map(|id| vec![("Last-Event-ID", id)])
+                    .unwrap_or_default();
+                let header_refs: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let mut connection = test_support::SseClient::connect(&url, &header_refs).await?;
+                let take = 1 + next(120);
+                let mut done = false;
+                for _ in 0..take {
+                    match connection.next_event(TIMEOUT).await? {
+                        Some(event) => {
+                            done = event.data.contains("\"complete\"");
+                            events.push(event);
+                            if done {
+                                break;
+                            }
+                        }
+                        None => {
+                            done = true;
+                            break;
+                        }
+                    }
+                }
+                if done {
+                    return anyhow::Ok((events, reconnects));
+                }
+                reconnects += 1;
+            }
+        })
+    });
+    let mut cycles = 0;
+    for result in futures::future::join_all(clients).await {
+        let (events, reconnects) = result??;
+        cycles += reconnects;
+        let json = payloads(&events)?;
+        let sequences: Vec<u64> = json
+            .iter()
+            .filter(|e| e["type"] == "token")
+            .filter_map(|e| e["sequence"].as_u64())
+            .collect();
+        assert_eq!(
+            sequences,
+            (1..=1500).collect::<Vec<_>>(),
+            "a token was lost or repeated"
+        );
+        assert_eq!(text_of(&json), expected);
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        for id in events.iter().filter_map(|e| e.id.clone()) {
+            *counts.entry(id).or_default() += 1;
+        }
+        assert!(counts.values().all(|&n| n == 1));
+    }
+    assert!(cycles >= 200, "only {cycles} reconnect cycles ran");
+    let _ = json!(null);
+    Ok(())
+}
