@@ -34,6 +34,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// Models clients may ask for, by the `modelId` of the API.
     pub models: BTreeMap<String, ModelSettings>,
+    pub auth: AuthSettings,
     pub limits: LimitsSettings,
     pub streams: StreamsSettings,
     pub telemetry: TelemetrySettings,
@@ -60,6 +61,7 @@ impl Default for Settings {
         Self {
             redis: RedisSettings::default(),
             models,
+            auth: AuthSettings::default(),
             limits: LimitsSettings::default(),
             streams: StreamsSettings::default(),
             telemetry: TelemetrySettings::default(),
@@ -133,6 +135,25 @@ pub struct ModelSettings {
     pub api_key_env: Option<String>,
     /// Upper bound on the whole upstream request, first byte to last.
     pub request_timeout_secs: u64,
+    /// Time allowed to open the TCP (and TLS) connection to the upstream.
+    pub connect_timeout_ms: u64,
+    /// Time from sending a request (each try) to its first generated token; past it the request
+    /// ends with an `upstream_timeout` error.
+    pub first_token_timeout_ms: u64,
+    /// Longest silence allowed between two stream chunks once tokens flow; past it the request
+    /// ends with an `upstream_timeout` error (tokens already written stay readable).
+    pub idle_timeout_ms: u64,
+    /// Most requests this producer sends to this model at once; 0 means only
+    /// `producer.concurrency` limits them.
+    pub max_concurrency: usize,
+    /// Retries of a request that failed before its first token with a connect error, 429 or
+    /// 5xx. 0 disables retrying.
+    pub max_retries: u32,
+    /// First retry delay; each retry doubles it (with jitter) up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    /// Longest delay between two tries. A `Retry-After` longer than this is not waited for: the
+    /// request ends at once with a retryable error instead of holding a slot.
+    pub retry_max_ms: u64,
 }
 
 impl Default for ModelSettings {
@@ -142,8 +163,62 @@ impl Default for ModelSettings {
             upstream_model: String::new(),
             api_key_env: None,
             request_timeout_secs: 600,
+            connect_timeout_ms: 5_000,
+            first_token_timeout_ms: 60_000,
+            idle_timeout_ms: 30_000,
+            max_concurrency: 0,
+            max_retries: 3,
+            retry_base_ms: 250,
+            retry_max_ms: 10_000,
         }
     }
+}
+
+/// `[auth]`: API keys for the API and the secret that signs stream tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Development only: accept API calls without a key. The gateway logs a warning at start.
+    pub allow_anonymous: bool,
+    /// Accepted API keys, stored as hashes: `{ id = "team-a", sha256 = "<hex of SHA-256(key)>" }`.
+    /// The id names the key in logs, analytics and limits.
+    pub api_keys: Vec<ApiKeyEntry>,
+    /// A file with more keys, one `id:sha256hex` per line (`#` comments): mount a Kubernetes
+    /// Secret here.
+    pub api_keys_file: Option<String>,
+    /// HMAC-SHA256 secret that signs stream tokens; every gateway replica needs the same one.
+    /// Without it each replica makes up its own (tokens then only work on that replica).
+    pub stream_token_secret: Option<secrecy::SecretString>,
+    /// Key id of `stream_token_secret`, carried in tokens so a rotated secret can be told apart.
+    pub stream_token_kid: String,
+    /// The secret being rotated out: tokens it signed stay valid until they expire.
+    pub previous_stream_token_secret: Option<secrecy::SecretString>,
+    pub previous_stream_token_kid: String,
+    /// Lifetime of a stream token.
+    pub stream_token_ttl_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            stream_token_secret: None,
+            stream_token_kid: "k1".to_owned(),
+            previous_stream_token_secret: None,
+            previous_stream_token_kid: "k0".to_owned(),
+            stream_token_ttl_secs: 3_600,
+        }
+    }
+}
+
+/// One accepted API key, by the hash of its value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub id: String,
+    pub sha256: String,
 }
 
 /// `[limits]`: input bounds the gateway enforces.
@@ -244,6 +319,9 @@ pub struct GatewaySettings {
     /// A connection not renewed for this long disappears from the shared view (its gateway
     /// died). Must exceed the heartbeat interval.
     pub connection_ttl_secs: u64,
+    /// Browser origins allowed to call the API cross-origin (CORS), e.g.
+    /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for GatewaySettings {
@@ -256,6 +334,7 @@ impl Default for GatewaySettings {
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
             connection_ttl_secs: 15,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -275,6 +354,21 @@ pub struct ProducerSettings {
     /// On SIGTERM, how long in-flight requests may run on; unfinished ones stay pending and
     /// another producer reclaims them. Keep it below the pod's termination grace period.
     pub shutdown_grace_secs: u64,
+    /// A claimed job whose producer has not renewed it for this long is presumed dead and
+    /// reclaimed by another producer (`XAUTOCLAIM` min-idle), which restarts the request.
+    pub lease_ms: u64,
+    /// How often a producer renews the leases of the jobs it works on. Must be well below
+    /// `lease_ms` (at most half of it) so a slow Redis call does not lose a lease.
+    pub lease_renew_ms: u64,
+    /// How often a producer with a free slot looks for jobs whose lease ran out.
+    pub reclaim_interval_ms: u64,
+    /// Attempts a request gets (the first one plus restarts after a producer died). A job
+    /// reclaimed after that many goes to the dead-letter stream `llm:dead` and its client gets
+    /// a `job_failed` error.
+    pub max_attempts: u32,
+    /// Tokens arriving within this window are written as one `token` event (fewer Redis writes
+    /// and SSE messages at high token rates). 0 writes every token as it comes.
+    pub token_coalesce_ms: u64,
 }
 
 impl Default for ProducerSettings {
@@ -285,6 +379,11 @@ impl Default for ProducerSettings {
             consumer_name: String::new(),
             claim_block_ms: 2_000,
             shutdown_grace_secs: 20,
+            lease_ms: 15_000,
+            lease_renew_ms: 3_000,
+            reclaim_interval_ms: 2_000,
+            max_attempts: 3,
+            token_coalesce_ms: 0,
         }
     }
 }
@@ -418,11 +517,66 @@ impl Settings {
                 ));
             }
         }
+        for (index, key) in self.auth.api_keys.iter().enumerate() {
+            check_api_key_entry(key)
+                .map_err(|reason| invalid(format!("auth.api_keys[{index}]"), reason))?;
+        }
+        for (key, kid) in [
+            ("auth.stream_token_kid", &self.auth.stream_token_kid),
+            (
+                "auth.previous_stream_token_kid",
+                &self.auth.previous_stream_token_kid,
+            ),
+        ] {
+            if kid.is_empty()
+                || !kid
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(key, "must be 1 or more of A-Z a-z 0-9 - _"));
+            }
+        }
         if self.streams.event_shards == 0 {
             return Err(invalid("streams.event_shards", "must be at least 1"));
         }
         if self.producer.concurrency == 0 {
             return Err(invalid("producer.concurrency", "must be at least 1"));
+        }
+        let producer = &self.producer;
+        if producer.lease_renew_ms == 0
+            || producer.lease_renew_ms.saturating_mul(2) > producer.lease_ms
+        {
+            return Err(invalid(
+                "producer.lease_renew_ms",
+                "must be at least 1 and at most half of producer.lease_ms",
+            ));
+        }
+        if producer.reclaim_interval_ms == 0 {
+            return Err(invalid(
+                "producer.reclaim_interval_ms",
+                "must be at least 1",
+            ));
+        }
+        if producer.max_attempts == 0 {
+            return Err(invalid("producer.max_attempts", "must be at least 1"));
+        }
+        for (id, model) in &self.models {
+            for (key, value) in [
+                ("connect_timeout_ms", model.connect_timeout_ms),
+                ("first_token_timeout_ms", model.first_token_timeout_ms),
+                ("idle_timeout_ms", model.idle_timeout_ms),
+                ("request_timeout_secs", model.request_timeout_secs),
+            ] {
+                if value == 0 {
+                    return Err(invalid(format!("models.{id}.{key}"), "must be at least 1"));
+                }
+            }
+            if model.retry_base_ms > model.retry_max_ms {
+                return Err(invalid(
+                    format!("models.{id}.retry_base_ms"),
+                    "must not exceed retry_max_ms",
+                ));
+            }
         }
         if self.gateway.connection_ttl_secs <= self.gateway.connection_heartbeat_secs {
             return Err(invalid(
@@ -435,6 +589,23 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// An API key entry is an id of `[A-Za-z0-9_-]` and a 64-digit hex SHA-256.
+pub fn check_api_key_entry(entry: &ApiKeyEntry) -> Result<(), String> {
+    let id_ok = !entry.id.is_empty()
+        && entry.id.len() <= 64
+        && entry
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !id_ok {
+        return Err("id must be 1-64 of A-Z a-z 0-9 - _".to_owned());
+    }
+    if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("sha256 must be 64 hex digits (sha256sum of the key)".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -527,6 +698,47 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("models.m.upstream_model"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_stream_token_secret() -> Result<(), ConfigError> {
+        let settings = load_toml(
+            "[auth]\nstream_token_secret = \"topsecretvalue\"\napi_keys = [{ id = \"a\", sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" }]\n",
+        )?;
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("topsecretvalue"), "{printed}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_key_hash_is_named() {
+        let err = load_toml("[auth]\napi_keys = [{ id = \"a\", sha256 = \"abc\" }]\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.api_keys[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_renewed_too_rarely_is_named() {
+        let err = load_toml("[producer]\nlease_ms = 1000\nlease_renew_ms = 800\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("producer.lease_renew_ms"), "{err}");
+    }
+
+    #[test]
+    fn model_retry_policy_comes_from_the_file() -> Result<(), ConfigError> {
+        let settings = load_toml(
+            "[models.m]\nbase_url = \"http://x/v1\"\nupstream_model = \"m\"\nmax_retries = 5\nidle_timeout_ms = 700\nmax_concurrency = 2\n",
+        )?;
+        let model = &settings.models["m"];
+        assert_eq!(model.max_retries, 5);
+        assert_eq!(model.idle_timeout_ms, 700);
+        assert_eq!(model.max_concurrency, 2);
+        assert_eq!(model.retry_base_ms, ModelSettings::default().retry_base_ms);
+        Ok(())
     }
 
     #[test]

@@ -100,3 +100,99 @@ pub async fn autoclaim(
     let entries = parse_entries(parts.next().unwrap_or(Value::Null))?;
     Ok((next, entries))
 }
+
+/// KEYS: stream. ARGV: group, consumer, idle_ms, id…
+/// For each id still pending with `consumer`, resets its idle time to `idle_ms` (`XCLAIM … IDLE
+/// JUSTID`, which does not count as a delivery). Returns the ids that are no longer pending with
+/// `consumer`: another consumer reclaimed them (or they were acknowledged).
+///
+/// The pending check must sit in the same script: a bare `XCLAIM` with min-idle 0 would steal an
+/// entry back from the consumer that legitimately reclaimed it.
+const RENEW: &str = r"
+local lost = {}
+for i = 4, #ARGV do
+  local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #mine == 0 then
+    table.insert(lost, ARGV[i])
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+  end
+end
+return lost
+";
+
+/// Leases on pending entries: a consumer holds an entry while it keeps the entry's idle time
+/// below the lease; `XAUTOCLAIM` with `min-idle = lease` by another consumer takes over the rest.
+#[derive(Clone)]
+pub struct LeaseScript {
+    renew: fred::types::scripts::Script,
+}
+
+impl Default for LeaseScript {
+    fn default() -> Self {
+        Self {
+            renew: fred::types::scripts::Script::from_lua(RENEW),
+        }
+    }
+}
+
+impl LeaseScript {
+    /// Renews `consumer`'s leases on `ids` (idle time back to 0). Returns the ids it has lost.
+    pub async fn renew(
+        &self,
+        client: &Client,
+        key: &StreamKey,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+    ) -> Result<Vec<EntryId>, StreamIoError> {
+        self.set_idle(client, key, group, consumer, ids, 0).await
+    }
+
+    /// Hands entries back: they stay pending with `consumer` but look idle for `idle_ms`, so the
+    /// next `XAUTOCLAIM` with that min-idle by any consumer takes them at once. Returns the ids
+    /// that were not `consumer`'s any more.
+    pub async fn hand_back(
+        &self,
+        client: &Client,
+        key: &StreamKey,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle_ms: u64,
+    ) -> Result<Vec<EntryId>, StreamIoError> {
+        self.set_idle(client, key, group, consumer, ids, idle_ms)
+            .await
+    }
+
+    async fn set_idle(
+        &self,
+        client: &Client,
+        key: &StreamKey,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle_ms: u64,
+    ) -> Result<Vec<EntryId>, StreamIoError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![group.to_owned(), consumer.to_owned(), idle_ms.to_string()];
+        args.extend(ids.iter().map(EntryId::to_string));
+        let reply: Value = self
+            .renew
+            .evalsha_with_reload(client, vec![key.to_string()], args)
+            .await?;
+        reply
+            .into_array()
+            .into_iter()
+            .map(|id| {
+                let raw = id.into_string().ok_or_else(|| {
+                    StreamIoError::Protocol("lease id is not a string".to_owned())
+                })?;
+                EntryId::parse(&raw)
+                    .map_err(|e| StreamIoError::Protocol(format!("lease id {raw:?}: {e}")))
+            })
+            .collect()
+    }
+}

@@ -2,8 +2,8 @@
 //! range reads, consumer-group helpers and the fenced session-stream writes.
 //!
 //! **Invariant**: every write to a session stream after `start` goes through
-//! [`session::SessionWriter`], which checks the request's owner attempt atomically, so one
-//! request never interleaves two attempts.
+//! [`session::SessionScripts`], whose scripts check the request's owner attempt atomically, so
+//! one request never interleaves two attempts.
 
 pub mod entry;
 pub mod error;

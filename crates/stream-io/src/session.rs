@@ -23,27 +23,39 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return id
 ";
 
-/// KEYS: stream, owner, cancel. ARGV: attempt, maxlen, check_cancel, expire_secs, fields…
-/// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A non-zero
-/// `expire_secs` (terminal events) refreshes the expiry of the stream and the owner key.
+/// The owner-key value once a request has its terminal event: no attempt matches it, so every
+/// later write is fenced off, and a producer that reclaims the job sees it needs no new attempt.
+pub const OWNER_DONE: &str = "done";
+
+/// KEYS: stream, owner, cancel. ARGV: attempt, maxlen, check_cancel, terminal, expire_secs,
+/// fields…
+/// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
+/// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
+/// of the stream and the owner key.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 5))
-if ARGV[4] ~= '0' then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[2], 'done', 'KEEPTTL')
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 return {1, id}
 ";
 
-/// KEYS: stream, owner. ARGV: expected attempt, new attempt, maxlen, fields…
-/// Moves the owner from `expected` to `new` and appends the `restart` event, or returns {0, current}.
+/// KEYS: stream, owner. ARGV: expected owner, new owner, maxlen, expire_secs, fields…
+/// Moves the owner from `expected` to `new` and appends the event, or returns {0, current}.
+/// A non-zero `expire_secs` (a terminal event) refreshes the expiry of both keys.
 const TAKE_OVER: &str = r"
 local current = redis.call('GET', KEYS[2])
 if current ~= ARGV[1] then return {0, current or ''} end
 redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+if ARGV[4] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
 return {1, id}
 ";
 
@@ -130,7 +142,8 @@ impl SessionScripts {
     }
 
     /// Appends `event` if `attempt` still owns the request (and, with `check_cancel`, the
-    /// request was not cancelled). Terminal events refresh the stream's expiry.
+    /// request was not cancelled). A terminal event marks the request done (no attempt may
+    /// write after it) and refreshes the stream's expiry.
     pub async fn append(
         &self,
         client: &Client,
@@ -139,16 +152,13 @@ impl SessionScripts {
         event: &SessionEvent,
         check_cancel: bool,
     ) -> Result<AppendOutcome, StreamIoError> {
-        let expire = if event.is_terminal() {
-            target.retention.ttl_secs
-        } else {
-            0
-        };
+        let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
         let mut args = vec![
             attempt.to_string(),
             target.retention.maxlen.to_string(),
-            if check_cancel { "1" } else { "0" }.to_owned(),
-            expire.to_string(),
+            flag(check_cancel),
+            flag(event.is_terminal()),
+            target.retention.ttl_secs.to_string(),
         ];
         args.extend(flatten(event.encode()));
         let reply = run_script(client, &self.append, target.keys(), args).await?;
@@ -168,19 +178,48 @@ impl SessionScripts {
         }
     }
 
-    /// Takes a request over from attempt `expected` as `expected + 1` and appends `restart`.
-    /// Returns `None` when someone else already moved the owner.
+    /// Takes a request over from attempt `expected` as `expected + 1` and appends `event` (the
+    /// `restart`), in one atomic step: no write of `expected` can land after it.
     pub async fn take_over(
         &self,
         client: &Client,
         target: &RequestStreams,
         expected: u32,
         event: &SessionEvent,
-    ) -> Result<Option<EntryId>, StreamIoError> {
+    ) -> Result<TakeOver, StreamIoError> {
+        let next = expected.saturating_add(1).to_string();
+        self.move_owner(client, target, expected, next, 0, event)
+            .await
+    }
+
+    /// Ends a request on behalf of attempt `expected` that can no longer run (a poison job):
+    /// marks it done and appends the terminal `event`, in one atomic step.
+    pub async fn give_up(
+        &self,
+        client: &Client,
+        target: &RequestStreams,
+        expected: u32,
+        event: &SessionEvent,
+    ) -> Result<TakeOver, StreamIoError> {
+        let ttl = target.retention.ttl_secs;
+        self.move_owner(client, target, expected, OWNER_DONE.to_owned(), ttl, event)
+            .await
+    }
+
+    async fn move_owner(
+        &self,
+        client: &Client,
+        target: &RequestStreams,
+        expected: u32,
+        next: String,
+        expire_secs: u64,
+        event: &SessionEvent,
+    ) -> Result<TakeOver, StreamIoError> {
         let mut args = vec![
             expected.to_string(),
-            (expected + 1).to_string(),
+            next,
             target.retention.maxlen.to_string(),
+            expire_secs.to_string(),
         ];
         args.extend(flatten(event.encode()));
         let keys = vec![target.stream.to_string(), target.owner.to_string()];
@@ -191,14 +230,58 @@ impl SessionScripts {
                 let id = parts
                     .next()
                     .ok_or_else(|| StreamIoError::Protocol("take-over without id".to_owned()))?;
-                Ok(Some(entry_id(id)?))
+                Ok(TakeOver::Taken(entry_id(id)?))
             }
-            Some(0) => Ok(None),
+            Some(0) => {
+                let current = parts
+                    .next()
+                    .and_then(Value::into_string)
+                    .unwrap_or_default();
+                Ok(TakeOver::Lost(OwnerState::from_value(Some(current))))
+            }
             other => Err(StreamIoError::Protocol(format!(
                 "take-over script answered {other:?}"
             ))),
         }
     }
+}
+
+/// What a take-over did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOver {
+    /// The owner moved and the event was appended.
+    Taken(EntryId),
+    /// The owner was not the expected attempt (any more); nothing was written.
+    Lost(OwnerState),
+}
+
+/// Who may write a request's events, as its owner key says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerState {
+    /// The key is gone: the request's stream expired (or never existed).
+    Missing,
+    /// This attempt may write.
+    Attempt(u32),
+    /// The terminal event is written; nobody may write.
+    Done,
+}
+
+impl OwnerState {
+    fn from_value(raw: Option<String>) -> Self {
+        match raw.as_deref() {
+            None | Some("") => Self::Missing,
+            Some(OWNER_DONE) => Self::Done,
+            // Anything else would be a bug or foreign data: treat it like a missing owner so
+            // that nobody writes, rather than guess an attempt.
+            Some(other) => other.parse().map_or(Self::Missing, Self::Attempt),
+        }
+    }
+}
+
+/// The owner state of a request.
+pub async fn owner_state(client: &Client, owner: &StreamKey) -> Result<OwnerState, StreamIoError> {
+    let raw: Option<String> = client.get(owner.as_str()).await?;
+    Ok(OwnerState::from_value(raw))
 }
 
 /// The keys one request writes to in its session's slot.

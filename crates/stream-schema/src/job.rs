@@ -96,6 +96,8 @@ pub struct RequestMeta {
     pub model_id: ModelId,
     /// Entry id of the request's `start` event: a late client reads from here.
     pub start_entry: crate::EntryId,
+    /// Id of the API key that started the request: only it may cancel the request.
+    pub key_id: String,
 }
 
 impl RequestMeta {
@@ -105,6 +107,7 @@ impl RequestMeta {
             (F_SESSION, self.session_id.to_string()),
             (F_MODEL, self.model_id.to_string()),
             ("start", self.start_entry.to_string()),
+            ("key", self.key_id.clone()),
         ]
     }
 
@@ -114,6 +117,7 @@ impl RequestMeta {
             session_id: parsed(src, F_SESSION)?,
             model_id: parsed(src, F_MODEL)?,
             start_entry: parsed(src, "start")?,
+            key_id: required(src, "key")?.to_owned(),
         })
     }
 }
@@ -187,6 +191,7 @@ mod tests {
             session_id: SessionId::parse("s1")?,
             model_id: ModelId::parse("mock")?,
             start_entry: crate::EntryId::parse("17-3")?,
+            key_id: "team-a".to_owned(),
         };
         assert_eq!(RequestMeta::decode(&owned(meta.encode()))?, meta);
         Ok(())

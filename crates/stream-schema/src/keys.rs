@@ -25,6 +25,12 @@ impl StreamKey {
         Self("llm:requests".to_owned())
     }
 
+    /// `llm:dead`: jobs that failed too often (or could not be read), with the reason; written
+    /// by producers, read by operators. Nothing consumes it automatically.
+    pub fn dead_letter() -> Self {
+        Self("llm:dead".to_owned())
+    }
+
     /// `llm:events:{<n>}`: one shard of the compact event records.
     pub fn events_shard(shard: u16) -> Self {
         Self(format!("llm:events:{{{shard}}}"))

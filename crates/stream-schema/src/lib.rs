@@ -5,6 +5,7 @@
 //! goes through these types.
 
 pub mod codec;
+pub mod dead_letter;
 pub mod event;
 pub mod ids;
 pub mod job;
@@ -12,6 +13,7 @@ pub mod keys;
 pub mod record;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
+pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
 pub use job::{ChatMessage, Job, RequestMeta, Role};

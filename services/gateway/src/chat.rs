@@ -1,6 +1,6 @@
 //! `POST /api/chat/start`, `POST /api/chat/{requestId}/cancel` and `GET /api/models`.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use fred::prelude::*;
 use fred::types::Value;
 use futures::StreamExt;
@@ -11,8 +11,10 @@ use stream_schema::{
     ChatMessage, ErrorCode, Job, ModelId, RequestId, Role, SessionEvent, SessionId, StreamKey,
 };
 
+use crate::auth::KeyId;
 use crate::error::ApiError;
 use crate::state::{AppState, SharedState};
+use crate::stream_token::Scope;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -142,12 +144,22 @@ struct StartChatResponse {
     model_id: ModelId,
     status: &'static str,
     stream_url: String,
+    stream_token: String,
 }
 
 pub async fn start(
     state: web::Data<SharedState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let key = match state.api_keys.authenticate(&req) {
+        Ok(key) => key,
+        Err(error) => {
+            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
+                .increment(1);
+            return Err(error);
+        }
+    };
     let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
     let chat = match StartChat::parse(&body, &state) {
         Ok(chat) => chat,
@@ -157,7 +169,7 @@ pub async fn start(
             return Err(error);
         }
     };
-    let result = enqueue(&state, chat).await;
+    let result = enqueue(&state, chat, key).await;
     let outcome = match &result {
         Ok(_) => "started",
         Err(error) => error.code(),
@@ -166,7 +178,7 @@ pub async fn start(
     result
 }
 
-async fn enqueue(state: &AppState, chat: StartChat) -> Result<HttpResponse, ApiError> {
+async fn enqueue(state: &AppState, chat: StartChat, key: KeyId) -> Result<HttpResponse, ApiError> {
     let request_id = RequestId::new();
     let now = stream_schema::now_millis();
     let retention = state.retention();
@@ -189,6 +201,7 @@ async fn enqueue(state: &AppState, chat: StartChat) -> Result<HttpResponse, ApiE
         session_id: chat.session_id.clone(),
         model_id: chat.model_id.clone(),
         start_entry,
+        key_id: key.0.clone(),
     };
     let job = Job {
         request_id,
@@ -234,9 +247,20 @@ async fn enqueue(state: &AppState, chat: StartChat) -> Result<HttpResponse, ApiE
         session_id = %chat.session_id,
         model_id = %chat.model_id,
         request_id = %request_id,
+        key_id = %key.0,
         "chat started"
     );
-    let stream_url = format!("/api/sse/stream/{}?requestId={request_id}", chat.session_id);
+    let stream_token = state.stream_tokens.issue(
+        &chat.session_id,
+        Scope::Request(request_id),
+        &key.0,
+        now / 1000,
+    );
+    // Tokens are URL-safe (base64url, digits, ids of [A-Za-z0-9_-], '.'): no escaping needed.
+    let stream_url = format!(
+        "/api/sse/stream/{}?requestId={request_id}&token={stream_token}",
+        chat.session_id
+    );
     Ok(HttpResponse::Ok().json(StartChatResponse {
         request_id,
         connection_id: crate::connections::new_connection_id(),
@@ -244,6 +268,7 @@ async fn enqueue(state: &AppState, chat: StartChat) -> Result<HttpResponse, ApiE
         model_id: chat.model_id,
         status: "connected",
         stream_url,
+        stream_token,
     }))
 }
 
@@ -269,13 +294,17 @@ pub async fn request_meta(
 
 pub async fn cancel(
     state: web::Data<SharedState>,
+    req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let key_id = state.api_keys.authenticate(&req)?;
     let request_id =
         RequestId::parse(&path).map_err(|_| ApiError::NotFound("unknown requestId".to_owned()))?;
     let client = state.client();
+    // Another key's request is reported as unknown: its existence is not leaked.
     let meta = request_meta(client, &request_id)
         .await?
+        .filter(|meta| meta.key_id == key_id.0)
         .ok_or_else(|| ApiError::NotFound("unknown requestId".to_owned()))?;
     let key = StreamKey::cancel(&meta.session_id, &request_id);
     let ttl = i64::try_from(state.settings.streams.session_ttl_secs).unwrap_or(i64::MAX);
@@ -296,4 +325,24 @@ pub async fn models(state: web::Data<SharedState>) -> HttpResponse {
         .map(|id| serde_json::json!({ "id": id }))
         .collect();
     HttpResponse::Ok().json(serde_json::json!({ "models": models }))
+}
+
+/// `POST /api/sessions/{sessionId}/stream-token`: a token that opens any stream of the session
+/// (a watcher of a whole session, a second tab).
+pub async fn session_token(
+    state: web::Data<SharedState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let key = state.api_keys.authenticate(&req)?;
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let now = stream_schema::now_millis() / 1000;
+    let token = state
+        .stream_tokens
+        .issue(&session, Scope::Session, &key.0, now);
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "sessionId": session,
+        "streamToken": token,
+        "streamUrl": format!("/api/sse/stream/{session}?token={token}"),
+    })))
 }

@@ -1,5 +1,6 @@
 //! The gateway: chat start, SSE delivery through the multiplexed reader, cancel, the demo page.
 
+pub mod auth;
 pub mod chat;
 pub mod connections;
 pub mod error;
@@ -7,6 +8,7 @@ pub mod hub;
 pub mod page;
 pub mod sse;
 pub mod state;
+pub mod stream_token;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -61,6 +63,7 @@ impl Application {
             .map(|id| ModelId::parse(id).map(|model| (id.clone(), model)))
             .collect::<Result<_, _>>()
             .context("model ids")?;
+        let (api_keys, stream_tokens) = security(&settings)?;
         let listener = TcpListener::bind(&settings.gateway.addr)
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
         let port = listener.local_addr()?.port();
@@ -80,10 +83,19 @@ impl Application {
             hub,
             connections,
             models,
+            api_keys,
+            stream_tokens,
             shutdown: shutdown.clone(),
         });
+        let cors_origins = state.settings.gateway.cors_allowed_origins.clone();
         let server = HttpServer::new(move || {
             App::new()
+                // Without configured origins there is no CORS middleware at all: a restrictive
+                // one would refuse the demo page's own same-origin POSTs (they carry Origin).
+                .wrap(actix_web::middleware::Condition::new(
+                    !cors_origins.is_empty(),
+                    cors(&cors_origins),
+                ))
                 .app_data(web::Data::new(state.clone()))
                 .configure(service_kit::ops::configure(ops.clone()))
                 .configure(routes)
@@ -135,15 +147,86 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
         .route("/api/sse/stream/{sessionId}", web::get().to(sse::stream))
         .route(
+            "/api/sessions/{sessionId}/stream-token",
+            web::post().to(chat::session_token),
+        )
+        .route(
             "/api/sessions/{sessionId}/connections",
             web::get().to(connections_of_session),
         );
 }
 
+/// CORS for the configured origins only; with none configured the middleware adds nothing
+/// and browsers keep the same-origin policy.
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST"])
+        .allowed_headers([
+            "Authorization",
+            "Content-Type",
+            "Last-Event-ID",
+            "Idempotency-Key",
+        ])
+        .expose_headers(["Retry-After"])
+        .max_age(600);
+    for origin in origins {
+        cors = cors.allowed_origin(origin);
+    }
+    cors
+}
+
+/// API keys and the stream-token signer, with loud warnings for every development shortcut.
+fn security(settings: &Settings) -> anyhow::Result<(auth::ApiKeys, stream_token::StreamTokens)> {
+    use secrecy::SecretString;
+    let auth = &settings.auth;
+    let mut api_keys = auth::ApiKeys::load(auth)?;
+    if api_keys.allows_anonymous() {
+        tracing::warn!(
+            "auth.allow_anonymous is on: anyone can start chats and read streams (development only)"
+        );
+    } else if api_keys.is_empty() {
+        let key = format!("sk-dev-{}", random_token());
+        api_keys.add("dev", &key);
+        tracing::warn!(
+            dev_key = %key,
+            "no API keys configured (auth.api_keys); generated a development key for this process only"
+        );
+    }
+    let secret = match &auth.stream_token_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            tracing::warn!(
+                "auth.stream_token_secret is not set: stream tokens from this gateway are not accepted by other replicas"
+            );
+            SecretString::from(random_token())
+        }
+    };
+    let previous = auth
+        .previous_stream_token_secret
+        .clone()
+        .map(|secret| (auth.previous_stream_token_kid.clone(), secret));
+    Ok((
+        api_keys,
+        stream_token::StreamTokens::new(
+            auth.stream_token_kid.clone(),
+            secret,
+            previous,
+            auth.stream_token_ttl_secs,
+        ),
+    ))
+}
+
+/// 32 random bytes, hex encoded.
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
 async fn connections_of_session(
     state: web::Data<SharedState>,
+    req: actix_web::HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    state.api_keys.authenticate(&req)?;
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let connections = state.connections.for_session(&session).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({

@@ -21,6 +21,7 @@ use crate::connections::ConnectionGuard;
 use crate::error::ApiError;
 use crate::hub::{Closed, Frame, HubMessage, Subscription};
 use crate::state::SharedState;
+use crate::stream_token::TokenError;
 
 /// Entries per `XRANGE` page while catching up.
 const CATCH_UP_PAGE: u64 = 256;
@@ -71,6 +72,7 @@ pub async fn stream(
         .transpose()
         .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
     let resume = resume_id(&req, &query)?;
+    authorize(&state, &req, &query, &session, request.as_ref())?;
     let client = state.client();
 
     let mut plans = Vec::new();
@@ -146,6 +148,38 @@ pub async fn stream(
         .insert_header(("Cache-Control", "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body))
+}
+
+/// Checks the stream token (`token` query or `Authorization: Bearer`): 401 when it is not a
+/// valid token, 403 when it is valid for another request or its API key was revoked.
+fn authorize(
+    state: &SharedState,
+    req: &HttpRequest,
+    query: &HashMap<String, String>,
+    session: &SessionId,
+    request: Option<&RequestId>,
+) -> Result<(), ApiError> {
+    let token = query
+        .get("token")
+        .cloned()
+        .or_else(|| crate::auth::bearer(req));
+    let Some(token) = token else {
+        if state.api_keys.allows_anonymous() {
+            return Ok(());
+        }
+        return Err(ApiError::Unauthorized(
+            "a stream token is required (token query or Authorization: Bearer)".to_owned(),
+        ));
+    };
+    let now = stream_schema::now_millis() / 1000;
+    match state.stream_tokens.verify(&token, session, request, now) {
+        Ok(claims) if state.api_keys.has_id(&claims.key_id) => Ok(()),
+        Ok(_) => Err(ApiError::Forbidden(
+            "the API key of this token was revoked".to_owned(),
+        )),
+        Err(TokenError::WrongScope) => Err(ApiError::Forbidden(TokenError::WrongScope.to_string())),
+        Err(error) => Err(ApiError::Unauthorized(error.to_string())),
+    }
 }
 
 /// An SSE message without `id:`, for events that are not stream entries (`history_lost`,

@@ -8,8 +8,10 @@ use service_kit::Settings;
 use stream_io::session::{Retention, SessionScripts};
 use stream_schema::ModelId;
 
+use crate::auth::ApiKeys;
 use crate::connections::Connections;
 use crate::hub::Hub;
+use crate::stream_token::StreamTokens;
 
 pub struct AppState {
     pub settings: Settings,
@@ -20,6 +22,8 @@ pub struct AppState {
     pub connections: Connections,
     /// Configured model ids (the allow-list of `modelId`).
     pub models: BTreeMap<String, ModelId>,
+    pub api_keys: ApiKeys,
+    pub stream_tokens: StreamTokens,
     /// Cancelled on shutdown: open SSE streams end cleanly.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -154,6 +154,7 @@ async fn bad_requests_get_the_spec_json_errors() -> anyhow::Result<()> {
         let response = stack
             .http
             .post(&url)
+            .bearer_auth(crate::stack::API_KEY)
             .header("content-type", "application/json")
             .body(body)
             .send()

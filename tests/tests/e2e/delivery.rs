@@ -107,7 +107,8 @@ async fn a_session_stream_without_request_id_follows_new_requests() -> anyhow::R
         .await?;
     stack.read_all(str_field(&old, "streamUrl")?).await?;
 
-    let mut watcher = stack.open(0, "/api/sse/stream/follow", &[]).await?;
+    let follow = stack.session_stream("follow").await?;
+    let mut watcher = stack.open(0, &follow, &[]).await?;
     let a = stack
         .start_chat("follow", "first [[mock tokens=4]]")
         .await?;
@@ -182,15 +183,7 @@ async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyho
         received.extend(on_b.next_event(TIMEOUT).await?);
     }
 
-    let cancel = stack
-        .http
-        .post(format!(
-            "{}/api/chat/{request_id}/cancel",
-            stack.gateways[1].url()
-        ))
-        .send()
-        .await?;
-    assert_eq!(cancel.status().as_u16(), 202);
+    assert_eq!(stack.cancel(1, request_id).await?, 202);
     let cancelled_at = Instant::now();
     received.extend(on_b.collect_to_end(TIMEOUT).await?);
     let events = payloads(&received)?;
@@ -223,14 +216,21 @@ async fn connections_are_listed_across_gateways_and_removed_on_disconnect() -> a
         ..StackOptions::default()
     })
     .await?;
-    let on_a = stack.open(0, "/api/sse/stream/watched", &[]).await?;
-    let on_b = stack.open(1, "/api/sse/stream/watched", &[]).await?;
+    let watched = stack.session_stream("watched").await?;
+    let on_a = stack.open(0, &watched, &[]).await?;
+    let on_b = stack.open(1, &watched, &[]).await?;
     let list_url = format!("{}/api/sessions/watched/connections", stack.gateway());
     let http = stack.http.clone();
     let count = |want: usize| {
         let (http, list_url) = (http.clone(), list_url.clone());
         async move {
-            let body: Value = http.get(&list_url).send().await?.json().await?;
+            let body: Value = http
+                .get(&list_url)
+                .bearer_auth(crate::stack::API_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
             let list = body["connections"].as_array().cloned().unwrap_or_default();
             Ok((list.len() == want).then_some(list))
         }
@@ -258,9 +258,10 @@ async fn an_idle_stream_gets_keepalive_comments() -> anyhow::Result<()> {
         ..StackOptions::default()
     })
     .await?;
+    let quiet = stack.session_stream("quiet").await?;
     let response = stack
         .http
-        .get(format!("{}/api/sse/stream/quiet", stack.gateway()))
+        .get(format!("{}{quiet}", stack.gateway()))
         .send()
         .await?;
     let mut body = response.bytes_stream();
@@ -301,11 +302,8 @@ async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyh
     // backchannel for CLIENT UNBLOCK among them); from then on the count must not move.
     let mut warm = Vec::new();
     for i in 0..5 {
-        warm.push(
-            stack
-                .open(0, &format!("/api/sse/stream/warm-{i}"), &[])
-                .await?,
-        );
+        let url = stack.session_stream(&format!("warm-{i}")).await?;
+        warm.push(stack.open(0, &url, &[]).await?);
     }
     let before = clients_now().await?;
 
@@ -318,12 +316,16 @@ async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyh
                 .await?,
         );
     }
+    let mut idle_urls = Vec::new();
+    for i in 0..300 {
+        idle_urls.push(stack.session_stream(&format!("idle-{i}")).await?);
+    }
     let mut connections = Vec::new();
     for i in 0..1000 {
         let path = if i < 100 {
             str_field(&live[i % 10], "streamUrl")?.to_owned()
         } else {
-            format!("/api/sse/stream/idle-{}", i % 300)
+            idle_urls[i % 300].clone()
         };
         connections.push(stack.open(0, &path, &[]).await?);
     }

@@ -3,4 +3,5 @@
 
 mod chat_flow;
 mod delivery;
+mod security;
 mod stack;

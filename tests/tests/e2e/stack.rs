@@ -14,6 +14,19 @@ use test_support::{
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The API key every stack accepts (id `test`), and a second one (id `other`).
+pub const API_KEY: &str = "sk-test-key";
+pub const OTHER_API_KEY: &str = "sk-other-key";
+
+fn sha256_hex(text: &str) -> String {
+    use std::fmt::Write;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+    digest.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
 /// What to start.
 pub struct StackOptions {
     pub gateways: usize,
@@ -92,6 +105,10 @@ upstream_model = "mock-gpt-4"
 event_shards = 4
 {streams}
 
+[auth]
+stream_token_secret = "e2e-shared-secret"
+api_keys = [{{ id = "test", sha256 = "{key_hash}" }}, {{ id = "other", sha256 = "{other_hash}" }}]
+
 [mock_llm]
 addr = "127.0.0.1:{mock_port}"
 token_delay_ms = {delay}
@@ -108,6 +125,8 @@ block_ms = 500
 {gateway}
 "#,
             redis = redis.url(),
+            key_hash = sha256_hex(API_KEY),
+            other_hash = sha256_hex(OTHER_API_KEY),
             streams = options.streams_toml,
             delay = options.token_delay_ms,
             gateway = options.gateway_toml,
@@ -203,6 +222,7 @@ block_ms = 500
         let response = self
             .http
             .post(format!("{}/api/chat/start", self.gateways[index].url()))
+            .bearer_auth(API_KEY)
             .json(body)
             .send()
             .await?;
@@ -220,6 +240,40 @@ block_ms = 500
             .await?;
         anyhow::ensure!(status == 200, "start failed: {status} {body}");
         Ok(body)
+    }
+
+    /// A URL for every stream of `session` (a session-scoped stream token).
+    pub async fn session_stream(&self, session: &str) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .post(format!(
+                "{}/api/sessions/{session}/stream-token",
+                self.gateway()
+            ))
+            .bearer_auth(API_KEY)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "stream-token: {}",
+            response.status()
+        );
+        let body: Value = response.json().await?;
+        Ok(str_field(&body, "streamUrl")?.to_owned())
+    }
+
+    /// `POST /api/chat/{id}/cancel` on gateway `index` with the test key.
+    pub async fn cancel(&self, index: usize, request_id: &str) -> anyhow::Result<u16> {
+        let response = self
+            .http
+            .post(format!(
+                "{}/api/chat/{request_id}/cancel",
+                self.gateways[index].url()
+            ))
+            .bearer_auth(API_KEY)
+            .send()
+            .await?;
+        Ok(response.status().as_u16())
     }
 
     /// Opens the chat's stream URL on gateway `index`.
