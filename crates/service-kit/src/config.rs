@@ -233,6 +233,49 @@ pub struct LimitsSettings {
     pub max_messages: usize,
     /// Largest `maxTokens` a client may ask for.
     pub max_tokens_cap: u32,
+    /// Length of the rate-limit window in seconds (a minute; tests shorten it).
+    pub window_secs: u64,
+    /// Chat starts per window per API key; 0 = unlimited. `keys.<id>` overrides it.
+    pub requests_per_minute: u32,
+    /// Chat starts per window per session (across all keys); 0 = unlimited.
+    pub session_requests_per_minute: u32,
+    /// Completion tokens per window per API key; 0 = unlimited. `keys.<id>` overrides it.
+    /// A start reserves `maxTokens` (or `default_token_estimate`); the processor gives back
+    /// what the request did not use.
+    pub tokens_per_minute: u64,
+    /// Tokens reserved for a request that does not say `maxTokens`.
+    pub default_token_estimate: u32,
+    /// End a request with `finishReason: "rate_limited"` when it streams more tokens than it
+    /// reserved (only possible when the reservation was the estimate).
+    pub hard_token_cap: bool,
+    /// Per-key overrides, by API key id.
+    pub keys: BTreeMap<String, KeyLimits>,
+}
+
+/// `[limits.keys.<id>]`: limits of one API key; unset fields use the defaults above.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyLimits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl LimitsSettings {
+    /// Requests per window for an API key (0 = unlimited).
+    pub fn requests_per_window(&self, key_id: &str) -> u32 {
+        self.keys
+            .get(key_id)
+            .and_then(|k| k.requests_per_minute)
+            .unwrap_or(self.requests_per_minute)
+    }
+
+    /// Tokens per window for an API key (0 = unlimited).
+    pub fn tokens_per_window(&self, key_id: &str) -> u64 {
+        self.keys
+            .get(key_id)
+            .and_then(|k| k.tokens_per_minute)
+            .unwrap_or(self.tokens_per_minute)
+    }
 }
 
 impl Default for LimitsSettings {
@@ -242,6 +285,13 @@ impl Default for LimitsSettings {
             max_prompt_bytes: 256 * 1024,
             max_messages: 256,
             max_tokens_cap: 32_768,
+            window_secs: 60,
+            requests_per_minute: 0,
+            session_requests_per_minute: 0,
+            tokens_per_minute: 0,
+            default_token_estimate: 1_024,
+            hard_token_cap: true,
+            keys: BTreeMap::new(),
         }
     }
 }
@@ -535,6 +585,15 @@ impl Settings {
             {
                 return Err(invalid(key, "must be 1 or more of A-Z a-z 0-9 - _"));
             }
+        }
+        if self.limits.window_secs == 0 {
+            return Err(invalid("limits.window_secs", "must be at least 1"));
+        }
+        if self.limits.default_token_estimate == 0 {
+            return Err(invalid(
+                "limits.default_token_estimate",
+                "must be at least 1",
+            ));
         }
         if self.streams.event_shards == 0 {
             return Err(invalid("streams.event_shards", "must be at least 1"));

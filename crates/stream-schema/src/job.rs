@@ -19,6 +19,7 @@ string_enum! {
 
 /// One message of the conversation sent upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
@@ -98,17 +99,33 @@ pub struct RequestMeta {
     pub start_entry: crate::EntryId,
     /// Id of the API key that started the request: only it may cancel the request.
     pub key_id: String,
+    /// Tokens reserved against the key's token quota, and in which window (index of
+    /// `limits.window_secs` windows since the epoch): the processor gives back what the
+    /// request did not use.
+    pub reservation: Option<Reservation>,
+}
+
+/// A token reservation made at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub window: u64,
+    pub tokens: u32,
 }
 
 impl RequestMeta {
     pub fn encode(&self) -> Fields {
-        vec![
+        let mut f = vec![
             version_field(),
             (F_SESSION, self.session_id.to_string()),
             (F_MODEL, self.model_id.to_string()),
             ("start", self.start_entry.to_string()),
             ("key", self.key_id.clone()),
-        ]
+        ];
+        if let Some(reservation) = self.reservation {
+            f.push(("qwin", reservation.window.to_string()));
+            f.push(("qtok", reservation.tokens.to_string()));
+        }
+        f
     }
 
     pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
@@ -118,6 +135,10 @@ impl RequestMeta {
             model_id: parsed(src, F_MODEL)?,
             start_entry: parsed(src, "start")?,
             key_id: required(src, "key")?.to_owned(),
+            reservation: match (optional_parsed(src, "qwin")?, optional_parsed(src, "qtok")?) {
+                (Some(window), Some(tokens)) => Some(Reservation { window, tokens }),
+                _ => None,
+            },
         })
     }
 }
@@ -192,6 +213,10 @@ mod tests {
             model_id: ModelId::parse("mock")?,
             start_entry: crate::EntryId::parse("17-3")?,
             key_id: "team-a".to_owned(),
+            reservation: Some(Reservation {
+                window: 29_000_000,
+                tokens: 64,
+            }),
         };
         assert_eq!(RequestMeta::decode(&owned(meta.encode()))?, meta);
         Ok(())

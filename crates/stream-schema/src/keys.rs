@@ -52,6 +52,28 @@ impl StreamKey {
         Self(format!("llm:owner:{{{session}}}:{request}"))
     }
 
+    /// `llm:rl:{key:<keyId>}`: the request log (sorted set of start times) of an API key.
+    pub fn key_request_log(key_id: &str) -> Self {
+        Self(format!("llm:rl:{{key:{key_id}}}"))
+    }
+
+    /// `llm:rl:{<sessionId>}:session`: the request log of a session.
+    pub fn session_request_log(session: &SessionId) -> Self {
+        Self(format!("llm:rl:{{{session}}}:session"))
+    }
+
+    /// `llm:quota:{key:<keyId>}`: reserved tokens of an API key per window (field = window
+    /// index).
+    pub fn token_quota(key_id: &str) -> Self {
+        Self(format!("llm:quota:{{key:{key_id}}}"))
+    }
+
+    /// `llm:quota:{key:<keyId>}:done:<requestId>`: marks a request's reservation as reconciled,
+    /// so a redelivered record does not give tokens back twice.
+    pub fn quota_reconciled(key_id: &str, request: &RequestId) -> Self {
+        Self(format!("llm:quota:{{key:{key_id}}}:done:{request}"))
+    }
+
     /// `llm:conns:{<sessionId>}`: live SSE connection ids of a session across all gateways,
     /// scored by the Unix ms at which they expire unless their gateway renews them.
     pub fn connections(session: &SessionId) -> Self {

@@ -11,12 +11,14 @@ pub mod ids;
 pub mod job;
 pub mod keys;
 pub mod record;
+#[cfg(feature = "utoipa")]
+mod schema;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
-pub use job::{ChatMessage, Job, RequestMeta, Role};
+pub use job::{ChatMessage, Job, RequestMeta, Reservation, Role};
 pub use keys::StreamKey;
 pub use record::{EventRecord, Outcome};
 

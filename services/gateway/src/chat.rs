@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
-    ChatMessage, ErrorCode, Job, ModelId, RequestId, Role, SessionEvent, SessionId, StreamKey,
+    ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
+    StreamKey,
 };
 
 use crate::auth::KeyId;
 use crate::error::ApiError;
+use crate::limits::Admission;
 use crate::state::{AppState, SharedState};
 use crate::stream_token::Scope;
 
@@ -169,7 +171,10 @@ pub async fn start(
             return Err(error);
         }
     };
-    let result = enqueue(&state, chat, key).await;
+    let result = match admit(&state, &chat, &key).await {
+        Ok(reservation) => enqueue(&state, chat, key, reservation).await,
+        Err(error) => Err(error),
+    };
     let outcome = match &result {
         Ok(_) => "started",
         Err(error) => error.code(),
@@ -178,7 +183,49 @@ pub async fn start(
     result
 }
 
-async fn enqueue(state: &AppState, chat: StartChat, key: KeyId) -> Result<HttpResponse, ApiError> {
+/// Applies the rate limits; a refusal is `429 rate_limited` with an honest `Retry-After`.
+async fn admit(
+    state: &AppState,
+    chat: &StartChat,
+    key: &KeyId,
+) -> Result<Option<Reservation>, ApiError> {
+    let limits = &state.settings.limits;
+    let tpm = limits.tokens_per_window(&key.0);
+    if tpm > 0 && u64::from(chat.max_tokens.unwrap_or(limits.default_token_estimate)) > tpm {
+        return Err(ApiError::InvalidRequest(format!(
+            "maxTokens is larger than this API key's limit of {tpm} tokens per window"
+        )));
+    }
+    let member = uuid::Uuid::now_v7().to_string();
+    match state
+        .limiter
+        .admit(
+            state.client(),
+            limits,
+            &key.0,
+            &chat.session_id,
+            chat.max_tokens,
+            &member,
+        )
+        .await?
+    {
+        Admission::Admitted(reservation) => Ok(reservation),
+        Admission::Refused(refusal) => {
+            tracing::info!(key_id = %key.0, session_id = %chat.session_id, limit = refusal.limit, "rate limited");
+            Err(ApiError::RateLimited {
+                message: format!("over the {}", refusal.limit),
+                retry_after_secs: refusal.retry_after_secs,
+            })
+        }
+    }
+}
+
+async fn enqueue(
+    state: &AppState,
+    chat: StartChat,
+    key: KeyId,
+    reservation: Option<Reservation>,
+) -> Result<HttpResponse, ApiError> {
     let request_id = RequestId::new();
     let now = stream_schema::now_millis();
     let retention = state.retention();
@@ -202,6 +249,7 @@ async fn enqueue(state: &AppState, chat: StartChat, key: KeyId) -> Result<HttpRe
         model_id: chat.model_id.clone(),
         start_entry,
         key_id: key.0.clone(),
+        reservation,
     };
     let job = Job {
         request_id,

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod page;
 pub mod sse;
 pub mod state;
@@ -84,6 +85,7 @@ impl Application {
             connections,
             models,
             api_keys,
+            limiter: limits::RateLimiter::default(),
             stream_tokens,
             shutdown: shutdown.clone(),
         });

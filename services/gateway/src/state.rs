@@ -23,6 +23,7 @@ pub struct AppState {
     /// Configured model ids (the allow-list of `modelId`).
     pub models: BTreeMap<String, ModelId>,
     pub api_keys: ApiKeys,
+    pub limiter: crate::limits::RateLimiter,
     pub stream_tokens: StreamTokens,
     /// Cancelled on shutdown: open SSE streams end cleanly.
     pub shutdown: tokio_util::sync::CancellationToken,

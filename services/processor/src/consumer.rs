@@ -23,6 +23,7 @@ pub struct ShardConsumer {
     pub redis: Pool,
     pub consumer: String,
     pub applier: Applier,
+    pub reconciler: crate::quota::Reconciler,
     pub batch: u64,
     pub block_ms: u64,
     pub reclaim_idle_ms: u64,
@@ -41,6 +42,18 @@ impl ShardConsumer {
         for entry in entries {
             match EventRecord::decode(&entry.fields) {
                 Ok(record) => {
+                    // Settle first: it is idempotent by itself, so a crash before the counters
+                    // are applied (and the record redelivered) settles nothing twice.
+                    if let EventRecord::Finished {
+                        request_id,
+                        completion_tokens,
+                        ..
+                    } = &record
+                    {
+                        self.reconciler
+                            .settle(client, request_id, *completion_tokens)
+                            .await?;
+                    }
                     let applied = self
                         .applier
                         .apply(client, self.shard, entry.id, &record)

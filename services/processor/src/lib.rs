@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod consumer;
+pub mod quota;
 
 use std::net::TcpListener;
 
@@ -46,6 +47,7 @@ impl Application {
                 redis: redis.clone(),
                 consumer: consumer.clone(),
                 applier: applier.clone(),
+                reconciler: quota::Reconciler::new(settings.limits.window_secs),
                 batch: settings.processor.batch_size,
                 block_ms: settings.processor.block_ms,
                 reclaim_idle_ms: settings.processor.reclaim_idle_ms,

@@ -3,5 +3,6 @@
 
 mod chat_flow;
 mod delivery;
+mod limits;
 mod security;
 mod stack;

@@ -35,6 +35,12 @@ pub struct StackOptions {
     /// `gateway_toml` etc. because TOML forbids repeating a table).
     pub gateway_toml: String,
     pub streams_toml: String,
+    /// Extra keys for the `[producer]` section.
+    pub producer_toml: String,
+    /// Extra keys for every `[models.*]` section (timeouts, retry policy).
+    pub models_toml: String,
+    /// Keys of the `[limits]` section (rate limits); `[limits.keys.*]` tables may follow.
+    pub limits_toml: String,
     pub token_delay_ms: u64,
 }
 
@@ -45,6 +51,9 @@ impl Default for StackOptions {
             producers: 1,
             gateway_toml: String::new(),
             streams_toml: String::new(),
+            producer_toml: String::new(),
+            models_toml: String::new(),
+            limits_toml: String::new(),
             token_delay_ms: 1,
         }
     }
@@ -96,10 +105,12 @@ url = "{redis}"
 [models.mock]
 base_url = "http://127.0.0.1:{mock_port}/v1"
 upstream_model = "mock"
+{models}
 
 [models."gpt-4"]
 base_url = "http://127.0.0.1:{mock_port}/v1"
 upstream_model = "mock-gpt-4"
+{models}
 
 [streams]
 event_shards = 4
@@ -117,12 +128,16 @@ default_tokens = 20
 [producer]
 concurrency = 16
 claim_block_ms = 500
+{producer}
 
 [processor]
 block_ms = 500
 
 [gateway]
 {gateway}
+
+[limits]
+{limits}
 "#,
             redis = redis.url(),
             key_hash = sha256_hex(API_KEY),
@@ -130,6 +145,9 @@ block_ms = 500
             streams = options.streams_toml,
             delay = options.token_delay_ms,
             gateway = options.gateway_toml,
+            limits = options.limits_toml,
+            producer = options.producer_toml,
+            models = options.models_toml,
         );
         let config_path = config_dir.path().join("bridge.toml");
         std::fs::write(&config_path, config)?;

@@ -1,0 +1,240 @@
+//! Rate limits: exact across gateway replicas, honest Retry-After, let in again after the
+//! window; the window logic itself checked with an injected clock.
+
+use std::time::{Duration, Instant};
+
+use gateway::limits::RateLimiter;
+use serde_json::json;
+use stream_schema::{SessionId, StreamKey};
+use test_support::{RedisServer, wait_until};
+
+use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, str_field};
+
+#[tokio::test]
+async fn the_request_log_admits_exactly_the_limit_per_sliding_window() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let limiter = RateLimiter::default();
+    let key = StreamKey::key_request_log("k");
+    let check = |member: &'static str, now: u64| {
+        let (limiter, client, key) = (limiter.clone(), client.clone(), key.clone());
+        async move {
+            limiter
+                .check_log(&client, &key, 3, 1_000, member, Some(now))
+                .await
+        }
+    };
+    assert_eq!(check("a", 0).await?, Ok(()));
+    assert_eq!(check("b", 100).await?, Ok(()));
+    assert_eq!(check("c", 200).await?, Ok(()));
+    // Full until the oldest entry (t=0) leaves the window at t=1000.
+    assert_eq!(check("d", 300).await?, Err(1));
+    assert_eq!(check("e", 999).await?, Err(1));
+    assert_eq!(check("f", 1_000).await?, Ok(()));
+    // Refused requests were not recorded: b, c, f are in the window now.
+    assert_eq!(check("g", 1_050).await?, Err(1));
+    assert_eq!(check("h", 1_100).await?, Ok(()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_reservations_fill_a_fixed_window_and_reset_with_the_next() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let limiter = RateLimiter::default();
+    let window = 10_000;
+    let first = limiter
+        .reserve(&client, "k", 100, 60, window, Some(20_500))
+        .await?;
+    assert_eq!(first.map(|r| (r.window, r.tokens)), Ok((2, 60)));
+    // 60 + 50 > 100: retry when window 2 ends at 30 000 ms.
+    assert_eq!(
+        limiter
+            .reserve(&client, "k", 100, 50, window, Some(21_000))
+            .await?,
+        Err(9)
+    );
+    assert!(
+        limiter
+            .reserve(&client, "k", 100, 40, window, Some(29_999))
+            .await?
+            .is_ok()
+    );
+    assert_eq!(
+        limiter
+            .reserve(&client, "k", 100, 1, window, Some(29_999))
+            .await?,
+        Err(1)
+    );
+    let next = limiter
+        .reserve(&client, "k", 100, 100, window, Some(30_000))
+        .await?;
+    assert_eq!(next.map(|r| r.window), Ok(3));
+    Ok(())
+}
+
+async fn start_on(
+    stack: &Stack,
+    gateway: usize,
+    session: String,
+    extra: serde_json::Value,
+) -> anyhow::Result<reqwest::Response> {
+    let mut body =
+        json!({"sessionId": session, "modelId": "mock", "prompt": "limited [[mock tokens=10]]"});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    Ok(stack
+        .http
+        .post(format!("{}/api/chat/start", stack.gateways[gateway].url()))
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await?)
+}
+
+#[tokio::test]
+async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateways: 2,
+        limits_toml: "window_secs = 3\nrequests_per_minute = 5".to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    let started = Instant::now();
+    let attempts = (0..12).map(|i| start_on(&stack, i % 2, format!("s{i}"), json!({})));
+    let mut admitted = 0;
+    for response in futures::future::join_all(attempts).await {
+        let response = response?;
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let retry: u64 = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("429 without Retry-After"))?;
+                assert!(
+                    (1..=3).contains(&retry),
+                    "Retry-After {retry} outside the window"
+                );
+                let body: serde_json::Value = response.json().await?;
+                assert_eq!(body["error"]["code"], "rate_limited");
+            }
+            other => anyhow::bail!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(
+        admitted, 5,
+        "exactly the limit is admitted across both replicas"
+    );
+
+    // Let in again once the window has passed, not before.
+    let http = stack.http.clone();
+    let url = format!("{}/api/chat/start", stack.gateways[1].url());
+    wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http
+                .post(&url)
+                .bearer_auth(API_KEY)
+                .json(&json!({"sessionId": "again", "modelId": "mock", "prompt": "x [[mock tokens=1]]"}))
+                .send()
+                .await?;
+            Ok((response.status() == 200).then_some(()))
+        }
+    })
+    .await?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "admitted again before the window passed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_limit_applies_across_keys() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        limits_toml: "window_secs = 30\nsession_requests_per_minute = 2".to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    for _ in 0..2 {
+        assert_eq!(
+            start_on(&stack, 0, "busy".to_owned(), json!({}))
+                .await?
+                .status()
+                .as_u16(),
+            200
+        );
+    }
+    let third = stack
+        .http
+        .post(format!("{}/api/chat/start", stack.gateway()))
+        .bearer_auth(crate::stack::OTHER_API_KEY)
+        .json(&json!({"sessionId": "busy", "modelId": "mock", "prompt": "x"}))
+        .send()
+        .await?;
+    assert_eq!(third.status().as_u16(), 429);
+    // Another session is not affected.
+    assert_eq!(
+        start_on(&stack, 0, "calm".to_owned(), json!({}))
+            .await?
+            .status()
+            .as_u16(),
+        200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        gateways: 2,
+        limits_toml: "window_secs = 60\ntokens_per_minute = 100".to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    // maxTokens 30 reserves 30: three fit in 100, the fourth does not, on either gateway.
+    let mut started = Vec::new();
+    for i in 0..3 {
+        let response = start_on(&stack, i % 2, format!("t{i}"), json!({"maxTokens": 30})).await?;
+        assert_eq!(response.status().as_u16(), 200);
+        started.push(response.json::<serde_json::Value>().await?);
+    }
+    let fourth = start_on(&stack, 1, "t3".to_owned(), json!({"maxTokens": 30})).await?;
+    assert_eq!(fourth.status().as_u16(), 429);
+    let retry: u64 = fourth
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+
+    // Each used 10 of its 30: once the processor settles them, 60 tokens are free again.
+    for body in &started {
+        stack.read_all(str_field(body, "streamUrl")?).await?;
+    }
+    let redis = stack.redis_client().await?;
+    let quota = StreamKey::token_quota("test");
+    let used = wait_until(TIMEOUT, Duration::from_millis(50), || {
+        let (redis, quota) = (redis.clone(), quota.clone());
+        async move {
+            let fields: std::collections::HashMap<String, i64> =
+                fred::prelude::HashesInterface::hgetall(&redis, quota.as_str()).await?;
+            let total: i64 = fields.values().sum();
+            Ok((total == 30).then_some(total))
+        }
+    })
+    .await?;
+    assert_eq!(used, 30);
+    let after = start_on(&stack, 0, "t4".to_owned(), json!({"maxTokens": 60})).await?;
+    assert_eq!(after.status().as_u16(), 200);
+    // maxTokens above the whole limit can never pass: a 400, not a 429 to retry forever.
+    let too_big = start_on(&stack, 0, "t5".to_owned(), json!({"maxTokens": 101})).await?;
+    assert_eq!(too_big.status().as_u16(), 400);
+    let _ = SessionId::parse("unused")?;
+    Ok(())
+}
