@@ -6,10 +6,10 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
 export CARGO_TARGET_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build bench bench-quick clean-logs
+.PHONY: help run test lint fmt build bench bench-quick clean-logs k8s-validate
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 run: ## Start Redis (if needed), mock-llm, producer, processor and gateway; Ctrl-C stops all
 	@scripts/run.sh
@@ -26,6 +26,10 @@ fmt: ## Format the workspace
 
 build: ## Build the four binaries (into $CARGO_TARGET_DIR/debug)
 	cargo build --workspace --bins
+
+k8s-validate: ## Offline checks of deploy/ and k8s/ (hadolint, kustomize, schemas, config test)
+	@scripts/validate-deploy.sh
+	cargo test -p service-kit --test k8s_config
 
 bench: ## Benchmarks (not implemented yet)
 	@scripts/bench.sh

@@ -7,6 +7,8 @@
 #   BRIDGE_REDIS_URL=redis://...  use this Redis (BRIDGE__REDIS__URL is honoured the same way)
 #   BRIDGE_OWN_REDIS=1            always start a private redis-server, even if 6379 answers
 #   CARGO_TARGET_DIR              where the binaries are built (the Makefile sets it)
+
+# shellcheck disable=SC2329 # cleanup() and its helpers run from traps, which shellcheck cannot see
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -65,10 +67,15 @@ cleanup() {
         say "stopped (logs kept in ${LOG_DIR#"$PWD"/})"
     fi
 }
+on_exit() {
+    local rc=$?
+    cleanup
+    exit "$rc"
+}
 trap 'cleanup; exit 130' INT
 trap 'cleanup; exit 143' TERM
 trap 'cleanup; exit 129' HUP
-trap 'rc=$?; cleanup; exit "$rc"' EXIT
+trap on_exit EXIT
 
 # Starts a command in the background in its own session, so a terminal Ctrl-C reaches only
 # this script and the trap stops the children in order. The child is not a process-group
@@ -146,6 +153,16 @@ wait_ready() {
 # The URL without its password, for printing.
 redact() { sed -E 's#(://)[^@/]*@#\1***@#' <<<"$1"; }
 
+random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
+
+sha256_hex() {
+    if have sha256sum; then
+        printf '%s' "$1" | sha256sum | cut -d' ' -f1
+    else
+        printf '%s' "$1" | shasum -a 256 | cut -d' ' -f1
+    fi
+}
+
 toml_str() {
     local s=${1//\\/\\\\}
     s=${s//\"/\\\"}
@@ -176,7 +193,7 @@ read -r gateway_port producer_port processor_port mock_port redis_port \
 
 redis_url=${BRIDGE_REDIS_URL:-${BRIDGE__REDIS__URL:-}}
 if [ -n "$redis_url" ]; then
-    redis_note="from BRIDGE_REDIS_URL"
+    redis_note="from BRIDGE_REDIS_URL / BRIDGE__REDIS__URL"
 elif [ "${BRIDGE_OWN_REDIS:-0}" != 1 ] &&
     [ "$(timeout 3 redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null || true)" = PONG ]; then
     redis_url="redis://127.0.0.1:6379"
@@ -196,6 +213,19 @@ else
     redis_note="private redis-server, pid $redis_pid, no persistence"
     say "started redis-server on 127.0.0.1:$redis_port (pid $redis_pid)"
 fi
+
+# --- API key --------------------------------------------------------------------------------
+
+# A development API key kept across runs (so pasted curl commands keep working); the config
+# holds only its hash, as in production.
+key_file="$RUN_DIR/dev-api-key"
+if [ ! -s "$key_file" ]; then
+    (umask 077 && printf 'sk-dev-%s\n' "$(random_hex 24)" >"$key_file")
+fi
+api_key=$(head -n 1 "$key_file")
+api_key_sha256=$(sha256_hex "$api_key")
+# Signs stream tokens; a new one each run (tokens from an earlier run stop working).
+stream_token_secret=$(random_hex 32)
 
 # --- Config ---------------------------------------------------------------------------------
 
@@ -220,6 +250,10 @@ addr = "127.0.0.1:$processor_port"
 
 [mock_llm]
 addr = "127.0.0.1:$mock_port"
+
+[auth]
+api_keys = [{ id = "dev", sha256 = "$api_key_sha256" }]
+stream_token_secret = "$stream_token_secret"
 
 [models.mock]
 base_url = "$mock_base"
@@ -250,23 +284,25 @@ for i in "${!names[@]}"; do
 done
 
 base="http://127.0.0.1:$gateway_port"
+auth_header="Authorization: Bearer $api_key"
 body='{"sessionId":"demo","modelId":"mock","prompt":"Tell me a story about a dragon"}'
 cat <<EOF
 
   The Redis Streams LLM Bridge is running.
 
   Demo page:   $base/
+  API key:     $api_key   (development key, kept in .run/dev-api-key)
   Redis:       $(redact "$redis_url") ($redis_note)
   Services:    mock-llm :$mock_port, processor :$processor_port, producer :$producer_port, gateway :$gateway_port
   Config:      .run/config.toml        Logs: .run/logs/<service>.log
 
   Start a chat (the answer holds a streamUrl), then stream its tokens:
-    curl -sS -X POST $base/api/chat/start -H 'Content-Type: application/json' \\
-      -d '$body'
+    curl -sS -X POST $base/api/chat/start -H '$auth_header' \\
+      -H 'Content-Type: application/json' -d '$body'
     curl -N "$base<streamUrl>"
 
   Or both in one line:
-    curl -N "$base\$(curl -sS -X POST $base/api/chat/start -H 'Content-Type: application/json' -d '$body' | sed -n 's/.*"streamUrl":"\\([^"]*\\)".*/\\1/p')"
+    curl -N "$base\$(curl -sS -X POST $base/api/chat/start -H '$auth_header' -H 'Content-Type: application/json' -d '$body' | sed -n 's/.*"streamUrl":"\\([^"]*\\)".*/\\1/p')"
 
   Press Ctrl-C to stop.
 
