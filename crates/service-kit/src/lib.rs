@@ -6,6 +6,7 @@ pub mod config;
 pub mod ops;
 pub mod redis;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;
 
 pub use config::{ConfigError, Settings};

@@ -17,7 +17,20 @@ use tokio_util::sync::CancellationToken;
 /// A second call in one process (tests) gets a handle of its own recorder that sees nothing,
 /// instead of failing.
 pub fn install_metrics() -> PrometheusHandle {
-    let recorder = PrometheusBuilder::new().build_recorder();
+    // Histograms, not summaries: buckets aggregate across replicas in Prometheus. Every
+    // histogram of the bridge is in seconds, from sub-millisecond token lag to minute-long
+    // requests.
+    let builder = PrometheusBuilder::new().set_buckets(&[
+        0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        30.0, 60.0, 300.0,
+    ]);
+    let recorder = match builder {
+        Ok(builder) => builder.build_recorder(),
+        Err(error) => {
+            tracing::warn!(%error, "invalid histogram buckets; using summaries");
+            PrometheusBuilder::new().build_recorder()
+        }
+    };
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::debug!("a metrics recorder is already installed in this process");
@@ -30,6 +43,11 @@ pub fn install_metrics() -> PrometheusHandle {
 pub struct LoopFlag(Arc<AtomicBool>);
 
 impl LoopFlag {
+    /// A flag not registered with any `OpsState` (tests, tools).
+    pub fn standalone() -> Self {
+        Self(Arc::new(AtomicBool::new(false)))
+    }
+
     pub fn set(&self, running: bool) {
         self.0.store(running, Ordering::Relaxed);
     }
@@ -87,26 +105,72 @@ impl OpsState {
     }
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// Body of `/healthz`.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Health {
+    /// Always `ok`: answering at all is the signal.
+    #[cfg_attr(feature = "openapi", schema(example = "ok"))]
+    pub status: &'static str,
 }
 
-async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
+/// Body of `/readyz`, the same shape for `200` and `503`.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    #[cfg_attr(feature = "openapi", schema(example = "ready"))]
+    pub status: &'static str,
+    /// `ok` or `unreachable`.
+    #[cfg_attr(feature = "openapi", schema(example = "ok"))]
+    pub redis: &'static str,
+    /// Internal loops that are not running (empty when ready).
+    pub stopped_loops: Vec<String>,
+}
+
+/// Process alive.
+#[cfg_attr(feature = "openapi", utoipa::path(
+    get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "The process is alive", body = Health)),
+))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Redis reachable and every internal loop running.
+#[cfg_attr(feature = "openapi", utoipa::path(
+    get, path = "/readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Ready to serve", body = Readiness),
+        (status = 503, description = "Redis unreachable or a loop stopped", body = Readiness),
+    ),
+))]
+pub async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
     let redis = state.redis_reachable().await;
     let stopped = state.stopped_loops();
-    let body = serde_json::json!({
-        "status": if redis && stopped.is_empty() { "ready" } else { "unavailable" },
-        "redis": if redis { "ok" } else { "unreachable" },
-        "stoppedLoops": stopped,
-    });
-    if redis && stopped.is_empty() {
+    let ready = redis && stopped.is_empty();
+    let body = Readiness {
+        status: if ready { "ready" } else { "unavailable" },
+        redis: if redis { "ok" } else { "unreachable" },
+        stopped_loops: stopped,
+    };
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
 }
 
-async fn metrics_text(state: web::Data<OpsState>) -> HttpResponse {
+/// Prometheus text exposition.
+#[cfg_attr(feature = "openapi", utoipa::path(
+    get, path = "/metrics", tag = "ops",
+    responses((
+        status = 200, description = "Prometheus text format",
+        content_type = "text/plain; version=0.0.4", body = String,
+    )),
+))]
+pub async fn metrics_text(state: web::Data<OpsState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

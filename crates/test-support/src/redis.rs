@@ -33,6 +33,8 @@ pub struct RedisServer {
     binary: PathBuf,
     /// `None` while stopped (between `stop` and `restart`).
     child: Option<Child>,
+    /// Extra flags, kept so a restart runs the node the same way.
+    extra: Vec<&'static str>,
     /// Holds the log file; removed on drop, after the child is killed.
     dir: TempDir,
 }
@@ -40,6 +42,16 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a node on a free loopback port and waits until it answers PING.
     pub async fn start() -> anyhow::Result<RedisServer> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`RedisServer::start`], but every write is fsynced to an append-only file, so the
+    /// data survives [`RedisServer::stop`] + [`RedisServer::restart`] (an outage, not a loss).
+    pub async fn start_durable() -> anyhow::Result<RedisServer> {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
+    }
+
+    async fn start_with(extra: &[&'static str]) -> anyhow::Result<RedisServer> {
         let binary = redis_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("test-redis-")
@@ -48,12 +60,13 @@ impl RedisServer {
         let mut last_err = anyhow!("redis-server was never started");
         for _ in 0..SPAWN_ATTEMPTS {
             let port = free_port()?;
-            match spawn_ready(&binary, dir.path(), port, &[]).await {
+            match spawn_ready(&binary, dir.path(), port, extra).await {
                 Ok(child) => {
                     return Ok(RedisServer {
                         port,
                         binary,
                         child: Some(child),
+                        extra: extra.to_vec(),
                         dir,
                     });
                 }
@@ -87,10 +100,10 @@ impl RedisServer {
     }
 
     /// Starts the node again on the same port (stopping it first if it runs) and waits until
-    /// it answers PING. The data set starts empty: there is no persistence.
+    /// it answers PING. The data set starts empty unless the node is durable.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await?;
-        let child = spawn_ready(&self.binary, self.dir.path(), self.port, &[])
+        let child = spawn_ready(&self.binary, self.dir.path(), self.port, &self.extra)
             .await
             .with_context(|| format!("restarting redis-server on port {}", self.port))?;
         self.child = Some(child);

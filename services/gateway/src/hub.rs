@@ -289,8 +289,17 @@ impl Hub {
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
             if keys.is_empty() {
+                // Nothing to read: check the reader's connection now and then so readiness
+                // tells the truth (and recovers after an outage) while no client is connected.
+                let alive = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    reader.ping::<String>(None),
+                )
+                .await;
+                flag.set(matches!(alive, Ok(Ok(_))));
                 tokio::select! {
                     () = self.shared.wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_millis(settings.block_ms)) => {}
                     () = shutdown.cancelled() => break,
                 }
                 continue;

@@ -1,11 +1,13 @@
 //! The gateway: chat start, SSE delivery through the multiplexed reader, cancel, the demo page.
 
+pub mod analytics;
 pub mod auth;
 pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod openapi;
 pub mod page;
 pub mod sse;
 pub mod state;
@@ -19,6 +21,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use service_kit::Settings;
 use service_kit::ops::OpsState;
+use service_kit::supervisor::{Backoff, supervise};
 use stream_schema::{ModelId, SessionId};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -53,10 +56,20 @@ impl Application {
             buffer_bytes: settings.gateway.sse_buffer_bytes,
         });
         let tasks = TaskTracker::new();
-        tasks.spawn(
-            hub.clone()
-                .run(reader, shutdown.clone(), ops.register_loop("reader")),
-        );
+        let reader_flag = ops.register_loop("reader");
+        let (loop_hub, loop_shutdown, loop_flag) =
+            (hub.clone(), shutdown.clone(), reader_flag.clone());
+        tasks.spawn(supervise(
+            "reader",
+            reader_flag,
+            shutdown.clone(),
+            Backoff::default(),
+            move || {
+                loop_hub
+                    .clone()
+                    .run(reader.clone(), loop_shutdown.clone(), loop_flag.clone())
+            },
+        ));
 
         let models = settings
             .models
@@ -144,10 +157,17 @@ impl Application {
 /// The API routes (ops endpoints are mounted by `service_kit::ops`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page::index))
+        .route("/openapi.json", web::get().to(openapi::serve))
         .route("/api/models", web::get().to(chat::models))
         .route("/api/chat/start", web::post().to(chat::start))
         .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
         .route("/api/sse/stream/{sessionId}", web::get().to(sse::stream))
+        .route(
+            "/api/analytics/sessions/{sessionId}",
+            web::get().to(analytics::session),
+        )
+        .route("/api/analytics/models", web::get().to(analytics::models))
+        .route("/api/analytics/key", web::get().to(analytics::own_key))
         .route(
             "/api/sessions/{sessionId}/stream-token",
             web::post().to(chat::session_token),
@@ -223,6 +243,31 @@ fn random_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+/// What `GET /api/sessions/{sessionId}/connections` answers.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct SessionConnections {
+    session_id: SessionId,
+    /// Oldest first.
+    connections: Vec<connections::ConnectionInfo>,
+}
+
+/// The open SSE connections of a session, across every gateway replica.
+#[utoipa::path(
+    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
+    params(("sessionId" = SessionId, Path)),
+    responses(
+        (status = 200, description = "Live connections (renewed by heartbeats)",
+            body = SessionConnections),
+        (status = 400, description = "`invalid_session_id`", body = error::ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = error::ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable",
+            body = error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn connections_of_session(
     state: web::Data<SharedState>,
     req: actix_web::HttpRequest,
@@ -231,12 +276,16 @@ async fn connections_of_session(
     state.api_keys.authenticate(&req)?;
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let connections = state.connections.for_session(&session).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "sessionId": session,
-        "connections": connections,
-    })))
+    Ok(HttpResponse::Ok().json(SessionConnections {
+        session_id: session,
+        connections,
+    }))
 }
 
-async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound("no such endpoint".to_owned()))
+/// No route matched: a known path with another method is `405` (with `Allow`), else `404`.
+async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    match openapi::allowed_methods(req.path()) {
+        Some(methods) => Err(ApiError::MethodNotAllowed(methods)),
+        None => Err(ApiError::NotFound("no such endpoint".to_owned())),
+    }
 }

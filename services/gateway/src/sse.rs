@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::chat::request_meta;
 use crate::connections::ConnectionGuard;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::hub::{Closed, Frame, HubMessage, Subscription};
 use crate::state::SharedState;
 use crate::stream_token::TokenError;
@@ -59,6 +59,43 @@ fn resume_id(
     }
 }
 
+/// The events of a session (or of one request) as Server-Sent Events.
+#[utoipa::path(
+    get, path = "/api/sse/stream/{sessionId}", tag = "stream",
+    params(
+        ("sessionId" = SessionId, Path),
+        ("requestId" = Option<RequestId>, Query, description = "Only this request's events, \
+            from its `start` (late join); the response ends after its `complete` or `error`. \
+            Without it: every request of the session from now on, and the response does not \
+            end."),
+        ("lastEventId" = Option<String>, Query, pattern = r"^([0-9]+(-[0-9]+)?)?$",
+            description = "Resume after this event id, for clients that cannot set \
+            `Last-Event-ID`; the header wins when both are given."),
+        ("Last-Event-ID" = Option<String>, Header, pattern = r"^([0-9]+(-[0-9]+)?)?$",
+            description = "Resume after this event id (what EventSource sends on reconnect)."),
+    ),
+    responses(
+        (status = 200, description = "An endless or request-long event stream. Each message is \
+            `id: <stream entry id>` and `data: <SessionEvent JSON>` (no `event:` field), plus \
+            `: ping` comments when idle. An `error` event with code `history_lost` (and no \
+            `id:`) means the events after the resume id are gone.",
+            content_type = "text/event-stream", body = String, headers(
+                ("Cache-Control" = String, description = "`no-cache`"),
+                ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer"),
+            )),
+        (status = 400, description = "`invalid_session_id`, or `invalid_request` (requestId \
+            or Last-Event-ID malformed)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no stream token, or not a valid one \
+            (malformed, expired, bad signature, another session)", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a valid token for another request, or its \
+            API key was revoked", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such request in this session",
+            body = ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("streamToken" = []), ("bearer" = [])),
+)]
 pub async fn stream(
     state: web::Data<SharedState>,
     path: web::Path<String>,
@@ -251,6 +288,12 @@ impl Delivery {
         self.send(frame.bytes.clone()).await?;
         self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("gateway_events_delivered_total").increment(1);
+        if let SessionEvent::Token { timestamp, .. } = frame.event.as_ref() {
+            metrics::counter!("gateway_tokens_delivered_total").increment(1);
+            // Producer write to gateway send, on two hosts' clocks (NTP keeps them close).
+            let lag_ms = stream_schema::now_millis().saturating_sub(*timestamp);
+            metrics::histogram!("gateway_token_delivery_lag_seconds").record(lag_ms as f64 / 1000.0);
+        }
         Ok(self.request.is_some() && frame.event.is_terminal())
     }
 

@@ -1,0 +1,175 @@
+//! Observability and the Redis-down story: metrics after a chat, fast 503s and readiness while
+//! Redis is down, recovery without restarting anything, and the interrupted client resuming.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use test_support::wait_until;
+
+use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of};
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// The value of one sample line `name{labels} value` (labels given exactly, or none).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+async fn scrape(stack: &Stack, url: String) -> anyhow::Result<String> {
+    Ok(stack.http.get(format!("{url}/metrics")).send().await?.text().await?)
+}
+
+#[tokio::test]
+async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let prompt = "measure me [[mock tokens=12]]";
+    let started = stack.start_chat("metered", prompt).await?;
+    let events = payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
+    assert_eq!(text_of(&events), expected_text(prompt, 12));
+
+    let gateway = scrape(&stack, stack.gateway()).await?;
+    assert_eq!(sample(&gateway, "gateway_chats_started_total{outcome=\"started\"}"), Some(1.0));
+    assert_eq!(sample(&gateway, "gateway_tokens_delivered_total"), Some(12.0));
+    assert_eq!(sample(&gateway, "gateway_events_delivered_total"), Some(14.0));
+    assert_eq!(sample(&gateway, "gateway_token_delivery_lag_seconds_count"), Some(12.0));
+    assert!(gateway.contains("gateway_token_delivery_lag_seconds_bucket{le=\"0.005\"}"));
+
+    let producer_url = stack.producers[0].url();
+    let producer = wait_until(TIMEOUT, POLL, || {
+        let url = producer_url.clone();
+        let stack = &stack;
+        async move {
+            let text = scrape(stack, url).await?;
+            Ok(sample(&text, "producer_requests_total{outcome=\"stop\"}")
+                .is_some_and(|v| v == 1.0)
+                .then_some(text))
+        }
+    })
+    .await?;
+    assert_eq!(sample(&producer, "producer_tokens_total"), Some(12.0));
+    assert_eq!(sample(&producer, "producer_time_to_first_token_seconds_count"), Some(1.0));
+
+    let processor_url = stack.processor.url();
+    wait_until(TIMEOUT, POLL, || {
+        let url = processor_url.clone();
+        let stack = &stack;
+        async move {
+            let text = scrape(stack, url).await?;
+            // started + one tokens record + finished.
+            Ok((sample(&text, "processor_records_total{outcome=\"applied\"}") == Some(3.0))
+                .then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> anyhow::Result<()> {
+    let mut stack = Stack::start_with(StackOptions {
+        durable_redis: true,
+        token_delay_ms: 20,
+        producer_toml: "lease_ms = 2000\nlease_renew_ms = 500\nreclaim_interval_ms = 500".to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    let prompt = "through the outage [[mock tokens=150]]";
+    let started = stack.start_chat("outage", prompt).await?;
+    let url = str_field(&started, "streamUrl")?.to_owned();
+    let mut client = stack.open(0, &url, &[]).await?;
+    let mut received = Vec::new();
+    while received.len() < 10 {
+        received.extend(client.next_event(TIMEOUT).await?);
+    }
+
+    stack.redis.stop().await?;
+
+    // API calls answer 503 quickly.
+    let began = Instant::now();
+    let response = stack
+        .http
+        .post(format!("{}/api/chat/start", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"sessionId": "outage", "modelId": "mock", "prompt": "x"}))
+        .send()
+        .await?;
+    let took = began.elapsed();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(took <= Duration::from_secs(2), "503 took {took:?}");
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "unavailable");
+
+    // Every service says it is not ready.
+    for service in [&stack.gateways[0], &stack.producers[0], &stack.processor] {
+        let ready = format!("{}/readyz", service.url());
+        let http = stack.http.clone();
+        wait_until(Duration::from_secs(10), POLL, || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { Ok((http.get(&ready).send().await?.status() == 503).then_some(())) }
+        })
+        .await?;
+    }
+
+    // The open stream ends (with a retryable error event, or just closes) so the client resumes.
+    let rest = client.collect_to_end(Duration::from_secs(15)).await?;
+    if let Some(last) = rest.last() {
+        let last = last.json()?;
+        if last["type"] == "error" {
+            assert_eq!(last["retryable"], true, "{last}");
+        }
+    }
+    received.extend(rest.into_iter().filter(|e| e.id.is_some()));
+
+    stack.redis.restart().await?;
+
+    // Recovery by themselves: ready again, a new chat works end to end.
+    for service in [&stack.gateways[0], &stack.producers[0], &stack.processor] {
+        let ready = format!("{}/readyz", service.url());
+        let http = stack.http.clone();
+        let recovered = wait_until(Duration::from_secs(20), POLL, || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { Ok((http.get(&ready).send().await?.status() == 200).then_some(())) }
+        })
+        .await;
+        if let Err(error) = recovered {
+            let body = stack.http.get(&ready).send().await?.text().await?;
+            anyhow::bail!(
+                "{} did not recover: {error}; /readyz: {body}\n{}",
+                service.process.name(),
+                service.process.log_tail(20).await
+            );
+        }
+    }
+    let after_prompt = "after the outage [[mock tokens=8]]";
+    let after = stack.start_chat("recovered", after_prompt).await?;
+    let after_events = payloads(&stack.read_all(str_field(&after, "streamUrl")?).await?)?;
+    assert_eq!(text_of(&after_events), expected_text(after_prompt, 8));
+
+    // The interrupted client resumes from its last event and gets the request to its end
+    // (a producer takes the job over after its lease: `restart`, then the whole answer).
+    let last_id = received
+        .last()
+        .and_then(|e| e.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no event received before the outage"))?;
+    let resumed = stack
+        .open(0, &url, &[("Last-Event-ID", last_id.as_str())])
+        .await?
+        .collect_to_end(Duration::from_secs(60))
+        .await?;
+    let resumed_json = payloads(&resumed)?;
+    let last = resumed_json.last().cloned().unwrap_or_default();
+    assert_eq!(last["type"], "complete", "{resumed_json:?}");
+    let mut all = payloads(&received)?;
+    all.extend(resumed_json);
+    // The text of the final attempt: everything after the last `restart`.
+    let final_attempt: Vec<serde_json::Value> = match all.iter().rposition(|e| e["type"] == "restart") {
+        Some(index) => all[index..].to_vec(),
+        None => all,
+    };
+    assert_eq!(text_of(&final_attempt), expected_text(prompt, 150));
+    Ok(())
+}
