@@ -93,9 +93,17 @@ impl Default for RedisSettings {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
             pool_size: 4,
-            command_timeout_ms: 2_000,
+            // Below SPEC's 2 s for a 503: a handler's first command fails within this.
+            command_timeout_ms: 1_500,
             connect_timeout_ms: 2_000,
         }
+    }
+}
+
+impl RedisSettings {
+    /// Whether `url` names a Redis Cluster (`redis-cluster://` or `rediss-cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        self.url.starts_with("redis-cluster://") || self.url.starts_with("rediss-cluster://")
     }
 }
 
@@ -369,6 +377,9 @@ pub struct GatewaySettings {
     /// A connection not renewed for this long disappears from the shared view (its gateway
     /// died). Must exceed the heartbeat interval.
     pub connection_ttl_secs: u64,
+    /// Redis Cluster only: pause between read rounds of the multiplexed reader that found
+    /// nothing new (a single node uses a blocking read and needs no pause).
+    pub cluster_poll_ms: u64,
     /// Browser origins allowed to call the API cross-origin (CORS), e.g.
     /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
     pub cors_allowed_origins: Vec<String>,
@@ -384,6 +395,7 @@ impl Default for GatewaySettings {
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
             connection_ttl_secs: 15,
+            cluster_poll_ms: 5,
             cors_allowed_origins: Vec::new(),
         }
     }
@@ -410,7 +422,8 @@ pub struct ProducerSettings {
     /// How often a producer renews the leases of the jobs it works on. Must be well below
     /// `lease_ms` (at most half of it) so a slow Redis call does not lose a lease.
     pub lease_renew_ms: u64,
-    /// How often a producer with a free slot looks for jobs whose lease ran out.
+    /// How often a producer with a free slot looks for jobs whose lease ran out (its blocking
+    /// read for new jobs waits at most this long, so `claim_block_ms` is capped by it).
     pub reclaim_interval_ms: u64,
     /// Attempts a request gets (the first one plus restarts after a producer died). A job
     /// reclaimed after that many goes to the dead-letter stream `llm:dead` and its client gets
@@ -456,6 +469,12 @@ pub struct ProcessorSettings {
     pub reclaim_idle_ms: u64,
     /// How long applied entry ids are remembered to drop redeliveries (exactly-once window).
     pub ledger_ttl_secs: u64,
+    /// How long the per-minute analytics buckets are kept (default 2 h); also the largest
+    /// `?minutes=` window the analytics API serves.
+    pub window_retention_secs: u64,
+    /// A group consumer idle this long with nothing pending is removed from `llm:processors`
+    /// (a crashed or scaled-down processor; default 1 h). 0 never removes any.
+    pub dead_consumer_secs: u64,
 }
 
 impl Default for ProcessorSettings {
@@ -468,6 +487,8 @@ impl Default for ProcessorSettings {
             stats_ttl_secs: 7 * 24 * 3_600,
             reclaim_idle_ms: 30_000,
             ledger_ttl_secs: 24 * 3_600,
+            window_retention_secs: 2 * 3_600,
+            dead_consumer_secs: 3_600,
         }
     }
 }

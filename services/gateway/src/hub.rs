@@ -73,6 +73,11 @@ pub struct HubSettings {
     pub block_ms: u64,
     /// Bytes a subscriber may have queued before it is cut off.
     pub buffer_bytes: usize,
+    /// Redis Cluster: streams of different sessions live in different slots, and one `XREAD`
+    /// may not span slots (see [`Hub::run_cluster`]).
+    pub cluster: bool,
+    /// Cluster mode: pause between read rounds that found nothing.
+    pub cluster_poll_ms: u64,
 }
 
 struct Slot {
@@ -281,6 +286,9 @@ impl Hub {
 
     /// The reader loop. `reader` is a client of its own: its connection blocks in `XREAD`.
     pub async fn run(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
+        if self.shared.settings.cluster {
+            return self.run_cluster(reader, shutdown, flag).await;
+        }
         let settings = self.shared.settings;
         // Longest a read may take before the connection is presumed dead.
         let read_deadline = Duration::from_millis(settings.block_ms) + Duration::from_secs(3);
@@ -291,11 +299,8 @@ impl Hub {
             if keys.is_empty() {
                 // Nothing to read: check the reader's connection now and then so readiness
                 // tells the truth (and recovers after an outage) while no client is connected.
-                let alive = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    reader.ping::<String>(None),
-                )
-                .await;
+                let alive =
+                    tokio::time::timeout(Duration::from_secs(2), reader.ping::<String>(None)).await;
                 flag.set(matches!(alive, Ok(Ok(_))));
                 tokio::select! {
                     () = self.shared.wake.notified() => {}
@@ -340,6 +345,89 @@ impl Hub {
                         () = shutdown.cancelled() => break,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        flag.set(false);
+    }
+}
+
+impl Hub {
+    /// The reader loop on a Redis Cluster.
+    ///
+    /// A blocking `XREAD` can only cover keys of one slot, and sessions spread over all slots,
+    /// so blocking per slot would need a connection per active slot. Instead each round groups
+    /// the keys by slot and sends one non-blocking `XREAD` per group, all at once (fred sends
+    /// them to each node pipelined on its one connection); a round that finds nothing waits
+    /// `cluster_poll_ms` (or a new key) before the next. The cost is per active slot, never per
+    /// client, and nothing at all without subscribers.
+    pub async fn run_cluster(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
+        let settings = self.shared.settings;
+        let idle = Duration::from_millis(settings.cluster_poll_ms.max(1));
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let (keys, ids) = self.snapshot();
+            if keys.is_empty() {
+                let alive =
+                    tokio::time::timeout(Duration::from_secs(2), reader.ping::<String>(None)).await;
+                flag.set(matches!(alive, Ok(Ok(_))));
+                tokio::select! {
+                    () = self.shared.wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_millis(settings.block_ms)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
+            for (key, id) in keys.into_iter().zip(ids) {
+                let slot = fred::util::redis_keyslot(key.as_bytes());
+                let group = groups.entry(slot).or_default();
+                group.0.push(key);
+                group.1.push(id);
+            }
+            let reads = groups.into_values().map(|(keys, ids)| {
+                reader.xread::<Value, _, _>(Some(settings.batch), None, keys, ids)
+            });
+            let round =
+                tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(reads))
+                    .await;
+            let mut replies = Vec::new();
+            let mut failure = None;
+            match round {
+                Err(_) => failure = Some("read round timed out".to_owned()),
+                Ok(results) => {
+                    for result in results {
+                        match result
+                            .map_err(|e| e.to_string())
+                            .and_then(|v| stream_io::parse_xread(v).map_err(|e| e.to_string()))
+                        {
+                            Ok(parsed) => replies.extend(parsed),
+                            Err(error) => failure = Some(error),
+                        }
+                    }
+                }
+            }
+            if let Some(error) = failure {
+                tracing::warn!(%error, "cluster read failed; ending open streams");
+                metrics::counter!("gateway_reader_errors_total").increment(1);
+                flag.set(false);
+                self.close_all(Closed::Unavailable);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            flag.set(true);
+            let found = replies.iter().any(|(_, entries)| !entries.is_empty());
+            self.dispatch(replies);
+            if !found {
+                tokio::select! {
+                    () = self.shared.wake.notified() => {}
+                    () = tokio::time::sleep(idle) => {}
+                    () = shutdown.cancelled() => break,
                 }
             }
         }

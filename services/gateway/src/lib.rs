@@ -54,6 +54,8 @@ impl Application {
             batch: settings.gateway.reader_batch,
             block_ms: settings.gateway.reader_block_ms,
             buffer_bytes: settings.gateway.sse_buffer_bytes,
+            cluster: settings.redis.is_cluster(),
+            cluster_poll_ms: settings.gateway.cluster_poll_ms,
         });
         let tasks = TaskTracker::new();
         let reader_flag = ops.register_loop("reader");
@@ -254,7 +256,7 @@ struct SessionConnections {
 
 /// The open SSE connections of a session, across every gateway replica.
 #[utoipa::path(
-    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
+    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions", operation_id = "listSessionConnections",
     params(("sessionId" = SessionId, Path)),
     responses(
         (status = 200, description = "Live connections (renewed by heartbeats)",

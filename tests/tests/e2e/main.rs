@@ -1,8 +1,13 @@
 //! End-to-end suite: each test starts its own redis-server and the real service binaries
 //! (build them first: `cargo build --workspace --bins`), then talks HTTP/SSE like a client.
 
+mod analytics;
+mod browser;
 mod chat_flow;
+mod cluster;
 mod delivery;
 mod limits;
+mod observability;
+mod producer;
 mod security;
 mod stack;

@@ -8,8 +8,8 @@ use anyhow::Context;
 use fred::prelude::*;
 use serde_json::Value;
 use test_support::{
-    RedisServer, ServiceProcess, SseClient, SseConnection, SseEvent, bin_path, free_port,
-    wait_for_http_ok,
+    RedisCluster, RedisServer, ServiceProcess, SseClient, SseConnection, SseEvent, bin_path,
+    free_port, wait_for_http_ok,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -42,6 +42,14 @@ pub struct StackOptions {
     /// Keys of the `[limits]` section (rate limits); `[limits.keys.*]` tables may follow.
     pub limits_toml: String,
     pub token_delay_ms: u64,
+    /// Redis fsyncs every write, so its data survives a stop/restart (outage tests).
+    pub durable_redis: bool,
+    /// Processors to start (at least 1); consumer names are `processor-<i>`.
+    pub processors: usize,
+    /// Extra keys for the `[processor]` section.
+    pub processor_toml: String,
+    /// A 3-master Redis Cluster instead of a single node.
+    pub cluster: bool,
 }
 
 impl Default for StackOptions {
@@ -55,19 +63,62 @@ impl Default for StackOptions {
             models_toml: String::new(),
             limits_toml: String::new(),
             token_delay_ms: 1,
+            durable_redis: false,
+            processors: 1,
+            processor_toml: String::new(),
+            cluster: false,
         }
     }
 }
 
 pub struct Stack {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub gateways: Vec<Service>,
     pub producers: Vec<Service>,
     pub processor: Service,
+    /// Processors beyond the first (`StackOptions::processors`), `processor-1` onwards.
+    pub extra_processors: Vec<Service>,
     pub mock_llm: Service,
     pub http: reqwest::Client,
     /// Holds the generated config file for the stack's lifetime.
     _config_dir: tempfile::TempDir,
+}
+
+/// The stack's Redis: one node or a cluster.
+pub enum TestRedis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl TestRedis {
+    pub fn url(&self) -> String {
+        match self {
+            Self::Single(node) => node.url(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        match self {
+            Self::Single(node) => node.client().await,
+            Self::Cluster(cluster) => cluster.client().await,
+        }
+    }
+
+    /// Kills the node (outage tests run on a single node).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Single(node) => node.stop().await,
+            Self::Cluster(_) => anyhow::bail!("outage tests use a single node"),
+        }
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Single(node) => node.restart().await,
+            Self::Cluster(_) => anyhow::bail!("outage tests use a single node"),
+        }
+    }
 }
 
 pub struct Service {
@@ -87,7 +138,13 @@ impl Stack {
     }
 
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
-        let redis = RedisServer::start().await?;
+        let redis = if options.cluster {
+            TestRedis::Cluster(RedisCluster::start().await?)
+        } else if options.durable_redis {
+            TestRedis::Single(RedisServer::start_durable().await?)
+        } else {
+            TestRedis::Single(RedisServer::start().await?)
+        };
         let config_dir = tempfile::tempdir()?;
         let mock_port = free_port()?;
         let gateway_ports = (0..options.gateways)
@@ -132,6 +189,7 @@ claim_block_ms = 500
 
 [processor]
 block_ms = 500
+{processor}
 
 [gateway]
 {gateway}
@@ -148,6 +206,7 @@ block_ms = 500
             limits = options.limits_toml,
             producer = options.producer_toml,
             models = options.models_toml,
+            processor = options.processor_toml,
         );
         let config_path = config_dir.path().join("bridge.toml");
         std::fs::write(&config_path, config)?;
@@ -183,19 +242,33 @@ block_ms = 500
                 port,
             });
         }
-        let processor = Service {
-            process: spawn(
-                "processor",
-                "processor",
-                addr("BRIDGE__PROCESSOR__ADDR", processor_port),
-            )?,
-            port: processor_port,
+        let spawn_processor = |index: usize, port: u16| -> anyhow::Result<Service> {
+            let mut env = addr("BRIDGE__PROCESSOR__ADDR", port);
+            env.push((
+                "BRIDGE__PROCESSOR__CONSUMER_NAME".to_owned(),
+                format!("processor-{index}"),
+            ));
+            let name = if index == 0 {
+                "processor".to_owned()
+            } else {
+                format!("processor-{index}")
+            };
+            Ok(Service {
+                process: spawn(&name, "processor", env)?,
+                port,
+            })
         };
+        let processor = spawn_processor(0, processor_port)?;
+        let mut extra_processors = Vec::new();
+        for index in 1..options.processors.max(1) {
+            extra_processors.push(spawn_processor(index, free_port()?)?);
+        }
         let stack = Self {
             redis,
             gateways,
             producers,
             processor,
+            extra_processors,
             mock_llm,
             http: reqwest::Client::builder().no_proxy().build()?,
             _config_dir: config_dir,
@@ -213,6 +286,7 @@ block_ms = 500
             .iter()
             .chain(&self.producers)
             .chain(std::iter::once(&self.processor))
+            .chain(&self.extra_processors)
         {
             if let Err(error) =
                 wait_for_http_ok(&format!("{}/readyz", service.url()), TIMEOUT).await
