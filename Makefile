@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
 export CARGO_TARGET_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build bench bench-quick clean-logs k8s-validate
+.PHONY: help run test lint fmt build bench bench-quick bench-peers clean-logs k8s-validate
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,11 +31,14 @@ k8s-validate: ## Offline checks of deploy/ and k8s/ (hadolint, kustomize, schema
 	@scripts/validate-deploy.sh
 	cargo test -p service-kit --test k8s_config
 
-bench: ## Benchmarks (not implemented yet)
+bench: ## Full benchmark (~20 min): report, JSON and plots in bench/results/bench.*
 	@scripts/bench.sh
 
-bench-quick: ## Short benchmark run (not implemented yet)
+bench-quick: ## Short benchmark (< 2 min once built): bench/results/quick/quick.md
 	@scripts/bench.sh --quick
+
+bench-peers: ## Full benchmark with a LiteLLM proxy side by side: bench/results/peers.*
+	@scripts/bench.sh --peers
 
 clean-logs: ## Remove logs of `make run` and of test-spawned processes
 	rm -rf .run/logs "$(CARGO_TARGET_DIR)/test-logs"

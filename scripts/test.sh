@@ -36,9 +36,10 @@ else
 fi
 
 # --- Future steps go here, each as one `step` line ------------------------------------------
+step "deploy manifests" scripts/validate-deploy.sh
 # - manifest validation of k8s/ and deploy/ (once those manifests exist)
-# - schemathesis against the gateway's OpenAPI description (once it is published)
-# - browser test of the demo page (once one is written)
+step "schemathesis" scripts/schemathesis.sh
+step "browser" scripts/browser-test.sh
 # ---------------------------------------------------------------------------------------------
 
 printf '\n==> all steps passed (%ds, CARGO_TARGET_DIR=%s)\n' "$((SECONDS - started))" "$CARGO_TARGET_DIR"

@@ -340,6 +340,13 @@ pub struct TelemetrySettings {
     pub log_level: String,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. Unset (the
+    /// default) exports nothing and costs nothing.
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` (the default) or `http/json`.
+    pub otlp_protocol: OtlpProtocol,
+    /// Share of new traces sampled, 0.0–1.0; a sampled parent's children are always kept.
+    pub sample_ratio: f64,
 }
 
 impl Default for TelemetrySettings {
@@ -347,8 +354,19 @@ impl Default for TelemetrySettings {
         Self {
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            sample_ratio: 1.0,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -606,6 +624,13 @@ impl Settings {
             {
                 return Err(invalid(key, "must be 1 or more of A-Z a-z 0-9 - _"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            url::Url::parse(endpoint)
+                .map_err(|e| invalid("telemetry.otlp_endpoint", format!("not a URL: {e}")))?;
         }
         if self.limits.window_secs == 0 {
             return Err(invalid("limits.window_secs", "must be at least 1"));

@@ -131,7 +131,7 @@ pub struct Readiness {
 
 /// Process alive.
 #[cfg_attr(feature = "openapi", utoipa::path(
-    get, path = "/healthz", tag = "ops",
+    get, path = "/healthz", tag = "ops", operation_id = "healthz",
     responses((status = 200, description = "The process is alive", body = Health)),
 ))]
 pub async fn healthz() -> HttpResponse {
@@ -140,7 +140,7 @@ pub async fn healthz() -> HttpResponse {
 
 /// Redis reachable and every internal loop running.
 #[cfg_attr(feature = "openapi", utoipa::path(
-    get, path = "/readyz", tag = "ops",
+    get, path = "/readyz", tag = "ops", operation_id = "readyz",
     responses(
         (status = 200, description = "Ready to serve", body = Readiness),
         (status = 503, description = "Redis unreachable or a loop stopped", body = Readiness),
@@ -164,7 +164,7 @@ pub async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
 
 /// Prometheus text exposition.
 #[cfg_attr(feature = "openapi", utoipa::path(
-    get, path = "/metrics", tag = "ops",
+    get, path = "/metrics", tag = "ops", operation_id = "metrics",
     responses((
         status = 200, description = "Prometheus text format",
         content_type = "text/plain; version=0.0.4", body = String,

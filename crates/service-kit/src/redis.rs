@@ -73,3 +73,48 @@ pub async fn start<C: ClientLike>(client: &C, settings: &RedisSettings) {
         Err(_) => tracing::warn!("redis not reachable yet; retrying in the background"),
     }
 }
+
+/// Exports the pool's Redis health as metrics until `shutdown`, read from fred every 10 s:
+/// `redis_commands_total`, `redis_command_latency_avg_seconds` and
+/// `redis_command_latency_max_seconds` over the last interval, and
+/// `redis_connection_errors_total`.
+pub async fn observe(pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
+    let mut errors = pool.next().error_rx();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = errors.recv() => match received {
+                    Ok(_) => metrics::counter!("redis_connection_errors_total").increment(1),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        metrics::counter!("redis_connection_errors_total").increment(missed);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let mut samples = 0u64;
+        let mut sum_ms = 0i64;
+        let mut max_ms = 0i64;
+        for client in pool.clients() {
+            let stats = client.take_latency_metrics();
+            samples += stats.samples;
+            sum_ms += stats.sum;
+            max_ms = max_ms.max(stats.max);
+        }
+        metrics::counter!("redis_commands_total").increment(samples);
+        if samples > 0 {
+            metrics::gauge!("redis_command_latency_avg_seconds")
+                .set(sum_ms as f64 / samples as f64 / 1000.0);
+        }
+        metrics::gauge!("redis_command_latency_max_seconds").set(max_ms as f64 / 1000.0);
+    }
+}

@@ -83,22 +83,31 @@ mod tests {
         let counter = runs.clone();
         let stop = shutdown.clone();
         let started = tokio::time::Instant::now();
-        let restarts = supervise("test", flag.clone(), shutdown.clone(), Backoff::default(), move || {
-            let counter = counter.clone();
-            let stop = stop.clone();
-            async move {
-                let run = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                match run {
-                    1 => {}
-                    #[expect(clippy::panic, reason = "the behaviour under test is a panicking loop")]
-                    2 => panic!("boom"),
-                    _ => {
-                        // The third run is healthy until shutdown.
-                        stop.cancel();
+        let restarts = supervise(
+            "test",
+            flag.clone(),
+            shutdown.clone(),
+            Backoff::default(),
+            move || {
+                let counter = counter.clone();
+                let stop = stop.clone();
+                async move {
+                    let run = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    match run {
+                        1 => {}
+                        #[expect(
+                            clippy::panic,
+                            reason = "the behaviour under test is a panicking loop"
+                        )]
+                        2 => panic!("boom"),
+                        _ => {
+                            // The third run is healthy until shutdown.
+                            stop.cancel();
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .await;
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         assert_eq!(restarts, 2);

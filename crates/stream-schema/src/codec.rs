@@ -121,6 +121,7 @@ macro_rules! string_enum {
     ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
         $vis enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),*
         }
@@ -153,3 +154,20 @@ macro_rules! string_enum {
     };
 }
 pub(crate) use string_enum;
+
+/// Field carrying the W3C `traceparent` of the writer's span, in jobs and event records, so one
+/// trace spans gateway → producer → processor. Optional: absent when traces are off.
+pub const F_TRACEPARENT: &str = "tp";
+
+/// Adds the `traceparent` field to encoded fields, when there is one.
+pub fn with_traceparent(mut fields: Fields, traceparent: Option<String>) -> Fields {
+    if let Some(traceparent) = traceparent {
+        fields.push((F_TRACEPARENT, traceparent));
+    }
+    fields
+}
+
+/// The `traceparent` field of an entry, if present.
+pub fn traceparent<S: FieldSource + ?Sized>(src: &S) -> Option<&str> {
+    src.field(F_TRACEPARENT).filter(|tp| !tp.is_empty())
+}

@@ -52,6 +52,7 @@ string_enum! {
 
 /// Token usage of a finished request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub prompt_tokens: u32,
@@ -61,6 +62,7 @@ pub struct Usage {
 
 /// One entry of `llm:stream:{session}:model`, and one SSE `data:` object.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum SessionEvent {
     /// Written by the gateway when a chat starts, and by nobody else.

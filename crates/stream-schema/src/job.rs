@@ -36,6 +36,8 @@ pub struct Job {
     pub temperature: Option<f32>,
     /// Unix ms when the gateway enqueued the job.
     pub enqueued_at: u64,
+    /// W3C trace context of the gateway's `chat.start` span (when traces are exported).
+    pub traceparent: Option<String>,
 }
 
 const F_REQUEST: &str = "rid";
@@ -66,7 +68,7 @@ impl Job {
         if let Some(temperature) = self.temperature {
             f.push((F_TEMPERATURE, temperature.to_string()));
         }
-        f
+        crate::codec::with_traceparent(f, self.traceparent.clone())
     }
 
     pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
@@ -85,6 +87,7 @@ impl Job {
             max_tokens: optional_parsed(src, F_MAX_TOKENS)?,
             temperature: optional_parsed(src, F_TEMPERATURE)?,
             enqueued_at: parsed(src, F_ENQUEUED_AT)?,
+            traceparent: crate::codec::traceparent(src).map(str::to_owned),
         })
     }
 }
@@ -103,6 +106,8 @@ pub struct RequestMeta {
     /// `limits.window_secs` windows since the epoch): the processor gives back what the
     /// request did not use.
     pub reservation: Option<Reservation>,
+    /// Trace context of the request's `chat.start` span: SSE delivery joins that trace.
+    pub traceparent: Option<String>,
 }
 
 /// A token reservation made at start.
@@ -125,7 +130,7 @@ impl RequestMeta {
             f.push(("qwin", reservation.window.to_string()));
             f.push(("qtok", reservation.tokens.to_string()));
         }
-        f
+        crate::codec::with_traceparent(f, self.traceparent.clone())
     }
 
     pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {
@@ -139,6 +144,7 @@ impl RequestMeta {
                 (Some(window), Some(tokens)) => Some(Reservation { window, tokens }),
                 _ => None,
             },
+            traceparent: crate::codec::traceparent(src).map(str::to_owned),
         })
     }
 }
@@ -170,12 +176,14 @@ mod tests {
             max_tokens: Some(64),
             temperature: Some(0.5),
             enqueued_at: 17,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
         };
         assert_eq!(Job::decode(&owned(job.encode()))?, job);
 
         let bare = Job {
             max_tokens: None,
             temperature: None,
+            traceparent: None,
             ..job
         };
         assert_eq!(Job::decode(&owned(bare.encode()))?, bare);
@@ -192,6 +200,7 @@ mod tests {
             max_tokens: None,
             temperature: None,
             enqueued_at: 1,
+            traceparent: None,
         };
         let mut fields = owned(job.encode());
         for (k, v) in &mut fields {
@@ -217,6 +226,7 @@ mod tests {
                 window: 29_000_000,
                 tokens: 64,
             }),
+            traceparent: None,
         };
         assert_eq!(RequestMeta::decode(&owned(meta.encode()))?, meta);
         Ok(())

@@ -98,6 +98,39 @@ impl StreamKey {
         Self(format!("llm:stats:{{{shard}}}:model:{model}"))
     }
 
+    /// `llm:stats:{<shard>}:key:<keyId>`: one shard's part of an API key's counters (records
+    /// of requests started with that key); readers sum all shards. An id that is not a valid
+    /// configured key id is counted as `unknown` (see `stats::key_label`).
+    pub fn key_stats(shard: u16, key_id: &str) -> Self {
+        Self(format!(
+            "llm:stats:{{{shard}}}:key:{}",
+            crate::stats::key_label(key_id)
+        ))
+    }
+
+    /// `llm:stats:{<shard>}:m:<unixMinute>:session:<sessionId>`: the session's counters of one
+    /// minute (by record timestamp), kept for `processor.window_retention_secs`. The minute
+    /// comes before the id: session ids may contain `:`, so a suffix could collide with the
+    /// totals key of another session.
+    pub fn session_stats_minute(shard: u16, session: &SessionId, minute: u64) -> Self {
+        Self(format!(
+            "llm:stats:{{{shard}}}:m:{minute}:session:{session}"
+        ))
+    }
+
+    /// `llm:stats:{<shard>}:m:<unixMinute>:model:<modelId>`: a model's counters of one minute.
+    pub fn model_stats_minute(shard: u16, model: &ModelId, minute: u64) -> Self {
+        Self(format!("llm:stats:{{{shard}}}:m:{minute}:model:{model}"))
+    }
+
+    /// `llm:stats:{<shard>}:m:<unixMinute>:key:<keyId>`: an API key's counters of one minute.
+    pub fn key_stats_minute(shard: u16, key_id: &str, minute: u64) -> Self {
+        Self(format!(
+            "llm:stats:{{{shard}}}:m:{minute}:key:{}",
+            crate::stats::key_label(key_id)
+        ))
+    }
+
     /// `llm:stats:{<shard>}:applied`: entry ids of the shard the processor already applied
     /// (its exactly-once ledger).
     pub fn applied_ledger(shard: u16) -> Self {
@@ -149,6 +182,34 @@ mod tests {
         assert_eq!(
             StreamKey::cancel(&session, &request).as_str(),
             format!("llm:cancel:{{user_123}}:{request}")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn stats_keys_share_the_shard_slot_and_never_collide() -> Result<(), crate::IdError> {
+        let session = SessionId::parse("a:m:5")?;
+        let model = ModelId::parse("gpt-4")?;
+        assert_eq!(
+            StreamKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str(),
+            "llm:stats:{3}:m:5:session:a"
+        );
+        // A session id that looks like a minute suffix still gets a different key.
+        assert_ne!(
+            StreamKey::session_stats(3, &session).as_str(),
+            StreamKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str()
+        );
+        assert_eq!(
+            StreamKey::model_stats_minute(0, &model, 29_000_000).as_str(),
+            "llm:stats:{0}:m:29000000:model:gpt-4"
+        );
+        assert_eq!(
+            StreamKey::key_stats(1, "team-a").as_str(),
+            "llm:stats:{1}:key:team-a"
+        );
+        assert_eq!(
+            StreamKey::key_stats_minute(1, "bad}id", 7).as_str(),
+            "llm:stats:{1}:m:7:key:unknown"
         );
         Ok(())
     }

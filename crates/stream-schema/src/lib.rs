@@ -13,6 +13,7 @@ pub mod keys;
 pub mod record;
 #[cfg(feature = "utoipa")]
 mod schema;
+pub mod stats;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
 pub use dead_letter::DeadLetter;

@@ -11,21 +11,42 @@ use stream_schema::{
     ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
     StreamKey,
 };
+use tracing::Instrument;
+use utoipa::ToSchema;
 
 use crate::auth::KeyId;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::limits::Admission;
 use crate::state::{AppState, SharedState};
 use crate::stream_token::Scope;
 
-#[derive(Debug, Deserialize)]
+/// A chat to start: one prompt (or a conversation) for one model in one session.
+// Every field is an `Option` so that a missing one is reported by name (`400`) rather than as a
+// generic JSON error; the `#[schema]` attributes say what is required.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct StartChatBody {
+#[schema(example = json!({
+    "sessionId": "user_123",
+    "modelId": "gpt-4",
+    "prompt": "Tell me a story about a dragon"
+}))]
+pub(crate) struct StartChatBody {
+    /// Anything but 1–128 chars of `[A-Za-z0-9_.:-]` is `400 invalid_session_id`.
+    #[schema(required = true, value_type = SessionId)]
     session_id: Option<String>,
+    /// Must be a configured model (`GET /api/models`), else `404 unknown_model`.
+    #[schema(required = true, value_type = ModelId)]
     model_id: Option<String>,
+    /// One user message. Give either `prompt` or `messages`, not both, and not only
+    /// whitespace (`400 invalid_request`).
     prompt: Option<String>,
+    /// The conversation, instead of `prompt`.
+    #[schema(min_items = 1)]
     messages: Option<Vec<ChatMessage>>,
+    /// Upper bound on generated tokens: 1 to `limits.max_tokens_cap` (32768 by default).
+    #[schema(minimum = 1)]
     max_tokens: Option<u32>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f32>,
 }
 
@@ -43,10 +64,19 @@ impl StartChat {
     /// Parses and validates a start body against the configured limits and models.
     pub fn parse(body: &[u8], state: &AppState) -> Result<Self, ApiError> {
         let limits = &state.settings.limits;
-        let body: StartChatBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
-            _ => ApiError::InvalidJson(e.to_string()),
-        })?;
+        // Syntax first: reading straight into the struct stops at the first wrong type, so
+        // `0:` would be `invalid_request` instead of malformed JSON.
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+        // Serde also reads a struct from a JSON array (`["s", "mock", "hi"]`); only the
+        // documented object form is the API.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::InvalidRequest(
+                "the body must be a JSON object".to_owned(),
+            ));
+        }
+        let body: StartChatBody =
+            serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
         let raw_session = body
             .session_id
             .ok_or_else(|| ApiError::InvalidSessionId("is required".to_owned()))?;
@@ -137,18 +167,58 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     Ok(body)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct StartChatResponse {
+pub(crate) struct StartChatResponse {
     request_id: RequestId,
+    /// An id for the client's SSE connection (`sse_…`), for logs and support.
     connection_id: String,
     session_id: SessionId,
     model_id: ModelId,
+    /// Always `connected`.
+    #[schema(value_type = String, example = "connected")]
     status: &'static str,
+    /// Relative URL of this request's event stream, token included.
+    #[schema(
+        example = "/api/sse/stream/user_123?requestId=01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f&token=k1.1703127056.team-a.01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f.c2ln"
+    )]
     stream_url: String,
+    /// Opens this request's stream (`token` query or `Authorization: Bearer`) until it expires.
     stream_token: String,
 }
 
+/// Starts a chat: validates the body, applies the rate limits, writes the request's `start`
+/// event and queues the job for a producer.
+#[utoipa::path(
+    post, path = "/api/chat/start", tag = "chat", operation_id = "startChat",
+    request_body(content = StartChatBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Queued; open `streamUrl` for its events",
+            body = StartChatResponse, links(
+                ("cancel" = (operation_id = "cancelChat",
+                    parameters(("requestId" = "$response.body#/requestId")))),
+                ("sessionStreamToken" = (operation_id = "issueSessionStreamToken",
+                    parameters(("sessionId" = "$response.body#/sessionId")))),
+                ("connections" = (operation_id = "listSessionConnections",
+                    parameters(("sessionId" = "$response.body#/sessionId")))),
+            )),
+        (status = 400, description = "`invalid_json` (malformed JSON), `invalid_request` (wrong \
+            field types, no or empty prompt, both prompt and messages, maxTokens or temperature \
+            out of range) or `invalid_session_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = ErrorBody),
+        (status = 404, description = "`unknown_model`: modelId is not configured",
+            body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: body, prompt or message count over \
+            the configured limits", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: over a request or token limit of the API \
+            key or session", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until a retry can be admitted"))),
+        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn start(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -171,8 +241,18 @@ pub async fn start(
             return Err(error);
         }
     };
-    let result = match admit(&state, &chat, &key).await {
-        Ok(reservation) => enqueue(&state, chat, key, reservation).await,
+    let span = tracing::info_span!(
+        "chat.start",
+        session_id = %chat.session_id,
+        model_id = %chat.model_id,
+        key_id = %key.0
+    );
+    let result = match admit(&state, &chat, &key).instrument(span.clone()).await {
+        Ok(reservation) => {
+            enqueue(&state, chat, key, reservation)
+                .instrument(span)
+                .await
+        }
         Err(error) => Err(error),
     };
     let outcome = match &result {
@@ -250,6 +330,7 @@ async fn enqueue(
         start_entry,
         key_id: key.0.clone(),
         reservation,
+        traceparent: service_kit::telemetry::current_traceparent(),
     };
     let job = Job {
         request_id,
@@ -259,6 +340,7 @@ async fn enqueue(
         max_tokens: chat.max_tokens,
         temperature: chat.temperature,
         enqueued_at: now,
+        traceparent: service_kit::telemetry::current_traceparent(),
     };
     let meta_key = StreamKey::request_meta(&request_id);
     let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);
@@ -340,6 +422,31 @@ pub async fn request_meta(
     }
 }
 
+/// What `POST /api/chat/{requestId}/cancel` answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CancelResponse {
+    request_id: RequestId,
+    /// Always `cancelling`: the stream ends with `complete`/`cancelled` within about 1 s.
+    #[schema(value_type = String, example = "cancelling")]
+    status: &'static str,
+}
+
+/// Asks the producer to stop a request (only the API key that started it may).
+#[utoipa::path(
+    post, path = "/api/chat/{requestId}/cancel", tag = "chat", operation_id = "cancelChat",
+    params(("requestId" = String, Path, description = "The `requestId` of a start response")),
+    responses(
+        (status = 202, description = "Cancel requested", body = CancelResponse),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = ErrorBody),
+        (status = 404, description = "`not_found`: no such request for this API key (also for \
+            ids that are not request ids)", body = ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn cancel(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -360,23 +467,64 @@ pub async fn cancel(
         .set(key.as_str(), "1", Some(Expiration::EX(ttl)), None, false)
         .await?;
     tracing::info!(%request_id, session_id = %meta.session_id, "cancel requested");
-    Ok(HttpResponse::Accepted().json(serde_json::json!({
-        "requestId": request_id,
-        "status": "cancelling",
-    })))
+    Ok(HttpResponse::Accepted().json(CancelResponse {
+        request_id,
+        status: "cancelling",
+    }))
 }
 
+/// What `GET /api/models` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ModelList {
+    models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ModelInfo {
+    /// A valid `modelId` for `POST /api/chat/start`.
+    #[schema(example = "gpt-4")]
+    id: String,
+}
+
+/// The configured models. Needs no key: model ids are not secret and the demo page lists them.
+#[utoipa::path(
+    get, path = "/api/models", tag = "chat", operation_id = "listModels",
+    responses((status = 200, description = "The configured models", body = ModelList)),
+)]
 pub async fn models(state: web::Data<SharedState>) -> HttpResponse {
-    let models: Vec<serde_json::Value> = state
+    let models = state
         .models
         .keys()
-        .map(|id| serde_json::json!({ "id": id }))
+        .map(|id| ModelInfo { id: id.clone() })
         .collect();
-    HttpResponse::Ok().json(serde_json::json!({ "models": models }))
+    HttpResponse::Ok().json(ModelList { models })
+}
+
+/// What `POST /api/sessions/{sessionId}/stream-token` answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionTokenResponse {
+    session_id: SessionId,
+    /// Opens any stream of the session until it expires.
+    stream_token: String,
+    /// Relative URL of the session's stream (every request from now on), token included.
+    stream_url: String,
 }
 
 /// `POST /api/sessions/{sessionId}/stream-token`: a token that opens any stream of the session
 /// (a watcher of a whole session, a second tab).
+#[utoipa::path(
+    post, path = "/api/sessions/{sessionId}/stream-token", tag = "sessions",
+    operation_id = "issueSessionStreamToken",
+    params(("sessionId" = SessionId, Path)),
+    responses(
+        (status = 200, description = "A session-wide stream token", body = SessionTokenResponse),
+        (status = 400, description = "`invalid_session_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn session_token(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -388,9 +536,9 @@ pub async fn session_token(
     let token = state
         .stream_tokens
         .issue(&session, Scope::Session, &key.0, now);
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "sessionId": session,
-        "streamToken": token,
-        "streamUrl": format!("/api/sse/stream/{session}?token={token}"),
-    })))
+    Ok(HttpResponse::Ok().json(SessionTokenResponse {
+        stream_url: format!("/api/sse/stream/{session}?token={token}"),
+        session_id: session,
+        stream_token: token,
+    }))
 }

@@ -17,7 +17,7 @@ use stream_schema::{RequestId, SessionId, StreamKey};
 use tokio_util::sync::CancellationToken;
 
 /// A snapshot of one connection, as `GET /api/sessions/{id}/connections` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
     pub connection_id: String,

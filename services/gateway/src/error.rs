@@ -3,6 +3,32 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The body of every error response (and the schema `/openapi.json` gives for it).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable; one of a fixed set (`ApiError::CODES`).
+    #[schema(schema_with = code_schema)]
+    pub code: &'static str,
+    /// For humans; never contains a prompt, token or key.
+    pub message: String,
+}
+
+/// `code` as a closed enum, so clients (and schemathesis) know every value.
+fn code_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(ApiError::CODES.iter().copied()))
+        .examples([serde_json::json!("invalid_request")])
+        .build()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -16,6 +42,9 @@ pub enum ApiError {
     UnknownModel(String),
     #[error("{0}")]
     NotFound(String),
+    /// The path exists, with these other methods (sent as the `Allow` header).
+    #[error("this path only allows {}", .0.join(", "))]
+    MethodNotAllowed(Vec<&'static str>),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -34,6 +63,22 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every value `code()` returns (the `code` enum of the API description).
+    pub const CODES: &'static [&'static str] = &[
+        "invalid_json",
+        "invalid_request",
+        "invalid_session_id",
+        "unknown_model",
+        "not_found",
+        "method_not_allowed",
+        "payload_too_large",
+        "unauthorized",
+        "forbidden",
+        "rate_limited",
+        "unavailable",
+        "internal",
+    ];
+
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "invalid_json",
@@ -41,6 +86,7 @@ impl ApiError {
             Self::InvalidSessionId(_) => "invalid_session_id",
             Self::UnknownModel(_) => "unknown_model",
             Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
@@ -81,6 +127,7 @@ impl ResponseError for ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -101,8 +148,77 @@ impl ResponseError for ApiError {
         if matches!(self, Self::Unavailable) {
             response.insert_header(("Retry-After", "1"));
         }
-        response.json(serde_json::json!({
-            "error": { "code": self.code(), "message": self.to_string() }
-        }))
+        if let Self::MethodNotAllowed(allowed) = self {
+            response.insert_header(("Allow", allowed.join(", ")));
+        }
+        response.json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One error of every variant. The exhaustive match makes a new variant fail to compile
+    /// here until it is added, and with it to `CODES`.
+    fn one_of_each() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::InvalidJson(String::new()),
+            ApiError::InvalidRequest(String::new()),
+            ApiError::InvalidSessionId(String::new()),
+            ApiError::UnknownModel(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed(vec!["GET"]),
+            ApiError::PayloadTooLarge(String::new()),
+            ApiError::Unauthorized(String::new()),
+            ApiError::Forbidden(String::new()),
+            ApiError::RateLimited {
+                message: String::new(),
+                retry_after_secs: 1,
+            },
+            ApiError::Unavailable,
+            ApiError::Internal,
+        ];
+        for error in &all {
+            match error {
+                ApiError::InvalidJson(_)
+                | ApiError::InvalidRequest(_)
+                | ApiError::InvalidSessionId(_)
+                | ApiError::UnknownModel(_)
+                | ApiError::NotFound(_)
+                | ApiError::MethodNotAllowed(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::Unauthorized(_)
+                | ApiError::Forbidden(_)
+                | ApiError::RateLimited { .. }
+                | ApiError::Unavailable
+                | ApiError::Internal => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn codes_lists_every_code_once() {
+        let codes: Vec<&str> = one_of_each().iter().map(ApiError::code).collect();
+        assert_eq!(codes, ApiError::CODES);
+    }
+
+    #[actix_web::test]
+    async fn error_bodies_are_code_and_message() -> Result<(), Box<dyn std::error::Error>> {
+        let response = ApiError::UnknownModel("gpt-9".to_owned()).error_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body = actix_web::body::to_bytes(response.into_body())
+            .await
+            .map_err(|_| "unreadable body")?;
+        let json: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(json["error"]["code"], "unknown_model");
+        assert_eq!(json["error"]["message"], "model `gpt-9` is not configured");
+        Ok(())
     }
 }

@@ -88,6 +88,7 @@ impl Application {
             Some(redis.clone()),
             Duration::from_secs(settings.gateway.connection_ttl_secs),
         );
+        tasks.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
         tasks.spawn(connections.clone().heartbeat(
             Duration::from_secs(settings.gateway.connection_heartbeat_secs),
             shutdown.clone(),
@@ -256,7 +257,8 @@ struct SessionConnections {
 
 /// The open SSE connections of a session, across every gateway replica.
 #[utoipa::path(
-    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions", operation_id = "listSessionConnections",
+    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
+    operation_id = "listSessionConnections",
     params(("sessionId" = SessionId, Path)),
     responses(
         (status = 200, description = "Live connections (renewed by heartbeats)",

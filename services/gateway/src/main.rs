@@ -6,9 +6,11 @@ use anyhow::Context;
 async fn main() -> anyhow::Result<()> {
     let path = service_kit::cli::config_path()?;
     let settings = service_kit::Settings::load(path.as_deref()).context("configuration")?;
-    service_kit::telemetry::init(&settings.telemetry, "gateway");
+    let telemetry = service_kit::telemetry::init(&settings.telemetry, "gateway");
     let shutdown = service_kit::shutdown::on_signal();
     let app = gateway::Application::build(settings, shutdown).await?;
     tracing::info!(port = app.port(), "gateway listening");
-    app.run_until_stopped().await
+    let result = app.run_until_stopped().await;
+    telemetry.shutdown().await;
+    result
 }

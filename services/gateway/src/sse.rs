@@ -61,17 +61,19 @@ fn resume_id(
 
 /// The events of a session (or of one request) as Server-Sent Events.
 #[utoipa::path(
-    get, path = "/api/sse/stream/{sessionId}", tag = "stream",
+    get, path = "/api/sse/stream/{sessionId}", tag = "stream", operation_id = "streamEvents",
     params(
         ("sessionId" = SessionId, Path),
         ("requestId" = Option<RequestId>, Query, description = "Only this request's events, \
             from its `start` (late join); the response ends after its `complete` or `error`. \
             Without it: every request of the session from now on, and the response does not \
             end."),
-        ("lastEventId" = Option<String>, Query, pattern = r"^([0-9]+(-[0-9]+)?)?$",
+        ("lastEventId" = Option<String>, Query, nullable = false,
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
             description = "Resume after this event id, for clients that cannot set \
             `Last-Event-ID`; the header wins when both are given."),
-        ("Last-Event-ID" = Option<String>, Header, pattern = r"^([0-9]+(-[0-9]+)?)?$",
+        ("Last-Event-ID" = Option<String>, Header, nullable = false,
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
             description = "Resume after this event id (what EventSource sends on reconnect)."),
     ),
     responses(
@@ -113,6 +115,7 @@ pub async fn stream(
     let client = state.client();
 
     let mut plans = Vec::new();
+    let mut parent_trace = None;
     match request {
         Some(request_id) => {
             let meta = request_meta(client, &request_id)
@@ -121,6 +124,7 @@ pub async fn stream(
                 .ok_or_else(|| {
                     ApiError::NotFound("unknown requestId for this session".to_owned())
                 })?;
+            parent_trace.clone_from(&meta.traceparent);
             plans.push(Plan {
                 key: StreamKey::session(&meta.session_id, &meta.model_id),
                 after: resume.unwrap_or(meta.start_entry.predecessor()),
@@ -172,7 +176,11 @@ pub async fn stream(
             guard,
             request,
         };
-        tokio::spawn(delivery.run(plans));
+        let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
+        if let Some(traceparent) = parent_trace {
+            service_kit::telemetry::continue_trace(&span, Some(&traceparent));
+        }
+        tokio::spawn(tracing::Instrument::instrument(delivery.run(plans), span));
     }
 
     let body = futures::stream::unfold(body_rx, |mut rx| async move {
@@ -292,7 +300,8 @@ impl Delivery {
             metrics::counter!("gateway_tokens_delivered_total").increment(1);
             // Producer write to gateway send, on two hosts' clocks (NTP keeps them close).
             let lag_ms = stream_schema::now_millis().saturating_sub(*timestamp);
-            metrics::histogram!("gateway_token_delivery_lag_seconds").record(lag_ms as f64 / 1000.0);
+            metrics::histogram!("gateway_token_delivery_lag_seconds")
+                .record(lag_ms as f64 / 1000.0);
         }
         Ok(self.request.is_some() && frame.event.is_terminal())
     }

@@ -81,6 +81,8 @@ struct Plan {
     prompt_tokens: u32,
     delay: Duration,
     include_usage: bool,
+    /// `stamp=1`: each token's content ends with `|<send time, Unix µs>`.
+    stamp: bool,
     /// The in-stream fault, when one fires for this request.
     fault: Option<(usize, MidStreamFault)>,
 }
@@ -178,6 +180,7 @@ pub async fn chat_completions(
         prompt_tokens: text::count_prompt_tokens(&prompt),
         delay: Duration::from_millis(directives.delay_ms.unwrap_or(settings.token_delay_ms)),
         include_usage,
+        stamp: directives.stamp,
         fault: directives.mid_stream_fault().filter(|_| fault_fires),
     };
 
@@ -292,11 +295,15 @@ impl ChunkStream {
                         tokio::time::sleep(self.plan.delay).await;
                     }
                     self.phase = Phase::Token(index + 1);
+                    let sent_at = u64::try_from(unix_time().as_micros()).unwrap_or(u64::MAX);
+                    let token = self.plan.tokens.get(index).map(String::as_str);
+                    let stamped = token
+                        .filter(|_| self.plan.stamp)
+                        .map(|token| format!("{token}|{sent_at}"));
                     let delta = Delta {
                         role: None,
-                        content: self.plan.tokens.get(index).map(String::as_str),
+                        content: stamped.as_deref().or(token),
                     };
-                    let sent_at = u64::try_from(unix_time().as_micros()).unwrap_or(u64::MAX);
                     return Some(self.chunk(delta, None, Some(sent_at)));
                 }
                 Phase::Finish => {

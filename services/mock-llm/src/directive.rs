@@ -8,7 +8,7 @@
 //! model      = name ":" pair ( "," pair )*
 //! pair       = key "=" value            ; values are unsigned decimal integers
 //! key        = tokens | delay_ms | seed | status | fail_times | retry_after
-//!            | error_after | disconnect_after | stall_after | no_usage
+//!            | error_after | disconnect_after | stall_after | no_usage | stamp
 //! ```
 //!
 //! `[[mock` only opens a directive when followed by whitespace or `]]`; without a closing `]]`
@@ -44,6 +44,9 @@ pub struct Directives {
     pub stall_after: Option<usize>,
     /// Never send usage, even when `stream_options.include_usage` asks for it.
     pub no_usage: bool,
+    /// Append `|<send time, Unix µs>` to each streamed token's content. Benchmarks use it to
+    /// time tokens through any path that forwards content unchanged (the bridge, a proxy).
+    pub stamp: bool,
 }
 
 /// A directive that cannot be understood; answered with `400`.
@@ -95,11 +98,16 @@ impl Directives {
             "error_after" => self.error_after = Some(size()?),
             "disconnect_after" => self.disconnect_after = Some(size()?),
             "stall_after" => self.stall_after = Some(size()?),
-            "no_usage" => {
-                self.no_usage = match value {
+            "no_usage" | "stamp" => {
+                let flag = match value {
                     "1" | "true" => true,
                     "0" | "false" => false,
                     _ => return Err(bad()),
+                };
+                if key == "stamp" {
+                    self.stamp = flag;
+                } else {
+                    self.no_usage = flag;
                 }
             }
             _ => return Err(DirectiveError::UnknownKey(key.to_owned())),
@@ -204,10 +212,11 @@ mod tests {
     fn model_then_content_later_wins() -> Result<(), DirectiveError> {
         let mut d = Directives::default();
         d.apply_model("mock:tokens=5,delay_ms=0")?;
-        d.apply_content("[[mock tokens=7 no_usage=1]]")?;
+        d.apply_content("[[mock tokens=7 no_usage=1 stamp=1]]")?;
         assert_eq!(d.tokens, Some(7));
         assert_eq!(d.delay_ms, Some(0));
         assert!(d.no_usage);
+        assert!(d.stamp);
         Ok(())
     }
 

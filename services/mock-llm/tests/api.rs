@@ -293,6 +293,31 @@ async fn no_usage_suppresses_the_usage_chunk() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn stamp_appends_the_send_time_to_each_token() -> anyhow::Result<()> {
+    let app = spawn_app()?;
+
+    let got = stream_all(&app, request("mock:tokens=4,stamp=1", "timed")?.build()?).await?;
+
+    let expected = completion_tokens("timed", SEED, 4);
+    let contents: Vec<&str> = got
+        .chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.content.as_deref())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(contents.len(), expected.len());
+    for (content, token) in contents.iter().zip(&expected) {
+        let (text, sent_at) = content
+            .rsplit_once('|')
+            .ok_or_else(|| anyhow::anyhow!("no stamp in {content:?}"))?;
+        assert_eq!(text, token);
+        assert!(sent_at.parse::<u64>()? > 1_600_000_000_000_000);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_wire_format_is_openai_sse() -> anyhow::Result<()> {
     let app = spawn_app()?;
 

@@ -1,101 +1,144 @@
-//! Applying event records to the counters exactly once.
+//! Applying event records to the analytics counters exactly once.
 //!
 //! Delivery is at-least-once (a crash between applying and `XACK` redelivers), so each record
 //! is applied by a script that first checks the shard's ledger of applied entry ids and records
-//! the id in the same atomic step. The ledger and the counters of the shard share its slot.
+//! the id in the same atomic step. The ledger and every counter hash a record touches carry the
+//! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
+//! updates them all: the totals of the session, the model and the API key, and the same three
+//! for the record's minute. What the hashes hold (field names, deltas, histogram buckets) is
+//! defined once in `stream_schema::stats`, which the gateway reads with.
 
 use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
-use stream_schema::record::Outcome;
-use stream_schema::{EntryId, EventRecord, StreamKey};
+use stream_schema::stats;
+use stream_schema::{EntryId, EventRecord, ModelId, SessionId, StreamKey};
 
-/// KEYS: ledger, session stats, model stats. ARGV: entry id, now ms, ledger ttl ms, stats ttl s,
-/// then field/delta pairs. Returns 1 when applied, 0 for a redelivery.
+/// KEYS: ledger, then the counter hashes. ARGV: entry id, now ms, ledger ttl ms, then one TTL in
+/// seconds per counter hash (in KEYS order), then field/delta pairs added to every hash.
+/// Returns 1 when applied, 0 for a redelivery.
 const APPLY: &str = r"
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - ARGV[3])
-for i = 5, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
-  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+local hashes = #KEYS - 1
+for k = 2, #KEYS do
+  for i = 4 + hashes, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[k + 2])
 end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
 ";
 
-/// Counter field names of the stats hashes (`GET /api/analytics/...` reads them).
-pub mod field {
-    pub const REQUESTS: &str = "requests";
-    pub const RESTARTS: &str = "restarts";
-    pub const TOKENS: &str = "tokens_streamed";
-    pub const PROMPT_TOKENS: &str = "prompt_tokens";
-    pub const COMPLETION_TOKENS: &str = "completion_tokens";
-    pub const FINISHED: &str = "finished";
-    pub const TTFT_MS_SUM: &str = "ttft_ms_sum";
-    pub const TTFT_COUNT: &str = "ttft_count";
-    pub const DURATION_MS_SUM: &str = "duration_ms_sum";
-}
-
-/// The counter deltas a record stands for.
-pub fn deltas(record: &EventRecord) -> Vec<(String, i64)> {
-    use field::*;
-    match record {
-        EventRecord::Started { attempt, .. } => {
-            let name = if *attempt <= 1 { REQUESTS } else { RESTARTS };
-            vec![(name.to_owned(), 1)]
-        }
-        EventRecord::Tokens { count, .. } => vec![(TOKENS.to_owned(), i64::from(*count))],
-        EventRecord::Finished {
-            outcome,
-            prompt_tokens,
-            completion_tokens,
-            ttft_ms,
-            duration_ms,
-            ..
-        } => {
-            let outcome_field = match outcome {
-                Outcome::Completed(reason) => format!("finish:{reason}"),
-                Outcome::Failed(code) => format!("error:{code}"),
-            };
-            let mut d = vec![
-                (FINISHED.to_owned(), 1),
-                (outcome_field, 1),
-                (PROMPT_TOKENS.to_owned(), i64::from(*prompt_tokens)),
-                (COMPLETION_TOKENS.to_owned(), i64::from(*completion_tokens)),
-                (
-                    DURATION_MS_SUM.to_owned(),
-                    i64::try_from(*duration_ms).unwrap_or(i64::MAX),
-                ),
-            ];
-            if let Some(ttft) = ttft_ms {
-                d.push((
-                    TTFT_MS_SUM.to_owned(),
-                    i64::try_from(*ttft).unwrap_or(i64::MAX),
-                ));
-                d.push((TTFT_COUNT.to_owned(), 1));
-            }
-            d
-        }
-    }
+/// How long each kind of counter hash lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Entry ids stay in the ledger this long (the exactly-once window).
+    pub ledger_secs: u64,
+    /// Totals expire this long after their last update.
+    pub totals_secs: u64,
+    /// A minute bucket expires this long after its minute ended.
+    pub window_secs: u64,
 }
 
 #[derive(Clone)]
 pub struct Applier {
     script: Script,
-    pub ledger_ttl_ms: u64,
-    pub stats_ttl_secs: u64,
+    retention: Retention,
+}
+
+/// The script call for one record.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invocation {
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+}
+
+fn scope(record: &EventRecord) -> (&SessionId, &ModelId, u64) {
+    match record {
+        EventRecord::Started {
+            session_id,
+            model_id,
+            timestamp,
+            ..
+        }
+        | EventRecord::Tokens {
+            session_id,
+            model_id,
+            timestamp,
+            ..
+        }
+        | EventRecord::Finished {
+            session_id,
+            model_id,
+            timestamp,
+            ..
+        } => (session_id, model_id, *timestamp),
+    }
 }
 
 impl Applier {
-    pub fn new(ledger_ttl_secs: u64, stats_ttl_secs: u64) -> Self {
+    pub fn new(retention: Retention) -> Self {
         Self {
             script: Script::from_lua(APPLY),
-            ledger_ttl_ms: ledger_ttl_secs.saturating_mul(1000),
-            stats_ttl_secs,
+            retention,
         }
+    }
+
+    /// The keys and arguments that apply `record` (entry `id` of `shard`) at `now_ms`.
+    /// `key_id` is the API key of the record's request; it is used only for records that count
+    /// per key (`stats::counts_per_key`).
+    pub fn invocation(
+        &self,
+        shard: u16,
+        id: EntryId,
+        record: &EventRecord,
+        key_id: Option<&str>,
+        now_ms: u64,
+    ) -> Invocation {
+        let (session, model, timestamp) = scope(record);
+        let key_id = key_id.filter(|_| stats::counts_per_key(record));
+        let totals_ttl = self.retention.totals_secs.max(1);
+        let mut keys = vec![
+            StreamKey::applied_ledger(shard).to_string(),
+            StreamKey::session_stats(shard, session).to_string(),
+            StreamKey::model_stats(shard, model).to_string(),
+        ];
+        let mut ttls = vec![totals_ttl, totals_ttl];
+        if let Some(key_id) = key_id {
+            keys.push(StreamKey::key_stats(shard, key_id).to_string());
+            ttls.push(totals_ttl);
+        }
+        // The record's minute bucket lives until `window_secs` after that minute ended, counted
+        // from the record's own time so a late (reclaimed) record lands where it belongs. A
+        // record older than the retention has no window left to count in.
+        let minute = stats::minute_of(timestamp);
+        let bucket_end_secs = (minute + 1).saturating_mul(60);
+        let expires_at = bucket_end_secs.saturating_add(self.retention.window_secs);
+        let now_secs = now_ms / 1000;
+        if expires_at > now_secs {
+            let ttl = expires_at - now_secs;
+            keys.push(StreamKey::session_stats_minute(shard, session, minute).to_string());
+            keys.push(StreamKey::model_stats_minute(shard, model, minute).to_string());
+            ttls.extend([ttl, ttl]);
+            if let Some(key_id) = key_id {
+                keys.push(StreamKey::key_stats_minute(shard, key_id, minute).to_string());
+                ttls.push(ttl);
+            }
+        }
+        let mut args = vec![
+            id.to_string(),
+            now_ms.to_string(),
+            self.retention.ledger_secs.saturating_mul(1000).to_string(),
+        ];
+        args.extend(ttls.iter().map(u64::to_string));
+        for (name, delta) in stats::deltas(record) {
+            args.push(name);
+            args.push(delta.to_string());
+        }
+        Invocation { keys, args }
     }
 
     /// Applies one record of `shard`; false when it had been applied before.
@@ -105,40 +148,97 @@ impl Applier {
         shard: u16,
         id: EntryId,
         record: &EventRecord,
+        key_id: Option<&str>,
     ) -> Result<bool, StreamIoError> {
-        let (session, model) = match record {
-            EventRecord::Started {
-                session_id,
-                model_id,
-                ..
-            }
-            | EventRecord::Tokens {
-                session_id,
-                model_id,
-                ..
-            }
-            | EventRecord::Finished {
-                session_id,
-                model_id,
-                ..
-            } => (session_id, model_id),
-        };
-        let keys = vec![
-            StreamKey::applied_ledger(shard).to_string(),
-            StreamKey::session_stats(shard, session).to_string(),
-            StreamKey::model_stats(shard, model).to_string(),
-        ];
-        let mut args = vec![
-            id.to_string(),
-            stream_schema::now_millis().to_string(),
-            self.ledger_ttl_ms.to_string(),
-            self.stats_ttl_secs.to_string(),
-        ];
-        for (name, delta) in deltas(record) {
-            args.push(name);
-            args.push(delta.to_string());
-        }
+        let Invocation { keys, args } =
+            self.invocation(shard, id, record, key_id, stream_schema::now_millis());
         let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
         Ok(applied.as_i64() == Some(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stream_schema::{RequestId, record::Outcome};
+
+    fn applier() -> Applier {
+        Applier::new(Retention {
+            ledger_secs: 10,
+            totals_secs: 100,
+            window_secs: 7_200,
+        })
+    }
+
+    fn started(timestamp: u64) -> Result<EventRecord, stream_schema::IdError> {
+        Ok(EventRecord::Started {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse("s")?,
+            model_id: ModelId::parse("m")?,
+            attempt: 1,
+            timestamp,
+        })
+    }
+
+    #[test]
+    fn a_started_record_counts_for_session_model_and_key_in_totals_and_minute()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let now = 3_600_000 + 30_000;
+        let call =
+            applier().invocation(2, EntryId::parse("5-0")?, &started(now)?, Some("team"), now);
+        assert_eq!(
+            call.keys,
+            [
+                "llm:stats:{2}:applied",
+                "llm:stats:{2}:session:s",
+                "llm:stats:{2}:model:m",
+                "llm:stats:{2}:key:team",
+                "llm:stats:{2}:m:60:session:s",
+                "llm:stats:{2}:m:60:model:m",
+                "llm:stats:{2}:m:60:key:team",
+            ]
+        );
+        // id, now, ledger ms, 3 totals TTLs, 3 minute TTLs (minute ends in 30 s, + 2 h).
+        assert_eq!(
+            call.args,
+            [
+                "5-0", "3630000", "10000", "100", "100", "100", "7230", "7230", "7230", "requests",
+                "1"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn tokens_records_skip_the_key_and_old_records_skip_the_window()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let now = 100_000_000;
+        let tokens = EventRecord::Tokens {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse("s")?,
+            model_id: ModelId::parse("m")?,
+            count: 32,
+            timestamp: now,
+        };
+        let call = applier().invocation(0, EntryId::parse("1-0")?, &tokens, Some("team"), now);
+        assert_eq!(call.keys.len(), 5);
+        assert!(call.keys.iter().all(|k| !k.contains(":key:")));
+
+        let old = now - 3 * 3_600_000;
+        let finished = EventRecord::Finished {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse("s")?,
+            model_id: ModelId::parse("m")?,
+            outcome: Outcome::Completed(stream_schema::FinishReason::Stop),
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            ttft_ms: Some(3),
+            duration_ms: 4,
+            timestamp: old,
+        };
+        let call = applier().invocation(0, EntryId::parse("1-1")?, &finished, None, now);
+        assert_eq!(call.keys.len(), 3);
+        assert!(call.keys.iter().all(|k| !k.contains(":m:")));
+        Ok(())
     }
 }

@@ -1,17 +1,22 @@
 //! One shard's consumer loop in group `llm:processors`: read a batch, apply each record exactly
-//! once, `XACK` the batch; periodically reclaim entries orphaned by dead consumers.
+//! once, `XACK` the batch; periodically reclaim entries orphaned by dead consumers, export the
+//! group's lag and remove consumers that died long ago.
 
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use fred::types::ClientUnblockFlag;
+use futures::future::join_all;
 use service_kit::ops::LoopFlag;
 use stream_io::{Entry, StreamIoError, groups};
 use stream_schema::keys::PROCESSOR_GROUP;
-use stream_schema::{EntryId, EventRecord, StreamKey};
+use stream_schema::{EntryId, EventRecord, RequestId, RequestMeta, StreamKey, stats};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Applier;
+use crate::housekeeping::{self, Housekeeping};
 
 /// How often a consumer looks for orphaned entries.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -27,6 +32,63 @@ pub struct ShardConsumer {
     pub batch: u64,
     pub block_ms: u64,
     pub reclaim_idle_ms: u64,
+    /// Other consumers idle this long with nothing pending are removed; 0 never.
+    pub dead_consumer_ms: u64,
+    pub housekeeping: Housekeeping,
+    /// API key ids of requests seen recently. Written and read only by this shard's loop (the
+    /// mutex only satisfies `&self`; it is never held across an await).
+    pub key_ids: Mutex<KeyIds>,
+}
+
+/// API key ids of recent requests, so a request's metadata is read once (usually at its
+/// `Started` record) rather than again at `Finished`. Bounded: the oldest entries go first.
+#[derive(Debug, Default)]
+pub struct KeyIds {
+    ids: HashMap<RequestId, String>,
+    order: VecDeque<RequestId>,
+}
+
+/// Requests whose key id is remembered; a few minutes of requests of one shard.
+const KEY_ID_CACHE: usize = 4_096;
+
+impl KeyIds {
+    fn get(&self, request: &RequestId) -> Option<&String> {
+        self.ids.get(request)
+    }
+
+    fn insert(&mut self, request: RequestId, key_id: String) {
+        if self.ids.insert(request, key_id).is_none() {
+            self.order.push_back(request);
+        }
+        while self.order.len() > KEY_ID_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn forget(&mut self, request: &RequestId) {
+        // The id stays in `order` until it ages out; removing it there would be O(n).
+        self.ids.remove(request);
+    }
+}
+
+/// The id of the API key that started `request`, from its metadata hash; [`stats::UNKNOWN_KEY`]
+/// once that has expired (or cannot be read).
+async fn read_key_id(client: &Client, request: RequestId) -> Result<String, StreamIoError> {
+    let fields: HashMap<String, String> = client
+        .hgetall(StreamKey::request_meta(&request).as_str())
+        .await?;
+    if fields.is_empty() {
+        return Ok(stats::UNKNOWN_KEY.to_owned());
+    }
+    Ok(match RequestMeta::decode(&fields) {
+        Ok(meta) => stats::key_label(&meta.key_id).to_owned(),
+        Err(error) => {
+            tracing::warn!(request_id = %request, %error, "undecodable request metadata");
+            stats::UNKNOWN_KEY.to_owned()
+        }
+    })
 }
 
 impl ShardConsumer {
@@ -34,42 +96,156 @@ impl ShardConsumer {
         StreamKey::events_shard(self.shard)
     }
 
-    /// Applies and acks entries; an entry that cannot be decoded is acked and counted (it can
-    /// never succeed), a Redis failure leaves the rest pending.
+    /// Key ids of the requests of `records` that count per key: from the cache, else one
+    /// metadata read per request, all issued together.
+    async fn key_ids_for(
+        &self,
+        client: &Client,
+        records: &[(EntryId, EventRecord)],
+    ) -> Result<HashMap<RequestId, String>, StreamIoError> {
+        let wanted: BTreeSet<RequestId> = records
+            .iter()
+            .filter(|(_, record)| stats::counts_per_key(record))
+            .map(|(_, record)| record.request_id())
+            .collect();
+        let mut found = HashMap::with_capacity(wanted.len());
+        let mut missing = Vec::new();
+        {
+            let cache = self.key_ids.lock().unwrap_or_else(PoisonError::into_inner);
+            for request in wanted {
+                match cache.get(&request) {
+                    Some(key_id) => {
+                        found.insert(request, key_id.clone());
+                    }
+                    None => missing.push(request),
+                }
+            }
+        }
+        let read = join_all(missing.iter().map(|request| read_key_id(client, *request))).await;
+        let mut cache = self.key_ids.lock().unwrap_or_else(PoisonError::into_inner);
+        for (request, key_id) in missing.into_iter().zip(read) {
+            let key_id = key_id?;
+            cache.insert(request, key_id.clone());
+            found.insert(request, key_id);
+        }
+        Ok(found)
+    }
+
+    /// Applies and acks entries. The per-entry scripts are issued together, so fred pipelines
+    /// them on one connection, then one `XACK` covers every entry that is done. An entry that
+    /// cannot be decoded is acked and counted (it can never succeed); an entry whose script
+    /// failed stays pending and is reclaimed later (the ledger makes the retry safe).
     async fn process(&self, entries: Vec<Entry>) -> Result<(), StreamIoError> {
         let client = self.redis.next();
         let mut done: Vec<EntryId> = Vec::with_capacity(entries.len());
+        let mut records = Vec::with_capacity(entries.len());
         for entry in entries {
             match EventRecord::decode(&entry.fields) {
-                Ok(record) => {
-                    // Settle first: it is idempotent by itself, so a crash before the counters
-                    // are applied (and the record redelivered) settles nothing twice.
-                    if let EventRecord::Finished {
-                        request_id,
-                        completion_tokens,
-                        ..
-                    } = &record
-                    {
-                        self.reconciler
-                            .settle(client, request_id, *completion_tokens)
-                            .await?;
-                    }
-                    let applied = self
-                        .applier
-                        .apply(client, self.shard, entry.id, &record)
-                        .await?;
-                    let outcome = if applied { "applied" } else { "duplicate" };
-                    metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
-                }
+                Ok(record) => records.push((entry.id, record)),
                 Err(error) => {
                     tracing::warn!(shard = self.shard, id = %entry.id, %error, "undecodable record");
                     metrics::counter!("processor_records_total", "outcome" => "undecodable")
                         .increment(1);
+                    done.push(entry.id);
                 }
             }
-            done.push(entry.id);
         }
-        groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await
+        let key_ids = match self.key_ids_for(client, &records).await {
+            Ok(key_ids) => key_ids,
+            Err(error) => {
+                // Nothing applied yet: ack only what can never succeed, retry the rest later.
+                groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await?;
+                return Err(error);
+            }
+        };
+        let results = join_all(records.iter().map(|(id, record)| {
+            let key_id = key_ids.get(&record.request_id()).map(String::as_str);
+            async move {
+                // Settle first: it is idempotent by itself, so a crash before the counters are
+                // applied (and the record redelivered) settles nothing twice.
+                if let EventRecord::Finished {
+                    request_id,
+                    completion_tokens,
+                    ..
+                } = record
+                {
+                    self.reconciler
+                        .settle(client, request_id, *completion_tokens)
+                        .await?;
+                }
+                self.applier
+                    .apply(client, self.shard, *id, record, key_id)
+                    .await
+            }
+        }))
+        .await;
+        let mut failure = None;
+        for ((id, record), result) in records.iter().zip(results) {
+            match result {
+                Ok(applied) => {
+                    let outcome = if applied { "applied" } else { "duplicate" };
+                    metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
+                    if matches!(record, EventRecord::Finished { .. }) {
+                        self.key_ids
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .forget(&record.request_id());
+                    }
+                    done.push(*id);
+                }
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await?;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Exports the group's lag and pending count and removes long-dead consumers. Failures are
+    /// logged only: none of this is needed to apply records.
+    async fn housekeeping(&self) {
+        let client = self.redis.next();
+        let key = self.key();
+        let shard = self.shard.to_string();
+        match housekeeping::group_state(client, &key, PROCESSOR_GROUP).await {
+            Ok(Some(state)) => {
+                #[expect(clippy::cast_precision_loss, reason = "gauges are f64")]
+                {
+                    metrics::gauge!("processor_group_pending", "shard" => shard.clone())
+                        .set(state.pending as f64);
+                    if let Some(lag) = state.lag {
+                        metrics::gauge!("processor_group_lag", "shard" => shard).set(lag as f64);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(shard = self.shard, %error, "cannot read group state"),
+        }
+        if self.dead_consumer_ms == 0 {
+            return;
+        }
+        match self
+            .housekeeping
+            .remove_dead_consumers(
+                client,
+                &key,
+                PROCESSOR_GROUP,
+                &self.consumer,
+                self.dead_consumer_ms,
+            )
+            .await
+        {
+            Ok(removed) => {
+                for name in removed {
+                    tracing::info!(shard = self.shard, consumer = %name, "removed dead consumer");
+                    metrics::counter!("processor_dead_consumers_removed_total").increment(1);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(shard = self.shard, %error, "cannot remove dead consumers")
+            }
+        }
     }
 
     async fn reclaim(&self) -> Result<(), StreamIoError> {
@@ -106,12 +282,19 @@ impl ShardConsumer {
         let key = self.key();
         let mut backoff = Duration::from_millis(100);
         let mut last_reclaim = Instant::now() - RECLAIM_EVERY;
+        // Created once, and again after any failure (Redis may have lost it, e.g. a restart
+        // without persistence): not one XGROUP CREATE per batch.
+        let mut group_ready = false;
         while !shutdown.is_cancelled() {
             let step = async {
-                groups::ensure_group(&self.reader, &key, PROCESSOR_GROUP).await?;
+                if !group_ready {
+                    groups::ensure_group(&self.reader, &key, PROCESSOR_GROUP).await?;
+                    group_ready = true;
+                }
                 if last_reclaim.elapsed() >= RECLAIM_EVERY {
                     last_reclaim = Instant::now();
                     self.reclaim().await?;
+                    self.housekeeping().await;
                 }
                 let streams = tokio::select! {
                     read = groups::read_new(
@@ -141,6 +324,7 @@ impl ShardConsumer {
                 }
                 Err(error) => {
                     tracing::warn!(shard = self.shard, %error, "processing failed; retrying");
+                    group_ready = false;
                     metrics::counter!("processor_errors_total").increment(1);
                     flag.set(false);
                     tokio::select! {

@@ -1,8 +1,10 @@
-//! The processor: a consumer group over the event shards that keeps per-session and per-model
-//! counters, exactly once under at-least-once delivery.
+//! The processor: a consumer group over the event shards that keeps per-session, per-model and
+//! per-API-key analytics (totals and per-minute buckets), exactly once under at-least-once
+//! delivery.
 
 pub mod apply;
 pub mod consumer;
+pub mod housekeeping;
 pub mod quota;
 
 use std::net::TcpListener;
@@ -13,8 +15,9 @@ use service_kit::ops::OpsState;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::apply::Applier;
+use crate::apply::{Applier, Retention};
 use crate::consumer::ShardConsumer;
+use crate::housekeeping::Housekeeping;
 
 pub struct Application {
     port: u16,
@@ -30,10 +33,11 @@ impl Application {
         let redis = service_kit::redis::pool(&settings.redis).context("redis pool")?;
         service_kit::redis::start(&redis, &settings.redis).await;
         let consumer = service_kit::consumer_name(&settings.processor.consumer_name, "processor");
-        let applier = Applier::new(
-            settings.processor.ledger_ttl_secs,
-            settings.processor.stats_ttl_secs,
-        );
+        let applier = Applier::new(Retention {
+            ledger_secs: settings.processor.ledger_ttl_secs,
+            totals_secs: settings.processor.stats_ttl_secs,
+            window_secs: settings.processor.window_retention_secs,
+        });
         let mut consumers = Vec::new();
         // One blocking connection per shard: each shard may live on a different cluster node,
         // and a blocking read cannot span slots.
@@ -51,6 +55,9 @@ impl Application {
                 batch: settings.processor.batch_size,
                 block_ms: settings.processor.block_ms,
                 reclaim_idle_ms: settings.processor.reclaim_idle_ms,
+                dead_consumer_ms: settings.processor.dead_consumer_secs.saturating_mul(1000),
+                housekeeping: Housekeeping::default(),
+                key_ids: std::sync::Mutex::default(),
             });
         }
         let listener = TcpListener::bind(&settings.processor.addr)

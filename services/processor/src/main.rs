@@ -6,9 +6,11 @@ use anyhow::Context;
 async fn main() -> anyhow::Result<()> {
     let path = service_kit::cli::config_path()?;
     let settings = service_kit::Settings::load(path.as_deref()).context("configuration")?;
-    service_kit::telemetry::init(&settings.telemetry, "processor");
+    let telemetry = service_kit::telemetry::init(&settings.telemetry, "processor");
     let shutdown = service_kit::shutdown::on_signal();
     let app = processor::Application::build(settings, shutdown).await?;
     tracing::info!(port = app.port(), "processor health and metrics listening");
-    app.run_until_stopped().await
+    let result = app.run_until_stopped().await;
+    telemetry.shutdown().await;
+    result
 }

@@ -1,6 +1,12 @@
-//! The claim loop: takes jobs from `llm:requests` in group `llm:producers`, only as many as
-//! there are free worker slots, so waiting jobs stay in Redis, not in memory.
+//! Taking jobs: orphaned ones whose lease ran out (`XAUTOCLAIM`), and new ones from
+//! `llm:requests` in group `llm:producers` (`XREADGROUP`). Both take only as many jobs as there
+//! are free worker slots, so waiting jobs stay in Redis, not in memory.
+//!
+//! A reclaimed job is restarted as the next attempt (`SessionScripts::take_over` moves the
+//! owner key and writes `restart` atomically), unless it already ended (owner `done`: just
+//! acknowledge it) or it has had `max_attempts` attempts (dead-letter it and tell the client).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,30 +14,343 @@ use fred::prelude::*;
 use fred::types::ClientUnblockFlag;
 use service_kit::ops::LoopFlag;
 use stream_io::groups;
+use stream_io::session::{OwnerState, RequestStreams, TakeOver};
 use stream_schema::keys::PRODUCER_GROUP;
-use stream_schema::{EntryId, Job, StreamKey};
+use stream_schema::record::Outcome;
+use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEvent, StreamKey};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::worker::{Attempt, AttemptEnd, SharedContext};
+use crate::lease::Leases;
+use crate::worker::{Attempt, AttemptEnd, SharedContext, StopSignals};
 
 /// Most jobs claimed by one read.
 const MAX_CLAIM_BATCH: usize = 32;
+/// `XAUTOCLAIM` pages scanned per reclaim round at most (each scans up to 10 × COUNT entries).
+const MAX_RECLAIM_PAGES: usize = 10;
+/// The `reason` of the `restart` event of a reclaimed job.
+const RESTART_REASON: &str = "producer_lost";
 
-pub struct Claimer {
+/// How a job came to this producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// First delivery: the gateway made attempt 1 its owner.
+    New,
+    /// Its lease ran out with another (or an earlier) worker.
+    Reclaimed,
+}
+
+impl Claim {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Reclaimed => "reclaimed",
+        }
+    }
+}
+
+/// Starts workers for claimed jobs and settles each job when its worker ends. Shared by the
+/// claim and reclaim loops.
+pub struct Dispatcher {
     pub ctx: SharedContext,
+    pub consumer: String,
+    /// Worker slots (`producer.concurrency`); a job is claimed only with a permit in hand.
+    pub slots: Arc<Semaphore>,
+    pub leases: Arc<Leases>,
+    pub workers: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: workers stop without a terminal event.
+    pub hard_stop: CancellationToken,
+    pub max_attempts: u32,
+    /// `streams.requests_maxlen`, also the cap of the dead-letter stream.
+    pub dead_maxlen: u64,
+}
+
+impl Dispatcher {
+    fn start(
+        self: &Arc<Self>,
+        entry: stream_io::Entry,
+        permit: OwnedSemaphorePermit,
+        claim: Claim,
+    ) {
+        let Some(lease_lost) = self.leases.acquire(entry.id) else {
+            // Already running here (our renewal slipped past the lease and we reclaimed our own
+            // job): the running worker keeps it, and its renewal fixes the idle time.
+            return;
+        };
+        let signals = StopSignals {
+            lease_lost,
+            hard_stop: self.hard_stop.clone(),
+        };
+        let this = Arc::clone(self);
+        self.workers.spawn(async move {
+            let _permit = permit;
+            let id = entry.id;
+            metrics::counter!("producer_jobs_claimed_total", "claim" => claim.as_str())
+                .increment(1);
+            let settle = this.run_job(entry, claim, signals).await;
+            if settle == Settle::Finish
+                && let Err(error) = this.finish_job(id).await
+            {
+                // It stays pending; whoever reclaims it finds the owner `done` and acks it.
+                tracing::warn!(%id, %error, "cannot acknowledge a finished job");
+            }
+            this.leases.release(id);
+        });
+    }
+
+    async fn run_job(&self, entry: stream_io::Entry, claim: Claim, signals: StopSignals) -> Settle {
+        let job = match Job::decode(&entry.fields) {
+            Ok(job) => job,
+            Err(error) => {
+                // Nobody can ever run it: dead-letter it rather than retry forever.
+                tracing::error!(id = %entry.id, %error, "undecodable job");
+                metrics::counter!("producer_decode_errors_total").increment(1);
+                return self
+                    .dead_letter(&entry, None, format!("undecodable: {error}"), 0)
+                    .await;
+            }
+        };
+        let attempt = match claim {
+            Claim::New => 1,
+            Claim::Reclaimed => match self.reclaim(&entry, &job).await {
+                Ok(Reclaimed::Run(attempt)) => attempt,
+                Ok(Reclaimed::Settled(settle)) => return settle,
+                Err(error) => {
+                    tracing::warn!(request_id = %job.request_id, %error, "cannot reclaim job");
+                    return Settle::Leave;
+                }
+            },
+        };
+        match Attempt::new(&self.ctx, &job, attempt, signals).run().await {
+            AttemptEnd::Done => Settle::Finish,
+            AttemptEnd::Fenced | AttemptEnd::Abandoned(_) => Settle::Leave,
+            AttemptEnd::RedisFailed(error) => {
+                tracing::warn!(
+                    request_id = %job.request_id,
+                    %error,
+                    "redis failed mid-request; the job is reclaimed once its lease runs out"
+                );
+                Settle::Leave
+            }
+        }
+    }
+
+    /// Decides what a reclaimed job needs, and takes the request over when it needs a new
+    /// attempt.
+    async fn reclaim(
+        &self,
+        entry: &stream_io::Entry,
+        job: &Job,
+    ) -> Result<Reclaimed, stream_io::StreamIoError> {
+        let ctx = &self.ctx;
+        let client = ctx.redis.next();
+        let streams = RequestStreams::new(
+            &job.session_id,
+            &job.model_id,
+            &job.request_id,
+            ctx.retention,
+        );
+        let current = match stream_io::session::owner_state(client, &streams.owner).await? {
+            OwnerState::Done => {
+                // The previous worker wrote the end but died before acknowledging the job.
+                tracing::info!(request_id = %job.request_id, "reclaimed job had already ended");
+                return Ok(Reclaimed::Settled(Settle::Finish));
+            }
+            OwnerState::Missing => {
+                // The request's stream expired: nobody is left to answer.
+                let reason = "expired: the request's stream and owner key are gone".to_owned();
+                return Ok(Reclaimed::Settled(
+                    self.dead_letter(entry, Some(job), reason, 0).await,
+                ));
+            }
+            OwnerState::Attempt(current) => current,
+        };
+        let now = stream_schema::now_millis();
+        if current >= self.max_attempts {
+            let message = format!(
+                "the request was given up after {current} attempts (producers kept failing on it)"
+            );
+            let failed = SessionEvent::Error {
+                request_id: job.request_id,
+                code: ErrorCode::JobFailed,
+                message,
+                retryable: false,
+                timestamp: now,
+            };
+            return Ok(Reclaimed::Settled(
+                match ctx
+                    .scripts
+                    .give_up(client, &streams, current, &failed)
+                    .await?
+                {
+                    TakeOver::Taken(_) => {
+                        self.record_poisoned(job, client).await?;
+                        let reason = format!("attempts_exhausted: {current} attempts");
+                        self.dead_letter(entry, Some(job), reason, current).await
+                    }
+                    TakeOver::Lost(state) => settle_lost(state),
+                },
+            ));
+        }
+        let restart = SessionEvent::Restart {
+            request_id: job.request_id,
+            attempt: current + 1,
+            reason: RESTART_REASON.to_owned(),
+            timestamp: now,
+        };
+        Ok(
+            match ctx
+                .scripts
+                .take_over(client, &streams, current, &restart)
+                .await?
+            {
+                TakeOver::Taken(_) => {
+                    tracing::info!(
+                        request_id = %job.request_id,
+                        attempt = current + 1,
+                        "took over a job whose producer was lost"
+                    );
+                    metrics::counter!("producer_restarts_total").increment(1);
+                    Reclaimed::Run(current + 1)
+                }
+                TakeOver::Lost(state) => Reclaimed::Settled(settle_lost(state)),
+            },
+        )
+    }
+
+    async fn record_poisoned(
+        &self,
+        job: &Job,
+        client: &Client,
+    ) -> Result<(), stream_io::StreamIoError> {
+        let shard = stream_schema::keys::event_shard_of(&job.session_id, self.ctx.event_shards);
+        let record = EventRecord::Finished {
+            request_id: job.request_id,
+            session_id: job.session_id.clone(),
+            model_id: job.model_id.clone(),
+            outcome: Outcome::Failed(ErrorCode::JobFailed),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ttft_ms: None,
+            duration_ms: 0,
+            timestamp: stream_schema::now_millis(),
+        };
+        let _: String = client
+            .xadd(
+                StreamKey::events_shard(shard).as_str(),
+                false,
+                stream_io::approx_cap(self.ctx.events_maxlen),
+                "*",
+                record.encode(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Moves a job to `llm:dead`; it is then acknowledged and deleted like a finished one.
+    async fn dead_letter(
+        &self,
+        entry: &stream_io::Entry,
+        job: Option<&Job>,
+        reason: String,
+        attempts: u32,
+    ) -> Settle {
+        tracing::error!(id = %entry.id, %reason, "dead-lettering job");
+        metrics::counter!("producer_dead_letters_total").increment(1);
+        let dead = DeadLetter {
+            job_entry: entry.id,
+            request_id: job.map(|j| j.request_id),
+            reason,
+            attempts,
+            consumer: self.consumer.clone(),
+            timestamp: stream_schema::now_millis(),
+            job_fields: entry.fields.iter().cloned().collect::<BTreeMap<_, _>>(),
+        };
+        let written: Result<String, _> = self
+            .ctx
+            .redis
+            .next()
+            .xadd(
+                StreamKey::dead_letter().as_str(),
+                false,
+                stream_io::approx_cap(self.dead_maxlen),
+                "*",
+                dead.encode(),
+            )
+            .await;
+        match written {
+            Ok(_) => Settle::Finish,
+            Err(error) => {
+                // Keep the job pending: the next reclaim dead-letters it again.
+                tracing::warn!(id = %entry.id, %error, "cannot write the dead letter");
+                Settle::Leave
+            }
+        }
+    }
+
+    /// Acks the job and deletes it: its result lives in the session stream, and deleting keeps
+    /// the job stream as long as the backlog, not as long as history.
+    async fn finish_job(&self, id: EntryId) -> Result<(), stream_io::StreamIoError> {
+        let client = self.ctx.redis.next();
+        let key = StreamKey::requests();
+        groups::ack(client, key.as_str(), PRODUCER_GROUP, &[id]).await?;
+        let _: i64 = client.xdel(key.as_str(), id.to_string()).await?;
+        Ok(())
+    }
+
+    /// Up to `MAX_CLAIM_BATCH` permits: at least one (waiting for it), then whatever is free.
+    fn free_permits(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Vec<OwnedSemaphorePermit> {
+        while permits.len() < MAX_CLAIM_BATCH {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        permits
+    }
+}
+
+/// What to do with a job's entry once its worker is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// It ended (or was dead-lettered): acknowledge and delete it.
+    Finish,
+    /// Someone else owns it, or it must be reclaimed later: leave it pending.
+    Leave,
+}
+
+enum Reclaimed {
+    Run(u32),
+    Settled(Settle),
+}
+
+/// A take-over that found the owner moved: done means the request ended; anything else
+/// means another producer runs it now.
+fn settle_lost(state: OwnerState) -> Settle {
+    match state {
+        OwnerState::Done => Settle::Finish,
+        OwnerState::Attempt(_) | OwnerState::Missing => Settle::Leave,
+    }
+}
+
+/// The claim loop: with free slots in hand, first takes over jobs whose lease ran out (every
+/// `reclaim_interval`), then reads new jobs with the slots left. One loop owns the slots, so a
+/// blocking read never starves the reclaim of slots, and older (reclaimed) work goes first.
+#[derive(Clone)]
+pub struct Claimer {
+    pub dispatcher: Arc<Dispatcher>,
     /// Blocking reads only; never shared with workers.
     pub reader: Client,
-    pub consumer: String,
-    pub slots: Arc<Semaphore>,
     pub block_ms: u64,
-    pub workers: TaskTracker,
+    pub lease: Duration,
+    pub reclaim_interval: Duration,
 }
 
 impl Claimer {
     pub async fn run(self, shutdown: CancellationToken, flag: LoopFlag) {
         let requests = StreamKey::requests();
+        let dispatcher = &self.dispatcher;
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             if let Err(error) = groups::ensure_group(&self.reader, &requests, PRODUCER_GROUP).await
@@ -47,29 +366,37 @@ impl Claimer {
             }
             break;
         }
+        // A read blocks no longer than the reclaim interval, so reclaiming stays on time.
+        let block_ms = self
+            .block_ms
+            .min(crate::worker::millis(self.reclaim_interval))
+            .max(1);
+        let mut reclaim = Reclaim::new(self.lease);
+        let mut next_reclaim = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             flag.set(true);
             let first = tokio::select! {
-                permit = self.slots.clone().acquire_owned() => match permit {
+                permit = dispatcher.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
                 () = shutdown.cancelled() => break,
             };
-            let mut permits = vec![first];
-            while permits.len() < MAX_CLAIM_BATCH {
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
+            let mut permits = dispatcher.free_permits(vec![first]);
+            if tokio::time::Instant::now() >= next_reclaim {
+                next_reclaim = tokio::time::Instant::now() + self.reclaim_interval;
+                permits = reclaim.run(dispatcher, permits).await;
+                if permits.is_empty() {
+                    continue;
                 }
             }
             let read = groups::read_new(
                 &self.reader,
                 PRODUCER_GROUP,
-                &self.consumer,
+                &dispatcher.consumer,
                 std::slice::from_ref(&requests),
                 permits.len() as u64,
-                self.block_ms,
+                block_ms,
             );
             let result = tokio::select! {
                 result = read => result,
@@ -87,7 +414,7 @@ impl Claimer {
                                 tracing::error!("redis returned more jobs than asked for");
                                 break;
                             };
-                            self.start_worker(entry, permit);
+                            dispatcher.start(entry, permit, Claim::New);
                         }
                     }
                 }
@@ -106,46 +433,71 @@ impl Claimer {
         }
         flag.set(false);
     }
-
-    fn start_worker(&self, entry: stream_io::Entry, permit: OwnedSemaphorePermit) {
-        let ctx = self.ctx.clone();
-        self.workers.spawn(async move {
-            let _permit = permit;
-            let job = match Job::decode(&entry.fields) {
-                Ok(job) => job,
-                Err(error) => {
-                    // Nobody can ever run it: drop it rather than retry forever.
-                    tracing::error!(id = %entry.id, %error, "undecodable job; discarding");
-                    metrics::counter!("producer_decode_errors_total").increment(1);
-                    let _ = finish_job(&ctx, entry.id).await;
-                    return;
-                }
-            };
-            metrics::counter!("producer_jobs_claimed_total").increment(1);
-            match Attempt::new(&ctx, &job, 1).run().await {
-                AttemptEnd::Done => {
-                    if let Err(error) = finish_job(&ctx, entry.id).await {
-                        tracing::warn!(request_id = %job.request_id, %error, "cannot ack job");
-                    }
-                }
-                AttemptEnd::RedisFailed(error) => {
-                    tracing::warn!(
-                        request_id = %job.request_id,
-                        %error,
-                        "redis failed mid-request; the job stays pending for reclaim"
-                    );
-                }
-            }
-        });
-    }
 }
 
-/// Acks the job and deletes it: its result lives in the session stream, and deleting keeps the
-/// job stream as long as the backlog, not as long as history.
-async fn finish_job(ctx: &SharedContext, id: EntryId) -> Result<(), stream_io::StreamIoError> {
-    let client = ctx.redis.next();
-    let key = StreamKey::requests();
-    groups::ack(client, key.as_str(), PRODUCER_GROUP, &[id]).await?;
-    let _: i64 = client.xdel(key.as_str(), id.to_string()).await?;
-    Ok(())
+/// The `XAUTOCLAIM` scan of the pending list.
+struct Reclaim {
+    min_idle_ms: u64,
+    /// Where the scan goes on next round; `0-0` starts over.
+    cursor: String,
+}
+
+impl Reclaim {
+    fn new(lease: Duration) -> Self {
+        Self {
+            min_idle_ms: crate::worker::millis(lease),
+            cursor: "0-0".to_owned(),
+        }
+    }
+
+    /// Takes over up to `permits.len()` jobs whose lease ran out; returns the unused permits.
+    async fn run(
+        &mut self,
+        dispatcher: &Arc<Dispatcher>,
+        mut permits: Vec<OwnedSemaphorePermit>,
+    ) -> Vec<OwnedSemaphorePermit> {
+        let requests = StreamKey::requests();
+        for _ in 0..MAX_RECLAIM_PAGES {
+            if permits.is_empty() {
+                break;
+            }
+            let page = groups::autoclaim(
+                dispatcher.ctx.redis.next(),
+                &requests,
+                PRODUCER_GROUP,
+                &dispatcher.consumer,
+                self.min_idle_ms,
+                &self.cursor,
+                permits.len() as u64,
+            )
+            .await;
+            let (next, entries) = match page {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "reclaiming jobs failed");
+                    metrics::counter!("producer_claim_errors_total").increment(1);
+                    break;
+                }
+            };
+            for entry in entries {
+                if dispatcher.leases.contains(entry.id) {
+                    // Ours already (our renewal slipped past the lease): keep running it.
+                    continue;
+                }
+                let Some(permit) = permits.pop() else {
+                    // More entries than asked for cannot happen; if it did, the rest stay
+                    // pending with us, unrenewed, and come back after another lease.
+                    break;
+                };
+                tracing::info!(id = %entry.id, "reclaiming a job whose lease ran out");
+                dispatcher.start(entry, permit, Claim::Reclaimed);
+            }
+            let done = next == "0-0";
+            self.cursor = next;
+            if done {
+                break;
+            }
+        }
+        permits
+    }
 }

@@ -1,7 +1,10 @@
 //! The producer: claims chat jobs, streams them from the model's OpenAI-compatible endpoint and
-//! writes every token to the session stream.
+//! writes every token to the session stream. Jobs it holds are leased (`lease`); jobs whose
+//! producer died are reclaimed and restarted (`claimer`); every write is fenced by attempt
+//! (`worker`, through `stream_io::session`).
 
 pub mod claimer;
+pub mod lease;
 pub mod upstream;
 pub mod worker;
 
@@ -11,21 +14,31 @@ use std::time::Duration;
 
 use anyhow::Context;
 use service_kit::Settings;
-use service_kit::ops::OpsState;
+use service_kit::ops::{LoopFlag, OpsState};
+use service_kit::supervisor::{Backoff, supervise};
+use stream_io::groups::LeaseScript;
 use stream_io::session::{Retention, SessionScripts};
+use stream_schema::StreamKey;
+use stream_schema::keys::PRODUCER_GROUP;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::claimer::Claimer;
+use crate::claimer::{Claimer, Dispatcher};
+use crate::lease::{Leases, Renewer};
 use crate::worker::WorkerContext;
+
+/// After the grace period, how long stopped workers get to return before the process exits.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Application {
     port: u16,
     listener: TcpListener,
     ops: OpsState,
     claimer: Claimer,
+    renewer: Renewer,
     grace: Duration,
+    lease: Duration,
     shutdown: CancellationToken,
 }
 
@@ -42,6 +55,7 @@ impl Application {
         let listener = TcpListener::bind(&settings.producer.addr)
             .with_context(|| format!("binding producer.addr {}", settings.producer.addr))?;
         let port = listener.local_addr()?.port();
+        let producer = &settings.producer;
         let ctx = Arc::new(WorkerContext {
             redis: redis.clone(),
             scripts: SessionScripts::default(),
@@ -52,21 +66,41 @@ impl Application {
             },
             event_shards: settings.streams.event_shards,
             events_maxlen: settings.streams.events_maxlen,
+            token_coalesce: Duration::from_millis(producer.token_coalesce_ms),
         });
-        let claimer = Claimer {
+        let consumer = service_kit::consumer_name(&producer.consumer_name, "producer");
+        let leases = Arc::new(Leases::default());
+        let dispatcher = Arc::new(Dispatcher {
             ctx,
-            reader,
-            consumer: service_kit::consumer_name(&settings.producer.consumer_name, "producer"),
-            slots: Arc::new(Semaphore::new(settings.producer.concurrency)),
-            block_ms: settings.producer.claim_block_ms,
+            consumer: consumer.clone(),
+            slots: Arc::new(Semaphore::new(producer.concurrency)),
+            leases: Arc::clone(&leases),
             workers: TaskTracker::new(),
-        };
+            hard_stop: CancellationToken::new(),
+            max_attempts: producer.max_attempts,
+            dead_maxlen: settings.streams.requests_maxlen,
+        });
+        let lease = Duration::from_millis(producer.lease_ms);
         Ok(Self {
             port,
             listener,
-            ops: OpsState::new(redis, metrics),
-            claimer,
-            grace: Duration::from_secs(settings.producer.shutdown_grace_secs),
+            ops: OpsState::new(redis.clone(), metrics),
+            claimer: Claimer {
+                dispatcher,
+                reader,
+                block_ms: producer.claim_block_ms,
+                lease,
+                reclaim_interval: Duration::from_millis(producer.reclaim_interval_ms),
+            },
+            renewer: Renewer {
+                redis,
+                script: LeaseScript::default(),
+                consumer,
+                leases,
+                interval: Duration::from_millis(producer.lease_renew_ms),
+            },
+            grace: Duration::from_secs(producer.shutdown_grace_secs),
+            lease,
             shutdown,
         })
     }
@@ -77,7 +111,9 @@ impl Application {
     }
 
     /// Claims and runs jobs until shutdown; then stops claiming and gives in-flight requests
-    /// the grace period before exiting (unfinished jobs stay pending for another producer).
+    /// the grace period. Requests still running after it are stopped without a terminal event
+    /// and handed back (pending, and idle as if their lease had run out) so another producer
+    /// restarts them at once.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let ops_shutdown = CancellationToken::new();
         let ops = tokio::spawn(service_kit::ops::serve(
@@ -85,21 +121,74 @@ impl Application {
             self.ops.clone(),
             ops_shutdown.clone(),
         ));
-        tracing::info!(consumer = %self.claimer.consumer, "claiming jobs");
-        let workers = self.claimer.workers.clone();
-        self.claimer
-            .run(self.shutdown.clone(), self.ops.register_loop("claimer"))
-            .await;
+        let dispatcher = Arc::clone(&self.claimer.dispatcher);
+        let workers = dispatcher.workers.clone();
+        let leases = Arc::clone(&self.renewer.leases);
+        let (redis, script, consumer) = (
+            self.renewer.redis.clone(),
+            self.renewer.script.clone(),
+            self.renewer.consumer.clone(),
+        );
+        tracing::info!(consumer = %consumer, "claiming jobs");
+
+        // Leases are renewed until the last worker is gone, through the grace period.
+        let renewer_stop = CancellationToken::new();
+        let renewer = {
+            let (renewer, stop) = (self.renewer, renewer_stop.clone());
+            tokio::spawn(supervise(
+                "lease_renewer",
+                LoopFlag::standalone(),
+                renewer_stop.clone(),
+                Backoff::default(),
+                move || renewer.clone().run(stop.clone()),
+            ))
+        };
+        let claimer_flag = self.ops.register_loop("claimer");
+        let (claimer, shutdown, flag) = (self.claimer, self.shutdown.clone(), claimer_flag.clone());
+        supervise(
+            "claimer",
+            claimer_flag,
+            self.shutdown.clone(),
+            Backoff::default(),
+            move || claimer.clone().run(shutdown.clone(), flag.clone()),
+        )
+        .await;
         workers.close();
         tracing::info!(in_flight = workers.len(), "stopped claiming; draining");
         if tokio::time::timeout(self.grace, workers.wait())
             .await
             .is_err()
         {
+            let unfinished = leases.ids();
             tracing::warn!(
-                in_flight = workers.len(),
-                "grace period over; unfinished jobs stay pending for another producer"
+                in_flight = unfinished.len(),
+                "grace period over; handing unfinished jobs back to other producers"
             );
+            dispatcher.hard_stop.cancel();
+            if tokio::time::timeout(STOP_WAIT, workers.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("workers did not stop in time");
+            }
+            let handed = script
+                .hand_back(
+                    redis.next(),
+                    &StreamKey::requests(),
+                    PRODUCER_GROUP,
+                    &consumer,
+                    &unfinished,
+                    worker::millis(self.lease),
+                )
+                .await;
+            if let Err(error) = handed {
+                // They come back anyway once their lease runs out.
+                tracing::warn!(%error, "cannot hand jobs back");
+            }
+        }
+        renewer_stop.cancel();
+        if let Err(error) = renewer.await {
+            tracing::warn!(%error, "lease renewer ended abnormally");
         }
         ops_shutdown.cancel();
         ops.await

@@ -1,12 +1,24 @@
-//! The model registry: one async-openai client per configured model, and the streaming call
-//! with its errors classified for the client (`retryable`) and for metrics.
+//! The model registry: one async-openai client per configured model (any OpenAI-compatible
+//! base URL), its timeouts, retry policy and concurrency limit, and the streaming call with its
+//! errors classified for the client (`retryable`), the retry logic and metrics.
+//!
+//! async-openai's default HTTP path retries 429/5xx/connect errors by itself with its own
+//! backoff. The producer owns that policy (it must see every failure to keep `retryable` honest
+//! and to stop retrying when a request is cancelled), so each client gets [`UpstreamHttp`]: a
+//! plain tower service without retries, which also keeps what async-openai's error type drops,
+//! the `Retry-After` header of an error response.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
+use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
@@ -14,20 +26,32 @@ use async_openai::types::chat::{
     CreateChatCompletionRequestArgs,
 };
 use service_kit::config::ModelSettings;
-use stream_schema::{ChatMessage, Job, Role};
+use stream_schema::{ChatMessage, ErrorCode, Job, Role};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Longest upstream error text carried into an `error` event (bodies can be whole HTML pages).
+const MAX_ERROR_TEXT: usize = 300;
 
 /// Why an upstream call failed, as far as the client and the retry logic care.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    /// Could not connect, or the connection broke.
+    /// Could not connect, or the connection broke before the response began.
     #[error("upstream connection failed: {0}")]
     Connect(String),
     /// The upstream answered with an HTTP error status.
     #[error("upstream returned {status}: {message}")]
-    Status { status: u16, message: String },
-    /// The stream broke or sent something unreadable.
+    Status {
+        status: u16,
+        message: String,
+        /// The response's `Retry-After`, when it had one (seconds form).
+        retry_after: Option<Duration>,
+    },
+    /// The stream broke, sent something unreadable, or ended without a finish reason.
     #[error("upstream stream failed: {0}")]
     Stream(String),
+    /// No token within `first_token_timeout_ms`, or silence past `idle_timeout_ms`.
+    #[error("upstream sent nothing for {waited_ms} ms ({phase})")]
+    Timeout { phase: &'static str, waited_ms: u64 },
     #[error("no model `{0}` is configured in this producer")]
     UnknownModel(String),
     #[error("invalid upstream request: {0}")]
@@ -35,12 +59,40 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the same request may succeed if tried again later.
+    /// Whether the same request may succeed if the client tries again later.
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Connect(_) | Self::Stream(_) => true,
-            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            Self::Connect(_) | Self::Stream(_) | Self::Timeout { .. } => true,
+            Self::Status { status, .. } => transient_status(*status),
             Self::UnknownModel(_) | Self::Invalid(_) => false,
+        }
+    }
+
+    /// Whether the producer retries it itself, when it happens before the first token was
+    /// written (connect errors, 429, 5xx, and a stream that broke before any token). Timeouts
+    /// are not retried: the time is already spent, and another wait of the same length would
+    /// hold the client for minutes.
+    pub fn retried_before_first_token(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Stream(_) => true,
+            Self::Status { status, .. } => transient_status(*status),
+            Self::Timeout { .. } | Self::UnknownModel(_) | Self::Invalid(_) => false,
+        }
+    }
+
+    /// How long the upstream asked us to wait before trying again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The `code` of the client's `error` event.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Timeout { .. } => ErrorCode::UpstreamTimeout,
+            _ => ErrorCode::UpstreamError,
         }
     }
 
@@ -52,6 +104,7 @@ impl UpstreamError {
             Self::Status { status, .. } if *status >= 500 => "server_error",
             Self::Status { .. } => "client_error",
             Self::Stream(_) => "stream",
+            Self::Timeout { .. } => "timeout",
             Self::UnknownModel(_) => "unknown_model",
             Self::Invalid(_) => "invalid",
         }
@@ -59,18 +112,33 @@ impl UpstreamError {
 
     fn from_openai(error: OpenAIError) -> Self {
         match error {
+            OpenAIError::Boxed(boxed) => match boxed.downcast::<HttpStatusError>() {
+                Ok(status) => Self::Status {
+                    status: status.status,
+                    message: status.message,
+                    retry_after: status.retry_after,
+                },
+                Err(other) => Self::Stream(other.to_string()),
+            },
+            // Not reached with `UpstreamHttp` (it reports statuses itself); kept for clarity.
             OpenAIError::ApiError(response) => Self::Status {
                 status: response.status_code.as_u16(),
-                message: response.api_error.message,
+                message: truncate(response.api_error.message),
+                retry_after: None,
             },
             OpenAIError::Reqwest(error) => Self::Connect(error.to_string()),
             OpenAIError::StreamError(error) => Self::Stream(error.to_string()),
-            OpenAIError::JSONDeserialize(error, _) => Self::Stream(error.to_string()),
+            // An in-stream `{"error": …}` object arrives as a chunk that does not parse.
+            OpenAIError::JSONDeserialize(_, content) => {
+                Self::Stream(truncate(error_message(content.as_bytes())))
+            }
             OpenAIError::InvalidArgument(message) => Self::Invalid(message),
             other => Self::Stream(other.to_string()),
         }
     }
 
+    /// An error read from an open stream: the connection was up, so a reqwest error is the
+    /// stream breaking, not a failed connect.
     pub fn from_stream(error: OpenAIError) -> Self {
         match Self::from_openai(error) {
             Self::Connect(message) => Self::Stream(message),
@@ -79,9 +147,152 @@ impl UpstreamError {
     }
 }
 
-struct Upstream {
+/// 408, 429 and every 5xx may pass if tried again.
+fn transient_status(status: u16) -> bool {
+    status == 408 || status == 429 || status >= 500
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// The message of an OpenAI error body (`{"error": {"message": …}}`), else the text itself.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// A non-success HTTP response, with the header async-openai's `ApiError` does not keep.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream returned {status}: {message}")]
+pub struct HttpStatusError {
+    pub status: u16,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+/// The HTTP transport of every model client: one try per call, no retries, and error
+/// responses turned into [`HttpStatusError`] with their `Retry-After`.
+#[derive(Clone, Debug)]
+pub struct UpstreamHttp {
+    http: reqwest::Client,
+}
+
+type HttpFuture = Pin<Box<dyn Future<Output = Result<reqwest::Response, OpenAIError>> + Send>>;
+
+impl tower::Service<HttpRequestFactory> for UpstreamHttp {
+    type Response = reqwest::Response;
+    type Error = OpenAIError;
+    type Future = HttpFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
+        let http = self.http.clone();
+        Box::pin(async move {
+            let request = factory.build().await?;
+            let response = http.execute(request).await?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            // Seconds only; the HTTP-date form is rare for APIs and falls back to our backoff.
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = response.bytes().await.unwrap_or_default();
+            Err(OpenAIError::Boxed(Box::new(HttpStatusError {
+                status: status.as_u16(),
+                message: truncate(error_message(&body)),
+                retry_after,
+            })))
+        })
+    }
+}
+
+/// How the producer treats one model's upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_retries: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
+
+impl Policy {
+    fn from_settings(settings: &ModelSettings) -> Self {
+        Self {
+            first_token_timeout: Duration::from_millis(settings.first_token_timeout_ms),
+            idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
+            max_retries: settings.max_retries,
+            retry_base: Duration::from_millis(settings.retry_base_ms),
+            retry_max: Duration::from_millis(settings.retry_max_ms),
+        }
+    }
+
+    /// Delay before retry number `retry` (1-based): `base · 2^(retry-1)` capped at `retry_max`,
+    /// of which the upper half is random ("equal jitter"), so producers that failed together
+    /// do not retry together.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exp = self
+            .retry_base
+            .saturating_mul(1_u32 << retry.saturating_sub(1).min(20));
+        let capped = exp.min(self.retry_max);
+        let half = capped / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let jitter = if jitter_ms == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(rand::random_range(0..=jitter_ms))
+        };
+        half + jitter
+    }
+}
+
+/// One configured model.
+pub struct Upstream {
     client: Client<OpenAIConfig>,
     model: String,
+    pub policy: Policy,
+    /// `models.<id>.max_concurrency` permits; `None` when unlimited. Held by a worker for the
+    /// whole upstream call.
+    limit: Option<Arc<Semaphore>>,
+}
+
+impl Upstream {
+    /// Waits for a free upstream slot of this model (immediately when unlimited).
+    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.limit {
+            Some(limit) => limit.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
+    /// Sends the request once and returns the open stream.
+    pub async fn open(&self, job: &Job) -> Result<ChatCompletionResponseStream, UpstreamError> {
+        let request = build_request(&self.model, job)?;
+        self.client
+            .chat()
+            .create_stream(request)
+            .await
+            .map_err(UpstreamError::from_openai)
+    }
 }
 
 /// Clients for every configured model, built once at start.
@@ -90,7 +301,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(models: &std::collections::BTreeMap<String, ModelSettings>) -> anyhow::Result<Self> {
+    pub fn new(models: &BTreeMap<String, ModelSettings>) -> anyhow::Result<Self> {
         let mut built = HashMap::new();
         for (id, settings) in models {
             // A missing key variable is fine for keyless upstreams (mock-llm, local servers);
@@ -104,33 +315,28 @@ impl Registry {
                 .with_api_base(settings.base_url.trim_end_matches('/'))
                 .with_api_key(key);
             let http = reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
+                .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
                 .timeout(Duration::from_secs(settings.request_timeout_secs))
                 .build()?;
+            let client = Client::with_config(config).with_http_service(UpstreamHttp { http });
             built.insert(
                 id.clone(),
                 Upstream {
-                    client: Client::with_config(config).with_http_client(http),
+                    client,
                     model: settings.upstream_model.clone(),
+                    policy: Policy::from_settings(settings),
+                    limit: (settings.max_concurrency > 0)
+                        .then(|| Arc::new(Semaphore::new(settings.max_concurrency))),
                 },
             );
         }
         Ok(Self { models: built })
     }
 
-    /// Opens the upstream stream for a job.
-    pub async fn stream(&self, job: &Job) -> Result<ChatCompletionResponseStream, UpstreamError> {
-        let upstream = self
-            .models
-            .get(job.model_id.as_str())
-            .ok_or_else(|| UpstreamError::UnknownModel(job.model_id.to_string()))?;
-        let request = build_request(&upstream.model, job)?;
-        upstream
-            .client
-            .chat()
-            .create_stream(request)
-            .await
-            .map_err(UpstreamError::from_openai)
+    pub fn get(&self, model: &str) -> Result<&Upstream, UpstreamError> {
+        self.models
+            .get(model)
+            .ok_or_else(|| UpstreamError::UnknownModel(model.to_owned()))
     }
 }
 
@@ -175,4 +381,64 @@ fn build_request(model: &str, job: &Job) -> Result<CreateChatCompletionRequest, 
     }
     args.build()
         .map_err(|e| UpstreamError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            first_token_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_retries: 3,
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_millis(1_000),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let p = policy();
+        for _ in 0..50 {
+            let first = p.backoff(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = p.backoff(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = p.backoff(30);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1_000));
+        }
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried_or_retryable() {
+        let status = |status| UpstreamError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(status(429).retried_before_first_token());
+        assert!(status(503).retried_before_first_token());
+        assert!(!status(400).retried_before_first_token());
+        assert!(!status(401).retryable());
+        assert!(status(500).retryable());
+        let timeout = UpstreamError::Timeout {
+            phase: "idle",
+            waited_ms: 1,
+        };
+        assert!(timeout.retryable());
+        assert!(!timeout.retried_before_first_token());
+        assert_eq!(timeout.code(), ErrorCode::UpstreamTimeout);
+    }
+
+    #[test]
+    fn error_text_is_the_api_message_and_bounded() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"slow down","type":"rate_limit"}}"#),
+            "slow down"
+        );
+        assert_eq!(error_message(b" plain text "), "plain text");
+        let long = truncate("é".repeat(400));
+        assert!(long.len() <= MAX_ERROR_TEXT + '…'.len_utf8());
+    }
 }

@@ -178,15 +178,12 @@ async fn bad_requests_get_the_spec_json_errors() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(unknown.status().as_u16(), 400);
-    let missing = stack
-        .http
-        .post(format!(
-            "{}/api/chat/01a213d6-926b-7493-91b3-6a476fcecada/cancel",
-            stack.gateway()
-        ))
-        .send()
-        .await?;
-    assert_eq!(missing.status().as_u16(), 404);
+    assert_eq!(
+        stack
+            .cancel(0, "01a213d6-926b-7493-91b3-6a476fcecada")
+            .await?,
+        404
+    );
     let nowhere = stack
         .http
         .get(format!("{}/nowhere", stack.gateway()))

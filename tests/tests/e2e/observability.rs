@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use test_support::wait_until;
 
-use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of};
+use crate::stack::{
+    API_KEY, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of,
+};
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -20,7 +22,13 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 }
 
 async fn scrape(stack: &Stack, url: String) -> anyhow::Result<String> {
-    Ok(stack.http.get(format!("{url}/metrics")).send().await?.text().await?)
+    Ok(stack
+        .http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
 }
 
 #[tokio::test]
@@ -32,10 +40,22 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
     assert_eq!(text_of(&events), expected_text(prompt, 12));
 
     let gateway = scrape(&stack, stack.gateway()).await?;
-    assert_eq!(sample(&gateway, "gateway_chats_started_total{outcome=\"started\"}"), Some(1.0));
-    assert_eq!(sample(&gateway, "gateway_tokens_delivered_total"), Some(12.0));
-    assert_eq!(sample(&gateway, "gateway_events_delivered_total"), Some(14.0));
-    assert_eq!(sample(&gateway, "gateway_token_delivery_lag_seconds_count"), Some(12.0));
+    assert_eq!(
+        sample(&gateway, "gateway_chats_started_total{outcome=\"started\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&gateway, "gateway_tokens_delivered_total"),
+        Some(12.0)
+    );
+    assert_eq!(
+        sample(&gateway, "gateway_events_delivered_total"),
+        Some(14.0)
+    );
+    assert_eq!(
+        sample(&gateway, "gateway_token_delivery_lag_seconds_count"),
+        Some(12.0)
+    );
     assert!(gateway.contains("gateway_token_delivery_lag_seconds_bucket{le=\"0.005\"}"));
 
     let producer_url = stack.producers[0].url();
@@ -51,7 +71,10 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(sample(&producer, "producer_tokens_total"), Some(12.0));
-    assert_eq!(sample(&producer, "producer_time_to_first_token_seconds_count"), Some(1.0));
+    assert_eq!(
+        sample(&producer, "producer_time_to_first_token_seconds_count"),
+        Some(1.0)
+    );
 
     let processor_url = stack.processor.url();
     wait_until(TIMEOUT, POLL, || {
@@ -60,8 +83,10 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         async move {
             let text = scrape(stack, url).await?;
             // started + one tokens record + finished.
-            Ok((sample(&text, "processor_records_total{outcome=\"applied\"}") == Some(3.0))
-                .then_some(()))
+            Ok(
+                (sample(&text, "processor_records_total{outcome=\"applied\"}") == Some(3.0))
+                    .then_some(()),
+            )
         }
     })
     .await?;
@@ -73,7 +98,8 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     let mut stack = Stack::start_with(StackOptions {
         durable_redis: true,
         token_delay_ms: 20,
-        producer_toml: "lease_ms = 2000\nlease_renew_ms = 500\nreclaim_interval_ms = 500".to_owned(),
+        producer_toml: "lease_ms = 2000\nlease_renew_ms = 500\nreclaim_interval_ms = 500"
+            .to_owned(),
         ..StackOptions::default()
     })
     .await?;
@@ -166,10 +192,11 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     let mut all = payloads(&received)?;
     all.extend(resumed_json);
     // The text of the final attempt: everything after the last `restart`.
-    let final_attempt: Vec<serde_json::Value> = match all.iter().rposition(|e| e["type"] == "restart") {
-        Some(index) => all[index..].to_vec(),
-        None => all,
-    };
+    let final_attempt: Vec<serde_json::Value> =
+        match all.iter().rposition(|e| e["type"] == "restart") {
+            Some(index) => all[index..].to_vec(),
+            None => all,
+        };
     assert_eq!(text_of(&final_attempt), expected_text(prompt, 150));
     Ok(())
 }

@@ -1,0 +1,282 @@
+//! `bench [--quick] [--peers] [--repeats N] [--out FILE.md] [--notes FILE.md]`: starts the
+//! whole stack (release binaries next to this one) on mock-llm and measures the bridge against
+//! a direct baseline (and LiteLLM with `--peers`) in the same run; writes a Markdown report,
+//! its JSON data and SVG plots. `make bench`, `make bench-quick` and `make bench-peers` run it
+//! through `scripts/bench.sh`.
+
+mod client;
+mod plot;
+mod probe;
+mod report;
+mod run;
+mod stack;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::report::{Repeat, RunData};
+use crate::run::{PathKind, Runner, Scenario, Watched};
+use crate::stack::{LiteLlm, Stack};
+
+struct Options {
+    quick: bool,
+    peers: bool,
+    repeats: usize,
+    out: PathBuf,
+    notes: Option<PathBuf>,
+    litellm_venv: Option<PathBuf>,
+    /// `--only a,b`: run just these scenarios (tuning experiments, smoke tests).
+    only: Option<Vec<String>>,
+    /// `--idle 1000,10000`: idle-client steps; `--idle 0` skips the step.
+    idle: Option<Vec<usize>>,
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut options = Options {
+        quick: false,
+        peers: false,
+        repeats: 3,
+        out: PathBuf::new(),
+        notes: None,
+        litellm_venv: LiteLlm::default_venv(),
+        only: None,
+        idle: None,
+    };
+    let mut out = None;
+    let mut repeats = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--peers" => options.peers = true,
+            "--repeats" => repeats = Some(value("--repeats")?.parse().context("--repeats")?),
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--notes" => options.notes = Some(PathBuf::from(value("--notes")?)),
+            "--litellm-venv" => {
+                options.litellm_venv = Some(PathBuf::from(value("--litellm-venv")?))
+            }
+            other => bail!(
+                "unknown argument {other}; usage: bench [--quick] [--peers] [--repeats N] \
+                 [--out FILE.md] [--notes FILE.md] [--litellm-venv DIR] [--only S1,S2] \
+                 [--idle N1,N2]"
+            ),
+        }
+    }
+    options.repeats = repeats.unwrap_or(if options.quick { 1 } else { 3 }).max(1);
+    options.out = out.unwrap_or_else(|| {
+        PathBuf::from(match (options.quick, options.peers) {
+            (true, _) => "bench/results/quick/quick.md",
+            (false, true) => "bench/results/peers.md",
+            (false, false) => "bench/results/bench.md",
+        })
+    });
+    Ok(options)
+}
+
+fn scenario(
+    name: &str,
+    streams: usize,
+    delay_ms: u64,
+    tokens_per_chat: usize,
+    warmup_s: u64,
+    window_s: u64,
+) -> Scenario {
+    Scenario {
+        name: name.to_owned(),
+        streams,
+        delay_ms,
+        tokens_per_chat,
+        warmup: Duration::from_secs(warmup_s),
+        window: Duration::from_secs(window_s),
+    }
+}
+
+/// The matrix: paced streams at 50 and 20 tokens/s (delay 20 / 50 ms), unpaced streams for
+/// throughput, and short chats for time to first token.
+fn matrix(quick: bool) -> Vec<Scenario> {
+    if quick {
+        return vec![
+            scenario(report::TTFT, 1, 20, 4, 1, 4),
+            scenario(report::ONE_STREAM, 1, 20, 100, 1, 5),
+            scenario("100x50", 100, 20, 100, 2, 5),
+            scenario(report::MANY, 1000, 50, 50, 3, 5),
+            scenario("max-100", 100, 0, 200, 1, 5),
+        ];
+    }
+    vec![
+        scenario(report::TTFT, 1, 20, 4, 2, 15),
+        scenario(report::ONE_STREAM, 1, 20, 100, 2, 20),
+        scenario("1x20", 1, 50, 50, 2, 15),
+        scenario("100x50", 100, 20, 100, 3, 10),
+        scenario("100x20", 100, 50, 50, 3, 10),
+        scenario(report::MID, 200, 20, 100, 3, 10),
+        scenario(report::MANY, 1000, 50, 50, 4, 10),
+        scenario("1000x50", 1000, 20, 100, 4, 10),
+        scenario("max-10", 10, 0, 200, 2, 8),
+        scenario("max-100", 100, 0, 200, 2, 8),
+        scenario("max-1000", 1000, 0, 200, 3, 8),
+    ]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = parse_args()?;
+    let begun = Instant::now();
+    let repo = std::env::current_dir().context("reading the current directory")?;
+    let machine = probe::Machine::describe(&repo);
+    let load_before = probe::load_average();
+    let started = probe::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"], None);
+    eprintln!("bench: load average {load_before}; starting the stack");
+
+    let stack = Stack::start().await?;
+    let (litellm, litellm_error) = if options.peers {
+        match &options.litellm_venv {
+            Some(venv) => match LiteLlm::start(venv, stack.mock_llm.port).await {
+                Ok(l) => (Some(l), None),
+                Err(error) => {
+                    eprintln!("bench: LiteLLM could not start: {error:#}");
+                    (None, Some(format!("{error:#}")))
+                }
+            },
+            None => (None, Some("no venv path (HOME unset)".to_owned())),
+        }
+    } else {
+        (None, None)
+    };
+    let mut paths = vec![PathKind::Baseline, PathKind::Bridge];
+    if litellm.is_some() {
+        paths.push(PathKind::LiteLlm);
+    }
+    let runner = Runner {
+        stack: &stack,
+        litellm: litellm.as_ref(),
+        http: client::http_client()?,
+        watched: Watched::new(&stack, litellm.as_ref()),
+        ticks_per_sec: probe::clock_ticks_per_sec(),
+        run_id: format!("b{}", std::process::id()),
+    };
+    let mut scenarios = matrix(options.quick);
+    if let Some(only) = &options.only {
+        scenarios.retain(|s| only.contains(&s.name));
+        if scenarios.is_empty() {
+            bail!("--only matches no scenario of this mode");
+        }
+    }
+    let idle_steps = options.idle.clone().unwrap_or_else(|| {
+        if options.quick {
+            vec![1_000]
+        } else {
+            vec![1_000, 10_000]
+        }
+    });
+    let mut repeats = Vec::new();
+    for repeat in 0..options.repeats {
+        let tag = format!("r{repeat}");
+        eprintln!("bench: repeat {}/{}", repeat + 1, options.repeats);
+        let xadd =
+            match run::xadd_reference(&stack, if options.quick { 50_000 } else { 200_000 }).await {
+                Ok(x) => Some(x),
+                Err(error) => {
+                    eprintln!("bench: redis-benchmark reference failed: {error:#}");
+                    None
+                }
+            };
+        let mut measurements = Vec::new();
+        for scenario in &scenarios {
+            for &path in &paths {
+                let m = runner
+                    .measure(path, scenario, &tag)
+                    .await
+                    .with_context(|| format!("{} on {}", scenario.name, path.label()))?;
+                eprintln!(
+                    "bench:   {:>9} {:<18} {:>8.0} tok/s  p50 {:>8.3} ms  p99 {:>8.3} ms  ttft p50 {:>8.3} ms  errors {}",
+                    scenario.name,
+                    path.label(),
+                    m.tokens_per_sec,
+                    m.token_latency.map_or(f64::NAN, |p| p.p50_us / 1000.0),
+                    m.token_latency.map_or(f64::NAN, |p| p.p99_us / 1000.0),
+                    m.ttft.map_or(f64::NAN, |p| p.p50_us / 1000.0),
+                    m.errors,
+                );
+                measurements.push(m);
+            }
+        }
+        let idle = if idle_steps.is_empty() {
+            None
+        } else {
+            match runner.idle_clients(&idle_steps, &tag).await {
+                Ok(idle) => {
+                    for p in &idle.points {
+                        eprintln!(
+                            "bench:   {} idle clients: {:.2} KiB per client, {} Redis connections",
+                            p.clients,
+                            p.bytes_per_client / 1024.0,
+                            p.gateway_redis_connections
+                        );
+                    }
+                    Some(idle)
+                }
+                Err(error) => {
+                    eprintln!("bench: idle clients failed: {error:#}");
+                    None
+                }
+            }
+        };
+        repeats.push(Repeat {
+            measurements,
+            xadd,
+            idle,
+        });
+    }
+
+    let env_overrides = std::env::vars()
+        .filter(|(k, _)| k.starts_with("BRIDGE__"))
+        .collect();
+    let data = RunData {
+        mode: match (options.quick, litellm.is_some() || options.peers) {
+            (true, _) => "quick".to_owned(),
+            (false, true) => "full, with LiteLLM".to_owned(),
+            (false, false) => "full".to_owned(),
+        },
+        command: std::iter::once("bench".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        started,
+        duration_secs: begun.elapsed().as_secs_f64(),
+        load_before,
+        load_after: probe::load_average(),
+        machine,
+        config: stack.config.clone(),
+        env_overrides,
+        litellm: litellm.as_ref().map(|l| report::LiteLlmInfo {
+            version: l.version.clone(),
+            config: l.config.clone(),
+        }),
+        litellm_error,
+        scenarios,
+        paths,
+        repeats,
+    };
+    let notes = match &options.notes {
+        Some(path) if path.is_file() => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    report::write(&data, &options.out, notes.as_deref())?;
+    announce(&options.out);
+    Ok(())
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the report's path is the program's output"
+)]
+fn announce(out: &std::path::Path) {
+    println!("{}", out.display());
+}

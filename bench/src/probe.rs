@@ -1,0 +1,256 @@
+//! What the benchmark reads from outside the processes it measures: CPU time and resident
+//! memory from `/proc/<pid>`, a process's TCP connections to Redis from `/proc/net/tcp`, and
+//! Redis's own `INFO commandstats`; plus the machine description for the report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use fred::prelude::*;
+use fred::types::InfoKind;
+
+/// User + system CPU time of a process (all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces and parentheses: fields after the last
+    // `)` start with field 3 (state); utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat format"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |index: usize| -> anyhow::Result<u64> {
+        fields
+            .get(index)
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat has no field {}", index + 3))?
+            .parse::<u64>()
+            .with_context(|| format!("/proc/{pid}/stat field {}", index + 3))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Parent pid of a process (field 4 of `/proc/<pid>/stat`).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid` and every live descendant (a Python server may fork workers).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return tree;
+    };
+    let all: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for &candidate in &all {
+            if !tree.contains(&candidate)
+                && parent_pid(candidate).is_some_and(|parent| tree.contains(&parent))
+            {
+                tree.push(candidate);
+                grew = true;
+            }
+        }
+    }
+    tree
+}
+
+/// CPU ticks of a process and its descendants (processes that exited are not counted).
+pub fn tree_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let mut total = cpu_ticks(pid)?;
+    for child in process_tree(pid).into_iter().skip(1) {
+        total += cpu_ticks(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`), 100 when it cannot be read.
+pub fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// Resident set size of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+/// Established TCP connections of process `pid` to `127.0.0.1:<remote_port>`.
+pub fn connections_to(pid: u32, remote_port: u16) -> anyhow::Result<usize> {
+    let mut inodes = HashSet::new();
+    let fd_dir = format!("/proc/{pid}/fd");
+    for entry in std::fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) = (cols.get(2), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            let port = remote
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            // State 01 is ESTABLISHED.
+            if port == Some(remote_port) && *state == "01" && inodes.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Calls per command from `INFO commandstats` (`cmdstat_xadd:calls=…` → `xadd`).
+pub async fn command_calls(redis: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
+    let info: String = redis
+        .info(Some(InfoKind::CommandStats))
+        .await
+        .context("INFO commandstats")?;
+    Ok(parse_commandstats(&info))
+}
+
+fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// One field of an `INFO` section (`process_id`, `connected_clients`, …).
+pub async fn info_field(redis: &Client, kind: InfoKind, field: &str) -> anyhow::Result<String> {
+    let info: String = redis.info(Some(kind)).await.context("INFO")?;
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| anyhow!("INFO has no field {field}"))
+}
+
+/// The machine and software the run happened on, for the report header.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub ram_gib: f64,
+    pub rustc: String,
+    pub redis: String,
+    pub git_rev: String,
+}
+
+impl Machine {
+    pub fn describe(repo: &Path) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let ram_gib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0.0, |kb| kb as f64 / (1024.0 * 1024.0));
+        Self {
+            nproc: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            cpu_model,
+            kernel: command_line("uname", &["-r"], None),
+            ram_gib,
+            rustc: command_line("rustc", &["-V"], None),
+            redis: command_line("redis-server", &["--version"], None),
+            git_rev: command_line(
+                "git",
+                &["describe", "--always", "--dirty", "--abbrev=12"],
+                Some(repo),
+            ),
+        }
+    }
+}
+
+/// First line of a command's output, or `unknown`.
+pub fn command_line(program: &str, args: &[&str], dir: Option<&Path>) -> String {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    command
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_lines_are_parsed() {
+        let info = "# Commandstats\r\ncmdstat_xadd:calls=12,usec=40,usec_per_call=3.33,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=7,usec=9\r\n";
+        let calls = parse_commandstats(info);
+        assert_eq!(calls.get("xadd"), Some(&12));
+        assert_eq!(calls.get("evalsha"), Some(&7));
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn own_process_is_readable() -> anyhow::Result<()> {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid)? > 0);
+        cpu_ticks(pid)?;
+        assert!(process_tree(pid).contains(&pid));
+        Ok(())
+    }
+}

@@ -1,0 +1,882 @@
+//! The Markdown report of a run: headline figures against the targets of the benchmark issue,
+//! the machine and configuration, every figure per scenario and path with min/median/max over
+//! the repeats, and the plots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::plot::{self, Line, Panel};
+use crate::probe::Machine;
+use crate::run::{IdleMemory, Measurement, PathKind, Scenario, XaddReference};
+use crate::stats::{Spread, show};
+
+/// Everything a run measured, also written as JSON next to the report.
+#[derive(Debug, Serialize)]
+pub struct RunData {
+    pub mode: String,
+    pub command: String,
+    pub started: String,
+    pub duration_secs: f64,
+    pub load_before: String,
+    pub load_after: String,
+    pub machine: Machine,
+    pub config: String,
+    /// `BRIDGE__*` variables the services inherited (tuning experiments).
+    pub env_overrides: Vec<(String, String)>,
+    pub litellm: Option<LiteLlmInfo>,
+    /// Why LiteLLM is missing when it was asked for.
+    pub litellm_error: Option<String>,
+    pub scenarios: Vec<Scenario>,
+    pub paths: Vec<PathKind>,
+    pub repeats: Vec<Repeat>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LiteLlmInfo {
+    pub version: String,
+    pub config: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Repeat {
+    pub measurements: Vec<Measurement>,
+    pub xadd: Option<XaddReference>,
+    pub idle: Option<IdleMemory>,
+}
+
+/// Scenario names the targets refer to.
+pub const ONE_STREAM: &str = "1x50";
+pub const TTFT: &str = "ttft-1";
+pub const MID: &str = "200x50";
+pub const MANY: &str = "1000x20";
+
+fn measurement<'r>(repeat: &'r Repeat, path: PathKind, scenario: &str) -> Option<&'r Measurement> {
+    repeat
+        .measurements
+        .iter()
+        .find(|m| m.path == path && m.scenario == scenario)
+}
+
+impl RunData {
+    /// A figure of one path over the repeats.
+    fn spread(
+        &self,
+        path: PathKind,
+        scenario: &str,
+        figure: impl Fn(&Measurement) -> Option<f64>,
+    ) -> Option<Spread> {
+        Spread::of(
+            self.repeats
+                .iter()
+                .filter_map(|r| measurement(r, path, scenario).and_then(&figure)),
+        )
+    }
+
+    /// `path` minus the baseline, per repeat, over the repeats.
+    fn added(
+        &self,
+        path: PathKind,
+        scenario: &str,
+        figure: impl Fn(&Measurement) -> Option<f64>,
+    ) -> Option<Spread> {
+        Spread::of(self.repeats.iter().filter_map(|r| {
+            let with = measurement(r, path, scenario).and_then(&figure)?;
+            let base = measurement(r, PathKind::Baseline, scenario).and_then(&figure)?;
+            Some(with - base)
+        }))
+    }
+
+    /// The unpaced scenario where the bridge delivered most (by median).
+    fn best_unpaced(&self) -> Option<&Scenario> {
+        self.scenarios
+            .iter()
+            .filter(|s| s.delay_ms == 0)
+            .filter_map(|s| {
+                self.spread(PathKind::Bridge, &s.name, |m| Some(m.tokens_per_sec))
+                    .map(|v| (s, v.median))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(s, _)| s)
+    }
+}
+
+fn ms(us: f64) -> f64 {
+    us / 1000.0
+}
+
+fn p50(m: &Measurement) -> Option<f64> {
+    m.token_latency.map(|p| ms(p.p50_us))
+}
+fn p99(m: &Measurement) -> Option<f64> {
+    m.token_latency.map(|p| ms(p.p99_us))
+}
+fn p999(m: &Measurement) -> Option<f64> {
+    m.token_latency.map(|p| ms(p.p999_us))
+}
+fn ttft50(m: &Measurement) -> Option<f64> {
+    m.ttft.map(|p| ms(p.p50_us))
+}
+fn ttft99(m: &Measurement) -> Option<f64> {
+    m.ttft.map(|p| ms(p.p99_us))
+}
+const BRIDGE_SERVICES: [&str; 3] = ["gateway", "producer", "processor"];
+fn bridge_cpu(m: &Measurement) -> Option<f64> {
+    Some(
+        BRIDGE_SERVICES
+            .iter()
+            .filter_map(|s| m.cpu_per_10k.get(*s))
+            .sum(),
+    )
+}
+
+/// `met` or by how much it missed; `None` value → not measured.
+fn verdict(value: Option<Spread>, target: f64, at_most: bool) -> String {
+    let Some(value) = value else {
+        return "not measured".to_owned();
+    };
+    let v = value.median;
+    let met = if at_most { v <= target } else { v >= target };
+    if met {
+        "**met**".to_owned()
+    } else if at_most {
+        format!("missed: {:.2}× the target", v / target)
+    } else {
+        format!("missed: {:.0} % of the target", 100.0 * v / target)
+    }
+}
+
+/// Writes `<stem>.md`, `<stem>.json`, `<stem>-latency.svg` and `<stem>-throughput.svg`.
+pub fn write(data: &RunData, out: &Path, notes: Option<&str>) -> anyhow::Result<()> {
+    let stem = out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("bench")
+        .to_owned();
+    let dir = out.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let latency_svg = format!("{stem}-latency.svg");
+    let throughput_svg = format!("{stem}-throughput.svg");
+    plot::draw(&dir.join(&latency_svg), &latency_panels(data))?;
+    plot::draw(&dir.join(&throughput_svg), &[throughput_panel(data)])?;
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(data)?,
+    )?;
+    let mut text = String::new();
+    markdown(data, &mut text, &latency_svg, &throughput_svg, notes)?;
+    std::fs::write(out, text)?;
+    Ok(())
+}
+
+fn latency_panels(data: &RunData) -> Vec<Panel> {
+    let mut rates: Vec<u64> = data
+        .scenarios
+        .iter()
+        .filter(|s| s.delay_ms > 0 && s.name != TTFT)
+        .map(|s| s.delay_ms)
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    rates
+        .into_iter()
+        .map(|delay| {
+            let scenarios: Vec<&Scenario> = data
+                .scenarios
+                .iter()
+                .filter(|s| s.delay_ms == delay && s.name != TTFT)
+                .collect();
+            let mut lines = Vec::new();
+            for &path in &data.paths {
+                for (label, figure, marked) in [
+                    ("p50", p50 as fn(&Measurement) -> Option<f64>, false),
+                    ("p99", p99, true),
+                ] {
+                    let points: Vec<(f64, f64)> = scenarios
+                        .iter()
+                        .filter_map(|s| {
+                            data.spread(path, &s.name, figure)
+                                .map(|v| (s.streams as f64, v.median))
+                        })
+                        .collect();
+                    if !points.is_empty() {
+                        lines.push(Line {
+                            label: format!("{} {label}", path.label()),
+                            path,
+                            marked,
+                            points,
+                        });
+                    }
+                }
+            }
+            Panel {
+                title: format!("Per-token latency, {} tok/s per stream", 1000 / delay),
+                y_label: "mock-llm send → client receive (ms)".to_owned(),
+                lines,
+                references: Vec::new(),
+                log_y: true,
+            }
+        })
+        .collect()
+}
+
+fn throughput_panel(data: &RunData) -> Panel {
+    let unpaced: Vec<&Scenario> = data.scenarios.iter().filter(|s| s.delay_ms == 0).collect();
+    let lines = data
+        .paths
+        .iter()
+        .map(|&path| Line {
+            label: path.label().to_owned(),
+            path,
+            marked: true,
+            points: unpaced
+                .iter()
+                .filter_map(|s| {
+                    data.spread(path, &s.name, |m| Some(m.tokens_per_sec))
+                        .map(|v| (s.streams as f64, v.median))
+                })
+                .collect(),
+        })
+        .filter(|l| !l.points.is_empty())
+        .collect();
+    let mut references = vec![("target 40k tokens/s".to_owned(), 40_000.0)];
+    if let Some(xadd) = Spread::of(
+        data.repeats
+            .iter()
+            .filter_map(|r| r.xadd.as_ref().map(|x| x.plain)),
+    ) {
+        references.push((
+            "redis-benchmark XADD (no pipelining)".to_owned(),
+            xadd.median,
+        ));
+    }
+    Panel {
+        title: "End-to-end tokens/s, unpaced streams".to_owned(),
+        y_label: "tokens/s received by clients".to_owned(),
+        lines,
+        references,
+        log_y: true,
+    }
+}
+
+fn markdown(
+    data: &RunData,
+    out: &mut String,
+    latency_svg: &str,
+    throughput_svg: &str,
+    notes: Option<&str>,
+) -> std::fmt::Result {
+    writeln!(out, "# Benchmark report ({})\n", data.mode)?;
+    writeln!(
+        out,
+        "Generated by `{}` on {} in {:.0} s; {} repeat(s). Each figure is `median (min–max)` \
+         over the repeats; a single repeat shows one value. Raw data: the `.json` file next to \
+         this one.\n",
+        data.command,
+        data.started,
+        data.duration_secs,
+        data.repeats.len()
+    )?;
+    headline(data, out)?;
+    if let Some(notes) = notes {
+        writeln!(out, "{}\n", notes.trim_end())?;
+    }
+    writeln!(out, "## Plots\n")?;
+    writeln!(out, "![Per-token latency]({latency_svg})\n")?;
+    writeln!(out, "![Throughput]({throughput_svg})\n")?;
+    machine(data, out)?;
+    method(data, out)?;
+    latency_tables(data, out)?;
+    throughput_tables(data, out)?;
+    redis_tables(data, out)?;
+    idle_table(data, out)?;
+    health(data, out)?;
+    Ok(())
+}
+
+fn headline(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "## Headline figures against the targets\n")?;
+    writeln!(
+        out,
+        "\"Added\" is the bridge minus the baseline measured in the same repeat (the client \
+         streaming straight from mock-llm), then min/median/max over repeats. Latencies in ms.\n"
+    )?;
+    writeln!(out, "| figure | measured | target | verdict |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    let bridge = PathKind::Bridge;
+    if let Some(best) = data.best_unpaced() {
+        let tps = data.spread(bridge, &best.name, |m| Some(m.tokens_per_sec));
+        writeln!(
+            out,
+            "| end-to-end tokens/s (bridge, best unpaced: `{}`) | {} | ≥ 40,000 | {} |",
+            best.name,
+            show(tps, 0),
+            verdict(tps, 40_000.0, false)
+        )?;
+        if data.paths.contains(&PathKind::LiteLlm) {
+            let ratio = Spread::of(data.repeats.iter().filter_map(|r| {
+                let b = measurement(r, bridge, &best.name)?.tokens_per_sec;
+                let l = data
+                    .scenarios
+                    .iter()
+                    .filter(|s| s.delay_ms == 0)
+                    .filter_map(|s| measurement(r, PathKind::LiteLlm, &s.name))
+                    .map(|m| m.tokens_per_sec)
+                    .fold(0.0, f64::max);
+                (l > 0.0).then(|| b / l)
+            }));
+            writeln!(
+                out,
+                "| bridge tokens/s ÷ LiteLLM's best unpaced tokens/s | {} | ≥ 25× | {} |",
+                show(ratio, 1),
+                verdict(ratio, 25.0, false)
+            )?;
+        }
+        let cpu = data.spread(bridge, &best.name, bridge_cpu);
+        writeln!(
+            out,
+            "| CPU-s per 10k tokens, gateway + producer + processor (`{}`) | {} | ≤ 0.3 | {} |",
+            best.name,
+            show(cpu, 3),
+            verdict(cpu, 0.3, true)
+        )?;
+        let with_redis = data.spread(bridge, &best.name, |m| {
+            Some(bridge_cpu(m)? + m.cpu_per_10k.get("redis").copied().unwrap_or(0.0))
+        });
+        writeln!(
+            out,
+            "| the same plus Redis (not part of the target) | {} | – | – |",
+            show(with_redis, 3)
+        )?;
+    }
+    for (label, scenario, figure, target) in [
+        (
+            "added per-token latency p50, 1 stream × 50 tok/s",
+            ONE_STREAM,
+            p50 as fn(&Measurement) -> Option<f64>,
+            0.3,
+        ),
+        (
+            "added per-token latency p99, 1 stream × 50 tok/s",
+            ONE_STREAM,
+            p99,
+            1.0,
+        ),
+        (
+            "added per-token latency p99, 200 streams × 50 tok/s",
+            MID,
+            p99,
+            3.0,
+        ),
+        (
+            "added per-token latency p99, 1,000 streams × 20 tok/s",
+            MANY,
+            p99,
+            5.0,
+        ),
+        ("added time to first token p50, 1 stream", TTFT, ttft50, 2.0),
+    ] {
+        let added = data.added(bridge, scenario, figure);
+        writeln!(
+            out,
+            "| {label} | {} | ≤ {target} | {} |",
+            show(added, 3),
+            verdict(added, target, true)
+        )?;
+    }
+    // Redis connections of the gateway: idle, with idle clients, under the largest load.
+    let mut seen = Vec::new();
+    if let Some(repeat) = data.repeats.first() {
+        if let Some(idle) = &repeat.idle {
+            seen.push(format!("{} at 0 clients", idle.base_connections));
+            for p in &idle.points {
+                seen.push(format!(
+                    "{} at {} idle clients",
+                    p.gateway_redis_connections, p.clients
+                ));
+            }
+        }
+        for m in &repeat.measurements {
+            if let Some(c) = m.gateway_redis_connections {
+                seen.push(format!("{c} during `{}`", m.scenario));
+            }
+        }
+    }
+    let counts: Vec<usize> = data
+        .repeats
+        .iter()
+        .flat_map(|r| {
+            r.idle
+                .iter()
+                .flat_map(|i| {
+                    std::iter::once(i.base_connections)
+                        .chain(i.points.iter().map(|p| p.gateway_redis_connections))
+                })
+                .chain(
+                    r.measurements
+                        .iter()
+                        .filter_map(|m| m.gateway_redis_connections),
+                )
+        })
+        .collect();
+    let constant = counts.windows(2).all(|w| w[0] == w[1]);
+    writeln!(
+        out,
+        "| Redis connections of the gateway (first repeat) | {} | constant as clients grow | {} |",
+        seen.join(", "),
+        if counts.is_empty() {
+            "not measured"
+        } else if constant {
+            "**met**"
+        } else {
+            "varies (see the per-scenario table)"
+        }
+    )?;
+    let worst = data
+        .scenarios
+        .iter()
+        .filter_map(|s| {
+            data.spread(bridge, &s.name, |m| m.redis_commands_per_token)
+                .map(|v| (s, v))
+        })
+        .max_by(|a, b| a.1.median.total_cmp(&b.1.median));
+    if let Some((scenario, commands)) = worst {
+        writeln!(
+            out,
+            "| Redis commands per delivered token (worst scenario: `{}`) | {} | ≤ 1.5 | {} |",
+            scenario.name,
+            commands.show(2),
+            verdict(Some(commands), 1.5, true)
+        )?;
+    }
+    if let Some(best) = data.best_unpaced() {
+        let commands = data.spread(bridge, &best.name, |m| m.redis_commands_per_token);
+        writeln!(
+            out,
+            "| Redis commands per delivered token (`{}`) | {} | ≤ 1.5 | {} |",
+            best.name,
+            show(commands, 2),
+            verdict(commands, 1.5, true)
+        )?;
+    }
+    let largest = data
+        .repeats
+        .iter()
+        .filter_map(|r| r.idle.as_ref()?.points.last().map(|p| p.clients))
+        .max();
+    if let Some(clients) = largest {
+        let per_client = Spread::of(data.repeats.iter().filter_map(|r| {
+            r.idle
+                .as_ref()?
+                .points
+                .iter()
+                .find(|p| p.clients == clients)
+                .map(|p| p.bytes_per_client / 1024.0)
+        }));
+        writeln!(
+            out,
+            "| gateway memory per idle SSE client at {clients} clients (KiB) | {} | ≤ 8 at 10,000 | {} |",
+            show(per_client, 2),
+            if clients < 10_000 {
+                "not measured at 10,000 (quick mode)".to_owned()
+            } else {
+                verdict(per_client, 8.0, true)
+            }
+        )?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn machine(data: &RunData, out: &mut String) -> std::fmt::Result {
+    let m = &data.machine;
+    writeln!(out, "## Machine and versions\n")?;
+    writeln!(out, "| | |\n|---|---|")?;
+    writeln!(out, "| CPUs (nproc) | {} |", m.nproc)?;
+    writeln!(out, "| CPU model | {} |", m.cpu_model)?;
+    writeln!(out, "| kernel | {} |", m.kernel)?;
+    writeln!(out, "| RAM | {:.1} GiB |", m.ram_gib)?;
+    writeln!(
+        out,
+        "| load average (1/5/15 min) before / after | {} / {} |",
+        data.load_before, data.load_after
+    )?;
+    writeln!(out, "| rustc | {} |", m.rustc)?;
+    writeln!(out, "| Redis | {} |", m.redis)?;
+    writeln!(out, "| source revision | {} |", m.git_rev)?;
+    match (&data.litellm, &data.litellm_error) {
+        (Some(l), _) => writeln!(out, "| LiteLLM | {} |", l.version)?,
+        (None, Some(error)) => writeln!(out, "| LiteLLM | could not run: {error} |")?,
+        (None, None) => {}
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Everything runs on this one machine at once: Redis, mock-llm, the three bridge \
+         services{}, and the load generator. The machine is shared, so the load average above \
+         is part of the result.\n",
+        if data.litellm.is_some() {
+            ", LiteLLM"
+        } else {
+            ""
+        }
+    )?;
+    Ok(())
+}
+
+fn method(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "## Method and configuration\n")?;
+    writeln!(
+        out,
+        "- Each stream is a loop of chats, one after another. A chat asks mock-llm (through the \
+         prompt directive `[[mock tokens=N delay_ms=D stamp=1]]`) for N tokens, one every D ms \
+         (`unpaced`: D = 0, as fast as the path takes them). `stamp=1` makes mock-llm append \
+         `|<send time in Unix µs>` to each token's text; every path forwards the text \
+         unchanged, so the client computes receive − send per token with the one clock of this \
+         machine.\n\
+         - Paths: **baseline**: the client streams from mock-llm's OpenAI endpoint itself; \
+         **bridge**: `POST /api/chat/start` then the request's SSE stream (mock-llm → producer → \
+         Redis → gateway → client){}.\n\
+         - Per-token latency counts every token after the first of its chat, received within \
+         the measurement window (the first is covered by time to first token, which runs from \
+         before the start request to the first token).\n\
+         - Each measurement: warm-up, then a window in which tokens/s, CPU time \
+         (`/proc/<pid>/stat`, utime + stime, all threads) and Redis `INFO commandstats` are \
+         sampled at both ends; then running chats finish before the next measurement begins \
+         (mock-llm reports no open stream).\n\
+         - Within a repeat, each scenario runs on every path back to back (baseline first), so \
+         a change in machine load hits both.\n\
+         - Memory per idle client: gateway RSS (`VmRSS`) with N session-wide SSE streams open \
+         (one session each, via `POST /api/sessions/{{id}}/stream-token`), minus its RSS before \
+         they opened, divided by N.\n",
+        if data.litellm.is_some() {
+            "; **LiteLLM**: the same OpenAI request through a LiteLLM proxy (one worker, \
+             logging off) pointed at the same mock-llm"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "| scenario | streams | rate per stream | tokens per chat | warm-up | window |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for s in &data.scenarios {
+        writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {:.0} s | {:.0} s |",
+            s.name,
+            s.streams,
+            s.rate_label(),
+            s.tokens_per_chat,
+            s.warmup.as_secs_f64(),
+            s.window.as_secs_f64()
+        )?;
+    }
+    writeln!(
+        out,
+        "\nThe stack's configuration (every other key at its default):\n\n```toml\n{}```\n",
+        data.config
+    )?;
+    if !data.env_overrides.is_empty() {
+        writeln!(out, "Environment overrides inherited by the services:\n")?;
+        for (k, v) in &data.env_overrides {
+            writeln!(out, "- `{k}={v}`")?;
+        }
+        writeln!(out)?;
+    }
+    if let Some(l) = &data.litellm {
+        writeln!(
+            out,
+            "LiteLLM proxy configuration (`litellm --config … --num_workers 1`, \
+             `LITELLM_LOG=ERROR`):\n\n```yaml\n{}```\n",
+            l.config
+        )?;
+    }
+    Ok(())
+}
+
+fn latency_tables(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(
+        out,
+        "## Per-token latency (ms, mock-llm send → client receive)\n"
+    )?;
+    writeln!(
+        out,
+        "| scenario | path | samples | p50 | p99 | p999 | added p50 | added p99 | added p999 |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    for s in data.scenarios.iter().filter(|s| s.name != TTFT) {
+        for &path in &data.paths {
+            let samples = data.spread(path, &s.name, |m| m.token_latency.map(|p| p.count as f64));
+            let added = |f: fn(&Measurement) -> Option<f64>| {
+                if path == PathKind::Baseline {
+                    "–".to_owned()
+                } else {
+                    show(data.added(path, &s.name, f), 3)
+                }
+            };
+            writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.name,
+                path.label(),
+                show(samples, 0),
+                show(data.spread(path, &s.name, p50), 3),
+                show(data.spread(path, &s.name, p99), 3),
+                show(data.spread(path, &s.name, p999), 3),
+                added(p50),
+                added(p99),
+                added(p999),
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "\np999 needs about 1,000 samples or more to mean anything; with fewer it is close to \
+         the maximum.\n"
+    )?;
+    writeln!(
+        out,
+        "## Time to first token (ms, chat start → first token)\n"
+    )?;
+    writeln!(
+        out,
+        "| scenario | path | chats | p50 | p99 | added p50 | added p99 |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    for s in &data.scenarios {
+        for &path in &data.paths {
+            let chats = data.spread(path, &s.name, |m| m.ttft.map(|p| p.count as f64));
+            let added = |f: fn(&Measurement) -> Option<f64>| {
+                if path == PathKind::Baseline {
+                    "–".to_owned()
+                } else {
+                    show(data.added(path, &s.name, f), 3)
+                }
+            };
+            writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} | {} |",
+                s.name,
+                path.label(),
+                show(chats, 0),
+                show(data.spread(path, &s.name, ttft50), 3),
+                show(data.spread(path, &s.name, ttft99), 3),
+                added(ttft50),
+                added(ttft99),
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "\nEvery chat's first token waits for mock-llm's `delay_ms` on every path; the added \
+         figure removes it. On the bridge the clock includes the start request, the job's trip \
+         through Redis to a producer, and opening the SSE stream.\n"
+    )?;
+    Ok(())
+}
+
+fn throughput_tables(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "## Throughput and CPU\n")?;
+    let mut processes: Vec<String> = data
+        .repeats
+        .iter()
+        .flat_map(|r| {
+            r.measurements
+                .iter()
+                .flat_map(|m| m.cpu_per_10k.keys().cloned())
+        })
+        .collect();
+    processes.sort();
+    processes.dedup();
+    write!(
+        out,
+        "| scenario | path | tokens/s | bridge services CPU-s/10k |"
+    )?;
+    for p in &processes {
+        write!(out, " {p} |")?;
+    }
+    writeln!(out)?;
+    write!(out, "|---|---|---|---|")?;
+    for _ in &processes {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for s in &data.scenarios {
+        for &path in &data.paths {
+            write!(
+                out,
+                "| `{}` | {} | {} | {} |",
+                s.name,
+                path.label(),
+                show(data.spread(path, &s.name, |m| Some(m.tokens_per_sec)), 0),
+                if path == PathKind::Bridge {
+                    show(data.spread(path, &s.name, bridge_cpu), 3)
+                } else {
+                    "–".to_owned()
+                }
+            )?;
+            for p in &processes {
+                let v = data.spread(path, &s.name, |m| m.cpu_per_10k.get(p).copied());
+                write!(out, " {} |", show(v, 3))?;
+            }
+            writeln!(out)?;
+        }
+    }
+    writeln!(
+        out,
+        "\nCPU columns are CPU-seconds per 10,000 tokens delivered in the window, per process \
+         (`bench` is the load generator itself). A process not on a path still shows its \
+         background cost.\n"
+    )?;
+    let xadd: Vec<&XaddReference> = data
+        .repeats
+        .iter()
+        .filter_map(|r| r.xadd.as_ref())
+        .collect();
+    if let Some(first) = xadd.first() {
+        writeln!(
+            out,
+            "Reference on the same Redis in the same run (`{}`): {} XADD/s without \
+             pipelining, {} XADD/s with 16 pipelined; the bridge's best end-to-end rate is {} \
+             tokens/s.\n",
+            first.command,
+            show(Spread::of(xadd.iter().map(|x| x.plain)), 0),
+            show(Spread::of(xadd.iter().map(|x| x.pipelined)), 0),
+            show(
+                data.best_unpaced().and_then(
+                    |b| data.spread(PathKind::Bridge, &b.name, |m| Some(m.tokens_per_sec))
+                ),
+                0
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn redis_tables(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "## Redis commands per delivered token (bridge)\n")?;
+    let mut commands: BTreeMap<String, f64> = BTreeMap::new();
+    for m in data
+        .repeats
+        .iter()
+        .flat_map(|r| &r.measurements)
+        .filter(|m| m.path == PathKind::Bridge)
+    {
+        for (c, v) in &m.redis_commands {
+            *commands.entry(c.clone()).or_default() += v;
+        }
+    }
+    let mut top: Vec<(String, f64)> = commands.into_iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = top.into_iter().take(8).map(|(c, _)| c).collect();
+    write!(out, "| scenario | total |")?;
+    for c in &top {
+        write!(out, " {c} |")?;
+    }
+    writeln!(out, " gateway Redis connections |")?;
+    write!(out, "|---|---|")?;
+    for _ in &top {
+        write!(out, "---|")?;
+    }
+    writeln!(out, "---|")?;
+    for s in &data.scenarios {
+        write!(
+            out,
+            "| `{}` | {} |",
+            s.name,
+            show(
+                data.spread(PathKind::Bridge, &s.name, |m| m.redis_commands_per_token),
+                2
+            )
+        )?;
+        for c in &top {
+            let v = data.spread(PathKind::Bridge, &s.name, |m| {
+                Some(m.redis_commands.get(c).copied().unwrap_or(0.0))
+            });
+            write!(out, " {} |", show(v, 3))?;
+        }
+        let conns = data.spread(PathKind::Bridge, &s.name, |m| {
+            m.gateway_redis_connections.map(|c| c as f64)
+        });
+        writeln!(out, " {} |", show(conns, 0))?;
+    }
+    writeln!(
+        out,
+        "\nAll commands Redis executed in the window (every service, heartbeats included; the \
+         benchmark's own `INFO` excluded) divided by the tokens clients received.\n"
+    )?;
+    Ok(())
+}
+
+fn idle_table(data: &RunData, out: &mut String) -> std::fmt::Result {
+    if data.repeats.iter().all(|r| r.idle.is_none()) {
+        return Ok(());
+    }
+    writeln!(out, "## Gateway memory with idle SSE clients\n")?;
+    writeln!(
+        out,
+        "| repeat | RSS before | clients | RSS with clients | KiB per client | gateway Redis connections | time to open all |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    for (i, r) in data.repeats.iter().enumerate() {
+        let Some(idle) = &r.idle else { continue };
+        for p in &idle.points {
+            writeln!(
+                out,
+                "| {} | {:.1} MiB | {} | {:.1} MiB | {:.2} | {} (before: {}) | {:.1} s |",
+                i + 1,
+                idle.base_rss as f64 / 1_048_576.0,
+                p.clients,
+                p.gateway_rss as f64 / 1_048_576.0,
+                p.bytes_per_client / 1024.0,
+                p.gateway_redis_connections,
+                idle.base_connections,
+                idle.open_secs
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "\nLater repeats start from a gateway whose allocator already holds memory from the \
+         earlier ones, so they can show less per client than the first.\n"
+    )?;
+    Ok(())
+}
+
+fn health(data: &RunData, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "## Run health\n")?;
+    writeln!(
+        out,
+        "| scenario | path | chats (all repeats) | failed chats | unstamped tokens | drained |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for s in &data.scenarios {
+        for &path in &data.paths {
+            let ms: Vec<&Measurement> = data
+                .repeats
+                .iter()
+                .filter_map(|r| measurement(r, path, &s.name))
+                .collect();
+            writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} |",
+                s.name,
+                path.label(),
+                ms.iter().map(|m| m.chats).sum::<u64>(),
+                ms.iter().map(|m| m.errors).sum::<u64>(),
+                ms.iter().map(|m| m.unstamped).sum::<u64>(),
+                if ms.iter().all(|m| m.drained) {
+                    "yes"
+                } else {
+                    "no: chats were cut off"
+                }
+            )?;
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}

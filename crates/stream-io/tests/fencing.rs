@@ -1,0 +1,169 @@
+//! The fencing and lease scripts against a real redis-server: an attempt that lost the request
+//! writes nothing, the end fences everyone, and renewing a lease never steals a job back.
+
+use fred::prelude::*;
+use stream_io::groups::{self, LeaseScript};
+use stream_io::session::{
+    AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, owner_state,
+};
+use stream_schema::{
+    ErrorCode, FinishReason, ModelId, RequestId, SessionEvent, SessionId, StreamKey, Usage,
+    UsageSource,
+};
+use test_support::RedisServer;
+
+fn token(request_id: RequestId, sequence: u64) -> SessionEvent {
+    SessionEvent::Token {
+        request_id,
+        sequence,
+        content: format!("t{sequence}"),
+        timestamp: 1,
+    }
+}
+
+#[tokio::test]
+async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let request_id = RequestId::new();
+    let streams = RequestStreams::new(
+        &SessionId::parse("s")?,
+        &ModelId::parse("m")?,
+        &request_id,
+        Retention {
+            maxlen: 100,
+            ttl_secs: 60,
+        },
+    );
+    let start = SessionEvent::Start {
+        request_id,
+        session_id: SessionId::parse("s")?,
+        model_id: ModelId::parse("m")?,
+        attempt: 1,
+        timestamp: 1,
+    };
+    scripts
+        .start(
+            &client,
+            &streams.stream,
+            &streams.owner,
+            &start,
+            streams.retention,
+        )
+        .await?;
+    let first = scripts
+        .append(&client, &streams, 1, &token(request_id, 1), true)
+        .await?;
+    assert!(matches!(first, AppendOutcome::Written(_)));
+
+    let restart = SessionEvent::Restart {
+        request_id,
+        attempt: 2,
+        reason: "producer_lost".to_owned(),
+        timestamp: 2,
+    };
+    assert!(matches!(
+        scripts.take_over(&client, &streams, 1, &restart).await?,
+        TakeOver::Taken(_)
+    ));
+    // A second reclaimer with the same stale view loses the race.
+    assert_eq!(
+        scripts.take_over(&client, &streams, 1, &restart).await?,
+        TakeOver::Lost(OwnerState::Attempt(2))
+    );
+    // The old attempt is fenced off; the new one writes.
+    assert_eq!(
+        scripts
+            .append(&client, &streams, 1, &token(request_id, 2), true)
+            .await?,
+        AppendOutcome::Fenced
+    );
+    let complete = SessionEvent::Complete {
+        request_id,
+        finish_reason: FinishReason::Stop,
+        usage: Usage {
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            source: UsageSource::Counted,
+        },
+        timestamp: 3,
+    };
+    assert!(matches!(
+        scripts
+            .append(&client, &streams, 2, &complete, false)
+            .await?,
+        AppendOutcome::Written(_)
+    ));
+    assert_eq!(
+        owner_state(&client, &streams.owner).await?,
+        OwnerState::Done
+    );
+    // After the end nobody writes, not even the attempt that ended it.
+    assert_eq!(
+        scripts
+            .append(&client, &streams, 2, &token(request_id, 2), true)
+            .await?,
+        AppendOutcome::Fenced
+    );
+    let failed = SessionEvent::Error {
+        request_id,
+        code: ErrorCode::JobFailed,
+        message: "x".to_owned(),
+        retryable: false,
+        timestamp: 4,
+    };
+    assert_eq!(
+        scripts.give_up(&client, &streams, 2, &failed).await?,
+        TakeOver::Lost(OwnerState::Done)
+    );
+    let len: u64 = client.xlen(streams.stream.as_str()).await?;
+    assert_eq!(len, 4, "start, token 1, restart, complete");
+    Ok(())
+}
+
+#[tokio::test]
+async fn renewing_a_lease_reports_a_lost_job_and_never_steals_it_back() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let key = StreamKey::requests();
+    groups::ensure_group(&client, &key, "g").await?;
+    let id: String = client
+        .xadd(key.as_str(), false, None, "*", vec![("v", "1")])
+        .await?;
+    let id = stream_schema::EntryId::parse(&id)?;
+    let read = groups::read_new(&client, "g", "a", std::slice::from_ref(&key), 1, 100).await;
+    assert_eq!(read?.len(), 1);
+
+    let lease = LeaseScript::default();
+    assert!(
+        lease
+            .renew(&client, &key, "g", "a", &[id])
+            .await?
+            .is_empty()
+    );
+    // `b` takes it over once it is idle; `a` then learns it lost it, and `b` keeps it.
+    let (_, taken) = groups::autoclaim(&client, &key, "g", "b", 0, "0-0", 10).await?;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(lease.renew(&client, &key, "g", "a", &[id]).await?, vec![id]);
+    let pending: fred::types::Value = client.xpending(key.as_str(), "g", ("-", "+", 10)).await?;
+    let owner = pending
+        .into_array()
+        .first()
+        .cloned()
+        .map(|entry| entry.into_array())
+        .and_then(|entry| entry.get(1).cloned())
+        .and_then(|consumer| consumer.into_string());
+    assert_eq!(owner.as_deref(), Some("b"));
+
+    // A hand-back makes the job look idle for the lease, so the next reclaim takes it at once.
+    assert!(
+        lease
+            .hand_back(&client, &key, "g", "b", &[id], 60_000)
+            .await?
+            .is_empty()
+    );
+    let (_, again) = groups::autoclaim(&client, &key, "g", "c", 50_000, "0-0", 10).await?;
+    assert_eq!(again.len(), 1);
+    Ok(())
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The demo page in a real browser: headless Chromium, driven through ChromeDriver by the e2e
+# test `browser::` (tests/tests/e2e/browser.rs) against a whole stack it starts itself.
+#
+# Installs Debian's chromium and chromium-driver when they are missing (as root, or via sudo),
+# builds the service binaries if needed, then runs the test, which is #[ignore]d in the plain
+# test run because it needs the browser. A screenshot lands in tests/artifacts/demo-page.png.
+#
+# Usage: scripts/browser-test.sh [--update-screenshot]
+#   --update-screenshot   also copy the screenshot to docs/demo-page.png (the README's picture)
+# Environment:
+#   CHROMIUM, CHROMEDRIVER   use these binaries instead of chromium/chromedriver on PATH
+#   CARGO_TARGET_DIR         where the binaries are built (the Makefile sets it)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+: "${CARGO_TARGET_DIR:=$HOME/.cache/llm-bridge/target}"
+export CARGO_TARGET_DIR
+
+say() { printf 'browser-test: %s\n' "$*" >&2; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+fail() {
+    say "$*"
+    say "install Chromium and its ChromeDriver yourself (Debian/Ubuntu: apt-get install -y" \
+        "chromium chromium-driver), or point CHROMIUM and CHROMEDRIVER at a matching pair."
+    exit 1
+}
+
+case "${1:-}" in
+    --update-screenshot) export BRIDGE_UPDATE_DEMO_SCREENSHOT=1 ;;
+    "") ;;
+    *)
+        say "unknown argument: $1 (usage: scripts/browser-test.sh [--update-screenshot])"
+        exit 2
+        ;;
+esac
+
+chromium_bin=${CHROMIUM:-}
+driver_bin=${CHROMEDRIVER:-}
+find_browser() {
+    if [ -z "${CHROMIUM:-}" ]; then
+        chromium_bin=""
+        for name in chromium chromium-browser google-chrome; do
+            if have "$name"; then
+                chromium_bin=$(command -v "$name")
+                break
+            fi
+        done
+    fi
+    if [ -z "${CHROMEDRIVER:-}" ]; then
+        driver_bin=$(command -v chromedriver 2>/dev/null || true)
+    fi
+    [ -n "$chromium_bin" ] && [ -x "$chromium_bin" ] && [ -n "$driver_bin" ] && [ -x "$driver_bin" ]
+}
+
+if ! find_browser; then
+    if [ -n "${CHROMIUM:-}${CHROMEDRIVER:-}" ]; then
+        fail "CHROMIUM=${CHROMIUM:-} or CHROMEDRIVER=${CHROMEDRIVER:-} is not an executable."
+    fi
+    say "Chromium or ChromeDriver not found; installing the Debian packages chromium and chromium-driver"
+    have apt-get || fail "apt-get is not available, so I cannot install them."
+    sudo_cmd=()
+    if [ "$(id -u)" -ne 0 ]; then
+        have sudo || fail "not running as root and sudo is not available."
+        sudo_cmd=(sudo)
+    fi
+    apt_get() {
+        ${sudo_cmd[@]+"${sudo_cmd[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get "$@"
+    }
+    # Fresh containers often have no package lists yet: refresh them only if the install fails.
+    if ! apt_get install -y chromium chromium-driver; then
+        apt_get update || fail "apt-get update failed."
+        apt_get install -y chromium chromium-driver ||
+            fail "apt-get install -y chromium chromium-driver failed."
+    fi
+    find_browser || fail "chromium and chromium-driver were installed but are still not on PATH."
+fi
+
+# A driver for another browser version refuses to start a session; say so up front.
+browser_version=$("$chromium_bin" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9.]+' | head -n1 || true)
+driver_version=$("$driver_bin" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9.]+' | head -n1 || true)
+say "browser $chromium_bin ($browser_version), driver $driver_bin ($driver_version)"
+if [ -z "$browser_version" ] || [ "${browser_version%%.*}" != "${driver_version%%.*}" ]; then
+    fail "Chromium $browser_version and ChromeDriver $driver_version are different major versions."
+fi
+export CHROMIUM=$chromium_bin CHROMEDRIVER=$driver_bin
+
+scripts/ensure-redis.sh
+# The test starts the real binaries; `make test` has built them already, so this is quick.
+cargo build --workspace --bins
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run -p e2e --run-ignored only --no-fail-fast -E 'test(/^browser::/)'
+else
+    cargo test -p e2e --test e2e -- --ignored --exact \
+        browser::the_demo_page_streams_stops_resumes_and_follows_in_chromium
+fi
+say "screenshot: tests/artifacts/demo-page.png"

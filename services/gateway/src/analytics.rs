@@ -1,0 +1,281 @@
+//! `GET /api/analytics/sessions/{sessionId}`, `GET /api/analytics/models` and
+//! `GET /api/analytics/key`: the counters the processor keeps, as camelCase JSON.
+//!
+//! Every answer has `totals` (since the counters' TTL began) and `window` (the last
+//! `?minutes=` minutes, default 15, at most `processor.window_retention_secs`), built by summing
+//! stats hashes: a session's live in one shard, a model's and a key's are spread over every
+//! shard. Field names, histogram buckets and percentiles come from `stream_schema::stats`, the
+//! definitions the processor writes with.
+
+use std::collections::{BTreeMap, HashMap};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use fred::prelude::*;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use stream_schema::stats::{Counters, Histogram};
+use stream_schema::{ModelId, SessionId, StreamKey};
+
+use crate::error::ApiError;
+use crate::state::{AppState, SharedState};
+
+/// Window length when the query gives none.
+const DEFAULT_WINDOW_MINUTES: u64 = 15;
+
+#[derive(Debug, Deserialize)]
+struct WindowQuery {
+    minutes: Option<u64>,
+}
+
+/// p50 and p95 of one latency, in ms; `null` without samples.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Percentiles {
+    p50: Option<f64>,
+    p95: Option<f64>,
+    samples: u64,
+}
+
+impl From<&Histogram> for Percentiles {
+    fn from(histogram: &Histogram) -> Self {
+        Self {
+            p50: histogram.percentile(0.50).map(round),
+            p95: histogram.percentile(0.95).map(round),
+            samples: histogram.count(),
+        }
+    }
+}
+
+/// One decimal is more precision than the buckets have.
+fn round(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+/// What a set of stats hashes says; the same shape for totals and windows.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    requests: u64,
+    restarts: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Tokens written to session streams (not counted per API key).
+    tokens_streamed: u64,
+    finished: u64,
+    cancelled: u64,
+    /// Completed requests by finish reason, `cancelled` included.
+    finishes: BTreeMap<String, u64>,
+    /// Failed requests by error code.
+    errors: BTreeMap<String, u64>,
+    time_to_first_token_ms: Percentiles,
+    duration_ms: Percentiles,
+    /// Completion tokens per second of generation (after the first token).
+    tokens_per_second: Option<f64>,
+}
+
+impl From<&Counters> for Summary {
+    fn from(c: &Counters) -> Self {
+        Self {
+            requests: c.requests,
+            restarts: c.restarts,
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            tokens_streamed: c.tokens_streamed,
+            finished: c.finished,
+            cancelled: c.cancelled(),
+            finishes: c.finishes.clone(),
+            errors: c.errors.clone(),
+            time_to_first_token_ms: (&c.ttft).into(),
+            duration_ms: (&c.duration).into(),
+            tokens_per_second: c.tokens_per_second().map(round),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Window {
+    window_minutes: u64,
+    #[serde(flatten)]
+    summary: Summary,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    totals: Summary,
+    window: Window,
+}
+
+/// Which stats hashes to sum: per shard, the totals key and the key of a given minute.
+trait Scope: Sync {
+    fn totals(&self, shard: u16) -> StreamKey;
+    fn minute(&self, shard: u16, minute: u64) -> StreamKey;
+}
+
+struct SessionScope(SessionId);
+struct ModelScope(ModelId);
+struct KeyScope(String);
+
+impl Scope for SessionScope {
+    fn totals(&self, shard: u16) -> StreamKey {
+        StreamKey::session_stats(shard, &self.0)
+    }
+    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
+        StreamKey::session_stats_minute(shard, &self.0, minute)
+    }
+}
+
+impl Scope for ModelScope {
+    fn totals(&self, shard: u16) -> StreamKey {
+        StreamKey::model_stats(shard, &self.0)
+    }
+    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
+        StreamKey::model_stats_minute(shard, &self.0, minute)
+    }
+}
+
+impl Scope for KeyScope {
+    fn totals(&self, shard: u16) -> StreamKey {
+        StreamKey::key_stats(shard, &self.0)
+    }
+    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
+        StreamKey::key_stats_minute(shard, &self.0, minute)
+    }
+}
+
+/// Sums the hashes of `keys`; the reads are issued together so fred pipelines them.
+async fn sum(client: &Client, keys: &[StreamKey]) -> Result<Counters, ApiError> {
+    let replies = join_all(
+        keys.iter()
+            .map(|key| client.hgetall::<HashMap<String, String>, _>(key.as_str())),
+    )
+    .await;
+    let mut counters = Counters::default();
+    for reply in replies {
+        counters.add_hash(reply?);
+    }
+    Ok(counters)
+}
+
+/// Totals and window of `scope` over `shards`, for the `minutes` minutes up to now.
+async fn report(
+    client: &Client,
+    scope: &dyn Scope,
+    shards: &[u16],
+    minutes: u64,
+) -> Result<Report, ApiError> {
+    let totals: Vec<StreamKey> = shards.iter().map(|shard| scope.totals(*shard)).collect();
+    let now = stream_schema::stats::minute_of(stream_schema::now_millis());
+    let first = now.saturating_sub(minutes.saturating_sub(1));
+    let window: Vec<StreamKey> = shards
+        .iter()
+        .flat_map(|shard| (first..=now).map(move |minute| scope.minute(*shard, minute)))
+        .collect();
+    let (totals, window) = futures::try_join!(sum(client, &totals), sum(client, &window))?;
+    Ok(Report {
+        totals: (&totals).into(),
+        window: Window {
+            window_minutes: minutes,
+            summary: (&window).into(),
+        },
+    })
+}
+
+/// The `?minutes=` window, checked against what the processor keeps.
+fn window_minutes(req: &HttpRequest, state: &AppState) -> Result<u64, ApiError> {
+    let query = web::Query::<WindowQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
+    let max = (state.settings.processor.window_retention_secs / 60).max(1);
+    let minutes = query.minutes.unwrap_or(DEFAULT_WINDOW_MINUTES.min(max));
+    if minutes == 0 || minutes > max {
+        return Err(ApiError::InvalidRequest(format!(
+            "minutes must be between 1 and {max} (the analytics retention)"
+        )));
+    }
+    Ok(minutes)
+}
+
+fn all_shards(state: &AppState) -> Vec<u16> {
+    (0..state.settings.streams.event_shards.max(1)).collect()
+}
+
+pub async fn session(
+    state: web::Data<SharedState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    state.api_keys.authenticate(&req)?;
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let minutes = window_minutes(&req, &state)?;
+    // Every record of a session goes to one shard, and so do its counters.
+    let shard = stream_schema::keys::event_shard_of(&session, state.settings.streams.event_shards);
+    let report = report(
+        state.client(),
+        &SessionScope(session.clone()),
+        &[shard],
+        minutes,
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "sessionId": session,
+        "totals": report.totals,
+        "window": report.window,
+    })))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelReport {
+    model_id: String,
+    #[serde(flatten)]
+    report: Report,
+}
+
+pub async fn models(
+    state: web::Data<SharedState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    state.api_keys.authenticate(&req)?;
+    let minutes = window_minutes(&req, &state)?;
+    let shards = all_shards(&state);
+    let client = state.client();
+    let reports = join_all(state.models.iter().map(|(id, model)| {
+        let shards = &shards;
+        async move {
+            let report = report(client, &ModelScope(model.clone()), shards, minutes).await?;
+            Ok::<_, ApiError>(ModelReport {
+                model_id: id.clone(),
+                report,
+            })
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "windowMinutes": minutes,
+        "models": reports,
+    })))
+}
+
+/// The calling API key's own counters (requests it started; no `tokensStreamed`).
+pub async fn own_key(
+    state: web::Data<SharedState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let key = state.api_keys.authenticate(&req)?;
+    let minutes = window_minutes(&req, &state)?;
+    let report = report(
+        state.client(),
+        &KeyScope(key.0.clone()),
+        &all_shards(&state),
+        minutes,
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "keyId": key.0,
+        "totals": report.totals,
+        "window": report.window,
+    })))
+}
