@@ -52,6 +52,14 @@ impl StreamKey {
         Self(format!("llm:owner:{{{session}}}:{request}"))
     }
 
+    /// `llm:idem:{key:<keyId>}:<sha256 of the Idempotency-Key>`: a start's body digest and, once
+    /// it succeeded, its response, so a retried start returns the same request.
+    pub fn idempotency(key_id: &str, idempotency_key_sha256: &str) -> Self {
+        Self(format!(
+            "llm:idem:{{key:{key_id}}}:{idempotency_key_sha256}"
+        ))
+    }
+
     /// `llm:rl:{key:<keyId>}`: the request log (sorted set of start times) of an API key.
     pub fn key_request_log(key_id: &str) -> Self {
         Self(format!("llm:rl:{{key:{key_id}}}"))

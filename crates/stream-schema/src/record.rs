@@ -71,6 +71,15 @@ impl EventRecord {
         }
     }
 
+    /// The record's kind as written in field `k`: `start`, `tokens` or `finish`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "start",
+            Self::Tokens { .. } => "tokens",
+            Self::Finished { .. } => "finish",
+        }
+    }
+
     pub fn encode(&self) -> Fields {
         let (kind, request_id, session_id, model_id, timestamp) = match self {
             Self::Started {

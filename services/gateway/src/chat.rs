@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use crate::auth::KeyId;
 use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::{self, Idempotency};
 use crate::limits::Admission;
 use crate::state::{AppState, SharedState};
 use crate::stream_token::Scope;
@@ -192,6 +193,9 @@ pub(crate) struct StartChatResponse {
 #[utoipa::path(
     post, path = "/api/chat/start", tag = "chat", operation_id = "startChat",
     request_body(content = StartChatBody, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Optional, 1-255 visible \
+        ASCII characters: a retried start with the same key and body returns the same response \
+        and starts nothing new")),
     responses(
         (status = 200, description = "Queued; open `streamUrl` for its events",
             body = StartChatResponse, links(
@@ -209,6 +213,8 @@ pub(crate) struct StartChatResponse {
             body = ErrorBody),
         (status = 404, description = "`unknown_model`: modelId is not configured",
             body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the Idempotency-Key was used with \
+            another body, or its first start is still running", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: body, prompt or message count over \
             the configured limits", body = ErrorBody),
         (status = 429, description = "`rate_limited`: over a request or token limit of the API \
@@ -247,6 +253,23 @@ pub async fn start(
         model_id = %chat.model_id,
         key_id = %key.0
     );
+    // A retried start with the same Idempotency-Key and body gets the first response and
+    // starts nothing (nor counts against the rate limits).
+    let slot = match idempotency::header(&req)? {
+        None => None,
+        Some(idempotency_key) => {
+            match idempotency::begin(state.client(), &key.0, &idempotency_key, &body).await? {
+                Idempotency::Replay(response) => {
+                    metrics::counter!("gateway_chats_started_total", "outcome" => "replayed")
+                        .increment(1);
+                    return Ok(HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(response));
+                }
+                Idempotency::Fresh(slot) => Some(slot),
+            }
+        }
+    };
     let result = match admit(&state, &chat, &key).instrument(span.clone()).await {
         Ok(reservation) => {
             enqueue(&state, chat, key, reservation)
@@ -260,7 +283,21 @@ pub async fn start(
         Err(error) => error.code(),
     };
     metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
-    result
+    let response = result.and_then(|response| {
+        serde_json::to_string(&response).map_err(|error| {
+            tracing::error!(%error, "cannot serialize a start response");
+            ApiError::Internal
+        })
+    });
+    if let Some(slot) = slot {
+        match &response {
+            Ok(json) => slot.complete(state.client(), json).await?,
+            Err(_) => slot.release(state.client()).await,
+        }
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(response?))
 }
 
 /// Applies the rate limits; a refusal is `429 rate_limited` with an honest `Retry-After`.
@@ -305,7 +342,7 @@ async fn enqueue(
     chat: StartChat,
     key: KeyId,
     reservation: Option<Reservation>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<StartChatResponse, ApiError> {
     let request_id = RequestId::new();
     let now = stream_schema::now_millis();
     let retention = state.retention();
@@ -391,7 +428,7 @@ async fn enqueue(
         "/api/sse/stream/{}?requestId={request_id}&token={stream_token}",
         chat.session_id
     );
-    Ok(HttpResponse::Ok().json(StartChatResponse {
+    Ok(StartChatResponse {
         request_id,
         connection_id: crate::connections::new_connection_id(),
         session_id: chat.session_id,
@@ -399,7 +436,7 @@ async fn enqueue(
         status: "connected",
         stream_url,
         stream_token,
-    }))
+    })
 }
 
 /// Looks up a request's session and model from its id.

@@ -14,6 +14,7 @@ use fred::prelude::*;
 use fred::types::Value;
 use serde::{Deserialize, Serialize};
 use stream_schema::{RequestId, SessionId, StreamKey};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// A snapshot of one connection, as `GET /api/sessions/{id}/connections` shows it.
@@ -53,9 +54,18 @@ pub struct Connections {
     /// listings and the heartbeat.
     live: Arc<Mutex<HashMap<String, Live>>>,
     gateway_id: Arc<str>,
-    /// The shared view; `None` in unit tests.
+    /// Reads of the shared view; `None` in unit tests.
     redis: Option<Pool>,
-    ttl: Duration,
+    /// Writes to the shared view, applied in order by one task: a removal can never be
+    /// overtaken by an earlier registration or heartbeat (which would list a closed
+    /// connection until its TTL).
+    view: Option<mpsc::UnboundedSender<ViewOp>>,
+}
+
+/// One change to the shared view.
+enum ViewOp {
+    Publish(Vec<ConnectionInfo>),
+    Remove(SessionId, String),
 }
 
 /// Removes its connection (here and in the shared view) when dropped.
@@ -77,12 +87,18 @@ fn now_ms() -> u64 {
 }
 
 impl Connections {
+    /// Must be called inside a Tokio runtime when `redis` is given (it starts the view writer).
     pub fn new(gateway_id: String, redis: Option<Pool>, ttl: Duration) -> Self {
+        let view = redis.clone().map(|pool| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_view_in_order(pool, rx, ttl));
+            tx
+        });
         Self {
             live: Arc::default(),
             gateway_id: gateway_id.into(),
             redis,
-            ttl,
+            view,
         }
     }
 
@@ -92,10 +108,6 @@ impl Connections {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut live)
-    }
-
-    fn expiry_ms(&self) -> u64 {
-        now_ms() + u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn register(
@@ -136,50 +148,17 @@ impl Connections {
         if self.with(|live| live.remove(connection_id)).is_some() {
             metrics::gauge!("gateway_sse_connections").decrement(1.0);
         }
-        let Some(redis) = self.redis.clone() else {
-            return;
-        };
-        let (session_id, connection_id) = (session_id.clone(), connection_id.to_owned());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let client = redis.next();
-                let pipeline = client.pipeline();
-                let _: Result<(), _> = pipeline
-                    .zrem(
-                        StreamKey::connections(&session_id).as_str(),
-                        connection_id.as_str(),
-                    )
-                    .await;
-                let _: Result<(), _> = pipeline
-                    .hdel(
-                        StreamKey::connection_info(&session_id).as_str(),
-                        connection_id.as_str(),
-                    )
-                    .await;
-                if let Err(error) = pipeline.all::<Vec<Value>>().await {
-                    // The entry expires by itself after the TTL.
-                    tracing::debug!(%error, "cannot remove connection from the shared view");
-                }
-            });
+        if let Some(view) = &self.view {
+            let _ = view.send(ViewOp::Remove(session_id.clone(), connection_id.to_owned()));
         }
     }
 
     /// Writes (or renews) connections in the shared view, in the background.
     fn publish(&self, infos: Vec<ConnectionInfo>) {
-        let Some(redis) = self.redis.clone() else {
-            return;
-        };
-        if infos.is_empty() {
-            return;
-        }
-        let expiry = self.expiry_ms();
-        let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = write_view(&redis, &infos, expiry, ttl_secs).await {
-                    tracing::debug!(%error, "cannot update the shared connection view");
-                }
-            });
+        if let Some(view) = &self.view
+            && !infos.is_empty()
+        {
+            let _ = view.send(ViewOp::Publish(infos));
         }
     }
 
@@ -252,6 +231,44 @@ impl Connections {
     pub fn count(&self) -> usize {
         self.with(|live| live.len())
     }
+}
+
+/// The view writer: applies changes in the order they were made; the entries expire by
+/// themselves after the TTL when a write fails.
+async fn write_view_in_order(pool: Pool, mut ops: mpsc::UnboundedReceiver<ViewOp>, ttl: Duration) {
+    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    while let Some(op) = ops.recv().await {
+        let result = match op {
+            ViewOp::Publish(infos) => write_view(&pool, &infos, now_ms() + ttl_ms, ttl_secs).await,
+            ViewOp::Remove(session_id, connection_id) => {
+                remove_from_view(&pool, &session_id, &connection_id).await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "cannot update the shared connection view");
+        }
+    }
+}
+
+async fn remove_from_view(
+    pool: &Pool,
+    session_id: &SessionId,
+    connection_id: &str,
+) -> Result<(), fred::error::Error> {
+    let client = pool.next();
+    let pipeline = client.pipeline();
+    let _: () = pipeline
+        .zrem(StreamKey::connections(session_id).as_str(), connection_id)
+        .await?;
+    let _: () = pipeline
+        .hdel(
+            StreamKey::connection_info(session_id).as_str(),
+            connection_id,
+        )
+        .await?;
+    let _: Vec<Value> = pipeline.all().await?;
+    Ok(())
 }
 
 async fn write_view(

@@ -47,6 +47,9 @@ pub enum ApiError {
     MethodNotAllowed(Vec<&'static str>),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// An `Idempotency-Key` reused with another body, or while its first start runs.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -72,6 +75,7 @@ impl ApiError {
         "not_found",
         "method_not_allowed",
         "payload_too_large",
+        "idempotency_conflict",
         "unauthorized",
         "forbidden",
         "rate_limited",
@@ -88,6 +92,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::IdempotencyConflict(_) => "idempotency_conflict",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
@@ -129,6 +134,7 @@ impl ResponseError for ApiError {
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::IdempotencyConflict(_) => StatusCode::CONFLICT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -175,6 +181,7 @@ mod tests {
             ApiError::NotFound(String::new()),
             ApiError::MethodNotAllowed(vec!["GET"]),
             ApiError::PayloadTooLarge(String::new()),
+            ApiError::IdempotencyConflict(String::new()),
             ApiError::Unauthorized(String::new()),
             ApiError::Forbidden(String::new()),
             ApiError::RateLimited {
@@ -193,6 +200,7 @@ mod tests {
                 | ApiError::NotFound(_)
                 | ApiError::MethodNotAllowed(_)
                 | ApiError::PayloadTooLarge(_)
+                | ApiError::IdempotencyConflict(_)
                 | ApiError::Unauthorized(_)
                 | ApiError::Forbidden(_)
                 | ApiError::RateLimited { .. }

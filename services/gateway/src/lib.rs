@@ -6,6 +6,7 @@ pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod hub;
+pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod page;

@@ -8,11 +8,16 @@ async fn main() -> anyhow::Result<()> {
     let path = service_kit::cli::config_path().context("cannot parse the command line")?;
     let settings = service_kit::config::Settings::load(path.as_deref())
         .context("cannot load the configuration")?;
-    service_kit::telemetry::init(&settings.telemetry, "mock-llm");
+    // Kept to the end and flushed, like every service: spans still buffered at exit are lost
+    // without its `shutdown`.
+    let telemetry = service_kit::telemetry::init(&settings.telemetry, "mock-llm");
 
     let app = Application::build(settings.mock_llm.clone()).context("cannot start mock-llm")?;
     tracing::info!(addr = %app.local_addr(), "mock-llm listening");
-    app.run_until_stopped()
+    let result = app
+        .run_until_stopped()
         .await
-        .context("mock-llm server failed")
+        .context("mock-llm server failed");
+    telemetry.shutdown().await;
+    result
 }

@@ -14,9 +14,10 @@ use stream_io::{Entry, StreamIoError, groups};
 use stream_schema::keys::PROCESSOR_GROUP;
 use stream_schema::{EntryId, EventRecord, RequestId, RequestMeta, StreamKey, stats};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::apply::Applier;
-use crate::housekeeping::{self, Housekeeping};
+use crate::housekeeping::Housekeeping;
 
 /// How often a consumer looks for orphaned entries.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -96,6 +97,27 @@ impl ShardConsumer {
         StreamKey::events_shard(self.shard)
     }
 
+    /// The `record.apply` span of one record, in the trace of the producer attempt that wrote
+    /// it (its `tp` field). Records come one per batch of tokens, not per token, so a span each
+    /// stays cheap; without a `tp` (traces off) it is a plain, unexported `tracing` span.
+    fn record_span(
+        &self,
+        id: EntryId,
+        record: &EventRecord,
+        traceparent: Option<&str>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            "record.apply",
+            shard = self.shard,
+            entry_id = %id,
+            kind = record.kind(),
+            request_id = %record.request_id(),
+            outcome = tracing::field::Empty,
+        );
+        service_kit::telemetry::continue_trace(&span, traceparent);
+        span
+    }
+
     /// Key ids of the requests of `records` that count per key: from the cache, else one
     /// metadata read per request, all issued together.
     async fn key_ids_for(
@@ -139,9 +161,17 @@ impl ShardConsumer {
         let client = self.redis.next();
         let mut done: Vec<EntryId> = Vec::with_capacity(entries.len());
         let mut records = Vec::with_capacity(entries.len());
+        let mut spans = Vec::with_capacity(entries.len());
         for entry in entries {
             match EventRecord::decode(&entry.fields) {
-                Ok(record) => records.push((entry.id, record)),
+                Ok(record) => {
+                    spans.push(self.record_span(
+                        entry.id,
+                        &record,
+                        stream_schema::codec::traceparent(&entry.fields),
+                    ));
+                    records.push((entry.id, record));
+                }
                 Err(error) => {
                     tracing::warn!(shard = self.shard, id = %entry.id, %error, "undecodable record");
                     metrics::counter!("processor_records_total", "outcome" => "undecodable")
@@ -158,7 +188,7 @@ impl ShardConsumer {
                 return Err(error);
             }
         };
-        let results = join_all(records.iter().map(|(id, record)| {
+        let results = join_all(records.iter().zip(&spans).map(|((id, record), span)| {
             let key_id = key_ids.get(&record.request_id()).map(String::as_str);
             async move {
                 // Settle first: it is idempotent by itself, so a crash before the counters are
@@ -177,13 +207,15 @@ impl ShardConsumer {
                     .apply(client, self.shard, *id, record, key_id)
                     .await
             }
+            .instrument(span.clone())
         }))
         .await;
         let mut failure = None;
-        for ((id, record), result) in records.iter().zip(results) {
+        for (((id, record), result), span) in records.iter().zip(results).zip(spans) {
             match result {
                 Ok(applied) => {
                     let outcome = if applied { "applied" } else { "duplicate" };
+                    span.record("outcome", outcome);
                     metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
                     if matches!(record, EventRecord::Finished { .. }) {
                         self.key_ids
@@ -194,9 +226,12 @@ impl ShardConsumer {
                     done.push(*id);
                 }
                 Err(error) => {
+                    span.record("outcome", "failed");
                     failure.get_or_insert(error);
                 }
             }
+            // Ends the record's span here: its duration is the apply, not the batch's ack.
+            drop(span);
         }
         groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await?;
         failure.map_or(Ok(()), Err)
@@ -208,7 +243,7 @@ impl ShardConsumer {
         let client = self.redis.next();
         let key = self.key();
         let shard = self.shard.to_string();
-        match housekeeping::group_state(client, &key, PROCESSOR_GROUP).await {
+        match groups::group_state(client, &key, PROCESSOR_GROUP).await {
             Ok(Some(state)) => {
                 #[expect(clippy::cast_precision_loss, reason = "gauges are f64")]
                 {

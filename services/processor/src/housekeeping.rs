@@ -1,11 +1,9 @@
-//! Consumer-group housekeeping of one event shard: the group's lag and pending count as
-//! Prometheus gauges, and removal of consumers that died long ago.
+//! Consumer-group housekeeping of one event shard: removal of consumers that died long ago.
+//! (The group's lag and pending gauges read `stream_io::groups::group_state`.)
 //!
 //! A processor that crashes leaves its consumer in `llm:processors` forever; its pending
 //! entries are reclaimed by the others (`XAUTOCLAIM`), but the name stays listed in
 //! `XINFO CONSUMERS`, and with pods that get a new name on every start the list only grows.
-
-use std::collections::HashMap;
 
 use fred::prelude::*;
 use fred::types::Value;
@@ -33,16 +31,6 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 ";
-
-/// The group's state from `XINFO GROUPS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GroupState {
-    /// Entries delivered to some consumer and not yet acknowledged.
-    pub pending: u64,
-    /// Entries in the stream not yet delivered to the group; `None` when Redis cannot tell
-    /// (after deletions from the middle of the stream).
-    pub lag: Option<u64>,
-}
 
 #[derive(Clone)]
 pub struct Housekeeping {
@@ -80,54 +68,5 @@ impl Housekeeping {
             Value::Array(names) => names.into_iter().filter_map(Value::into_string).collect(),
             _ => Vec::new(),
         })
-    }
-}
-
-/// `XINFO GROUPS key` for `group`; `None` when the group does not exist.
-pub async fn group_state(
-    client: &Client,
-    key: &StreamKey,
-    group: &str,
-) -> Result<Option<GroupState>, StreamIoError> {
-    let reply: Value = client.xinfo_groups(key.as_str()).await?;
-    let Value::Array(groups) = reply else {
-        return Err(StreamIoError::Protocol(format!(
-            "xinfo groups reply: {reply:?}"
-        )));
-    };
-    for info in groups {
-        let info = pairs(info);
-        if info.get("name").and_then(Value::as_string).as_deref() != Some(group) {
-            continue;
-        }
-        let pending = info
-            .get("pending")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| StreamIoError::Protocol("xinfo groups without pending".to_owned()))?;
-        let lag = info.get("lag").and_then(Value::as_u64);
-        return Ok(Some(GroupState { pending, lag }));
-    }
-    Ok(None)
-}
-
-/// The fields of one `XINFO` entry, a map in RESP3 and a flat name/value array in RESP2.
-fn pairs(value: Value) -> HashMap<String, Value> {
-    match value {
-        Value::Map(map) => map
-            .inner()
-            .into_iter()
-            .filter_map(|(k, v)| k.into_string().map(|k| (k, v)))
-            .collect(),
-        Value::Array(flat) => {
-            let mut out = HashMap::new();
-            let mut items = flat.into_iter();
-            while let (Some(k), Some(v)) = (items.next(), items.next()) {
-                if let Some(k) = k.into_string() {
-                    out.insert(k, v);
-                }
-            }
-            out
-        }
-        _ => HashMap::new(),
     }
 }

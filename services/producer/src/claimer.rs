@@ -21,6 +21,7 @@ use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEve
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::lease::Leases;
 use crate::worker::{Attempt, AttemptEnd, SharedContext, StopSignals};
@@ -85,6 +86,7 @@ impl Dispatcher {
         let this = Arc::clone(self);
         self.workers.spawn(async move {
             let _permit = permit;
+            let _in_flight = InFlight::enter();
             let id = entry.id;
             metrics::counter!("producer_jobs_claimed_total", "claim" => claim.as_str())
                 .increment(1);
@@ -111,9 +113,25 @@ impl Dispatcher {
                     .await;
             }
         };
+        // The claim joins the request's trace: a new job's span marks how long it queued; a
+        // reclaimed job's covers the take-over (or the dead-lettering) too.
+        let claim_span = tracing::info_span!(
+            "job.claim",
+            job_entry = %entry.id,
+            claim = claim.as_str(),
+            request_id = %job.request_id,
+            session_id = %job.session_id,
+            queued_ms = stream_schema::now_millis().saturating_sub(job.enqueued_at),
+            attempt = tracing::field::Empty,
+        );
+        service_kit::telemetry::continue_trace(&claim_span, job.traceparent.as_deref());
         let attempt = match claim {
             Claim::New => 1,
-            Claim::Reclaimed => match self.reclaim(&entry, &job).await {
+            Claim::Reclaimed => match self
+                .reclaim(&entry, &job)
+                .instrument(claim_span.clone())
+                .await
+            {
                 Ok(Reclaimed::Run(attempt)) => attempt,
                 Ok(Reclaimed::Settled(settle)) => return settle,
                 Err(error) => {
@@ -122,6 +140,8 @@ impl Dispatcher {
                 }
             },
         };
+        claim_span.record("attempt", attempt);
+        drop(claim_span);
         match Attempt::new(&self.ctx, &job, attempt, signals).run().await {
             AttemptEnd::Done => Settle::Finish,
             AttemptEnd::Fenced | AttemptEnd::Abandoned(_) => Settle::Leave,
@@ -242,7 +262,11 @@ impl Dispatcher {
                 false,
                 stream_io::approx_cap(self.ctx.events_maxlen),
                 "*",
-                record.encode(),
+                // In the `job.claim` span of the take-over, like the worker's records.
+                stream_schema::codec::with_traceparent(
+                    record.encode(),
+                    service_kit::telemetry::current_traceparent(),
+                ),
             )
             .await?;
         Ok(())
@@ -308,6 +332,25 @@ impl Dispatcher {
             }
         }
         permits
+    }
+}
+
+/// Counts a running worker in `producer_in_flight` (the autoscaling signal: requests being
+/// generated now) for as long as it lives; dropping it, also when the worker panics, uncounts it.
+struct InFlight;
+
+impl InFlight {
+    const GAUGE: &'static str = "producer_in_flight";
+
+    fn enter() -> Self {
+        metrics::gauge!(Self::GAUGE).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(Self::GAUGE).decrement(1.0);
     }
 }
 

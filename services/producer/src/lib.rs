@@ -3,6 +3,7 @@
 //! producer died are reclaimed and restarted (`claimer`); every write is fenced by attempt
 //! (`worker`, through `stream_io::session`).
 
+pub mod backlog;
 pub mod claimer;
 pub mod lease;
 pub mod upstream;
@@ -45,6 +46,8 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let metrics = service_kit::ops::install_metrics();
+        // Present from the start (an autoscaler reads it before the first job).
+        metrics::gauge!("producer_in_flight").set(0.0);
         let redis = service_kit::redis::pool(&settings.redis).context("redis pool")?;
         service_kit::redis::start(&redis, &settings.redis).await;
         let reader =
@@ -143,6 +146,8 @@ impl Application {
                 move || renewer.clone().run(stop.clone()),
             ))
         };
+        // Also runs through the grace period: draining is when the backlog matters.
+        let backlog = tokio::spawn(backlog::export(redis.clone(), renewer_stop.clone()));
         let claimer_flag = self.ops.register_loop("claimer");
         let (claimer, shutdown, flag) = (self.claimer, self.shutdown.clone(), claimer_flag.clone());
         supervise(
@@ -189,6 +194,9 @@ impl Application {
         renewer_stop.cancel();
         if let Err(error) = renewer.await {
             tracing::warn!(%error, "lease renewer ended abnormally");
+        }
+        if let Err(error) = backlog.await {
+            tracing::warn!(%error, "backlog gauges ended abnormally");
         }
         ops_shutdown.cancel();
         ops.await

@@ -19,6 +19,8 @@ use stream_schema::record::Outcome;
 use stream_schema::{EventRecord, FinishReason, Job, SessionEvent, StreamKey, Usage, UsageSource};
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::upstream::{Registry, Upstream, UpstreamError};
 
@@ -92,6 +94,18 @@ pub enum AttemptEnd {
     RedisFailed(StreamIoError),
 }
 
+impl AttemptEnd {
+    /// A short name for logs and span fields.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Fenced => "fenced",
+            Self::Abandoned(reason) => reason.as_str(),
+            Self::RedisFailed(_) => "redis_failed",
+        }
+    }
+}
+
 /// What interrupted a wait.
 enum Interrupt {
     Cancelled,
@@ -125,11 +139,25 @@ pub struct Attempt<'a> {
     streams: RequestStreams,
     shard_key: StreamKey,
     started: Instant,
+    /// `producer.attempt`, in the trace of the gateway's `chat.start` (the job's `tp`).
+    span: tracing::Span,
 }
 
 impl<'a> Attempt<'a> {
     pub fn new(ctx: &'a WorkerContext, job: &'a Job, attempt: u32, signals: StopSignals) -> Self {
         let shard = stream_schema::keys::event_shard_of(&job.session_id, ctx.event_shards);
+        let span = tracing::info_span!(
+            "producer.attempt",
+            request_id = %job.request_id,
+            session_id = %job.session_id,
+            model_id = %job.model_id,
+            attempt,
+            tokens = Empty,
+            ttft_ms = Empty,
+            outcome = Empty,
+            end = Empty,
+        );
+        service_kit::telemetry::continue_trace(&span, job.traceparent.as_deref());
         Self {
             ctx,
             job,
@@ -143,6 +171,7 @@ impl<'a> Attempt<'a> {
             ),
             shard_key: StreamKey::events_shard(shard),
             started: Instant::now(),
+            span,
         }
     }
 
@@ -150,14 +179,21 @@ impl<'a> Attempt<'a> {
         self.ctx.redis.next()
     }
 
+    /// The one place records are written. Each carries the `traceparent` of the span it is
+    /// written in (the attempt, or its `llm.call`), so the processor's `record.apply` joins the
+    /// request's trace; without trace export there is none and the record is unchanged.
     async fn record_on(&self, client: &Client, record: EventRecord) -> Result<(), StreamIoError> {
+        let fields = stream_schema::codec::with_traceparent(
+            record.encode(),
+            service_kit::telemetry::current_traceparent(),
+        );
         let _: String = client
             .xadd(
                 self.shard_key.as_str(),
                 false,
                 stream_io::approx_cap(self.ctx.events_maxlen),
                 "*",
-                record.encode(),
+                fields,
             )
             .await?;
         Ok(())
@@ -192,8 +228,13 @@ impl<'a> Attempt<'a> {
         Ok(exists)
     }
 
-    /// Runs the attempt to its end.
+    /// Runs the attempt to its end, in its `producer.attempt` span.
     pub async fn run(self) -> AttemptEnd {
+        let span = self.span.clone();
+        self.run_in_span().instrument(span).await
+    }
+
+    async fn run_in_span(self) -> AttemptEnd {
         let mut progress = Progress::default();
         let end = self.generate(&mut progress).await;
         // Tokens written before any kind of end are real: report them (best effort once Redis
@@ -203,7 +244,15 @@ impl<'a> Attempt<'a> {
         {
             tracing::debug!(%error, "cannot report the last tokens");
         }
-        end.unwrap_or_else(AttemptEnd::RedisFailed)
+        let end = end.unwrap_or_else(AttemptEnd::RedisFailed);
+        // Token writes are summarised on the span (a count), never a span per token.
+        self.span.record("tokens", progress.tokens);
+        if let Some(first) = progress.first_token_at {
+            self.span
+                .record("ttft_ms", millis(first.duration_since(self.started)));
+        }
+        self.span.record("end", end.as_str());
+        end
     }
 
     /// Waits for `work`, but gives up when the request is cancelled (checked every
@@ -273,9 +322,34 @@ impl<'a> Attempt<'a> {
 
         let mut retries = 0_u32;
         loop {
-            let error = match self.stream_once(upstream, progress).await? {
+            let call = tracing::info_span!(
+                "llm.call",
+                model_id = %job.model_id,
+                retry = retries,
+                ttft_ms = Empty,
+                tokens = Empty,
+                finish_reason = Empty,
+                error_kind = Empty,
+            );
+            let (call_started, tokens_before, had_first) = (
+                Instant::now(),
+                progress.tokens,
+                progress.first_token_at.is_some(),
+            );
+            let result = self
+                .stream_once(upstream, progress)
+                .instrument(call.clone())
+                .await;
+            call.record("tokens", progress.tokens.saturating_sub(tokens_before));
+            if let (false, Some(first)) = (had_first, progress.first_token_at) {
+                call.record("ttft_ms", millis(first.duration_since(call_started)));
+            }
+            let error = match result? {
                 Ok(end) => return Ok(end),
-                Err(error) => error,
+                Err(error) => {
+                    call.record("error_kind", error.kind());
+                    error
+                }
             };
             let nothing_written = progress.sequence == 0;
             let policy = upstream.policy;
@@ -415,7 +489,11 @@ impl<'a> Attempt<'a> {
                 return Ok(Ok(self.not_written(progress, refused).await?));
             }
             return Ok(match ended {
-                Ok(reason) => Ok(self.finish(progress, reason, usage).await?),
+                Ok(reason) => {
+                    // The current span is the caller's `llm.call`: how the upstream ended.
+                    tracing::Span::current().record("finish_reason", reason.as_str());
+                    Ok(self.finish(progress, reason, usage).await?)
+                }
                 Err(error) => Err(error),
             });
         }
@@ -585,6 +663,7 @@ impl<'a> Attempt<'a> {
             Outcome::Completed(reason) => reason.as_str(),
             Outcome::Failed(code) => code.as_str(),
         };
+        self.span.record("outcome", label);
         metrics::counter!("producer_requests_total", "outcome" => label).increment(1);
         metrics::histogram!("producer_request_duration_seconds").record(duration.as_secs_f64());
         tracing::info!(

@@ -116,7 +116,7 @@ async fn scenarios(stack: &Stack, browser: &Browser, proxy: &NetworkLink) -> any
     a_restart_drops_the_partial_text(stack, browser)
         .await
         .context("scenario: a producer restart drops the partial text")?;
-    // A picture of most of what the page can show: a restart, history lost, a stop, figures.
+    // A picture of much of what the page can show: history lost, a restart, the live figures.
     let saved = save_screenshot(browser, "demo-page.png").await?;
     if std::env::var_os("BRIDGE_UPDATE_DEMO_SCREENSHOT").is_some() {
         let docs = workspace_root().join("docs/demo-page.png");

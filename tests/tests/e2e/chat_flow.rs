@@ -225,3 +225,59 @@ async fn the_processor_counts_requests_and_tokens() -> anyhow::Result<()> {
     assert_eq!(stats.get("finish:stop"), Some(&2));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_retried_start_with_the_same_idempotency_key_starts_nothing_new() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let url = format!("{}/api/chat/start", stack.gateway());
+    let body = json!({"sessionId": "idem", "modelId": "mock", "prompt": "once [[mock tokens=3]]"});
+    let send = |idempotency_key: &'static str, body: serde_json::Value| {
+        stack
+            .http
+            .post(&url)
+            .bearer_auth(crate::stack::API_KEY)
+            .header("Idempotency-Key", idempotency_key)
+            .json(&body)
+            .send()
+    };
+    let first: serde_json::Value = send("order-42", body.clone()).await?.json().await?;
+    let again = send("order-42", body.clone()).await?;
+    assert_eq!(again.status().as_u16(), 200);
+    let again: serde_json::Value = again.json().await?;
+    assert_eq!(again["requestId"], first["requestId"]);
+    assert_eq!(again["streamUrl"], first["streamUrl"]);
+
+    // Same key, another body: refused. Another key: a new request.
+    let other_body = json!({"sessionId": "idem", "modelId": "mock", "prompt": "twice"});
+    let conflict = send("order-42", other_body).await?;
+    assert_eq!(conflict.status().as_u16(), 409);
+    let error: serde_json::Value = conflict.json().await?;
+    assert_eq!(error["error"]["code"], "idempotency_conflict");
+    let fresh: serde_json::Value = send("order-43", body).await?.json().await?;
+    assert_ne!(fresh["requestId"], first["requestId"]);
+
+    // Exactly two jobs were queued (order-42 once, order-43 once).
+    let redis = stack.redis_client().await?;
+    let started = wait_until(TIMEOUT, std::time::Duration::from_millis(50), || {
+        let redis = redis.clone();
+        async move {
+            let finished: Option<i64> = fred::prelude::HashesInterface::hget(
+                &redis,
+                stream_schema::StreamKey::session_stats(
+                    stream_schema::keys::event_shard_of(
+                        &stream_schema::SessionId::parse("idem")?,
+                        4,
+                    ),
+                    &stream_schema::SessionId::parse("idem")?,
+                )
+                .as_str(),
+                "requests",
+            )
+            .await?;
+            Ok((finished == Some(2)).then_some(()))
+        }
+    })
+    .await;
+    started?;
+    Ok(())
+}

@@ -50,6 +50,10 @@ pub struct StackOptions {
     pub processor_toml: String,
     /// A 3-master Redis Cluster instead of a single node.
     pub cluster: bool,
+    /// Keys of the `[telemetry]` section (OTLP export in trace tests).
+    pub telemetry_toml: String,
+    /// Extra environment of every service process (e.g. `OTEL_BSP_SCHEDULE_DELAY`).
+    pub service_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -67,6 +71,8 @@ impl Default for StackOptions {
             processors: 1,
             processor_toml: String::new(),
             cluster: false,
+            telemetry_toml: String::new(),
+            service_env: Vec::new(),
         }
     }
 }
@@ -196,6 +202,9 @@ block_ms = 500
 
 [limits]
 {limits}
+
+[telemetry]
+{telemetry}
 "#,
             redis = redis.url(),
             key_hash = sha256_hex(API_KEY),
@@ -207,11 +216,13 @@ block_ms = 500
             producer = options.producer_toml,
             models = options.models_toml,
             processor = options.processor_toml,
+            telemetry = options.telemetry_toml,
         );
         let config_path = config_dir.path().join("bridge.toml");
         std::fs::write(&config_path, config)?;
         let args = vec!["--config".to_owned(), config_path.display().to_string()];
-        let spawn = |name: &str, binary: &str, env: Vec<(String, String)>| {
+        let spawn = |name: &str, binary: &str, mut env: Vec<(String, String)>| {
+            env.extend(options.service_env.iter().cloned());
             ServiceProcess::spawn(name, &bin_path(binary)?, &args, &env)
         };
         let addr = |key: &str, port: u16| vec![(key.to_owned(), format!("127.0.0.1:{port}"))];
