@@ -38,6 +38,9 @@ pub struct Job {
     pub enqueued_at: u64,
     /// W3C trace context of the gateway's `chat.start` span (when traces are exported).
     pub traceparent: Option<String>,
+    /// Most tokens the request may produce before it ends as `rate_limited`: its token
+    /// reservation, when that was an estimate (no `maxTokens`) and `limits.hard_token_cap` is on.
+    pub token_cap: Option<u32>,
 }
 
 const F_REQUEST: &str = "rid";
@@ -47,6 +50,7 @@ const F_MESSAGES: &str = "msgs";
 const F_MAX_TOKENS: &str = "max_tokens";
 const F_TEMPERATURE: &str = "temperature";
 const F_ENQUEUED_AT: &str = "ts";
+const F_TOKEN_CAP: &str = "cap";
 
 impl Job {
     pub fn encode(&self) -> Fields {
@@ -68,6 +72,9 @@ impl Job {
         if let Some(temperature) = self.temperature {
             f.push((F_TEMPERATURE, temperature.to_string()));
         }
+        if let Some(cap) = self.token_cap {
+            f.push((F_TOKEN_CAP, cap.to_string()));
+        }
         crate::codec::with_traceparent(f, self.traceparent.clone())
     }
 
@@ -88,6 +95,7 @@ impl Job {
             temperature: optional_parsed(src, F_TEMPERATURE)?,
             enqueued_at: parsed(src, F_ENQUEUED_AT)?,
             traceparent: crate::codec::traceparent(src).map(str::to_owned),
+            token_cap: optional_parsed(src, F_TOKEN_CAP)?,
         })
     }
 }
@@ -177,6 +185,7 @@ mod tests {
             temperature: Some(0.5),
             enqueued_at: 17,
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+            token_cap: Some(1_024),
         };
         assert_eq!(Job::decode(&owned(job.encode()))?, job);
 
@@ -184,6 +193,7 @@ mod tests {
             max_tokens: None,
             temperature: None,
             traceparent: None,
+            token_cap: None,
             ..job
         };
         assert_eq!(Job::decode(&owned(bare.encode()))?, bare);
@@ -201,6 +211,7 @@ mod tests {
             temperature: None,
             enqueued_at: 1,
             traceparent: None,
+            token_cap: None,
         };
         let mut fields = owned(job.encode());
         for (k, v) in &mut fields {

@@ -378,6 +378,9 @@ async fn enqueue(
         temperature: chat.temperature,
         enqueued_at: now,
         traceparent: service_kit::telemetry::current_traceparent(),
+        token_cap: reservation
+            .filter(|_| chat.max_tokens.is_none() && state.settings.limits.hard_token_cap)
+            .map(|r| r.tokens),
     };
     let meta_key = StreamKey::request_meta(&request_id);
     let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);

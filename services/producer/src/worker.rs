@@ -479,6 +479,20 @@ impl<'a> Attempt<'a> {
                         } else if pending.flush_at.is_none() {
                             pending.flush_at = Some(last_chunk_at + coalesce);
                         }
+                        // The request reserved an estimate of tokens, not `maxTokens`: past
+                        // its reservation it ends as `rate_limited` (`limits.hard_token_cap`).
+                        if let Some(cap) = self.job.token_cap
+                            && progress.tokens.saturating_add(pending.tokens) >= cap
+                        {
+                            drop(stream);
+                            if let Some(refused) = self.flush(progress, &mut pending).await? {
+                                return Ok(Ok(self.not_written(progress, refused).await?));
+                            }
+                            metrics::counter!("producer_token_cap_reached_total").increment(1);
+                            return Ok(Ok(self
+                                .finish(progress, FinishReason::RateLimited, None)
+                                .await?));
+                        }
                     }
                     continue;
                 }

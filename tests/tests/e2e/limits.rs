@@ -238,3 +238,38 @@ async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Resu
     let _ = SessionId::parse("unused")?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_request_past_its_estimated_reservation_ends_rate_limited() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        limits_toml: "tokens_per_minute = 1000\ndefault_token_estimate = 5\nhard_token_cap = true"
+            .to_owned(),
+        ..StackOptions::default()
+    })
+    .await?;
+    let prompt = "talkative [[mock tokens=20]]";
+    let started = stack.start_chat("capped", prompt).await?;
+    let events = crate::stack::payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
+    let complete = events.last().cloned().unwrap_or_default();
+    assert_eq!(complete["type"], "complete");
+    assert_eq!(complete["finishReason"], "rate_limited");
+    assert_eq!(complete["usage"]["completionTokens"], 5);
+    let expected: String =
+        mock_llm::text::completion_tokens(&mock_llm::text::prompt_text([prompt]), 0, 5).concat();
+    assert_eq!(crate::stack::text_of(&events), expected);
+
+    // With maxTokens the upstream itself stops at it: no cap involved.
+    let bounded = stack
+        .http
+        .post(format!("{}/api/chat/start", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"sessionId": "capped", "modelId": "mock", "prompt": prompt, "maxTokens": 8}))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?;
+    let events = crate::stack::payloads(&stack.read_all(str_field(&bounded, "streamUrl")?).await?)?;
+    let complete = events.last().cloned().unwrap_or_default();
+    assert_eq!(complete["finishReason"], "length");
+    Ok(())
+}

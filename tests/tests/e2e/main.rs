@@ -11,3 +11,4 @@ mod observability;
 mod producer;
 mod security;
 mod stack;
+mod traces;

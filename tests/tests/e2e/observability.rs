@@ -1,8 +1,11 @@
 //! Observability and the Redis-down story: metrics after a chat, fast 503s and readiness while
 //! Redis is down, recovery without restarting anything, and the interrupted client resuming.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use fred::prelude::*;
 use serde_json::json;
 use test_support::wait_until;
 
@@ -75,6 +78,39 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         sample(&producer, "producer_time_to_first_token_seconds_count"),
         Some(1.0)
     );
+
+    // Autoscaling signals: nothing generating once the worker is gone, and the job stream's
+    // group (read every `producer::backlog::EVERY`) has nothing pending or undelivered.
+    let producer_url = stack.producers[0].url();
+    wait_until(TIMEOUT, POLL, || {
+        let url = producer_url.clone();
+        let stack = &stack;
+        async move {
+            let text = scrape(stack, url).await?;
+            let gauges = (
+                sample(&text, "producer_in_flight"),
+                sample(&text, "producer_group_pending"),
+                sample(&text, "producer_group_lag"),
+            );
+            Ok((gauges == (Some(0.0), Some(0.0), Some(0.0))).then_some(()))
+        }
+    })
+    .await
+    .context("producer_in_flight, producer_group_pending and producer_group_lag at 0")?;
+
+    // Without trace export, records carry no trace context (no cost, no extra field).
+    let redis = stack.redis_client().await?;
+    for shard in 0..4 {
+        let key = stream_schema::StreamKey::events_shard(shard);
+        let entries: Vec<(String, HashMap<String, String>)> =
+            redis.xrange(key.as_str(), "-", "+", None).await?;
+        for (id, fields) in entries {
+            assert!(
+                !fields.contains_key("tp"),
+                "record {id} of shard {shard}: {fields:?}"
+            );
+        }
+    }
 
     let processor_url = stack.processor.url();
     wait_until(TIMEOUT, POLL, || {

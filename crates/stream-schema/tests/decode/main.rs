@@ -211,19 +211,29 @@ fn job() -> impl Strategy<Value = Job> {
         prop::option::of(any::<u32>()),
         // NaN never equals itself; every other float (infinities included) round-trips.
         prop::option::of(any::<f32>().prop_filter("not NaN", |t| !t.is_nan())),
-        any::<u64>(),
+        (any::<u64>(), prop::option::of(any::<u32>())),
         traceparent(),
     )
         .prop_map(
-            |((request_id, session_id, model_id), messages, max_tokens, temperature, at, tp)| Job {
-                request_id,
-                session_id,
-                model_id,
+            |(
+                (request_id, session_id, model_id),
                 messages,
                 max_tokens,
                 temperature,
-                enqueued_at: at,
-                traceparent: tp,
+                (at, cap),
+                tp,
+            )| {
+                Job {
+                    request_id,
+                    session_id,
+                    model_id,
+                    messages,
+                    max_tokens,
+                    temperature,
+                    enqueued_at: at,
+                    traceparent: tp,
+                    token_cap: cap,
+                }
             },
         )
 }
