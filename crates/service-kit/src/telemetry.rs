@@ -14,9 +14,10 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LogFormat, OtlpProtocol, TelemetrySettings};
 
@@ -78,32 +79,29 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> TelemetryGua
             None
         }
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (text, json) = match settings.log_format {
-        LogFormat::Text => (
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(ansi),
-            ),
-            None,
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match settings.log_format {
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi),
         ),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            ),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr),
         ),
     };
+    // Each layer has its own filter: the log level decides what is logged, not what is
+    // traced, so `log_level = "warn"` still exports every (info) span. Without an exporter
+    // there is no trace layer, and spans the log filter rejects cost nothing.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(LevelFilter::INFO)
+    });
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(text)
-        .with(json)
+        .with(logs.with_filter(filter))
         .with(otel)
         .try_init();
     if installed.is_ok() {

@@ -15,6 +15,7 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use stream_schema::stats::{Counters, Histogram};
 use stream_schema::{ModelId, SessionId, StreamKey};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::state::{AppState, SharedState};
@@ -28,9 +29,9 @@ struct WindowQuery {
 }
 
 /// p50 and p95 of one latency, in ms; `null` without samples.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Percentiles {
+pub struct Percentiles {
     p50: Option<f64>,
     p95: Option<f64>,
     samples: u64,
@@ -52,9 +53,9 @@ fn round(value: f64) -> f64 {
 }
 
 /// What a set of stats hashes says; the same shape for totals and windows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Summary {
+pub struct Summary {
     requests: u64,
     restarts: u64,
     prompt_tokens: u64,
@@ -92,17 +93,17 @@ impl From<&Counters> for Summary {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Window {
+pub struct Window {
     window_minutes: u64,
     #[serde(flatten)]
     summary: Summary,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Report {
+pub struct Report {
     totals: Summary,
     window: Window,
 }
@@ -200,6 +201,24 @@ fn all_shards(state: &AppState) -> Vec<u16> {
     (0..state.settings.streams.event_shards.max(1)).collect()
 }
 
+#[utoipa::path(
+    get, path = "/api/analytics/sessions/{sessionId}", tag = "analytics",
+    operation_id = "sessionAnalytics",
+    params(("sessionId" = String, Path, description = "1-128 of A-Z a-z 0-9 _ . : -"),
+        ("minutes" = Option<u64>, Query, description = "Window length in minutes (default 15, at \
+            most the retention)")),
+    responses(
+        (status = 200, description = "The session's counters", body = SessionAnalytics),
+        (status = 400, description = "`invalid_session_id`, or `invalid_request`: `minutes` is not a whole number of \
+            minutes within the retention", body = crate::error::ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = crate::error::ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable",
+            body = crate::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn session(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -217,21 +236,36 @@ pub async fn session(
         minutes,
     )
     .await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "sessionId": session,
-        "totals": report.totals,
-        "window": report.window,
-    })))
+    Ok(HttpResponse::Ok().json(SessionAnalytics {
+        session_id: session.to_string(),
+        report,
+    }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ModelReport {
+pub struct ModelReport {
     model_id: String,
     #[serde(flatten)]
     report: Report,
 }
 
+#[utoipa::path(
+    get, path = "/api/analytics/models", tag = "analytics", operation_id = "modelAnalytics",
+    params(("minutes" = Option<u64>, Query, description = "Window length in minutes (default 15, at \
+            most the retention)")),
+    responses(
+        (status = 200, description = "Counters of every configured model", body = ModelsAnalytics),
+        (status = 400, description = "`invalid_request`: `minutes` is not a whole number of \
+            minutes within the retention", body = crate::error::ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = crate::error::ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable",
+            body = crate::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn models(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -253,13 +287,29 @@ pub async fn models(
     .await
     .into_iter()
     .collect::<Result<Vec<_>, _>>()?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "windowMinutes": minutes,
-        "models": reports,
-    })))
+    Ok(HttpResponse::Ok().json(ModelsAnalytics {
+        window_minutes: minutes,
+        models: reports,
+    }))
 }
 
 /// The calling API key's own counters (requests it started; no `tokensStreamed`).
+#[utoipa::path(
+    get, path = "/api/analytics/key", tag = "analytics", operation_id = "keyAnalytics",
+    params(("minutes" = Option<u64>, Query, description = "Window length in minutes (default 15, at \
+            most the retention)")),
+    responses(
+        (status = 200, description = "The calling API key's counters", body = KeyAnalytics),
+        (status = 400, description = "`invalid_request`: `minutes` is not a whole number of \
+            minutes within the retention", body = crate::error::ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = crate::error::ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable",
+            body = crate::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn own_key(
     state: web::Data<SharedState>,
     req: HttpRequest,
@@ -273,9 +323,34 @@ pub async fn own_key(
         minutes,
     )
     .await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "keyId": key.0,
-        "totals": report.totals,
-        "window": report.window,
-    })))
+    Ok(HttpResponse::Ok().json(KeyAnalytics {
+        key_id: key.0,
+        report,
+    }))
+}
+
+/// `GET /api/analytics/sessions/{sessionId}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAnalytics {
+    session_id: String,
+    #[serde(flatten)]
+    report: Report,
+}
+
+/// `GET /api/analytics/models`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsAnalytics {
+    window_minutes: u64,
+    models: Vec<ModelReport>,
+}
+
+/// `GET /api/analytics/key`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyAnalytics {
+    key_id: String,
+    #[serde(flatten)]
+    report: Report,
 }
