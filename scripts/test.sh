@@ -35,11 +35,9 @@ else
     step "tests" cargo test --workspace
 fi
 
-# --- Future steps go here, each as one `step` line ------------------------------------------
+# Checks beyond the Rust tests, each as one `step` line.
 step "deploy manifests" scripts/validate-deploy.sh
-# - manifest validation of k8s/ and deploy/ (once those manifests exist)
 step "schemathesis" scripts/schemathesis.sh
 step "browser" scripts/browser-test.sh
-# ---------------------------------------------------------------------------------------------
 
 printf '\n==> all steps passed (%ds, CARGO_TARGET_DIR=%s)\n' "$((SECONDS - started))" "$CARGO_TARGET_DIR"

@@ -332,11 +332,12 @@ impl Default for StreamsSettings {
     }
 }
 
-/// `[telemetry]`: logs.
+/// `[telemetry]`: logs and traces.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
-    /// `tracing` filter directive, e.g. `info` or `gateway=debug,info`; `RUST_LOG` wins.
+    /// Log filter directive, e.g. `info` or `gateway=debug,info`; `RUST_LOG` wins. It filters
+    /// logs only: exported traces keep every info span whatever it says.
     pub log_level: String,
     /// `text` or `json`.
     pub log_format: LogFormat,

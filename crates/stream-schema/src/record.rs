@@ -81,32 +81,32 @@ impl EventRecord {
     }
 
     pub fn encode(&self) -> Fields {
-        let (kind, request_id, session_id, model_id, timestamp) = match self {
+        let (request_id, session_id, model_id, timestamp) = match self {
             Self::Started {
                 request_id,
                 session_id,
                 model_id,
                 timestamp,
                 ..
-            } => ("start", request_id, session_id, model_id, timestamp),
-            Self::Tokens {
+            }
+            | Self::Tokens {
                 request_id,
                 session_id,
                 model_id,
                 timestamp,
                 ..
-            } => ("tokens", request_id, session_id, model_id, timestamp),
-            Self::Finished {
+            }
+            | Self::Finished {
                 request_id,
                 session_id,
                 model_id,
                 timestamp,
                 ..
-            } => ("finish", request_id, session_id, model_id, timestamp),
+            } => (request_id, session_id, model_id, timestamp),
         };
         let mut f = vec![
             version_field(),
-            (F_KIND, kind.to_owned()),
+            (F_KIND, self.kind().to_owned()),
             (F_REQUEST, request_id.to_string()),
             (F_SESSION, session_id.to_string()),
             (F_MODEL, model_id.to_string()),
