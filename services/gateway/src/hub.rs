@@ -297,15 +297,8 @@ impl Hub {
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
             if keys.is_empty() {
-                // Nothing to read: check the reader's connection now and then so readiness
-                // tells the truth (and recovers after an outage) while no client is connected.
-                let alive =
-                    tokio::time::timeout(Duration::from_secs(2), reader.ping::<String>(None)).await;
-                flag.set(matches!(alive, Ok(Ok(_))));
-                tokio::select! {
-                    () = self.shared.wake.notified() => {}
-                    () = tokio::time::sleep(Duration::from_millis(settings.block_ms)) => {}
-                    () = shutdown.cancelled() => break,
+                if !self.idle(&reader, &shutdown, &flag).await {
+                    break;
                 }
                 continue;
             }
@@ -336,15 +329,12 @@ impl Hub {
                     self.dispatch(replies);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "multiplexed read failed; ending open streams");
-                    metrics::counter!("gateway_reader_errors_total").increment(1);
-                    flag.set(false);
-                    self.close_all(Closed::Unavailable);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => break,
+                    if !self
+                        .read_failed(&error, &mut backoff, &shutdown, &flag)
+                        .await
+                    {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
@@ -353,6 +343,40 @@ impl Hub {
 }
 
 impl Hub {
+    /// Nothing to read: checks the reader's connection so readiness tells the truth (and
+    /// recovers after an outage) while no client is connected, then waits for a new key or a
+    /// while. False on shutdown.
+    async fn idle(&self, reader: &Client, shutdown: &CancellationToken, flag: &LoopFlag) -> bool {
+        let alive = tokio::time::timeout(Duration::from_secs(2), reader.ping::<String>(None)).await;
+        flag.set(matches!(alive, Ok(Ok(_))));
+        tokio::select! {
+            () = self.shared.wake.notified() => true,
+            () = tokio::time::sleep(Duration::from_millis(self.shared.settings.block_ms)) => true,
+            () = shutdown.cancelled() => false,
+        }
+    }
+
+    /// A read failed (Redis down): ends every stream with a retryable error and waits
+    /// `backoff`, which doubles up to 2 s. False on shutdown.
+    async fn read_failed(
+        &self,
+        error: &str,
+        backoff: &mut Duration,
+        shutdown: &CancellationToken,
+        flag: &LoopFlag,
+    ) -> bool {
+        tracing::warn!(%error, "multiplexed read failed; ending open streams");
+        metrics::counter!("gateway_reader_errors_total").increment(1);
+        flag.set(false);
+        self.close_all(Closed::Unavailable);
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(Duration::from_secs(2));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = shutdown.cancelled() => false,
+        }
+    }
+
     /// The reader loop on a Redis Cluster.
     ///
     /// A blocking `XREAD` can only cover keys of one slot, and sessions spread over all slots,
@@ -368,13 +392,8 @@ impl Hub {
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
             if keys.is_empty() {
-                let alive =
-                    tokio::time::timeout(Duration::from_secs(2), reader.ping::<String>(None)).await;
-                flag.set(matches!(alive, Ok(Ok(_))));
-                tokio::select! {
-                    () = self.shared.wake.notified() => {}
-                    () = tokio::time::sleep(Duration::from_millis(settings.block_ms)) => {}
-                    () = shutdown.cancelled() => break,
+                if !self.idle(&reader, &shutdown, &flag).await {
+                    break;
                 }
                 continue;
             }
@@ -408,15 +427,12 @@ impl Hub {
                 }
             }
             if let Some(error) = failure {
-                tracing::warn!(%error, "cluster read failed; ending open streams");
-                metrics::counter!("gateway_reader_errors_total").increment(1);
-                flag.set(false);
-                self.close_all(Closed::Unavailable);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => break,
+                if !self
+                    .read_failed(&error, &mut backoff, &shutdown, &flag)
+                    .await
+                {
+                    break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
             backoff = Duration::from_millis(100);
