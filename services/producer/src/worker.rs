@@ -121,6 +121,9 @@ struct Progress {
     /// Written tokens not yet reported in a `tokens` record.
     unreported: u32,
     first_token_at: Option<Instant>,
+    /// Time spent waiting on the upstream (connecting, between chunks, retry backoff): the
+    /// rest of the attempt's duration is the bridge's own overhead.
+    upstream_wait: Duration,
 }
 
 /// Tokens received but not written yet (coalescing window).
@@ -379,6 +382,7 @@ impl<'a> Attempt<'a> {
             );
             metrics::counter!("producer_upstream_retries_total", "kind" => error.kind())
                 .increment(1);
+            progress.upstream_wait += delay;
             if let Err(interrupt) = self.interruptible(tokio::time::sleep(delay)).await? {
                 return self.interrupted(progress, interrupt).await;
             }
@@ -408,6 +412,7 @@ impl<'a> Attempt<'a> {
             Ok(Ok(Err(error))) => return Ok(Err(error)),
             Ok(Ok(Ok(stream))) => stream,
         };
+        progress.upstream_wait += try_started.elapsed();
         metrics::histogram!("producer_upstream_connect_seconds")
             .record(try_started.elapsed().as_secs_f64());
 
@@ -426,17 +431,24 @@ impl<'a> Attempt<'a> {
                 last_chunk_at + policy.idle_timeout
             };
             let flush_at = pending.flush_at;
+            // Every arm but a stop starts by booking the wait for the upstream.
+            let waiting_since = tokio::time::Instant::now();
             let chunk = tokio::select! {
                 biased;
                 reason = self.signals.stopped() => return Ok(Ok(self.abandon(reason))),
                 () = sleep_until_some(flush_at) => {
+                    progress.upstream_wait += waiting_since.elapsed();
                     if let Some(refused) = self.flush(progress, &mut pending).await? {
                         return Ok(Ok(self.not_written(progress, refused).await?));
                     }
                     continue;
                 }
-                chunk = timeout_at(deadline, stream.next()) => chunk,
+                chunk = timeout_at(deadline, stream.next()) => {
+                    progress.upstream_wait += waiting_since.elapsed();
+                    chunk
+                }
                 _ = cancel_poll.tick() => {
+                    progress.upstream_wait += waiting_since.elapsed();
                     if self.cancelled().await? {
                         drop(stream);
                         return Ok(Ok(self.finish(progress, FinishReason::Cancelled, None).await?));
@@ -680,6 +692,13 @@ impl<'a> Attempt<'a> {
         self.span.record("outcome", label);
         metrics::counter!("producer_requests_total", "outcome" => label).increment(1);
         metrics::histogram!("producer_request_duration_seconds").record(duration.as_secs_f64());
+        // The bridge's own share of the request: everything but waiting on the upstream
+        // (Redis writes, encoding, scheduling).
+        metrics::histogram!("producer_overhead_seconds").record(
+            duration
+                .saturating_sub(progress.upstream_wait)
+                .as_secs_f64(),
+        );
         tracing::info!(
             request_id = %job.request_id,
             session_id = %job.session_id,

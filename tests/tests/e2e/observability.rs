@@ -78,6 +78,11 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         sample(&producer, "producer_time_to_first_token_seconds_count"),
         Some(1.0)
     );
+    // The bridge's own share of the request (total minus upstream wait) is measured too.
+    assert_eq!(
+        sample(&producer, "producer_overhead_seconds_count"),
+        Some(1.0)
+    );
 
     // Autoscaling signals: nothing generating once the worker is gone, and the job stream's
     // group (read every `producer::backlog::EVERY`) has nothing pending or undelivered.
