@@ -123,12 +123,26 @@ fn prompt(run: &str, stream: usize, chat: u64, load: Load) -> String {
     )
 }
 
-/// Runs one chat loop until `counters.stop`; starts after `start_delay` (staggering).
+/// The first chat of loop `stream` of `streams` is cut to a share of the full length, spread
+/// evenly over the loops, so chats end and restart uniformly over time instead of all at once.
+pub fn first_chat(load: Load, stream: usize, streams: usize) -> Load {
+    let share = (stream + 1) as f64 / streams.max(1) as f64;
+    let tokens = (load.tokens_per_chat as f64 * share).ceil() as usize;
+    Load {
+        tokens_per_chat: tokens.clamp(2, load.tokens_per_chat.max(2)),
+        ..load
+    }
+}
+
+/// Runs one chat loop until `counters.stop`; starts after `start_delay` (staggering) with a
+/// `first` chat that may be shorter than the others.
+#[expect(clippy::too_many_arguments, reason = "one call site, all plain values")]
 pub async fn chat_loop(
     http: reqwest::Client,
     target: Target,
     run: String,
     stream: usize,
+    first: Load,
     load: Load,
     start_delay: Duration,
     counters: Arc<Counters>,
@@ -141,6 +155,7 @@ pub async fn chat_loop(
     let mut chat = 0_u64;
     while !counters.stop.load(Ordering::Relaxed) {
         chat += 1;
+        let load = if chat == 1 { first } else { load };
         let prompt = prompt(&run, stream, chat, load);
         let result = match &target {
             Target::Bridge { gateway } => {
@@ -188,7 +203,9 @@ impl ChatClock {
         }
     }
 
-    /// One token with `content`, received at `received` (monotonic) / `received_us` (Unix).
+    /// One token event with `content`, received at `received` (monotonic) / `received_us`
+    /// (Unix). An event may carry several tokens (the producer's `token_coalesce_ms`): each
+    /// stamp in the text is one token.
     fn token(
         &mut self,
         content: &str,
@@ -197,30 +214,45 @@ impl ChatClock {
         counters: &Counters,
         local: &mut LocalSamples,
     ) {
-        self.tokens += 1;
-        counters.tokens.fetch_add(1, Ordering::Relaxed);
-        if self.tokens == 1 {
-            if self.record_ttft {
-                local
-                    .samples
-                    .ttft_us
-                    .push(micros(received.duration_since(self.started)));
-            }
-            return;
+        if self.tokens == 0 && self.record_ttft {
+            local
+                .samples
+                .ttft_us
+                .push(micros(received.duration_since(self.started)));
         }
-        let sent_us = content
-            .rsplit_once('|')
-            .and_then(|(_, stamp)| stamp.parse::<i64>().ok());
-        match sent_us {
-            Some(sent_us) if counters.recording.load(Ordering::Relaxed) => {
+        let recording = counters.recording.load(Ordering::Relaxed);
+        let stamps = stamps(content);
+        if stamps.is_empty() {
+            counters.unstamped.fetch_add(1, Ordering::Relaxed);
+        }
+        let count = stamps.len().max(1) as u64;
+        for sent_us in stamps {
+            // The chat's first token is timed by TTFT, not here.
+            if self.tokens > 0 && recording {
                 local.samples.token_us.push(received_us - sent_us);
             }
-            Some(_) => {}
-            None => {
-                counters.unstamped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.tokens += 1;
         }
+        if self.tokens == 0 {
+            self.tokens = 1;
+        }
+        counters.tokens.fetch_add(count, Ordering::Relaxed);
     }
+}
+
+/// The send times (Unix µs) that mock-llm's `stamp=1` appended to each token of `content`
+/// (`" word|1700000000000000 next|1700000000000123"`).
+fn stamps(content: &str) -> Vec<i64> {
+    content
+        .split('|')
+        .skip(1)
+        .filter_map(|segment| {
+            let digits = segment
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or(segment, |end| &segment[..end]);
+            digits.parse().ok()
+        })
+        .collect()
 }
 
 /// Splits a byte stream into SSE events and hands each `data:` payload to `on_data` with the
@@ -267,6 +299,8 @@ struct BridgeEvent<'a> {
 
 #[derive(Deserialize)]
 struct StartResponse {
+    #[serde(rename = "requestId")]
+    request_id: String,
     #[serde(rename = "streamUrl")]
     stream_url: String,
 }
@@ -307,7 +341,12 @@ async fn bridge_chat(
         bail!("SSE answered {}", response.status());
     }
     let mut failed = None;
+    let mut stopped = false;
     read_sse(response, |data, received, received_us| {
+        if counters.stop.load(Ordering::Relaxed) {
+            stopped = true;
+            return Ok(true);
+        }
         let event: BridgeEvent<'_> = serde_json::from_slice(data).context("bridge event JSON")?;
         match event.kind.as_ref() {
             "token" => {
@@ -324,6 +363,19 @@ async fn bridge_chat(
         }
     })
     .await?;
+    if stopped {
+        // The window is over: end the generation too (a client that merely leaves does not),
+        // so the next measurement starts on a quiet system.
+        let cancel = http
+            .post(format!("{gateway}/api/chat/{}/cancel", started.request_id))
+            .bearer_auth(API_KEY)
+            .send()
+            .await;
+        if let Err(error) = cancel {
+            eprintln!("bench: cancel failed: {error}");
+        }
+        return Ok(());
+    }
     match failed {
         Some(event) => bail!("error event: {event}"),
         None => Ok(()),
@@ -384,7 +436,8 @@ async fn openai_chat(
     }
     let mut failed = None;
     read_sse(response, |data, received, received_us| {
-        if data == b"[DONE]" {
+        // The window is over: leaving ends the generation on these paths.
+        if data == b"[DONE]" || counters.stop.load(Ordering::Relaxed) {
             return Ok(true);
         }
         let chunk: Chunk<'_> = serde_json::from_slice(data).context("chunk JSON")?;
@@ -456,6 +509,20 @@ mod tests {
         let text = prompt("r1", 2, 7, load);
         assert!(text.contains("[[mock tokens=100 delay_ms=20 stamp=1]]"));
         assert!(text.contains("stream 2 chat 7"));
+        let lengths: Vec<usize> = (0..4)
+            .map(|i| first_chat(load, i, 4).tokens_per_chat)
+            .collect();
+        assert_eq!(lengths, vec![25, 50, 75, 100]);
+    }
+
+    #[test]
+    fn every_stamp_in_a_token_event_counts() {
+        assert_eq!(stamps(" the|1700000000000000"), vec![1_700_000_000_000_000]);
+        assert_eq!(
+            stamps("Once|1700000000000000 upon|1700000000000123"),
+            vec![1_700_000_000_000_000, 1_700_000_000_000_123]
+        );
+        assert!(stamps("plain text").is_empty());
     }
 
     #[test]

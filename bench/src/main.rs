@@ -32,6 +32,9 @@ struct Options {
     only: Option<Vec<String>>,
     /// `--idle 1000,10000`: idle-client steps; `--idle 0` skips the step.
     idle: Option<Vec<usize>>,
+    /// `--render FILE.json`: no measuring; writes the report of an earlier run's data again
+    /// (after a change to the report or the notes).
+    render: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -44,6 +47,7 @@ fn parse_args() -> anyhow::Result<Options> {
         litellm_venv: LiteLlm::default_venv(),
         only: None,
         idle: None,
+        render: None,
     };
     let mut out = None;
     let mut repeats = None;
@@ -57,12 +61,23 @@ fn parse_args() -> anyhow::Result<Options> {
             "--out" => out = Some(PathBuf::from(value("--out")?)),
             "--notes" => options.notes = Some(PathBuf::from(value("--notes")?)),
             "--litellm-venv" => {
-                options.litellm_venv = Some(PathBuf::from(value("--litellm-venv")?))
+                options.litellm_venv = Some(PathBuf::from(value("--litellm-venv")?));
+            }
+            "--render" => options.render = Some(PathBuf::from(value("--render")?)),
+            "--only" => {
+                options.only = Some(value("--only")?.split(',').map(str::to_owned).collect());
+            }
+            "--idle" => {
+                let steps = value("--idle")?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().context("--idle"))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                options.idle = Some(steps.into_iter().filter(|&n| n > 0).collect());
             }
             other => bail!(
                 "unknown argument {other}; usage: bench [--quick] [--peers] [--repeats N] \
                  [--out FILE.md] [--notes FILE.md] [--litellm-venv DIR] [--only S1,S2] \
-                 [--idle N1,N2]"
+                 [--idle N1,N2] [--render FILE.json]"
             ),
         }
     }
@@ -95,36 +110,51 @@ fn scenario(
     }
 }
 
-/// The matrix: paced streams at 50 and 20 tokens/s (delay 20 / 50 ms), unpaced streams for
-/// throughput, and short chats for time to first token.
+/// The matrix: paced streams at 50 and 20 tokens/s (delay 20 / 50 ms) with chats of about
+/// 10 s, unpaced streams for throughput, and short chats for time to first token.
 fn matrix(quick: bool) -> Vec<Scenario> {
     if quick {
         return vec![
             scenario(report::TTFT, 1, 20, 4, 1, 4),
-            scenario(report::ONE_STREAM, 1, 20, 100, 1, 5),
-            scenario("100x50", 100, 20, 100, 2, 5),
-            scenario(report::MANY, 1000, 50, 50, 3, 5),
-            scenario("max-100", 100, 0, 200, 1, 5),
+            scenario(report::ONE_STREAM, 1, 20, 500, 1, 6),
+            scenario("100x50", 100, 20, 500, 2, 5),
+            scenario(report::MANY, 1000, 50, 200, 3, 5),
+            scenario("max-100", 100, 0, 500, 2, 5),
         ];
     }
     vec![
         scenario(report::TTFT, 1, 20, 4, 2, 15),
-        scenario(report::ONE_STREAM, 1, 20, 100, 2, 20),
-        scenario("1x20", 1, 50, 50, 2, 15),
-        scenario("100x50", 100, 20, 100, 3, 10),
-        scenario("100x20", 100, 50, 50, 3, 10),
-        scenario(report::MID, 200, 20, 100, 3, 10),
-        scenario(report::MANY, 1000, 50, 50, 4, 10),
-        scenario("1000x50", 1000, 20, 100, 4, 10),
-        scenario("max-10", 10, 0, 200, 2, 8),
-        scenario("max-100", 100, 0, 200, 2, 8),
-        scenario("max-1000", 1000, 0, 200, 3, 8),
+        scenario(report::ONE_STREAM, 1, 20, 500, 2, 20),
+        scenario("1x20", 1, 50, 200, 2, 10),
+        scenario("100x50", 100, 20, 500, 3, 10),
+        scenario("100x20", 100, 50, 200, 3, 10),
+        scenario(report::MID, 200, 20, 500, 3, 10),
+        scenario(report::MANY, 1000, 50, 200, 4, 10),
+        scenario("1000x50", 1000, 20, 500, 4, 10),
+        scenario("max-10", 10, 0, 500, 2, 8),
+        scenario("max-100", 100, 0, 500, 2, 8),
+        scenario("max-1000", 1000, 0, 500, 3, 8),
     ]
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
+    let notes = match &options.notes {
+        Some(path) if path.is_file() => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    if let Some(json) = &options.render {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let data: RunData = serde_json::from_str(&text).context("parsing the run data")?;
+        let out = json.with_extension("md");
+        report::write(&data, &out, notes.as_deref())?;
+        announce(&out);
+        return Ok(());
+    }
     let begun = Instant::now();
     let repo = std::env::current_dir().context("reading the current directory")?;
     let machine = probe::Machine::describe(&repo);
@@ -261,12 +291,6 @@ async fn main() -> anyhow::Result<()> {
         scenarios,
         paths,
         repeats,
-    };
-    let notes = match &options.notes {
-        Some(path) if path.is_file() => Some(
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        ),
-        _ => None,
     };
     report::write(&data, &options.out, notes.as_deref())?;
     announce(&options.out);

@@ -92,6 +92,8 @@ fn draw_panel(
             .configure_mesh()
             .x_desc("concurrent streams")
             .y_desc(panel.y_label.as_str())
+            .x_label_formatter(&|x| format!("{x}"))
+            .y_label_formatter(&|y| format!("{y}"))
             .draw()
             .map_err(plot_error)?;
         series(&mut chart, panel, x0, x1)?;
@@ -103,6 +105,7 @@ fn draw_panel(
             .configure_mesh()
             .x_desc("concurrent streams")
             .y_desc(panel.y_label.as_str())
+            .x_label_formatter(&|x| format!("{x}"))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(plot_error)?;

@@ -4,10 +4,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use fred::prelude::*;
 use fred::types::InfoKind;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 /// User + system CPU time of a process (all its threads), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
@@ -158,6 +161,53 @@ fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Commands Redis executed during a `MONITOR` sample: those clients sent, and those scripts ran
+/// (`INFO commandstats` counts both alike).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MonitorSample {
+    pub sent: u64,
+    pub in_scripts: u64,
+    /// Sent commands by name (lowercase).
+    pub sent_by_command: BTreeMap<String, u64>,
+}
+
+/// Watches every command on the Redis at `port` for `duration` with `MONITOR`.
+///
+/// `MONITOR` slows Redis down while it runs, so callers sample outside measurement windows.
+pub async fn monitor(port: u16, duration: Duration) -> anyhow::Result<MonitorSample> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connecting for MONITOR")?;
+    stream.write_all(b"*1\r\n$7\r\nMONITOR\r\n").await?;
+    let mut lines = BufReader::new(stream).lines();
+    let mut sample = MonitorSample::default();
+    let deadline = tokio::time::Instant::now() + duration;
+    while let Ok(line) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+        let Some(line) = line.context("reading MONITOR output")? else {
+            break;
+        };
+        // `+1700000000.123456 [0 127.0.0.1:5555] "XADD" "key" …`; scripts show `[0 lua]`.
+        let Some((source, command)) = line
+            .split_once(" [")
+            .and_then(|(_, rest)| rest.split_once("] "))
+        else {
+            continue;
+        };
+        if source.ends_with("lua") {
+            sample.in_scripts += 1;
+        } else {
+            sample.sent += 1;
+            let name = command
+                .split('"')
+                .nth(1)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            *sample.sent_by_command.entry(name).or_default() += 1;
+        }
+    }
+    Ok(sample)
+}
+
 /// One field of an `INFO` section (`process_id`, `connected_clients`, …).
 pub async fn info_field(redis: &Client, kind: InfoKind, field: &str) -> anyhow::Result<String> {
     let info: String = redis.info(Some(kind)).await.context("INFO")?;
@@ -168,7 +218,7 @@ pub async fn info_field(redis: &Client, kind: InfoKind, field: &str) -> anyhow::
 }
 
 /// The machine and software the run happened on, for the report header.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Machine {
     pub nproc: usize,
     pub cpu_model: String,

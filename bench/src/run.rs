@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::client::{self, Counters, Load, Target};
@@ -18,7 +18,7 @@ use crate::stack::{LiteLlm, Stack};
 use crate::stats::Percentiles;
 
 /// Which way the tokens go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PathKind {
     /// The client streams from mock-llm directly: the floor every path pays.
     Baseline,
@@ -39,7 +39,7 @@ impl PathKind {
 }
 
 /// A row of the matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scenario {
     pub name: String,
     pub streams: usize,
@@ -64,15 +64,10 @@ impl Scenario {
             tokens_per_chat: self.tokens_per_chat,
         }
     }
-
-    /// How long one chat takes at the paced rate.
-    fn chat_duration(&self) -> Duration {
-        Duration::from_millis(self.delay_ms.saturating_mul(self.tokens_per_chat as u64))
-    }
 }
 
 /// The figures of one measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     pub path: PathKind,
     pub scenario: String,
@@ -85,6 +80,11 @@ pub struct Measurement {
     pub redis_commands_per_token: Option<f64>,
     /// The same by command.
     pub redis_commands: BTreeMap<String, f64>,
+    /// Of those, the commands the services sent (round trips), not the ones their scripts ran:
+    /// the total scaled by the share `MONITOR` saw sent during the last second of warm-up.
+    pub sent_commands_per_token: Option<f64>,
+    /// The `MONITOR` sample behind it.
+    pub monitor: Option<probe::MonitorSample>,
     /// Gateway connections to Redis in the middle of the window.
     pub gateway_redis_connections: Option<usize>,
     pub chats: u64,
@@ -198,9 +198,10 @@ impl Runner<'_> {
         let target = self.target(path)?;
         let counters = Arc::new(Counters::default());
         let load = scenario.load();
-        // Spread the first chats over the warm-up (at most one chat long) so paced streams do
-        // not all tick together.
-        let stagger = (scenario.warmup / 2).min(scenario.chat_duration());
+        // Spread the first requests over half the warm-up, so the start is not one burst; the
+        // first chats' lengths are spread too (`first_chat`), so chats keep ending and starting
+        // evenly through the window.
+        let stagger = scenario.warmup / 2;
         let mut loops = JoinSet::new();
         let run = format!("{}{tag}", self.run_id);
         for stream in 0..scenario.streams {
@@ -210,6 +211,7 @@ impl Runner<'_> {
                 target.clone(),
                 run.clone(),
                 stream,
+                client::first_chat(load, stream, scenario.streams),
                 load,
                 delay,
                 Arc::clone(&counters),
@@ -217,6 +219,13 @@ impl Runner<'_> {
         }
 
         tokio::time::sleep(scenario.warmup).await;
+        // What share of Redis's commands the services send themselves (the rest run inside
+        // their scripts): sampled before the window, since MONITOR slows Redis down.
+        let monitor = if path == PathKind::Bridge {
+            Some(probe::monitor(self.stack.redis.port(), Duration::from_secs(1)).await?)
+        } else {
+            None
+        };
         let start = self.snapshot(&counters).await?;
         counters.recording.store(true, Ordering::Relaxed);
         tokio::time::sleep(scenario.window / 2).await;
@@ -228,9 +237,10 @@ impl Runner<'_> {
         let end = self.snapshot(&counters).await?;
         counters.stop.store(true, Ordering::Relaxed);
 
-        // Let running chats end by themselves (a chat cut off on the bridge would go on
-        // streaming into Redis); past a generous bound, cut them off.
-        let tail = scenario.chat_duration() * 3 + Duration::from_secs(15);
+        // Running chats end at their next token (bridge chats are cancelled through the API,
+        // since generation outlives a client that leaves); past a generous bound, they are cut
+        // off.
+        let tail = Duration::from_secs(30) + Duration::from_millis(scenario.delay_ms * 10);
         let drained =
             tokio::time::timeout(tail, async { while loops.join_next().await.is_some() {} })
                 .await
@@ -270,6 +280,12 @@ impl Runner<'_> {
         }
         let on_bridge = path == PathKind::Bridge;
         let redis_commands_per_token = on_bridge.then(|| total_commands as f64 / tokens_f.max(1.0));
+        let sent_commands_per_token = match (&monitor, redis_commands_per_token) {
+            (Some(sample), Some(total)) if sample.sent + sample.in_scripts > 0 => {
+                Some(total * sample.sent as f64 / (sample.sent + sample.in_scripts) as f64)
+            }
+            _ => None,
+        };
         Ok(Measurement {
             path,
             scenario: scenario.name.clone(),
@@ -283,6 +299,8 @@ impl Runner<'_> {
             } else {
                 BTreeMap::new()
             },
+            sent_commands_per_token,
+            monitor,
             gateway_redis_connections,
             chats: counters.chats.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
@@ -291,13 +309,29 @@ impl Runner<'_> {
         })
     }
 
-    /// Gateway RSS and Redis connections with 0, then each of `steps` idle SSE clients open.
+    /// Gateway RSS and Redis connections with 0, then each of `steps` idle SSE clients open,
+    /// on a gateway started for this measurement (a gateway that carried the streaming loads
+    /// keeps their memory in its allocator and would show too little per client).
     pub async fn idle_clients(&self, steps: &[usize], tag: &str) -> anyhow::Result<IdleMemory> {
-        let gateway_pid = self.stack.gateway.pid();
-        let redis_port = self.stack.redis.port();
         self.stack
             .wait_idle(&self.http, Duration::from_secs(60))
             .await;
+        let gateway = self
+            .stack
+            .spawn_gateway(&format!("gateway-idle-{tag}"))
+            .await?;
+        let gateway_pid = gateway.pid();
+        let redis_port = self.stack.redis.port();
+        // One client through the fresh gateway first, so lazily built state (pools, the
+        // reader's first read) is not counted per client.
+        let warm = client::open_idle(
+            &self.http,
+            &gateway.url(),
+            &format!("{}{tag}warm", self.run_id),
+            0..1,
+        )
+        .await
+        .context("opening the warm-up client")?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let base_rss = probe::rss_bytes(gateway_pid)?;
         let base_connections = probe::connections_to(gateway_pid, redis_port)?;
@@ -306,14 +340,9 @@ impl Runner<'_> {
         let prefix = format!("{}{tag}idle", self.run_id);
         let started = Instant::now();
         for &count in steps {
-            let more = client::open_idle(
-                &self.http,
-                &self.stack.gateway.url(),
-                &prefix,
-                open.len()..count,
-            )
-            .await
-            .with_context(|| format!("opening {count} idle SSE clients"))?;
+            let more = client::open_idle(&self.http, &gateway.url(), &prefix, open.len()..count)
+                .await
+                .with_context(|| format!("opening {count} idle SSE clients"))?;
             open.extend(more);
             if open.len() != count {
                 bail!("opened {} idle clients instead of {count}", open.len());
@@ -331,6 +360,8 @@ impl Runner<'_> {
         }
         let open_secs = started.elapsed().as_secs_f64();
         drop(open);
+        drop(warm);
+        drop(gateway);
         Ok(IdleMemory {
             base_rss,
             base_connections,
@@ -341,7 +372,7 @@ impl Runner<'_> {
 }
 
 /// Gateway memory with idle clients.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdleMemory {
     pub base_rss: u64,
     pub base_connections: usize,
@@ -350,7 +381,7 @@ pub struct IdleMemory {
     pub open_secs: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdlePoint {
     pub clients: usize,
     pub gateway_rss: u64,
@@ -359,7 +390,7 @@ pub struct IdlePoint {
 }
 
 /// `redis-benchmark`'s XADD rate on the stack's Redis.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct XaddReference {
     /// One command per round trip, 50 clients.
     pub plain: f64,

@@ -49,6 +49,8 @@ pub struct Stack {
     pub processor: Service,
     /// The generated configuration, quoted in the report.
     pub config: String,
+    /// `--config <file>`, for services started later.
+    args: Vec<String>,
     /// Holds the config file for the stack's lifetime.
     _dir: tempfile::TempDir,
 }
@@ -100,7 +102,7 @@ addr = "127.0.0.1:{processor_port}"
         );
         let path = dir.path().join("bridge.toml");
         std::fs::write(&path, &config).with_context(|| format!("writing {}", path.display()))?;
-        let args = ["--config".to_owned(), path.display().to_string()];
+        let args = vec!["--config".to_owned(), path.display().to_string()];
         let spawn = |name: &str, port: u16| -> anyhow::Result<Service> {
             Ok(Service {
                 process: ServiceProcess::spawn(name, &bin_path(name)?, &args, &[])?,
@@ -120,6 +122,7 @@ addr = "127.0.0.1:{processor_port}"
             producer,
             processor,
             config,
+            args,
             _dir: dir,
         };
         wait_for_http_ok(&format!("{}/healthz", stack.mock_llm.url()), READY_TIMEOUT)
@@ -137,6 +140,27 @@ addr = "127.0.0.1:{processor_port}"
             }
         }
         Ok(stack)
+    }
+
+    /// Another gateway on the same config and Redis, on its own port, ready to serve: a fresh
+    /// process whose memory has not been shaped by earlier load.
+    pub async fn spawn_gateway(&self, name: &str) -> anyhow::Result<Service> {
+        let port = free_port()?;
+        let env = [(
+            "BRIDGE__GATEWAY__ADDR".to_owned(),
+            format!("127.0.0.1:{port}"),
+        )];
+        let process = ServiceProcess::spawn(name, &bin_path("gateway")?, &self.args, &env)?;
+        let service = Service { process, port };
+        if let Err(error) =
+            wait_for_http_ok(&format!("{}/readyz", service.url()), READY_TIMEOUT).await
+        {
+            bail!(
+                "{name} not ready: {error}\n{}",
+                service.process.log_tail(30).await
+            );
+        }
+        Ok(service)
     }
 
     /// The bridge's own services, by name, for CPU accounting.

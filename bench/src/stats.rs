@@ -1,10 +1,10 @@
 //! Small statistics: latency percentiles of one measurement, and min/median/max of one figure
 //! over the repeats of a run.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Percentiles of a set of samples in microseconds (nearest-rank).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50_us: f64,
