@@ -35,6 +35,8 @@ struct Options {
     /// `--render FILE.json`: no measuring; writes the report of an earlier run's data again
     /// (after a change to the report or the notes).
     render: Option<PathBuf>,
+    /// With `--render`: take the idle-client figures from this other run's data instead.
+    idle_from: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -48,6 +50,7 @@ fn parse_args() -> anyhow::Result<Options> {
         only: None,
         idle: None,
         render: None,
+        idle_from: None,
     };
     let mut out = None;
     let mut repeats = None;
@@ -64,6 +67,7 @@ fn parse_args() -> anyhow::Result<Options> {
                 options.litellm_venv = Some(PathBuf::from(value("--litellm-venv")?));
             }
             "--render" => options.render = Some(PathBuf::from(value("--render")?)),
+            "--idle-from" => options.idle_from = Some(PathBuf::from(value("--idle-from")?)),
             "--only" => {
                 options.only = Some(value("--only")?.split(',').map(str::to_owned).collect());
             }
@@ -77,7 +81,7 @@ fn parse_args() -> anyhow::Result<Options> {
             other => bail!(
                 "unknown argument {other}; usage: bench [--quick] [--peers] [--repeats N] \
                  [--out FILE.md] [--notes FILE.md] [--litellm-venv DIR] [--only S1,S2] \
-                 [--idle N1,N2] [--render FILE.json]"
+                 [--idle N1,N2] [--render FILE.json [--idle-from FILE.json]]"
             ),
         }
     }
@@ -149,7 +153,24 @@ async fn main() -> anyhow::Result<()> {
     if let Some(json) = &options.render {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let data: RunData = serde_json::from_str(&text).context("parsing the run data")?;
+        let mut data: RunData = serde_json::from_str(&text).context("parsing the run data")?;
+        if let Some(other) = &options.idle_from {
+            let text = std::fs::read_to_string(other)
+                .with_context(|| format!("reading {}", other.display()))?;
+            let other_data: RunData =
+                serde_json::from_str(&text).context("parsing the idle run's data")?;
+            let mut idle = other_data.repeats.into_iter().map(|r| r.idle);
+            for repeat in &mut data.repeats {
+                repeat.idle = idle.next().flatten();
+            }
+            data.idle_source = Some(format!(
+                "`{}` ({}, started {}, load before {})",
+                other.display(),
+                other_data.command,
+                other_data.started,
+                other_data.load_before
+            ));
+        }
         let out = json.with_extension("md");
         report::write(&data, &out, notes.as_deref())?;
         announce(&out);
@@ -288,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
             config: l.config.clone(),
         }),
         litellm_error,
+        idle_source: None,
         scenarios,
         paths,
         repeats,

@@ -29,6 +29,9 @@ pub struct RunData {
     pub litellm: Option<LiteLlmInfo>,
     /// Why LiteLLM is missing when it was asked for.
     pub litellm_error: Option<String>,
+    /// Where the idle-client figures come from when not from this run (`--idle-from`).
+    #[serde(default)]
+    pub idle_source: Option<String>,
     pub scenarios: Vec<Scenario>,
     pub paths: Vec<PathKind>,
     pub repeats: Vec<Repeat>,
@@ -509,7 +512,12 @@ fn headline(data: &RunData, out: &mut String) -> std::fmt::Result {
         }));
         writeln!(
             out,
-            "| gateway memory per idle SSE client at {clients} clients (KiB) | {} | ≤ 8 at 10,000 | {} |",
+            "| gateway memory per idle SSE client at {clients} clients (KiB){} | {} | ≤ 8 at 10,000 | {} |",
+            if data.idle_source.is_some() {
+                ", separate run (below)"
+            } else {
+                ""
+            },
             show(per_client, 2),
             if clients < 10_000 {
                 "not measured at 10,000 (quick mode)".to_owned()
@@ -896,6 +904,14 @@ fn idle_table(data: &RunData, out: &mut String) -> std::fmt::Result {
         return Ok(());
     }
     writeln!(out, "## Gateway memory with idle SSE clients\n")?;
+    if let Some(source) = &data.idle_source {
+        writeln!(
+            out,
+            "These figures come from a separate run, {source}: the idle-client step of this \
+             run measured the gateway that had carried the streaming loads, whose allocator \
+             reused memory they left behind.\n"
+        )?;
+    }
     writeln!(
         out,
         "| repeat | RSS before | clients | RSS with clients | KiB per client | gateway Redis connections | time to open all |"
