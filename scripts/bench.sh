@@ -8,7 +8,10 @@
 #   (none)   full matrix, 3 repeats        → bench/results/bench.md (+ .json, -latency.svg, -throughput.svg)
 #   --quick  small matrix, 1 repeat        → bench/results/quick/quick.md (not committed)
 #   --peers  full matrix + LiteLLM proxy   → bench/results/peers.md
-# Extra arguments go to the binary (e.g. --repeats 1, --out FILE.md).
+# Extra arguments go to the binary (e.g. --repeats 1, --out FILE.md). The committed report's
+# hand-written analysis (bench/results/notes.md) belongs to that run only; it is added with
+#   bench --render bench/results/peers.json --idle-from bench/results/idle.json \
+#         --notes bench/results/notes.md
 #
 # Environment: CARGO_TARGET_DIR (the Makefile sets it); BRIDGE__* variables reach the services
 # (tuning experiments) and are listed in the report.
@@ -29,10 +32,6 @@ case "${1:-}" in
     --peers) args+=(--peers); peers=1; shift ;;
 esac
 args+=("$@")
-# Hand-written analysis of the committed full reports, included verbatim.
-if [[ " ${args[*]} " != *" --quick "* && -f bench/results/notes.md ]]; then
-    args+=(--notes bench/results/notes.md)
-fi
 
 scripts/ensure-redis.sh
 if ! have redis-benchmark; then

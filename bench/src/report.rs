@@ -556,7 +556,7 @@ fn machine(data: &RunData, out: &mut String) -> std::fmt::Result {
         out,
         "Everything runs on this one machine at once: Redis, mock-llm, the three bridge \
          services{}, and the load generator. The machine is shared, so the load average above \
-         is part of the result.\n",
+         is part of the result (the figure after the run includes the run's own load).\n",
         if data.litellm.is_some() {
             ", LiteLLM"
         } else {
