@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use fred::prelude::*;
 use fred::types::Value;
-use stream_schema::{EntryId, StreamKey};
+use stream_schema::{EntryId, RedisKey};
 
 use crate::entry::{Entry, parse_entries, parse_xread};
 use crate::error::StreamIoError;
@@ -12,7 +12,7 @@ use crate::error::StreamIoError;
 /// Creates `group` on `key` (and the stream) if missing; an existing group is fine.
 pub async fn ensure_group(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
     group: &str,
 ) -> Result<(), StreamIoError> {
     match client
@@ -30,11 +30,11 @@ pub async fn read_new(
     client: &Client,
     group: &str,
     consumer: &str,
-    keys: &[StreamKey],
+    keys: &[RedisKey],
     count: u64,
     block_ms: u64,
 ) -> Result<Vec<(String, Vec<Entry>)>, StreamIoError> {
-    let names: Vec<&str> = keys.iter().map(StreamKey::as_str).collect();
+    let names: Vec<&str> = keys.iter().map(RedisKey::as_str).collect();
     let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
     let reply: Value = client
         .xreadgroup(
@@ -69,7 +69,7 @@ pub async fn ack(
 /// the cursor for the next page (`0-0` when done) and the claimed entries that still exist.
 pub async fn autoclaim(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
     group: &str,
     consumer: &str,
     min_idle_ms: u64,
@@ -143,7 +143,7 @@ impl LeaseScript {
     pub async fn renew(
         &self,
         client: &Client,
-        key: &StreamKey,
+        key: &RedisKey,
         group: &str,
         consumer: &str,
         ids: &[EntryId],
@@ -157,7 +157,7 @@ impl LeaseScript {
     pub async fn hand_back(
         &self,
         client: &Client,
-        key: &StreamKey,
+        key: &RedisKey,
         group: &str,
         consumer: &str,
         ids: &[EntryId],
@@ -170,7 +170,7 @@ impl LeaseScript {
     async fn set_idle(
         &self,
         client: &Client,
-        key: &StreamKey,
+        key: &RedisKey,
         group: &str,
         consumer: &str,
         ids: &[EntryId],
@@ -212,7 +212,7 @@ pub struct GroupState {
 /// `XINFO GROUPS key` for `group`; `None` when the group does not exist.
 pub async fn group_state(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
     group: &str,
 ) -> Result<Option<GroupState>, StreamIoError> {
     let reply: Value = client.xinfo_groups(key.as_str()).await?;

@@ -9,7 +9,7 @@
 use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
-use stream_schema::{EntryId, RequestId, SessionEvent, SessionId, StreamKey};
+use stream_schema::{EntryId, RequestId, SessionEvent, SessionId, RedisKey};
 
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;
@@ -124,8 +124,8 @@ impl SessionScripts {
     pub async fn start(
         &self,
         client: &Client,
-        stream: &StreamKey,
-        owner: &StreamKey,
+        stream: &RedisKey,
+        owner: &RedisKey,
         event: &SessionEvent,
         retention: Retention,
     ) -> Result<EntryId, StreamIoError> {
@@ -279,7 +279,7 @@ impl OwnerState {
 }
 
 /// The owner state of a request.
-pub async fn owner_state(client: &Client, owner: &StreamKey) -> Result<OwnerState, StreamIoError> {
+pub async fn owner_state(client: &Client, owner: &RedisKey) -> Result<OwnerState, StreamIoError> {
     let raw: Option<String> = client.get(owner.as_str()).await?;
     Ok(OwnerState::from_value(raw))
 }
@@ -287,9 +287,9 @@ pub async fn owner_state(client: &Client, owner: &StreamKey) -> Result<OwnerStat
 /// The keys one request writes to in its session's slot.
 #[derive(Debug, Clone)]
 pub struct RequestStreams {
-    pub stream: StreamKey,
-    pub owner: StreamKey,
-    pub cancel: StreamKey,
+    pub stream: RedisKey,
+    pub owner: RedisKey,
+    pub cancel: RedisKey,
     pub retention: Retention,
 }
 
@@ -301,9 +301,9 @@ impl RequestStreams {
         retention: Retention,
     ) -> Self {
         Self {
-            stream: StreamKey::session(session, model),
-            owner: StreamKey::owner(session, request),
-            cancel: StreamKey::cancel(session, request),
+            stream: RedisKey::session(session, model),
+            owner: RedisKey::owner(session, request),
+            cancel: RedisKey::cancel(session, request),
             retention,
         }
     }
@@ -320,7 +320,7 @@ impl RequestStreams {
 /// The current owner attempt of a request, if its owner key still exists.
 pub async fn owner_attempt(
     client: &Client,
-    owner: &StreamKey,
+    owner: &RedisKey,
 ) -> Result<Option<u32>, StreamIoError> {
     let raw: Option<String> = client.get(owner.as_str()).await?;
     Ok(raw.and_then(|v| v.parse().ok()))
@@ -329,7 +329,7 @@ pub async fn owner_attempt(
 /// `XRANGE key (after + COUNT count`: up to `count` entries strictly after `after`.
 pub async fn range_after(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
     after: EntryId,
     count: u64,
 ) -> Result<Vec<Entry>, StreamIoError> {
@@ -341,7 +341,7 @@ pub async fn range_after(
 /// `XRANGE key id id`: the entry itself, if it is still in the stream.
 pub async fn entry_exists(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
     id: EntryId,
 ) -> Result<bool, StreamIoError> {
     let id = id.to_string();
@@ -354,7 +354,7 @@ pub async fn entry_exists(
 /// The id of the newest entry of `key`, or `None` for a missing or empty stream.
 pub async fn last_entry_id(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
 ) -> Result<Option<EntryId>, StreamIoError> {
     let reply: Value = client.xrevrange(key.as_str(), "+", "-", Some(1)).await?;
     Ok(parse_entries(reply)?.first().map(|e| e.id))
@@ -363,7 +363,7 @@ pub async fn last_entry_id(
 /// The id of the oldest entry still in `key`.
 pub async fn first_entry_id(
     client: &Client,
-    key: &StreamKey,
+    key: &RedisKey,
 ) -> Result<Option<EntryId>, StreamIoError> {
     let reply: Value = client.xrange(key.as_str(), "-", "+", Some(1)).await?;
     Ok(parse_entries(reply)?.first().map(|e| e.id))

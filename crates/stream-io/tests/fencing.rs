@@ -7,7 +7,7 @@ use stream_io::session::{
     AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, owner_state,
 };
 use stream_schema::{
-    ErrorCode, FinishReason, ModelId, RequestId, SessionEvent, SessionId, StreamKey, Usage,
+    ErrorCode, FinishReason, ModelId, RequestId, SessionEvent, SessionId, RedisKey, Usage,
     UsageSource,
 };
 use test_support::RedisServer;
@@ -126,7 +126,7 @@ async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::
 async fn renewing_a_lease_reports_a_lost_job_and_never_steals_it_back() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let client = redis.client().await?;
-    let key = StreamKey::requests();
+    let key = RedisKey::requests();
     groups::ensure_group(&client, &key, "g").await?;
     let id: String = client
         .xadd(key.as_str(), false, None, "*", vec![("v", "1")])

@@ -12,9 +12,9 @@ pub const PROCESSOR_GROUP: &str = "llm:processors";
 
 /// The name of a Redis key. Built only by the constructors below, from validated ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StreamKey(String);
+pub struct RedisKey(String);
 
-impl StreamKey {
+impl RedisKey {
     /// `llm:stream:{<sessionId>}:<modelId>`: a session's events for one model.
     pub fn session(session: &SessionId, model: &ModelId) -> Self {
         Self(format!("llm:stream:{{{session}}}:{model}"))
@@ -150,13 +150,13 @@ impl StreamKey {
     }
 }
 
-impl fmt::Display for StreamKey {
+impl fmt::Display for RedisKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
 }
 
-impl AsRef<str> for StreamKey {
+impl AsRef<str> for RedisKey {
     fn as_ref(&self) -> &str {
         &self.0
     }
@@ -183,12 +183,12 @@ mod tests {
         let session = SessionId::parse("user_123")?;
         let model = ModelId::parse("gpt-4")?;
         assert_eq!(
-            StreamKey::session(&session, &model).as_str(),
+            RedisKey::session(&session, &model).as_str(),
             "llm:stream:{user_123}:gpt-4"
         );
         let request = RequestId::new();
         assert_eq!(
-            StreamKey::cancel(&session, &request).as_str(),
+            RedisKey::cancel(&session, &request).as_str(),
             format!("llm:cancel:{{user_123}}:{request}")
         );
         Ok(())
@@ -199,24 +199,24 @@ mod tests {
         let session = SessionId::parse("a:m:5")?;
         let model = ModelId::parse("gpt-4")?;
         assert_eq!(
-            StreamKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str(),
+            RedisKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str(),
             "llm:stats:{3}:m:5:session:a"
         );
         // A session id that looks like a minute suffix still gets a different key.
         assert_ne!(
-            StreamKey::session_stats(3, &session).as_str(),
-            StreamKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str()
+            RedisKey::session_stats(3, &session).as_str(),
+            RedisKey::session_stats_minute(3, &SessionId::parse("a")?, 5).as_str()
         );
         assert_eq!(
-            StreamKey::model_stats_minute(0, &model, 29_000_000).as_str(),
+            RedisKey::model_stats_minute(0, &model, 29_000_000).as_str(),
             "llm:stats:{0}:m:29000000:model:gpt-4"
         );
         assert_eq!(
-            StreamKey::key_stats(1, "team-a").as_str(),
+            RedisKey::key_stats(1, "team-a").as_str(),
             "llm:stats:{1}:key:team-a"
         );
         assert_eq!(
-            StreamKey::key_stats_minute(1, "bad}id", 7).as_str(),
+            RedisKey::key_stats_minute(1, "bad}id", 7).as_str(),
             "llm:stats:{1}:m:7:key:unknown"
         );
         Ok(())

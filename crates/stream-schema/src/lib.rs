@@ -20,7 +20,7 @@ pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
 pub use job::{ChatMessage, Job, RequestMeta, Reservation, Role};
-pub use keys::StreamKey;
+pub use keys::RedisKey;
 pub use record::{EventRecord, Outcome};
 
 /// Milliseconds since the Unix epoch, the `timestamp` of every event.

@@ -14,7 +14,7 @@ use fred::prelude::*;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use stream_schema::stats::{Counters, Histogram};
-use stream_schema::{ModelId, SessionId, StreamKey};
+use stream_schema::{ModelId, SessionId, RedisKey};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
@@ -110,8 +110,8 @@ pub struct Report {
 
 /// Which stats hashes to sum: per shard, the totals key and the key of a given minute.
 trait Scope: Sync {
-    fn totals(&self, shard: u16) -> StreamKey;
-    fn minute(&self, shard: u16, minute: u64) -> StreamKey;
+    fn totals(&self, shard: u16) -> RedisKey;
+    fn minute(&self, shard: u16, minute: u64) -> RedisKey;
 }
 
 struct SessionScope(SessionId);
@@ -119,34 +119,34 @@ struct ModelScope(ModelId);
 struct KeyScope(String);
 
 impl Scope for SessionScope {
-    fn totals(&self, shard: u16) -> StreamKey {
-        StreamKey::session_stats(shard, &self.0)
+    fn totals(&self, shard: u16) -> RedisKey {
+        RedisKey::session_stats(shard, &self.0)
     }
-    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
-        StreamKey::session_stats_minute(shard, &self.0, minute)
+    fn minute(&self, shard: u16, minute: u64) -> RedisKey {
+        RedisKey::session_stats_minute(shard, &self.0, minute)
     }
 }
 
 impl Scope for ModelScope {
-    fn totals(&self, shard: u16) -> StreamKey {
-        StreamKey::model_stats(shard, &self.0)
+    fn totals(&self, shard: u16) -> RedisKey {
+        RedisKey::model_stats(shard, &self.0)
     }
-    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
-        StreamKey::model_stats_minute(shard, &self.0, minute)
+    fn minute(&self, shard: u16, minute: u64) -> RedisKey {
+        RedisKey::model_stats_minute(shard, &self.0, minute)
     }
 }
 
 impl Scope for KeyScope {
-    fn totals(&self, shard: u16) -> StreamKey {
-        StreamKey::key_stats(shard, &self.0)
+    fn totals(&self, shard: u16) -> RedisKey {
+        RedisKey::key_stats(shard, &self.0)
     }
-    fn minute(&self, shard: u16, minute: u64) -> StreamKey {
-        StreamKey::key_stats_minute(shard, &self.0, minute)
+    fn minute(&self, shard: u16, minute: u64) -> RedisKey {
+        RedisKey::key_stats_minute(shard, &self.0, minute)
     }
 }
 
 /// Sums the hashes of `keys`; the reads are issued together so fred pipelines them.
-async fn sum(client: &Client, keys: &[StreamKey]) -> Result<Counters, ApiError> {
+async fn sum(client: &Client, keys: &[RedisKey]) -> Result<Counters, ApiError> {
     let replies = join_all(
         keys.iter()
             .map(|key| client.hgetall::<HashMap<String, String>, _>(key.as_str())),
@@ -166,10 +166,10 @@ async fn report(
     shards: &[u16],
     minutes: u64,
 ) -> Result<Report, ApiError> {
-    let totals: Vec<StreamKey> = shards.iter().map(|shard| scope.totals(*shard)).collect();
+    let totals: Vec<RedisKey> = shards.iter().map(|shard| scope.totals(*shard)).collect();
     let now = stream_schema::stats::minute_of(stream_schema::now_millis());
     let first = now.saturating_sub(minutes.saturating_sub(1));
-    let window: Vec<StreamKey> = shards
+    let window: Vec<RedisKey> = shards
         .iter()
         .flat_map(|shard| (first..=now).map(move |minute| scope.minute(*shard, minute)))
         .collect();

@@ -9,7 +9,7 @@ use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
     ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
-    StreamKey,
+    RedisKey,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -382,14 +382,14 @@ async fn enqueue(
             .filter(|_| chat.max_tokens.is_none() && state.settings.limits.hard_token_cap)
             .map(|r| r.tokens),
     };
-    let meta_key = StreamKey::request_meta(&request_id);
+    let meta_key = RedisKey::request_meta(&request_id);
     let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);
     let pipeline = client.pipeline();
     let _: () = pipeline.hset(meta_key.as_str(), meta.encode()).await?;
     let _: () = pipeline.expire(meta_key.as_str(), ttl, None).await?;
     let _: () = pipeline
         .xadd(
-            StreamKey::requests().as_str(),
+            RedisKey::requests().as_str(),
             false,
             stream_io::approx_cap(state.settings.streams.requests_maxlen),
             "*",
@@ -448,7 +448,7 @@ pub async fn request_meta(
     request_id: &RequestId,
 ) -> Result<Option<RequestMeta>, ApiError> {
     let fields: std::collections::HashMap<String, String> = client
-        .hgetall(StreamKey::request_meta(request_id).as_str())
+        .hgetall(RedisKey::request_meta(request_id).as_str())
         .await?;
     if fields.is_empty() {
         return Ok(None);
@@ -501,7 +501,7 @@ pub async fn cancel(
         .await?
         .filter(|meta| meta.key_id == key_id.0)
         .ok_or_else(|| ApiError::NotFound("unknown requestId".to_owned()))?;
-    let key = StreamKey::cancel(&meta.session_id, &request_id);
+    let key = RedisKey::cancel(&meta.session_id, &request_id);
     let ttl = i64::try_from(state.settings.streams.session_ttl_secs).unwrap_or(i64::MAX);
     let _: () = client
         .set(key.as_str(), "1", Some(Expiration::EX(ttl)), None, false)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Value;
 use serde::{Deserialize, Serialize};
-use stream_schema::{RequestId, SessionId, StreamKey};
+use stream_schema::{RequestId, SessionId, RedisKey};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -200,8 +200,8 @@ impl Connections {
             return Ok(self.local_for_session(session_id));
         };
         let client = redis.next();
-        let ids_key = StreamKey::connections(session_id);
-        let info_key = StreamKey::connection_info(session_id);
+        let ids_key = RedisKey::connections(session_id);
+        let info_key = RedisKey::connection_info(session_id);
         let now = now_ms();
         let expired: Vec<String> = client
             .zrangebyscore(ids_key.as_str(), "-inf", now as f64, false, None)
@@ -259,11 +259,11 @@ async fn remove_from_view(
     let client = pool.next();
     let pipeline = client.pipeline();
     let _: () = pipeline
-        .zrem(StreamKey::connections(session_id).as_str(), connection_id)
+        .zrem(RedisKey::connections(session_id).as_str(), connection_id)
         .await?;
     let _: () = pipeline
         .hdel(
-            StreamKey::connection_info(session_id).as_str(),
+            RedisKey::connection_info(session_id).as_str(),
             connection_id,
         )
         .await?;
@@ -282,8 +282,8 @@ async fn write_view(
     let mut sessions = Vec::new();
     for info in infos {
         let json = serde_json::to_string(info).unwrap_or_default();
-        let ids_key = StreamKey::connections(&info.session_id);
-        let info_key = StreamKey::connection_info(&info.session_id);
+        let ids_key = RedisKey::connections(&info.session_id);
+        let info_key = RedisKey::connection_info(&info.session_id);
         let _: () = pipeline
             .zadd(
                 ids_key.as_str(),
@@ -304,10 +304,10 @@ async fn write_view(
     // The keys of a session with no live gateway left disappear too.
     for session in &sessions {
         let _: () = pipeline
-            .expire(StreamKey::connections(session).as_str(), ttl_secs, None)
+            .expire(RedisKey::connections(session).as_str(), ttl_secs, None)
             .await?;
         let _: () = pipeline
-            .expire(StreamKey::connection_info(session).as_str(), ttl_secs, None)
+            .expire(RedisKey::connection_info(session).as_str(), ttl_secs, None)
             .await?;
     }
     let _: Vec<Value> = pipeline.all().await?;

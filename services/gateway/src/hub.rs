@@ -20,7 +20,7 @@ use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClientUnblockFlag, Value};
 use service_kit::ops::LoopFlag;
-use stream_schema::{EntryId, RequestId, SessionEvent, StreamKey};
+use stream_schema::{EntryId, RequestId, SessionEvent, RedisKey};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ pub struct Hub {
 
 /// A subscriber's end: its channel and where its catch-up read must stop.
 pub struct Subscription {
-    pub key: StreamKey,
+    pub key: RedisKey,
     pub rx: mpsc::UnboundedReceiver<HubMessage>,
     /// When set, read `(after, catch_up_to]` from Redis before taking from `rx`.
     pub catch_up_to: Option<EntryId>,
@@ -162,7 +162,7 @@ impl Hub {
     /// Follows `key` from after `after`, optionally only events of one request.
     pub fn subscribe(
         &self,
-        key: &StreamKey,
+        key: &RedisKey,
         after: EntryId,
         filter: Option<RequestId>,
     ) -> Subscription {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use actix_web::HttpRequest;
 use fred::prelude::*;
 use sha2::{Digest, Sha256};
-use stream_schema::StreamKey;
+use stream_schema::RedisKey;
 
 use crate::error::ApiError;
 
@@ -30,7 +30,7 @@ pub enum Idempotency {
 
 /// A claimed key, to complete or release.
 pub struct Slot {
-    key: StreamKey,
+    key: RedisKey,
 }
 
 /// The `Idempotency-Key` header, if any (400 when it is not 1–255 visible ASCII characters).
@@ -61,7 +61,7 @@ pub async fn begin(
     idempotency_key: &str,
     body: &[u8],
 ) -> Result<Idempotency, ApiError> {
-    let key = StreamKey::idempotency(key_id, &hex::encode(Sha256::digest(idempotency_key)));
+    let key = RedisKey::idempotency(key_id, &hex::encode(Sha256::digest(idempotency_key)));
     let digest = hex::encode(Sha256::digest(body));
     let claimed: bool = client.hsetnx(key.as_str(), "body", digest.as_str()).await?;
     if claimed {

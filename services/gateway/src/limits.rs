@@ -12,7 +12,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use service_kit::config::LimitsSettings;
 use stream_io::StreamIoError;
-use stream_schema::{Reservation, SessionId, StreamKey};
+use stream_schema::{Reservation, SessionId, RedisKey};
 
 /// KEYS: log. ARGV: now_ms ('' = Redis TIME), window_ms, limit, member.
 /// Returns {1, 0} when admitted, {0, retry_after_ms} when full.
@@ -113,7 +113,7 @@ impl RateLimiter {
     pub async fn check_log(
         &self,
         client: &Client,
-        key: &StreamKey,
+        key: &RedisKey,
         limit: u32,
         window_ms: u64,
         member: &str,
@@ -136,7 +136,7 @@ impl RateLimiter {
     }
 
     /// Forgets a recorded request (a later limit refused it, so it did not count).
-    async fn unrecord(&self, client: &Client, key: &StreamKey, member: &str) {
+    async fn unrecord(&self, client: &Client, key: &RedisKey, member: &str) {
         let removed: Result<i64, _> = client.zrem(key.as_str(), member).await;
         if let Err(error) = removed {
             tracing::warn!(%error, "cannot undo a request-log entry");
@@ -159,7 +159,7 @@ impl RateLimiter {
             limit.to_string(),
             tokens.to_string(),
         ];
-        let key = StreamKey::token_quota(key_id);
+        let key = RedisKey::token_quota(key_id);
         let reply: Value = self
             .reserve_tokens
             .evalsha_with_reload(client, vec![key.to_string()], args)
@@ -185,8 +185,8 @@ impl RateLimiter {
         request_member: &str,
     ) -> Result<Admission, StreamIoError> {
         let window_ms = limits.window_secs.saturating_mul(1000);
-        let key_log = StreamKey::key_request_log(key_id);
-        let session_log = StreamKey::session_request_log(session);
+        let key_log = RedisKey::key_request_log(key_id);
+        let session_log = RedisKey::session_request_log(session);
         let key_rpm = limits.requests_per_window(key_id);
         if key_rpm > 0
             && let Err(retry) = self

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use stream_io::session::{entry_exists, last_entry_id, range_after};
-use stream_schema::{EntryId, ErrorCode, RequestId, SessionEvent, SessionId, StreamKey};
+use stream_schema::{EntryId, ErrorCode, RequestId, SessionEvent, SessionId, RedisKey};
 use tokio::sync::mpsc;
 
 use crate::chat::request_meta;
@@ -30,7 +30,7 @@ const BODY_FRAMES: usize = 16;
 
 /// Where one stream of the connection starts.
 struct Plan {
-    key: StreamKey,
+    key: RedisKey,
     after: EntryId,
 }
 
@@ -126,13 +126,13 @@ pub async fn stream(
                 })?;
             parent_trace.clone_from(&meta.traceparent);
             plans.push(Plan {
-                key: StreamKey::session(&meta.session_id, &meta.model_id),
+                key: RedisKey::session(&meta.session_id, &meta.model_id),
                 after: resume.unwrap_or(meta.start_entry.predecessor()),
             });
         }
         None => {
             for model in state.models.values() {
-                let key = StreamKey::session(&session, model);
+                let key = RedisKey::session(&session, model);
                 let after = match resume {
                     Some(id) => id,
                     None => last_entry_id(client, &key).await?.unwrap_or(EntryId::ZERO),
@@ -310,7 +310,7 @@ impl Delivery {
     /// tells whether the request ended.
     async fn catch_up(
         &mut self,
-        key: &StreamKey,
+        key: &RedisKey,
         last: &mut EntryId,
         until: Option<EntryId>,
     ) -> Result<bool, End> {

@@ -13,7 +13,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
 use stream_schema::stats;
-use stream_schema::{EntryId, EventRecord, ModelId, SessionId, StreamKey};
+use stream_schema::{EntryId, EventRecord, ModelId, SessionId, RedisKey};
 
 /// KEYS: ledger, then the counter hashes. ARGV: entry id, now ms, ledger ttl ms, then one TTL in
 /// seconds per counter hash (in KEYS order), then field/delta pairs added to every hash.
@@ -102,13 +102,13 @@ impl Applier {
         let key_id = key_id.filter(|_| stats::counts_per_key(record));
         let totals_ttl = self.retention.totals_secs.max(1);
         let mut keys = vec![
-            StreamKey::applied_ledger(shard).to_string(),
-            StreamKey::session_stats(shard, session).to_string(),
-            StreamKey::model_stats(shard, model).to_string(),
+            RedisKey::applied_ledger(shard).to_string(),
+            RedisKey::session_stats(shard, session).to_string(),
+            RedisKey::model_stats(shard, model).to_string(),
         ];
         let mut ttls = vec![totals_ttl, totals_ttl];
         if let Some(key_id) = key_id {
-            keys.push(StreamKey::key_stats(shard, key_id).to_string());
+            keys.push(RedisKey::key_stats(shard, key_id).to_string());
             ttls.push(totals_ttl);
         }
         // The record's minute bucket lives until `window_secs` after that minute ended, counted
@@ -120,11 +120,11 @@ impl Applier {
         let now_secs = now_ms / 1000;
         if expires_at > now_secs {
             let ttl = expires_at - now_secs;
-            keys.push(StreamKey::session_stats_minute(shard, session, minute).to_string());
-            keys.push(StreamKey::model_stats_minute(shard, model, minute).to_string());
+            keys.push(RedisKey::session_stats_minute(shard, session, minute).to_string());
+            keys.push(RedisKey::model_stats_minute(shard, model, minute).to_string());
             ttls.extend([ttl, ttl]);
             if let Some(key_id) = key_id {
-                keys.push(StreamKey::key_stats_minute(shard, key_id, minute).to_string());
+                keys.push(RedisKey::key_stats_minute(shard, key_id, minute).to_string());
                 ttls.push(ttl);
             }
         }

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use service_kit::ops::LoopFlag;
 use stream_io::{Entry, StreamIoError, groups};
 use stream_schema::keys::PROCESSOR_GROUP;
-use stream_schema::{EntryId, EventRecord, RequestId, RequestMeta, StreamKey, stats};
+use stream_schema::{EntryId, EventRecord, RequestId, RequestMeta, RedisKey, stats};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -78,7 +78,7 @@ impl KeyIds {
 /// once that has expired (or cannot be read).
 async fn read_key_id(client: &Client, request: RequestId) -> Result<String, StreamIoError> {
     let fields: HashMap<String, String> = client
-        .hgetall(StreamKey::request_meta(&request).as_str())
+        .hgetall(RedisKey::request_meta(&request).as_str())
         .await?;
     if fields.is_empty() {
         return Ok(stats::UNKNOWN_KEY.to_owned());
@@ -93,8 +93,8 @@ async fn read_key_id(client: &Client, request: RequestId) -> Result<String, Stre
 }
 
 impl ShardConsumer {
-    fn key(&self) -> StreamKey {
-        StreamKey::events_shard(self.shard)
+    fn key(&self) -> RedisKey {
+        RedisKey::events_shard(self.shard)
     }
 
     /// The `record.apply` span of one record, in the trace of the producer attempt that wrote

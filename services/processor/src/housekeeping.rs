@@ -9,7 +9,7 @@ use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
-use stream_schema::StreamKey;
+use stream_schema::RedisKey;
 
 /// KEYS: stream. ARGV: group, min idle ms, own consumer name.
 /// Deletes every other consumer of the group that is idle at least `min idle ms` and has no
@@ -51,7 +51,7 @@ impl Housekeeping {
     pub async fn remove_dead_consumers(
         &self,
         client: &Client,
-        key: &StreamKey,
+        key: &RedisKey,
         group: &str,
         own: &str,
         min_idle_ms: u64,

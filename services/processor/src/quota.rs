@@ -9,7 +9,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
 use stream_schema::job::RequestMeta;
-use stream_schema::{RequestId, StreamKey};
+use stream_schema::{RequestId, RedisKey};
 
 /// KEYS: quota hash, done marker. ARGV: window index, delta, marker ttl (s).
 /// Returns 1 when applied, 0 when this request was reconciled before.
@@ -45,7 +45,7 @@ impl Reconciler {
         completion_tokens: u32,
     ) -> Result<(), StreamIoError> {
         let fields: HashMap<String, String> = client
-            .hgetall(StreamKey::request_meta(request_id).as_str())
+            .hgetall(RedisKey::request_meta(request_id).as_str())
             .await?;
         if fields.is_empty() {
             return Ok(());
@@ -62,8 +62,8 @@ impl Reconciler {
         };
         let delta = i64::from(completion_tokens) - i64::from(reservation.tokens);
         let keys = vec![
-            StreamKey::token_quota(&meta.key_id).to_string(),
-            StreamKey::quota_reconciled(&meta.key_id, request_id).to_string(),
+            RedisKey::token_quota(&meta.key_id).to_string(),
+            RedisKey::quota_reconciled(&meta.key_id, request_id).to_string(),
         ];
         let args = vec![
             reservation.window.to_string(),

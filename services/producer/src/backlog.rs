@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use stream_io::groups;
-use stream_schema::StreamKey;
+use stream_schema::RedisKey;
 use stream_schema::keys::PRODUCER_GROUP;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +18,7 @@ pub const EVERY: Duration = Duration::from_secs(2);
 /// Exports the gauges every [`EVERY`] until `stop`. A failed read is only logged (Redis down
 /// already shows in `/readyz` and the loops' errors); the gauges keep their last value.
 pub async fn export(redis: Pool, stop: CancellationToken) {
-    let key = StreamKey::requests();
+    let key = RedisKey::requests();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -17,7 +17,7 @@ use stream_io::groups;
 use stream_io::session::{OwnerState, RequestStreams, TakeOver};
 use stream_schema::keys::PRODUCER_GROUP;
 use stream_schema::record::Outcome;
-use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEvent, StreamKey};
+use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEvent, RedisKey};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -258,7 +258,7 @@ impl Dispatcher {
         };
         let _: String = client
             .xadd(
-                StreamKey::events_shard(shard).as_str(),
+                RedisKey::events_shard(shard).as_str(),
                 false,
                 stream_io::approx_cap(self.ctx.events_maxlen),
                 "*",
@@ -296,7 +296,7 @@ impl Dispatcher {
             .redis
             .next()
             .xadd(
-                StreamKey::dead_letter().as_str(),
+                RedisKey::dead_letter().as_str(),
                 false,
                 stream_io::approx_cap(self.dead_maxlen),
                 "*",
@@ -317,7 +317,7 @@ impl Dispatcher {
     /// the job stream as long as the backlog, not as long as history.
     async fn finish_job(&self, id: EntryId) -> Result<(), stream_io::StreamIoError> {
         let client = self.ctx.redis.next();
-        let key = StreamKey::requests();
+        let key = RedisKey::requests();
         groups::ack(client, key.as_str(), PRODUCER_GROUP, &[id]).await?;
         let _: i64 = client.xdel(key.as_str(), id.to_string()).await?;
         Ok(())
@@ -392,7 +392,7 @@ pub struct Claimer {
 
 impl Claimer {
     pub async fn run(self, shutdown: CancellationToken, flag: LoopFlag) {
-        let requests = StreamKey::requests();
+        let requests = RedisKey::requests();
         let dispatcher = &self.dispatcher;
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
@@ -499,7 +499,7 @@ impl Reclaim {
         dispatcher: &Arc<Dispatcher>,
         mut permits: Vec<OwnedSemaphorePermit>,
     ) -> Vec<OwnedSemaphorePermit> {
-        let requests = StreamKey::requests();
+        let requests = RedisKey::requests();
         for _ in 0..MAX_RECLAIM_PAGES {
             if permits.is_empty() {
                 break;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use stream_io::groups::LeaseScript;
 use stream_schema::keys::PRODUCER_GROUP;
-use stream_schema::{EntryId, StreamKey};
+use stream_schema::{EntryId, RedisKey};
 use tokio_util::sync::CancellationToken;
 
 /// The jobs this producer works on: entry id → the token that tells its worker the lease is
@@ -77,7 +77,7 @@ pub struct Renewer {
 
 impl Renewer {
     pub async fn run(self, stop: CancellationToken) {
-        let requests = StreamKey::requests();
+        let requests = RedisKey::requests();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

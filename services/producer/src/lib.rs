@@ -19,7 +19,7 @@ use service_kit::ops::{LoopFlag, OpsState};
 use service_kit::supervisor::{Backoff, supervise};
 use stream_io::groups::LeaseScript;
 use stream_io::session::{Retention, SessionScripts};
-use stream_schema::StreamKey;
+use stream_schema::RedisKey;
 use stream_schema::keys::PRODUCER_GROUP;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -179,7 +179,7 @@ impl Application {
             let handed = script
                 .hand_back(
                     redis.next(),
-                    &StreamKey::requests(),
+                    &RedisKey::requests(),
                     PRODUCER_GROUP,
                     &consumer,
                     &unfinished,

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use stream_io::StreamIoError;
 use stream_io::session::{AppendOutcome, RequestStreams, Retention, SessionScripts};
 use stream_schema::record::Outcome;
-use stream_schema::{EventRecord, FinishReason, Job, SessionEvent, StreamKey, Usage, UsageSource};
+use stream_schema::{EventRecord, FinishReason, Job, SessionEvent, RedisKey, Usage, UsageSource};
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -140,7 +140,7 @@ pub struct Attempt<'a> {
     attempt: u32,
     signals: StopSignals,
     streams: RequestStreams,
-    shard_key: StreamKey,
+    shard_key: RedisKey,
     started: Instant,
     /// `producer.attempt`, in the trace of the gateway's `chat.start` (the job's `tp`).
     span: tracing::Span,
@@ -172,7 +172,7 @@ impl<'a> Attempt<'a> {
                 &job.request_id,
                 ctx.retention,
             ),
-            shard_key: StreamKey::events_shard(shard),
+            shard_key: RedisKey::events_shard(shard),
             started: Instant::now(),
             span,
         }

@@ -13,7 +13,7 @@ use fred::types::Value as RedisValue;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use stream_schema::keys::{PROCESSOR_GROUP, event_shard_of};
-use stream_schema::{SessionId, StreamKey};
+use stream_schema::{SessionId, RedisKey};
 use test_support::wait_until;
 
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, payloads, str_field};
@@ -381,7 +381,7 @@ const REQUESTS: usize = 96;
 async fn pending_with(redis: &Client, consumer: &str) -> anyhow::Result<usize> {
     let mut total = 0;
     for shard in 0..SHARDS {
-        let key = StreamKey::events_shard(shard);
+        let key = RedisKey::events_shard(shard);
         let entries: RedisValue = redis
             .xpending(
                 key.as_str(),
@@ -402,7 +402,7 @@ async fn group_backlog(redis: &Client) -> anyhow::Result<u64> {
     let mut backlog = 0;
     for shard in 0..SHARDS {
         let groups: RedisValue = redis
-            .xinfo_groups(StreamKey::events_shard(shard).as_str())
+            .xinfo_groups(RedisKey::events_shard(shard).as_str())
             .await?;
         let RedisValue::Array(groups) = groups else {
             anyhow::bail!("xinfo groups: {groups:?}");
@@ -427,7 +427,7 @@ async fn group_backlog(redis: &Client) -> anyhow::Result<u64> {
 /// Consumers of the group on `shard`.
 async fn consumers(redis: &Client, shard: u16) -> anyhow::Result<Vec<String>> {
     let reply: RedisValue = redis
-        .xinfo_consumers(StreamKey::events_shard(shard).as_str(), PROCESSOR_GROUP)
+        .xinfo_consumers(RedisKey::events_shard(shard).as_str(), PROCESSOR_GROUP)
         .await?;
     let RedisValue::Array(list) = reply else {
         anyhow::bail!("xinfo consumers: {reply:?}");

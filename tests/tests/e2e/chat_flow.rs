@@ -205,7 +205,7 @@ async fn the_processor_counts_requests_and_tokens() -> anyhow::Result<()> {
     let redis = stack.redis_client().await?;
     let shard =
         stream_schema::keys::event_shard_of(&stream_schema::SessionId::parse("counted")?, 4);
-    let key = stream_schema::StreamKey::session_stats(
+    let key = stream_schema::RedisKey::session_stats(
         shard,
         &stream_schema::SessionId::parse("counted")?,
     );
@@ -263,7 +263,7 @@ async fn a_retried_start_with_the_same_idempotency_key_starts_nothing_new() -> a
         async move {
             let finished: Option<i64> = fred::prelude::HashesInterface::hget(
                 &redis,
-                stream_schema::StreamKey::session_stats(
+                stream_schema::RedisKey::session_stats(
                     stream_schema::keys::event_shard_of(
                         &stream_schema::SessionId::parse("idem")?,
                         4,

@@ -193,7 +193,7 @@ async fn rate_limits_and_counters_hold_on_a_cluster() -> anyhow::Result<()> {
     let redis = stack.redis_client().await?;
     let session = stream_schema::SessionId::parse("limited")?;
     let shard = stream_schema::keys::event_shard_of(&session, 4);
-    let key = stream_schema::StreamKey::session_stats(shard, &session);
+    let key = stream_schema::RedisKey::session_stats(shard, &session);
     let stats = wait_until(TIMEOUT, Duration::from_millis(50), || {
         let (redis, key) = (redis.clone(), key.clone());
         async move {

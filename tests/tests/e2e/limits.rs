@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use gateway::limits::RateLimiter;
 use serde_json::json;
-use stream_schema::{SessionId, StreamKey};
+use stream_schema::{SessionId, RedisKey};
 use test_support::{RedisServer, wait_until};
 
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, str_field};
@@ -15,7 +15,7 @@ async fn the_request_log_admits_exactly_the_limit_per_sliding_window() -> anyhow
     let redis = RedisServer::start().await?;
     let client = redis.client().await?;
     let limiter = RateLimiter::default();
-    let key = StreamKey::key_request_log("k");
+    let key = RedisKey::key_request_log("k");
     let check = |member: &'static str, now: u64| {
         let (limiter, client, key) = (limiter.clone(), client.clone(), key.clone());
         async move {
@@ -218,7 +218,7 @@ async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Resu
         stack.read_all(str_field(body, "streamUrl")?).await?;
     }
     let redis = stack.redis_client().await?;
-    let quota = StreamKey::token_quota("test");
+    let quota = RedisKey::token_quota("test");
     let used = wait_until(TIMEOUT, Duration::from_millis(50), || {
         let (redis, quota) = (redis.clone(), quota.clone());
         async move {

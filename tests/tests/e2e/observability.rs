@@ -106,7 +106,7 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
     // Without trace export, records carry no trace context (no cost, no extra field).
     let redis = stack.redis_client().await?;
     for shard in 0..4 {
-        let key = stream_schema::StreamKey::events_shard(shard);
+        let key = stream_schema::RedisKey::events_shard(shard);
         let entries: Vec<(String, HashMap<String, String>)> =
             redis.xrange(key.as_str(), "-", "+", None).await?;
         for (id, fields) in entries {

@@ -357,7 +357,7 @@ async fn stream_records(stack: &Stack) -> anyhow::Result<Vec<HashMap<String, Str
     let mut records = Vec::new();
     // The stack configures 4 event shards.
     for shard in 0..4 {
-        let key = stream_schema::StreamKey::events_shard(shard);
+        let key = stream_schema::RedisKey::events_shard(shard);
         let entries: Vec<(String, HashMap<String, String>)> =
             redis.xrange(key.as_str(), "-", "+", None).await?;
         records.extend(entries.into_iter().map(|(_, fields)| fields));

@@ -4,7 +4,7 @@ use anyhow::ensure;
 use fred::prelude::*;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-use stream_schema::StreamKey;
+use stream_schema::RedisKey;
 
 use crate::helpers::{API_KEY, Answer, MAX_BODY_BYTES, Tally, TestApp, refused_cleanly};
 
@@ -205,7 +205,7 @@ fn authenticates(header: &str) -> bool {
 }
 
 async fn check(app: &TestApp, tally: &Tally, input: Input) -> anyhow::Result<()> {
-    let requests = StreamKey::requests();
+    let requests = RedisKey::requests();
     let writes_before = app.writes().await?;
     let queued_before: u64 = app.redis.xlen(requests.as_str()).await?;
 
