@@ -82,11 +82,17 @@ pub struct RedisSettings {
     pub url: String,
     /// Connections in the pool that serves request handlers (blocking reads get their own).
     pub pool_size: usize,
-    /// A command that takes longer fails, so API calls answer 503 instead of hanging.
+    /// A command that takes longer fails, so API calls answer 503 instead of hanging. At most
+    /// [`MAX_COMMAND_TIMEOUT_MS`]: SPEC promises a 503 within 2 s when Redis is unreachable.
     pub command_timeout_ms: u64,
     /// Time allowed to establish a connection.
     pub connect_timeout_ms: u64,
 }
+
+/// Upper bound of `redis.command_timeout_ms`. A handler answers 503 when its first Redis command
+/// fails, which takes this long when Redis is unreachable; the rest of the 2 s that SPEC allows
+/// is margin for the reconnect attempt and the response.
+pub const MAX_COMMAND_TIMEOUT_MS: u64 = 1_500;
 
 impl Default for RedisSettings {
     fn default() -> Self {
@@ -583,6 +589,17 @@ impl Settings {
                 "scheme must be redis, rediss or redis-cluster",
             ));
         }
+        if self.redis.command_timeout_ms == 0
+            || self.redis.command_timeout_ms > MAX_COMMAND_TIMEOUT_MS
+        {
+            return Err(invalid(
+                "redis.command_timeout_ms",
+                format!(
+                    "must be between 1 and {MAX_COMMAND_TIMEOUT_MS}: API calls promise a 503 \
+                     within 2 s when Redis is unreachable"
+                ),
+            ));
+        }
         for (key, addr) in [
             ("gateway.addr", &self.gateway.addr),
             ("producer.addr", &self.producer.addr),
@@ -747,6 +764,19 @@ mod tests {
         assert_eq!(settings.gateway.addr, "127.0.0.1:9000");
         assert_eq!(settings.producer.concurrency, 3);
         Ok(())
+    }
+
+    #[test]
+    fn a_command_timeout_that_breaks_the_503_promise_is_refused() {
+        let err =
+            Settings::load_from_vars(None, vars(&[("BRIDGE__REDIS__COMMAND_TIMEOUT_MS", "2000")]));
+        assert!(
+            matches!(&err, Err(ConfigError::Invalid { key, .. }) if key == "redis.command_timeout_ms"),
+            "{err:?}"
+        );
+        let at_bound =
+            Settings::load_from_vars(None, vars(&[("BRIDGE__REDIS__COMMAND_TIMEOUT_MS", "1500")]));
+        assert!(at_bound.is_ok(), "{at_bound:?}");
     }
 
     fn load_toml(text: &str) -> Result<Settings, ConfigError> {

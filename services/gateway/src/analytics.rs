@@ -14,7 +14,7 @@ use fred::prelude::*;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use stream_schema::stats::{Counters, Histogram};
-use stream_schema::{ModelId, SessionId, RedisKey};
+use stream_schema::{ModelId, RedisKey, SessionId};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
-    ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
-    RedisKey,
+    ChatMessage, ErrorCode, Job, ModelId, RedisKey, RequestId, Reservation, Role, SessionEvent,
+    SessionId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;

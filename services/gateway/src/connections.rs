@@ -13,7 +13,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Value;
 use serde::{Deserialize, Serialize};
-use stream_schema::{RequestId, SessionId, RedisKey};
+use stream_schema::{RedisKey, RequestId, SessionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

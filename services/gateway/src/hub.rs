@@ -20,7 +20,7 @@ use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClientUnblockFlag, Value};
 use service_kit::ops::LoopFlag;
-use stream_schema::{EntryId, RequestId, SessionEvent, RedisKey};
+use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 

@@ -12,7 +12,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use service_kit::config::LimitsSettings;
 use stream_io::StreamIoError;
-use stream_schema::{Reservation, SessionId, RedisKey};
+use stream_schema::{RedisKey, Reservation, SessionId};
 
 /// KEYS: log. ARGV: now_ms ('' = Redis TIME), window_ms, limit, member.
 /// Returns {1, 0} when admitted, {0, retry_after_ms} when full.

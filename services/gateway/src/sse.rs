@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use stream_io::session::{entry_exists, last_entry_id, range_after};
-use stream_schema::{EntryId, ErrorCode, RequestId, SessionEvent, SessionId, RedisKey};
+use stream_schema::{EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId};
 use tokio::sync::mpsc;
 
 use crate::chat::request_meta;

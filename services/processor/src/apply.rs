@@ -13,7 +13,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
 use stream_schema::stats;
-use stream_schema::{EntryId, EventRecord, ModelId, SessionId, RedisKey};
+use stream_schema::{EntryId, EventRecord, ModelId, RedisKey, SessionId};
 
 /// KEYS: ledger, then the counter hashes. ARGV: entry id, now ms, ledger ttl ms, then one TTL in
 /// seconds per counter hash (in KEYS order), then field/delta pairs added to every hash.

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use service_kit::ops::LoopFlag;
 use stream_io::{Entry, StreamIoError, groups};
 use stream_schema::keys::PROCESSOR_GROUP;
-use stream_schema::{EntryId, EventRecord, RequestId, RequestMeta, RedisKey, stats};
+use stream_schema::{EntryId, EventRecord, RedisKey, RequestId, RequestMeta, stats};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 

@@ -9,7 +9,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
 use stream_schema::job::RequestMeta;
-use stream_schema::{RequestId, RedisKey};
+use stream_schema::{RedisKey, RequestId};
 
 /// KEYS: quota hash, done marker. ARGV: window index, delta, marker ttl (s).
 /// Returns 1 when applied, 0 when this request was reconciled before.

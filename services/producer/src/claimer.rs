@@ -17,7 +17,7 @@ use stream_io::groups;
 use stream_io::session::{OwnerState, RequestStreams, TakeOver};
 use stream_schema::keys::PRODUCER_GROUP;
 use stream_schema::record::Outcome;
-use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEvent, RedisKey};
+use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, RedisKey, SessionEvent};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

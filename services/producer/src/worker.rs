@@ -16,7 +16,7 @@ use futures::StreamExt;
 use stream_io::StreamIoError;
 use stream_io::session::{AppendOutcome, RequestStreams, Retention, SessionScripts};
 use stream_schema::record::Outcome;
-use stream_schema::{EventRecord, FinishReason, Job, SessionEvent, RedisKey, Usage, UsageSource};
+use stream_schema::{EventRecord, FinishReason, Job, RedisKey, SessionEvent, Usage, UsageSource};
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;

@@ -13,7 +13,7 @@ use fred::types::Value as RedisValue;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use stream_schema::keys::{PROCESSOR_GROUP, event_shard_of};
-use stream_schema::{SessionId, RedisKey};
+use stream_schema::{RedisKey, SessionId};
 use test_support::wait_until;
 
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, payloads, str_field};

@@ -205,10 +205,8 @@ async fn the_processor_counts_requests_and_tokens() -> anyhow::Result<()> {
     let redis = stack.redis_client().await?;
     let shard =
         stream_schema::keys::event_shard_of(&stream_schema::SessionId::parse("counted")?, 4);
-    let key = stream_schema::RedisKey::session_stats(
-        shard,
-        &stream_schema::SessionId::parse("counted")?,
-    );
+    let key =
+        stream_schema::RedisKey::session_stats(shard, &stream_schema::SessionId::parse("counted")?);
     let stats = wait_until(TIMEOUT, std::time::Duration::from_millis(50), || {
         let redis = redis.clone();
         let key = key.clone();

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use gateway::limits::RateLimiter;
 use serde_json::json;
-use stream_schema::{SessionId, RedisKey};
+use stream_schema::{RedisKey, SessionId};
 use test_support::{RedisServer, wait_until};
 
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, str_field};

@@ -7,5 +7,6 @@
 mod helpers;
 mod openapi;
 mod sessions;
+mod shipped_configs;
 mod sse;
 mod start;
