@@ -314,22 +314,22 @@ impl Default for LimitsSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsSettings {
-    /// Approximate cap (`MAXLEN ~`) of each session stream.
-    pub session_maxlen: u64,
     /// Approximate cap of the job stream.
     pub requests_maxlen: u64,
     /// Approximate cap of each event shard.
     pub events_maxlen: u64,
     /// Number of `llm:events:{n}` shards.
     pub event_shards: u16,
-    /// A session stream expires this long after its last request ended.
+    /// A session stream expires this long after its last request started or ended; when a
+    /// request starts, entries older than twice this are trimmed (by age, never by count, so
+    /// no entry of a running request or of one within its TTL is lost). A request must finish
+    /// within this time.
     pub session_ttl_secs: u64,
 }
 
 impl Default for StreamsSettings {
     fn default() -> Self {
         Self {
-            session_maxlen: 10_000,
             requests_maxlen: 100_000,
             events_maxlen: 1_000_000,
             event_shards: 8,
@@ -492,7 +492,8 @@ pub struct ProcessorSettings {
     pub stats_ttl_secs: u64,
     /// Entries pending this long with a consumer are presumed orphaned and reclaimed.
     pub reclaim_idle_ms: u64,
-    /// How long applied entry ids are remembered to drop redeliveries (exactly-once window).
+    /// The exactly-once ledger forgets an entry id when the entry is acknowledged; an id whose
+    /// entry left the stream unacknowledged (trimmed while pending) is dropped after this long.
     pub ledger_ttl_secs: u64,
     /// How long the per-minute analytics buckets are kept (default 2 h); also the largest
     /// `?minutes=` window the analytics API serves.

@@ -7,6 +7,12 @@
 //! updates them all: the totals of the session, the model and the API key, and the same three
 //! for the record's minute. What the hashes hold (field names, deltas, histogram buckets) is
 //! defined once in `stream_schema::stats`, which the gateway reads with.
+//!
+//! The ledger only has to remember an id while the entry can still be delivered again, that is
+//! until it is acknowledged: `XACK` and the removal from the ledger happen in one script (the
+//! shard's stream and ledger share the slot), so the ledger holds what is in flight, not a
+//! day's traffic. Its time bound (`processor.ledger_ttl_secs`) only clears ids whose entry
+//! left the stream unacknowledged (trimmed by its cap while pending).
 
 use fred::prelude::*;
 use fred::types::Value;
@@ -32,10 +38,20 @@ end
 return 1
 ";
 
+/// KEYS: the shard's event stream, its ledger. ARGV: the group, then entry ids. Acknowledges the
+/// entries and forgets them in the ledger in one step: nothing can deliver an acknowledged
+/// entry again, and no crash can separate the two (which would apply a redelivery twice).
+const ACK_AND_FORGET: &str = r"
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+return 1
+";
+
 /// How long each kind of counter hash lives.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
-    /// Entry ids stay in the ledger this long (the exactly-once window).
+    /// An applied id that was never acknowledged (its entry trimmed while pending) leaves the
+    /// ledger after this long; acknowledged ids leave at once.
     pub ledger_secs: u64,
     /// Totals expire this long after their last update.
     pub totals_secs: u64,
@@ -46,6 +62,7 @@ pub struct Retention {
 #[derive(Clone)]
 pub struct Applier {
     script: Script,
+    ack_script: Script,
     retention: Retention,
 }
 
@@ -83,6 +100,7 @@ impl Applier {
     pub fn new(retention: Retention) -> Self {
         Self {
             script: Script::from_lua(APPLY),
+            ack_script: Script::from_lua(ACK_AND_FORGET),
             retention,
         }
     }
@@ -154,6 +172,31 @@ impl Applier {
             self.invocation(shard, id, record, key_id, stream_schema::now_millis());
         let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
         Ok(applied.as_i64() == Some(1))
+    }
+
+    /// Acknowledges `ids` of `shard` in `group` and removes them from the ledger, atomically.
+    pub async fn ack(
+        &self,
+        client: &Client,
+        shard: u16,
+        group: &str,
+        ids: &[EntryId],
+    ) -> Result<(), StreamIoError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys = vec![
+            RedisKey::events_shard(shard).to_string(),
+            RedisKey::applied_ledger(shard).to_string(),
+        ];
+        let mut args = Vec::with_capacity(ids.len() + 1);
+        args.push(group.to_owned());
+        args.extend(ids.iter().map(EntryId::to_string));
+        let _: Value = self
+            .ack_script
+            .evalsha_with_reload(client, keys, args)
+            .await?;
+        Ok(())
     }
 }
 
@@ -239,6 +282,42 @@ mod tests {
         let call = applier().invocation(0, EntryId::parse("1-1")?, &finished, None, now);
         assert_eq!(call.keys.len(), 3);
         assert!(call.keys.iter().all(|k| !k.contains(":m:")));
+        Ok(())
+    }
+
+    /// The ledger holds an id from its apply until its ack, and nothing after: a redelivery
+    /// before the ack is still refused, and a day of traffic leaves the ledger empty.
+    #[tokio::test]
+    async fn the_ledger_forgets_an_id_when_its_entry_is_acknowledged()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let shard = 3;
+        let stream = RedisKey::events_shard(shard);
+        let ledger = RedisKey::applied_ledger(shard);
+        let group = "llm:processors";
+        stream_io::groups::ensure_group(&client, &stream, group).await?;
+        let record = started(stream_schema::now_millis())?;
+        let id: String = client
+            .xadd(stream.as_str(), false, None, "*", record.encode())
+            .await?;
+        let read =
+            stream_io::groups::read_new(&client, group, "c1", &[stream.clone()], 10, 0).await?;
+        assert_eq!(read.first().map(|(_, entries)| entries.len()), Some(1));
+        let id = EntryId::parse(&id)?;
+
+        let applier = applier();
+        assert!(applier.apply(&client, shard, id, &record, None).await?);
+        assert!(!applier.apply(&client, shard, id, &record, None).await?);
+        let held: u64 = client.zcard(ledger.as_str()).await?;
+        assert_eq!(held, 1, "an applied, unacknowledged id stays in the ledger");
+
+        applier.ack(&client, shard, group, &[id]).await?;
+        let held: u64 = client.zcard(ledger.as_str()).await?;
+        assert_eq!(held, 0, "an acknowledged id leaves the ledger");
+        let pending: Value = client.xpending(stream.as_str(), group, ()).await?;
+        let pending = pending.into_array();
+        assert_eq!(pending.first().and_then(Value::as_i64), Some(0));
         Ok(())
     }
 }

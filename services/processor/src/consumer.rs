@@ -154,7 +154,8 @@ impl ShardConsumer {
     }
 
     /// Applies and acks entries. The per-entry scripts are issued together, so fred pipelines
-    /// them on one connection, then one `XACK` covers every entry that is done. An entry that
+    /// them on one connection, then one `XACK` (which also clears the ledger) covers every entry
+    /// that is done. An entry that
     /// cannot be decoded is acked and counted (it can never succeed); an entry whose script
     /// failed stays pending and is reclaimed later (the ledger makes the retry safe).
     async fn process(&self, entries: Vec<Entry>) -> Result<(), StreamIoError> {
@@ -184,7 +185,9 @@ impl ShardConsumer {
             Ok(key_ids) => key_ids,
             Err(error) => {
                 // Nothing applied yet: ack only what can never succeed, retry the rest later.
-                groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await?;
+                self.applier
+                    .ack(client, self.shard, PROCESSOR_GROUP, &done)
+                    .await?;
                 return Err(error);
             }
         };
@@ -233,7 +236,9 @@ impl ShardConsumer {
             // Ends the record's span here: its duration is the apply, not the batch's ack.
             drop(span);
         }
-        groups::ack(client, self.key().as_str(), PROCESSOR_GROUP, &done).await?;
+        self.applier
+            .ack(client, self.shard, PROCESSOR_GROUP, &done)
+            .await?;
         failure.map_or(Ok(()), Err)
     }
 
