@@ -14,12 +14,35 @@ use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent, SessionId};
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;
 
-/// KEYS: stream, owner. ARGV: maxlen, ttl, fields…
+/// KEYS: stream, owner. ARGV: ttl, fields…
 /// Sets the owner to attempt 1 and appends the `start` event; both expire after `ttl`.
+///
+/// Retention is by age, never by count, and only here: the entries removed are older than two
+/// TTLs by Redis's clock. A request shorter than its TTL (the stream itself would expire under a
+/// longer one) that ended less than a TTL ago started less than two TTLs ago, so no entry of a
+/// running request or of one inside its TTL is ever removed; between starts a stream grows only
+/// by the running requests' own entries, which their token caps bound.
+///
+/// The stale entries are removed with `XDEL`, not `XTRIM MINID`: only `XDEL` moves the stream's
+/// `max-deleted-entry-id`, which makes `history_lost` exact (see [`trimmed`]). Emptied nodes
+/// are freed all the same. At most `4 × 2,000` go per start (Lua's `unpack` limit); a longer
+/// backlog goes at the next starts.
 const START: &str = r"
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - 2000 * tonumber(ARGV[1])
+if cutoff > 0 then
+  local before = '(' .. string.format('%d', cutoff) .. '-0'
+  for _ = 1, 4 do
+    local stale = redis.call('XRANGE', KEYS[1], '-', before, 'COUNT', 2000)
+    if #stale == 0 then break end
+    local ids = {}
+    for i, entry in ipairs(stale) do ids[i] = entry[1] end
+    redis.call('XDEL', KEYS[1], unpack(ids))
+  end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 return id
 ";
 
@@ -27,44 +50,42 @@ return id
 /// later write is fenced off, and a producer that reclaims the job sees it needs no new attempt.
 pub const OWNER_DONE: &str = "done";
 
-/// KEYS: stream, owner, cancel. ARGV: attempt, maxlen, check_cancel, terminal, expire_secs,
-/// fields…
+/// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, fields…
 /// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
 /// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
 /// of the stream and the owner key.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
-if ARGV[4] == '1' then
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], 'done', 'KEEPTTL')
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-return {1, id}
-";
-
-/// KEYS: stream, owner. ARGV: expected owner, new owner, maxlen, expire_secs, fields…
-/// Moves the owner from `expected` to `new` and appends the event, or returns {0, current}.
-/// A non-zero `expire_secs` (a terminal event) refreshes the expiry of both keys.
-const TAKE_OVER: &str = r"
-local current = redis.call('GET', KEYS[2])
-if current ~= ARGV[1] then return {0, current or ''} end
-redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
-if ARGV[4] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return {1, id}
 ";
 
-/// Retention settings of session streams.
+/// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, fields…
+/// Moves the owner from `expected` to `new` and appends the event, or returns {0, current}.
+/// A non-zero `expire_secs` (a terminal event) refreshes the expiry of both keys.
+const TAKE_OVER: &str = r"
+local current = redis.call('GET', KEYS[2])
+if current ~= ARGV[1] then return {0, current or ''} end
+redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+if ARGV[3] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return {1, id}
+";
+
+/// Retention of session streams: by age, never by count (see `START`).
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
-    /// Approximate `MAXLEN` of each session stream.
-    pub maxlen: u64,
-    /// Seconds a stream (and its owner key) lives after its request starts or ends.
+    /// Seconds a stream (and its owner key) lives after its request starts or ends; entries
+    /// older than twice this are trimmed when a request starts.
     pub ttl_secs: u64,
 }
 
@@ -129,7 +150,7 @@ impl SessionScripts {
         event: &SessionEvent,
         retention: Retention,
     ) -> Result<EntryId, StreamIoError> {
-        let mut args = vec![retention.maxlen.to_string(), retention.ttl_secs.to_string()];
+        let mut args = vec![retention.ttl_secs.to_string()];
         args.extend(flatten(event.encode()));
         let reply = run_script(
             client,
@@ -155,7 +176,6 @@ impl SessionScripts {
         let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
         let mut args = vec![
             attempt.to_string(),
-            target.retention.maxlen.to_string(),
             flag(check_cancel),
             flag(event.is_terminal()),
             target.retention.ttl_secs.to_string(),
@@ -218,7 +238,6 @@ impl SessionScripts {
         let mut args = vec![
             expected.to_string(),
             next,
-            target.retention.maxlen.to_string(),
             expire_secs.to_string(),
         ];
         args.extend(flatten(event.encode()));
@@ -358,6 +377,48 @@ pub async fn last_entry_id(
 ) -> Result<Option<EntryId>, StreamIoError> {
     let reply: Value = client.xrevrange(key.as_str(), "+", "-", Some(1)).await?;
     Ok(parse_entries(reply)?.first().map(|e| e.id))
+}
+
+/// What a stream has lost, for an exact `history_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trimmed {
+    /// The stream does not exist (never written, or expired).
+    Missing,
+    /// The largest id ever removed from the stream (`0-0` when none was).
+    UpTo(EntryId),
+}
+
+impl Trimmed {
+    /// Whether a reader positioned at `after` (it has every entry up to it) missed an entry.
+    pub fn lost_after(self, after: EntryId) -> bool {
+        matches!(self, Self::UpTo(max_deleted) if max_deleted > after)
+    }
+}
+
+/// `XINFO STREAM`'s `max-deleted-entry-id` (Redis ≥ 7.0; moved by `XDEL`, which is how `START`
+/// removes stale entries, never by `XTRIM`). Removal from the front and expiry are the only
+/// ways a session stream loses entries, so an entry after a reader's position is gone exactly
+/// when this id is past it.
+pub async fn trimmed(client: &Client, key: &RedisKey) -> Result<Trimmed, StreamIoError> {
+    let reply: Result<Value, _> = client.xinfo_stream(key.as_str(), false, None).await;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(error) if error.details().contains("no such key") => return Ok(Trimmed::Missing),
+        Err(error) => return Err(error.into()),
+    };
+    let mut fields = reply.into_array().into_iter();
+    while let Some(name) = fields.next() {
+        let value = fields.next();
+        if name.as_str().as_deref() == Some("max-deleted-entry-id") {
+            let raw = value.and_then(Value::into_string).unwrap_or_default();
+            return EntryId::parse(&raw)
+                .map(Trimmed::UpTo)
+                .map_err(|e| StreamIoError::Protocol(format!("max-deleted-entry-id {raw:?}: {e}")));
+        }
+    }
+    Err(StreamIoError::Protocol(
+        "XINFO STREAM has no max-deleted-entry-id (Redis < 7.0)".to_owned(),
+    ))
 }
 
 /// The id of the oldest entry still in `key`.

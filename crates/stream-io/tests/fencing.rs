@@ -1,13 +1,15 @@
-//! The fencing and lease scripts against a real redis-server: an attempt that lost the request
-//! writes nothing, the end fences everyone, and renewing a lease never steals a job back.
+//! The session-stream and lease scripts against a real redis-server: an attempt that lost the
+//! request writes nothing, the end fences everyone, renewing a lease never steals a job back,
+//! and retention trims by age only, with an exact record of what it trimmed.
 
 use fred::prelude::*;
 use stream_io::groups::{self, LeaseScript};
 use stream_io::session::{
-    AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, owner_state,
+    AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, Trimmed,
+    owner_state, trimmed,
 };
 use stream_schema::{
-    ErrorCode, FinishReason, ModelId, RedisKey, RequestId, SessionEvent, SessionId, Usage,
+    EntryId, ErrorCode, FinishReason, ModelId, RedisKey, RequestId, SessionEvent, SessionId, Usage,
     UsageSource,
 };
 use test_support::RedisServer;
@@ -31,10 +33,7 @@ async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::
         &SessionId::parse("s")?,
         &ModelId::parse("m")?,
         &request_id,
-        Retention {
-            maxlen: 100,
-            ttl_secs: 60,
-        },
+        Retention { ttl_secs: 60 },
     );
     let start = SessionEvent::Start {
         request_id,
@@ -165,5 +164,111 @@ async fn renewing_a_lease_reports_a_lost_job_and_never_steals_it_back() -> anyho
     );
     let (_, again) = groups::autoclaim(&client, &key, "g", "c", 50_000, "0-0", 10).await?;
     assert_eq!(again.len(), 1);
+    Ok(())
+}
+
+/// Entries older than two TTLs go when a request starts; younger ones, however many, stay; and
+/// `trimmed` reports the last id removed, so a reader positioned there lost nothing.
+#[tokio::test]
+async fn a_start_trims_only_entries_older_than_two_ttls() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let session = SessionId::parse("s")?;
+    let model = ModelId::parse("m")?;
+    let key = RedisKey::session(&session, &model);
+    assert_eq!(trimmed(&client, &key).await?, Trimmed::Missing);
+
+    // 300 entries from 1970 (older than any cutoff), then 300 from a minute ago.
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    for i in 1..=300u64 {
+        let _: String = client
+            .xadd(key.as_str(), false, None, format!("{i}-0"), ("old", "1"))
+            .await?;
+    }
+    let recent_from = now_ms - 60_000;
+    for i in 0..300u64 {
+        let _: String = client
+            .xadd(
+                key.as_str(),
+                false,
+                None,
+                format!("{}-0", recent_from + i),
+                ("recent", "1"),
+            )
+            .await?;
+    }
+    assert_eq!(trimmed(&client, &key).await?, Trimmed::UpTo(EntryId::ZERO));
+
+    let request_id = RequestId::new();
+    let streams = RequestStreams::new(&session, &model, &request_id, Retention { ttl_secs: 60 });
+    let start = SessionEvent::Start {
+        request_id,
+        session_id: session.clone(),
+        model_id: model.clone(),
+        attempt: 1,
+        timestamp: 1,
+    };
+    scripts
+        .start(&client, &key, &streams.owner, &start, streams.retention)
+        .await?;
+
+    // Every entry younger than 120 s is still there, with the new start.
+    let recent: Vec<(String, std::collections::HashMap<String, String>)> = client
+        .xrange(key.as_str(), format!("{recent_from}-0"), "+", None)
+        .await?;
+    assert_eq!(recent.len(), 301);
+    let Trimmed::UpTo(max_deleted) = trimmed(&client, &key).await? else {
+        anyhow::bail!("the stream vanished");
+    };
+    assert_eq!(max_deleted, EntryId::parse("300-0")?);
+    let len: u64 = client.xlen(key.as_str()).await?;
+    assert_eq!(len, 301, "only the entries older than two TTLs went");
+    // A reader positioned at the last trimmed entry lost nothing; one before it did.
+    let state = trimmed(&client, &key).await?;
+    assert!(!state.lost_after(max_deleted));
+    assert!(state.lost_after(EntryId::parse("0-1")?));
+    Ok(())
+}
+
+/// Appends never trim: a request longer than any count cap keeps its beginning.
+#[tokio::test]
+async fn appends_never_trim_a_running_request() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let request_id = RequestId::new();
+    let streams = RequestStreams::new(
+        &SessionId::parse("s")?,
+        &ModelId::parse("m")?,
+        &request_id,
+        Retention { ttl_secs: 60 },
+    );
+    let start = SessionEvent::Start {
+        request_id,
+        session_id: SessionId::parse("s")?,
+        model_id: ModelId::parse("m")?,
+        attempt: 1,
+        timestamp: 1,
+    };
+    scripts
+        .start(&client, &streams.stream, &streams.owner, &start, streams.retention)
+        .await?;
+    for sequence in 1..=12_000 {
+        let outcome = scripts
+            .append(&client, &streams, 1, &token(request_id, sequence), false)
+            .await?;
+        anyhow::ensure!(matches!(outcome, AppendOutcome::Written(_)), "{outcome:?}");
+    }
+    let len: u64 = client.xlen(streams.stream.as_str()).await?;
+    assert_eq!(len, 12_001);
+    assert_eq!(
+        trimmed(&client, &streams.stream).await?,
+        Trimmed::UpTo(EntryId::ZERO)
+    );
     Ok(())
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
-use stream_io::session::{entry_exists, last_entry_id, range_after};
+use fred::prelude::Client;
+use stream_io::session::{Trimmed, entry_exists, last_entry_id, range_after, trimmed};
 use stream_schema::{EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId};
 use tokio::sync::mpsc;
 
@@ -143,16 +144,7 @@ pub async fn stream(
     }
 
     let history_lost = match resume {
-        Some(id) => {
-            let mut found = false;
-            for plan in &plans {
-                if entry_exists(client, &plan.key, id).await? {
-                    found = true;
-                    break;
-                }
-            }
-            !found
-        }
+        Some(_) => history_lost(client, &plans).await?,
         None => false,
     };
 
@@ -193,6 +185,35 @@ pub async fn stream(
         .insert_header(("Cache-Control", "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body))
+}
+
+/// Whether a client resuming after each plan's position missed an entry. Exact for the
+/// retention of `START` (which records what it removes in `max-deleted-entry-id`): a client
+/// whose own entry went but nothing after it resumes normally. A position that is neither in a
+/// stream nor at its recorded edge was removed some other way (an operator's `XTRIM`), and
+/// counts as lost, as does a position whose streams are all gone (expired).
+async fn history_lost(client: &Client, plans: &[Plan]) -> Result<bool, ApiError> {
+    let mut missing = 0;
+    let mut at_edge = false;
+    for plan in plans {
+        match trimmed(client, &plan.key).await? {
+            Trimmed::Missing => missing += 1,
+            state if state.lost_after(plan.after) => return Ok(true),
+            Trimmed::UpTo(edge) => at_edge |= edge == plan.after,
+        }
+    }
+    if missing == plans.len() {
+        return Ok(true);
+    }
+    if at_edge {
+        return Ok(false);
+    }
+    for plan in plans {
+        if entry_exists(client, &plan.key, plan.after).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Checks the stream token (`token` query or `Authorization: Bearer`): 401 when it is not a

@@ -32,7 +32,6 @@ pub struct AppState {
 impl AppState {
     pub fn retention(&self) -> Retention {
         Retention {
-            maxlen: self.settings.streams.session_maxlen,
             ttl_secs: self.settings.streams.session_ttl_secs,
         }
     }

@@ -64,7 +64,6 @@ impl Application {
             scripts: SessionScripts::default(),
             upstreams,
             retention: Retention {
-                maxlen: settings.streams.session_maxlen,
                 ttl_secs: settings.streams.session_ttl_secs,
             },
             event_shards: settings.streams.event_shards,
