@@ -9,7 +9,7 @@
 use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
-use stream_schema::{EntryId, RequestId, SessionEvent, SessionId, RedisKey};
+use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent, SessionId};
 
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;

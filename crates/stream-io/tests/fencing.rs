@@ -7,7 +7,7 @@ use stream_io::session::{
     AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, owner_state,
 };
 use stream_schema::{
-    ErrorCode, FinishReason, ModelId, RequestId, SessionEvent, SessionId, RedisKey, Usage,
+    ErrorCode, FinishReason, ModelId, RedisKey, RequestId, SessionEvent, SessionId, Usage,
     UsageSource,
 };
 use test_support::RedisServer;
