@@ -247,3 +247,121 @@ async fn delete_job(client: &Client, id: EntryId) -> Result<(), StreamIoError> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use stream_io::Entry;
+    use stream_schema::{EntryId, ErrorCode, EventRecord, Job, RedisKey, SessionEvent};
+
+    use super::{Reclaimed, Recovery, Settle};
+    use crate::worker::testing::{Env, job};
+
+    fn recovery(env: &Env) -> Recovery<'_> {
+        Recovery {
+            ctx: &env.ctx,
+            consumer: "producer-test",
+            max_attempts: 3,
+            dead_maxlen: 100,
+        }
+    }
+
+    fn entry(job: &Job) -> anyhow::Result<Entry> {
+        Ok(Entry {
+            id: EntryId::parse("7-0")?,
+            fields: job
+                .encode()
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+        })
+    }
+
+    async fn set_owner(env: &Env, job: &Job, value: &str) -> anyhow::Result<()> {
+        use fred::prelude::*;
+        let owner = env.streams(job).owner;
+        let _: () = env
+            .client()
+            .set(owner.as_str(), value, None, None, false)
+            .await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_live_attempt_is_taken_over_as_the_next_one() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+
+        let reclaimed = recovery(&env).reclaim(&entry(&job)?, &job).await?;
+
+        assert_eq!(reclaimed, Reclaimed::Run(2));
+        let events = env.events(&job).await?;
+        assert!(matches!(
+            events.last(),
+            Some(SessionEvent::Restart { attempt: 2, .. })
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_finished_request_is_only_acknowledged() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        set_owner(&env, &job, stream_io::session::OWNER_DONE).await?;
+
+        let reclaimed = recovery(&env).reclaim(&entry(&job)?, &job).await?;
+
+        assert_eq!(reclaimed, Reclaimed::Settled(Settle::Finish));
+        assert_eq!(env.events(&job).await?.len(), 1, "nothing after `start`");
+        assert!(env.entries(&RedisKey::dead_letter()).await?.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_expired_request_is_dead_lettered() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+
+        let reclaimed = recovery(&env).reclaim(&entry(&job)?, &job).await?;
+
+        assert_eq!(reclaimed, Reclaimed::Settled(Settle::Finish));
+        let dead = env.entries(&RedisKey::dead_letter()).await?;
+        assert_eq!(dead.len(), 1);
+        let dead = stream_schema::DeadLetter::decode(&dead[0].fields)?;
+        assert_eq!((dead.request_id, dead.attempts), (Some(job.request_id), 0));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_request_out_of_attempts_is_given_up_and_dead_lettered() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        set_owner(&env, &job, "3").await?;
+
+        let reclaimed = recovery(&env).reclaim(&entry(&job)?, &job).await?;
+
+        assert_eq!(reclaimed, Reclaimed::Settled(Settle::Finish));
+        assert!(matches!(
+            env.events(&job).await?.last(),
+            Some(SessionEvent::Error {
+                code: ErrorCode::JobFailed,
+                retryable: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            env.records(&job).await?.as_slice(),
+            [EventRecord::Finished { .. }]
+        ));
+        let dead = env.entries(&RedisKey::dead_letter()).await?;
+        assert_eq!(
+            stream_schema::DeadLetter::decode(&dead[0].fields)?.attempts,
+            3
+        );
+        Ok(())
+    }
+}

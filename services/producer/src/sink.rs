@@ -360,4 +360,100 @@ mod tests {
         assert_eq!(pending.take(), None);
         assert_eq!(pending.flush_at, None);
     }
+
+    mod redis {
+        use std::time::{Duration, Instant};
+
+        use stream_schema::{
+            EventRecord, FinishReason, SessionEvent, Usage, UsageSource, record::Outcome,
+        };
+
+        use crate::sink::{Terminal, TokenSink, Write};
+        use crate::worker::testing::{Env, job};
+
+        #[tokio::test]
+        async fn coalesced_tokens_are_one_event_and_records_follow_the_end() -> anyhow::Result<()> {
+            let env = Env::start(Duration::from_secs(60)).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+
+            for token in ["a", "b", "c"] {
+                assert_eq!(sink.push(token).await?, Write::Accepted);
+            }
+            assert!(sink.flush_at().is_some());
+            assert_eq!(
+                env.events(&job).await?.len(),
+                1,
+                "only `start` before the flush"
+            );
+            assert_eq!(sink.flush().await?, Write::Accepted);
+            assert_eq!(sink.flush_at(), None);
+            let usage = Usage {
+                prompt_tokens: 2,
+                completion_tokens: 3,
+                source: UsageSource::Counted,
+            };
+            let complete = SessionEvent::Complete {
+                request_id: job.request_id,
+                finish_reason: FinishReason::Stop,
+                usage,
+                timestamp: 1,
+            };
+            let end = sink
+                .terminal(&complete, Outcome::Completed(FinishReason::Stop), usage)
+                .await?;
+
+            assert!(matches!(end, Terminal::Written { .. }));
+            let events = env.events(&job).await?;
+            assert_eq!(events.len(), 3);
+            assert!(matches!(
+                &events[1],
+                SessionEvent::Token { sequence: 1, content, .. } if content == "abc"
+            ));
+            assert_eq!(events[2], complete);
+            let records = env.records(&job).await?;
+            assert_eq!(records.len(), 2);
+            assert!(matches!(records[0], EventRecord::Tokens { count: 3, .. }));
+            assert!(matches!(
+                records[1],
+                EventRecord::Finished {
+                    completion_tokens: 3,
+                    ttft_ms: Some(_),
+                    ..
+                }
+            ));
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_fenced_attempt_writes_neither_tokens_nor_records() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let restart = SessionEvent::Restart {
+                request_id: job.request_id,
+                attempt: 2,
+                reason: "test".to_owned(),
+                timestamp: 1,
+            };
+            env.ctx
+                .scripts
+                .take_over(env.client(), &env.streams(&job), 1, &restart)
+                .await?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+
+            assert_eq!(sink.push("late").await?, Write::Fenced);
+            sink.report_tokens().await?;
+
+            assert_eq!(sink.written_tokens(), 0);
+            assert_eq!(
+                env.events(&job).await?.len(),
+                2,
+                "`start` and `restart` only"
+            );
+            assert!(env.records(&job).await?.is_empty());
+            Ok(())
+        }
+    }
 }

@@ -671,3 +671,129 @@ fn estimate_prompt_tokens(job: &Job) -> u32 {
         .sum();
     u32::try_from(words).unwrap_or(u32::MAX)
 }
+
+/// A worker context on a real redis-server, for the tests of the attempt's parts.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use fred::prelude::*;
+    use fred::types::Value;
+    use service_kit::config::RedisSettings;
+    use stream_io::session::{RequestStreams, Retention, SessionScripts};
+    use stream_schema::{ChatMessage, Job, ModelId, RedisKey, RequestId, Role, SessionEvent};
+    use test_support::RedisServer;
+
+    use super::WorkerContext;
+    use crate::upstream::Registry;
+
+    pub struct Env {
+        /// Kept for its lifetime: dropping it stops the server.
+        pub _redis: RedisServer,
+        pub ctx: WorkerContext,
+    }
+
+    impl Env {
+        pub async fn start(token_coalesce: Duration) -> anyhow::Result<Self> {
+            let redis = RedisServer::start().await?;
+            let settings = RedisSettings {
+                url: redis.url(),
+                ..RedisSettings::default()
+            };
+            let pool = service_kit::redis::pool(&settings)?;
+            service_kit::redis::start(&pool, &settings).await;
+            let ctx = WorkerContext {
+                redis: pool,
+                scripts: SessionScripts::default(),
+                upstreams: Registry::new(&BTreeMap::new())?,
+                retention: Retention {
+                    maxlen: 1_000,
+                    ttl_secs: 600,
+                },
+                event_shards: 2,
+                events_maxlen: 1_000,
+                token_coalesce,
+            };
+            Ok(Self { _redis: redis, ctx })
+        }
+
+        pub fn client(&self) -> &Client {
+            self.ctx.redis.next()
+        }
+
+        pub fn streams(&self, job: &Job) -> RequestStreams {
+            RequestStreams::new(
+                &job.session_id,
+                &job.model_id,
+                &job.request_id,
+                self.ctx.retention,
+            )
+        }
+
+        /// What the gateway does at start: owner = 1 and the `start` event.
+        pub async fn start_request(&self, job: &Job) -> anyhow::Result<()> {
+            let streams = self.streams(job);
+            let start = SessionEvent::Start {
+                request_id: job.request_id,
+                session_id: job.session_id.clone(),
+                model_id: job.model_id.clone(),
+                attempt: 1,
+                timestamp: 1,
+            };
+            self.ctx
+                .scripts
+                .start(
+                    self.client(),
+                    &streams.stream,
+                    &streams.owner,
+                    &start,
+                    self.ctx.retention,
+                )
+                .await?;
+            Ok(())
+        }
+
+        /// Every entry of `key`, oldest first.
+        pub async fn entries(&self, key: &RedisKey) -> anyhow::Result<Vec<stream_io::Entry>> {
+            let reply: Value = self.client().xrange(key.as_str(), "-", "+", None).await?;
+            Ok(stream_io::parse_entries(reply)?)
+        }
+
+        /// The session stream of `job`, decoded.
+        pub async fn events(&self, job: &Job) -> anyhow::Result<Vec<SessionEvent>> {
+            let entries = self.entries(&self.streams(job).stream).await?;
+            Ok(entries
+                .iter()
+                .map(|entry| SessionEvent::decode(&entry.fields))
+                .collect::<Result<_, _>>()?)
+        }
+
+        /// The records of `job`'s shard, decoded.
+        pub async fn records(&self, job: &Job) -> anyhow::Result<Vec<stream_schema::EventRecord>> {
+            let key = self.ctx.event_log().shard_key(&job.session_id);
+            let entries = self.entries(&key).await?;
+            Ok(entries
+                .iter()
+                .map(|entry| stream_schema::EventRecord::decode(&entry.fields))
+                .collect::<Result<_, _>>()?)
+        }
+    }
+
+    pub fn job() -> anyhow::Result<Job> {
+        Ok(Job {
+            request_id: RequestId::new(),
+            session_id: stream_schema::SessionId::parse("session-1")?,
+            model_id: ModelId::parse("mock")?,
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: "hello there".to_owned(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            enqueued_at: 1,
+            traceparent: None,
+            token_cap: None,
+        })
+    }
+}
