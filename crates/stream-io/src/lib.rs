@@ -1,5 +1,6 @@
 //! Redis stream IO on `fred`, in terms of the `stream-schema` types: parsing stream replies,
-//! range reads, consumer-group helpers and the fenced session-stream writes.
+//! range reads, consumer-group helpers, the fenced session-stream writes and the event-record
+//! and dead-letter appends.
 //!
 //! **Invariant**: every write to a session stream after `start` goes through
 //! [`session::SessionScripts`], whose scripts check the request's owner attempt atomically, so
@@ -8,6 +9,7 @@
 pub mod entry;
 pub mod error;
 pub mod groups;
+pub mod records;
 pub mod session;
 
 pub use entry::{Entry, parse_entries, parse_xread};

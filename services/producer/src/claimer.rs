@@ -2,11 +2,9 @@
 //! `llm:requests` in group `llm:producers` (`XREADGROUP`). Both take only as many jobs as there
 //! are free worker slots, so waiting jobs stay in Redis, not in memory.
 //!
-//! A reclaimed job is restarted as the next attempt (`SessionScripts::take_over` moves the
-//! owner key and writes `restart` atomically), unless it already ended (owner `done`: just
-//! acknowledge it) or it has had `max_attempts` attempts (dead-letter it and tell the client).
+//! The [`Dispatcher`] starts a worker per claimed job; what a reclaimed job needs, and how a
+//! job is settled when its worker ends, is `recovery`'s.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,24 +12,21 @@ use fred::prelude::*;
 use fred::types::ClientUnblockFlag;
 use service_kit::ops::LoopFlag;
 use stream_io::groups;
-use stream_io::session::{OwnerState, RequestStreams, TakeOver};
 use stream_schema::keys::PRODUCER_GROUP;
-use stream_schema::record::Outcome;
-use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, RedisKey, SessionEvent};
+use stream_schema::{Job, RedisKey};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::lease::Leases;
+use crate::recovery::{Reclaimed, Recovery, Settle};
 use crate::worker::{Attempt, AttemptEnd, SharedContext, StopSignals};
 
 /// Most jobs claimed by one read.
 const MAX_CLAIM_BATCH: usize = 32;
 /// `XAUTOCLAIM` pages scanned per reclaim round at most (each scans up to 10 × COUNT entries).
 const MAX_RECLAIM_PAGES: usize = 10;
-/// The `reason` of the `restart` event of a reclaimed job.
-const RESTART_REASON: &str = "producer_lost";
 
 /// How a job came to this producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,13 +87,23 @@ impl Dispatcher {
                 .increment(1);
             let settle = this.run_job(entry, claim, signals).await;
             if settle == Settle::Finish
-                && let Err(error) = this.finish_job(id).await
+                && let Err(error) = this.recovery().finish_job(id).await
             {
                 // It stays pending; whoever reclaims it finds the owner `done` and acks it.
                 tracing::warn!(%id, %error, "cannot acknowledge a finished job");
             }
             this.leases.release(id);
         });
+    }
+
+    /// The recovery decisions, over this dispatcher's settings.
+    fn recovery(&self) -> Recovery<'_> {
+        Recovery {
+            ctx: &self.ctx,
+            consumer: &self.consumer,
+            max_attempts: self.max_attempts,
+            dead_maxlen: self.dead_maxlen,
+        }
     }
 
     async fn run_job(&self, entry: stream_io::Entry, claim: Claim, signals: StopSignals) -> Settle {
@@ -109,6 +114,7 @@ impl Dispatcher {
                 tracing::error!(id = %entry.id, %error, "undecodable job");
                 metrics::counter!("producer_decode_errors_total").increment(1);
                 return self
+                    .recovery()
                     .dead_letter(&entry, None, format!("undecodable: {error}"), 0)
                     .await;
             }
@@ -128,6 +134,7 @@ impl Dispatcher {
         let attempt = match claim {
             Claim::New => 1,
             Claim::Reclaimed => match self
+                .recovery()
                 .reclaim(&entry, &job)
                 .instrument(claim_span.clone())
                 .await
@@ -142,185 +149,15 @@ impl Dispatcher {
         };
         claim_span.record("attempt", attempt);
         drop(claim_span);
-        match Attempt::new(&self.ctx, &job, attempt, signals).run().await {
-            AttemptEnd::Done => Settle::Finish,
-            AttemptEnd::Fenced | AttemptEnd::Abandoned(_) => Settle::Leave,
-            AttemptEnd::RedisFailed(error) => {
-                tracing::warn!(
-                    request_id = %job.request_id,
-                    %error,
-                    "redis failed mid-request; the job is reclaimed once its lease runs out"
-                );
-                Settle::Leave
-            }
-        }
-    }
-
-    /// Decides what a reclaimed job needs, and takes the request over when it needs a new
-    /// attempt.
-    async fn reclaim(
-        &self,
-        entry: &stream_io::Entry,
-        job: &Job,
-    ) -> Result<Reclaimed, stream_io::StreamIoError> {
-        let ctx = &self.ctx;
-        let client = ctx.redis.next();
-        let streams = RequestStreams::new(
-            &job.session_id,
-            &job.model_id,
-            &job.request_id,
-            ctx.retention,
-        );
-        let current = match stream_io::session::owner_state(client, &streams.owner).await? {
-            OwnerState::Done => {
-                // The previous worker wrote the end but died before acknowledging the job.
-                tracing::info!(request_id = %job.request_id, "reclaimed job had already ended");
-                return Ok(Reclaimed::Settled(Settle::Finish));
-            }
-            OwnerState::Missing => {
-                // The request's stream expired: nobody is left to answer.
-                let reason = "expired: the request's stream and owner key are gone".to_owned();
-                return Ok(Reclaimed::Settled(
-                    self.dead_letter(entry, Some(job), reason, 0).await,
-                ));
-            }
-            OwnerState::Attempt(current) => current,
-        };
-        let now = stream_schema::now_millis();
-        if current >= self.max_attempts {
-            let message = format!(
-                "the request was given up after {current} attempts (producers kept failing on it)"
+        let end = Attempt::new(&self.ctx, &job, attempt, signals).run().await;
+        if let AttemptEnd::RedisFailed(error) = &end {
+            tracing::warn!(
+                request_id = %job.request_id,
+                %error,
+                "redis failed mid-request; the job is reclaimed once its lease runs out"
             );
-            let failed = SessionEvent::Error {
-                request_id: job.request_id,
-                code: ErrorCode::JobFailed,
-                message,
-                retryable: false,
-                timestamp: now,
-            };
-            return Ok(Reclaimed::Settled(
-                match ctx
-                    .scripts
-                    .give_up(client, &streams, current, &failed)
-                    .await?
-                {
-                    TakeOver::Taken(_) => {
-                        self.record_poisoned(job, client).await?;
-                        let reason = format!("attempts_exhausted: {current} attempts");
-                        self.dead_letter(entry, Some(job), reason, current).await
-                    }
-                    TakeOver::Lost(state) => settle_lost(state),
-                },
-            ));
         }
-        let restart = SessionEvent::Restart {
-            request_id: job.request_id,
-            attempt: current + 1,
-            reason: RESTART_REASON.to_owned(),
-            timestamp: now,
-        };
-        Ok(
-            match ctx
-                .scripts
-                .take_over(client, &streams, current, &restart)
-                .await?
-            {
-                TakeOver::Taken(_) => {
-                    tracing::info!(
-                        request_id = %job.request_id,
-                        attempt = current + 1,
-                        "took over a job whose producer was lost"
-                    );
-                    metrics::counter!("producer_restarts_total").increment(1);
-                    Reclaimed::Run(current + 1)
-                }
-                TakeOver::Lost(state) => Reclaimed::Settled(settle_lost(state)),
-            },
-        )
-    }
-
-    async fn record_poisoned(
-        &self,
-        job: &Job,
-        client: &Client,
-    ) -> Result<(), stream_io::StreamIoError> {
-        let shard = stream_schema::keys::event_shard_of(&job.session_id, self.ctx.event_shards);
-        let record = EventRecord::Finished {
-            request_id: job.request_id,
-            session_id: job.session_id.clone(),
-            model_id: job.model_id.clone(),
-            outcome: Outcome::Failed(ErrorCode::JobFailed),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            ttft_ms: None,
-            duration_ms: 0,
-            timestamp: stream_schema::now_millis(),
-        };
-        let _: String = client
-            .xadd(
-                RedisKey::events_shard(shard).as_str(),
-                false,
-                stream_io::approx_cap(self.ctx.events_maxlen),
-                "*",
-                // In the `job.claim` span of the take-over, like the worker's records.
-                stream_schema::codec::with_traceparent(
-                    record.encode(),
-                    service_kit::telemetry::current_traceparent(),
-                ),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Moves a job to `llm:dead`; it is then acknowledged and deleted like a finished one.
-    async fn dead_letter(
-        &self,
-        entry: &stream_io::Entry,
-        job: Option<&Job>,
-        reason: String,
-        attempts: u32,
-    ) -> Settle {
-        tracing::error!(id = %entry.id, %reason, "dead-lettering job");
-        metrics::counter!("producer_dead_letters_total").increment(1);
-        let dead = DeadLetter {
-            job_entry: entry.id,
-            request_id: job.map(|j| j.request_id),
-            reason,
-            attempts,
-            consumer: self.consumer.clone(),
-            timestamp: stream_schema::now_millis(),
-            job_fields: entry.fields.iter().cloned().collect::<BTreeMap<_, _>>(),
-        };
-        let written: Result<String, _> = self
-            .ctx
-            .redis
-            .next()
-            .xadd(
-                RedisKey::dead_letter().as_str(),
-                false,
-                stream_io::approx_cap(self.dead_maxlen),
-                "*",
-                dead.encode(),
-            )
-            .await;
-        match written {
-            Ok(_) => Settle::Finish,
-            Err(error) => {
-                // Keep the job pending: the next reclaim dead-letters it again.
-                tracing::warn!(id = %entry.id, %error, "cannot write the dead letter");
-                Settle::Leave
-            }
-        }
-    }
-
-    /// Acks the job and deletes it: its result lives in the session stream, and deleting keeps
-    /// the job stream as long as the backlog, not as long as history.
-    async fn finish_job(&self, id: EntryId) -> Result<(), stream_io::StreamIoError> {
-        let client = self.ctx.redis.next();
-        let key = RedisKey::requests();
-        groups::ack(client, key.as_str(), PRODUCER_GROUP, &[id]).await?;
-        let _: i64 = client.xdel(key.as_str(), id.to_string()).await?;
-        Ok(())
+        Settle::after(&end)
     }
 
     /// Up to `MAX_CLAIM_BATCH` permits: at least one (waiting for it), then whatever is free.
@@ -351,29 +188,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!(Self::GAUGE).decrement(1.0);
-    }
-}
-
-/// What to do with a job's entry once its worker is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settle {
-    /// It ended (or was dead-lettered): acknowledge and delete it.
-    Finish,
-    /// Someone else owns it, or it must be reclaimed later: leave it pending.
-    Leave,
-}
-
-enum Reclaimed {
-    Run(u32),
-    Settled(Settle),
-}
-
-/// A take-over that found the owner moved: done means the request ended; anything else
-/// means another producer runs it now.
-fn settle_lost(state: OwnerState) -> Settle {
-    match state {
-        OwnerState::Done => Settle::Finish,
-        OwnerState::Attempt(_) | OwnerState::Missing => Settle::Leave,
     }
 }
 

@@ -1,11 +1,13 @@
 //! The producer: claims chat jobs, streams them from the model's OpenAI-compatible endpoint and
 //! writes every token to the session stream. Jobs it holds are leased (`lease`); jobs whose
-//! producer died are reclaimed and restarted (`claimer`); every write is fenced by attempt
-//! (`worker`, through `stream_io::session`).
+//! producer died are reclaimed and restarted (`claimer`, `recovery`); every write is fenced by
+//! attempt (`sink`, through `stream_io::session`).
 
 pub mod backlog;
 pub mod claimer;
 pub mod lease;
+pub mod recovery;
+pub mod sink;
 pub mod upstream;
 pub mod worker;
 

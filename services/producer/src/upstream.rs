@@ -1,6 +1,7 @@
-//! The model registry: one async-openai client per configured model (any OpenAI-compatible
-//! base URL), its timeouts, retry policy and concurrency limit, and the streaming call with its
-//! errors classified for the client (`retryable`), the retry logic and metrics.
+//! The upstream adapter: one async-openai client per configured model (any OpenAI-compatible
+//! base URL), its timeouts, retry policy and concurrency limit, and the streaming call, whose
+//! chunks leave this module as domain [`Delta`]s and whose errors are classified for the client
+//! (`retryable`), the retry logic and metrics. No async-openai type leaves this module.
 //!
 //! async-openai's default HTTP path retries 429/5xx/connect errors by itself with its own
 //! backoff. The producer owns that policy (it must see every failure to keep `retryable` honest
@@ -22,15 +23,45 @@ use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionResponseStream, ChatCompletionStreamOptions, CreateChatCompletionRequest,
-    CreateChatCompletionRequestArgs,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
+    CreateChatCompletionStreamResponse, FinishReason as OpenAiFinish,
 };
+use futures::{Stream, StreamExt};
 use service_kit::config::ModelSettings;
-use stream_schema::{ChatMessage, ErrorCode, Job, Role};
+use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Longest upstream error text carried into an `error` event (bodies can be whole HTML pages).
 const MAX_ERROR_TEXT: usize = 300;
+
+/// One piece of a streamed answer, in the producer's terms. Only the first choice of a chunk
+/// is read (the producer asks for one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// Answer text (never empty).
+    Text(String),
+    /// A fragment of a tool call; fragments of one call share `index`, and `id`/`name` come
+    /// with its first fragment. Not forwarded to clients yet.
+    ToolCall {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments_fragment: String,
+    },
+    /// Reasoning text of a reasoning model. No upstream produces it yet.
+    Reasoning(String),
+    /// Token counts as the upstream reports them (the last chunk, with `include_usage`).
+    Usage {
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    /// Why the model stopped. The stream may still carry a usage chunk after it.
+    Finish(FinishReason),
+}
+
+/// An open upstream answer: deltas in order, or the error that broke it. The stream ends when
+/// the upstream closed it (with or without a finish reason: the caller tells which).
+pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, UpstreamError>> + Send>>;
 
 /// Why an upstream call failed, as far as the client and the retry logic care.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -139,7 +170,7 @@ impl UpstreamError {
 
     /// An error read from an open stream: the connection was up, so a reqwest error is the
     /// stream breaking, not a failed connect.
-    pub fn from_stream(error: OpenAIError) -> Self {
+    fn from_stream(error: OpenAIError) -> Self {
         match Self::from_openai(error) {
             Self::Connect(message) => Self::Stream(message),
             other => other,
@@ -284,14 +315,65 @@ impl Upstream {
         }
     }
 
-    /// Sends the request once and returns the open stream.
-    pub async fn open(&self, job: &Job) -> Result<ChatCompletionResponseStream, UpstreamError> {
+    /// Sends the request once and returns the open stream of deltas.
+    pub async fn open(&self, job: &Job) -> Result<DeltaStream, UpstreamError> {
         let request = build_request(&self.model, job)?;
-        self.client
+        let chunks = self
+            .client
             .chat()
             .create_stream(request)
             .await
-            .map_err(UpstreamError::from_openai)
+            .map_err(UpstreamError::from_openai)?;
+        Ok(Box::pin(chunks.flat_map(|chunk| {
+            let deltas = match chunk {
+                Ok(chunk) => deltas(chunk).into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(UpstreamError::from_stream(error))],
+            };
+            futures::stream::iter(deltas)
+        })))
+    }
+}
+
+/// The deltas of one chunk, in the order the producer applies them: usage, then the first
+/// choice's finish reason, text and tool-call fragments. Empty text is dropped.
+fn deltas(chunk: CreateChatCompletionStreamResponse) -> Vec<Delta> {
+    let mut out = Vec::new();
+    if let Some(usage) = chunk.usage {
+        out.push(Delta::Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        });
+    }
+    for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+        if let Some(reason) = choice.finish_reason {
+            out.push(Delta::Finish(map_finish(reason)));
+        }
+        if let Some(content) = choice.delta.content.filter(|c| !c.is_empty()) {
+            out.push(Delta::Text(content));
+        }
+        for call in choice.delta.tool_calls.unwrap_or_default() {
+            let (name, arguments) = match call.function {
+                Some(function) => (function.name, function.arguments.unwrap_or_default()),
+                None => (None, String::new()),
+            };
+            out.push(Delta::ToolCall {
+                index: call.index,
+                id: call.id,
+                name,
+                arguments_fragment: arguments,
+            });
+        }
+    }
+    out
+}
+
+fn map_finish(reason: OpenAiFinish) -> FinishReason {
+    match reason {
+        OpenAiFinish::Length => FinishReason::Length,
+        OpenAiFinish::ContentFilter => FinishReason::ContentFilter,
+        OpenAiFinish::Stop | OpenAiFinish::ToolCalls | OpenAiFinish::FunctionCall => {
+            FinishReason::Stop
+        }
     }
 }
 
@@ -440,5 +522,62 @@ mod tests {
         assert_eq!(error_message(b" plain text "), "plain text");
         let long = truncate("é".repeat(400));
         assert!(long.len() <= MAX_ERROR_TEXT + '…'.len_utf8());
+    }
+
+    fn chunk(json: serde_json::Value) -> anyhow::Result<CreateChatCompletionStreamResponse> {
+        let base = serde_json::json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        });
+        let mut merged = base;
+        if let (Some(into), Some(from)) = (merged.as_object_mut(), json.as_object()) {
+            into.extend(from.clone());
+        }
+        Ok(serde_json::from_value(merged)?)
+    }
+
+    #[test]
+    fn a_chunk_becomes_deltas_of_its_first_choice_only() -> anyhow::Result<()> {
+        let deltas = deltas(chunk(serde_json::json!({
+            "choices": [
+                {"index": 1, "delta": {"content": "other"}, "finish_reason": null},
+                {"index": 0, "delta": {"role": "assistant", "content": "Hi",
+                    "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "f", "arguments": "{\"a\""}}]},
+                 "finish_reason": "tool_calls"},
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        }))?);
+        assert_eq!(
+            deltas,
+            vec![
+                Delta::Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 5
+                },
+                Delta::Finish(FinishReason::Stop),
+                Delta::Text("Hi".to_owned()),
+                Delta::ToolCall {
+                    index: 0,
+                    id: Some("call_1".to_owned()),
+                    name: Some("f".to_owned()),
+                    arguments_fragment: "{\"a\"".to_owned(),
+                },
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn empty_text_and_role_only_chunks_carry_no_delta() -> anyhow::Result<()> {
+        let role_only = chunk(serde_json::json!({
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                "finish_reason": null}],
+        }))?;
+        assert!(deltas(role_only).is_empty());
+        let length = chunk(serde_json::json!({
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        }))?;
+        assert_eq!(deltas(length), vec![Delta::Finish(FinishReason::Length)]);
+        Ok(())
     }
 }

@@ -1,6 +1,8 @@
-//! One job, one attempt: open the upstream stream (retrying transient failures before the first
-//! token), write every token to the session stream (fenced by attempt), write the terminal
-//! event, and report compact records for analytics.
+//! One job, one attempt: the policy. Opens the upstream answer (retrying transient failures
+//! before the first token, with backoff and `Retry-After`), applies the first-token and idle
+//! deadlines, the hard token cap, cancel and stop signals, and decides the terminal event. What
+//! the upstream sends arrives as `upstream::Delta`s; every write goes through the attempt's
+//! `sink::TokenSink`.
 //!
 //! An attempt ends in one of four ways, and only the first lets the job be acknowledged:
 //! it wrote its terminal event ([`AttemptEnd::Done`]); another attempt owns the request
@@ -10,26 +12,23 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_openai::types::chat::FinishReason as OpenAiFinish;
 use fred::prelude::*;
 use futures::StreamExt;
 use stream_io::StreamIoError;
-use stream_io::session::{AppendOutcome, RequestStreams, Retention, SessionScripts};
+use stream_io::records::EventLog;
+use stream_io::session::{Retention, SessionScripts};
 use stream_schema::record::Outcome;
-use stream_schema::{EventRecord, FinishReason, Job, RedisKey, SessionEvent, Usage, UsageSource};
+use stream_schema::{FinishReason, Job, RedisKey, SessionEvent, Usage, UsageSource};
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::upstream::{Registry, Upstream, UpstreamError};
+use crate::sink::{Terminal, TokenSink, Write};
+use crate::upstream::{Delta, DeltaStream, Policy, Registry, Upstream, UpstreamError};
 
 /// How often a worker checks the cancel key while no token arrives (tokens check it for free).
 const CANCEL_POLL: Duration = Duration::from_millis(250);
-/// Tokens reported per `tokens` record at most; records are written after their tokens.
-const RECORD_BATCH: u32 = 32;
-/// Coalesced text is written at once past this size, whatever the window says.
-const MAX_COALESCED_BYTES: usize = 16 * 1024;
 
 /// Shared by all workers of a producer.
 pub struct WorkerContext {
@@ -41,6 +40,16 @@ pub struct WorkerContext {
     pub events_maxlen: u64,
     /// `producer.token_coalesce_ms`; zero writes each token as it arrives.
     pub token_coalesce: Duration,
+}
+
+impl WorkerContext {
+    /// Where this producer's event records go.
+    pub fn event_log(&self) -> EventLog {
+        EventLog {
+            shards: self.event_shards,
+            maxlen: self.events_maxlen,
+        }
+    }
 }
 
 /// Shared handle for spawned workers.
@@ -112,26 +121,47 @@ enum Interrupt {
     Stopped(StopReason),
 }
 
-#[derive(Default)]
-struct Progress {
-    /// `token` events written (their `sequence`).
-    sequence: u64,
-    /// Upstream tokens written (more than `sequence` when tokens are coalesced).
-    tokens: u32,
-    /// Written tokens not yet reported in a `tokens` record.
-    unreported: u32,
-    first_token_at: Option<Instant>,
+/// A wait that the attempt may have to give up (see [`Attempt::interruptible`]).
+enum Wait<T> {
+    Ready(T),
+    Interrupted(Interrupt),
+}
+
+/// What happens next while an upstream answer streams: the one thing the attempt's loop
+/// branches on.
+enum Step {
+    /// A piece of the answer arrived.
+    Delta(Delta),
+    /// The upstream closed the stream (cleanly or not: a missing finish reason tells).
+    StreamEnded,
+    /// The sink's coalescing window is over: write what it holds.
+    FlushDue,
+    /// The client cancelled the request (seen by the cancel poll).
+    Cancelled,
+    /// The attempt was told to stop (lease lost, or shutdown).
+    Stopped(StopReason),
+    /// No token within the first-token timeout of this try.
+    FirstTokenTimeout,
+    /// Silence between tokens past the idle timeout.
+    IdleTimeout,
+    /// The stream broke or carried an error.
+    UpstreamFailed(UpstreamError),
+}
+
+/// How one upstream try ended.
+enum TryEnd {
+    /// The attempt ended (terminal event written, fenced, or abandoned).
+    Ended(AttemptEnd),
+    /// The upstream failed: the caller decides whether to retry.
+    Failed(UpstreamError),
+}
+
+/// What an attempt accumulates besides its writes (those are counted by its sink).
+struct Run<'a> {
+    sink: TokenSink<'a>,
     /// Time spent waiting on the upstream (connecting, between chunks, retry backoff): the
     /// rest of the attempt's duration is the bridge's own overhead.
     upstream_wait: Duration,
-}
-
-/// Tokens received but not written yet (coalescing window).
-#[derive(Default)]
-struct Pending {
-    text: String,
-    tokens: u32,
-    flush_at: Option<tokio::time::Instant>,
 }
 
 pub struct Attempt<'a> {
@@ -139,8 +169,8 @@ pub struct Attempt<'a> {
     job: &'a Job,
     attempt: u32,
     signals: StopSignals,
-    streams: RequestStreams,
-    shard_key: RedisKey,
+    /// `llm:cancel:{session}:request`, polled while no token is written.
+    cancel: RedisKey,
     started: Instant,
     /// `producer.attempt`, in the trace of the gateway's `chat.start` (the job's `tp`).
     span: tracing::Span,
@@ -148,7 +178,6 @@ pub struct Attempt<'a> {
 
 impl<'a> Attempt<'a> {
     pub fn new(ctx: &'a WorkerContext, job: &'a Job, attempt: u32, signals: StopSignals) -> Self {
-        let shard = stream_schema::keys::event_shard_of(&job.session_id, ctx.event_shards);
         let span = tracing::info_span!(
             "producer.attempt",
             request_id = %job.request_id,
@@ -166,68 +195,14 @@ impl<'a> Attempt<'a> {
             job,
             attempt,
             signals,
-            streams: RequestStreams::new(
-                &job.session_id,
-                &job.model_id,
-                &job.request_id,
-                ctx.retention,
-            ),
-            shard_key: RedisKey::events_shard(shard),
+            cancel: RedisKey::cancel(&job.session_id, &job.request_id),
             started: Instant::now(),
             span,
         }
     }
 
-    fn client(&self) -> &Client {
-        self.ctx.redis.next()
-    }
-
-    /// The one place records are written. Each carries the `traceparent` of the span it is
-    /// written in (the attempt, or its `llm.call`), so the processor's `record.apply` joins the
-    /// request's trace; without trace export there is none and the record is unchanged.
-    async fn record_on(&self, client: &Client, record: EventRecord) -> Result<(), StreamIoError> {
-        let fields = stream_schema::codec::with_traceparent(
-            record.encode(),
-            service_kit::telemetry::current_traceparent(),
-        );
-        let _: String = client
-            .xadd(
-                self.shard_key.as_str(),
-                false,
-                stream_io::approx_cap(self.ctx.events_maxlen),
-                "*",
-                fields,
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn record(&self, record: EventRecord) -> Result<(), StreamIoError> {
-        self.record_on(self.client(), record).await
-    }
-
-    fn tokens_record(&self, count: u32) -> EventRecord {
-        EventRecord::Tokens {
-            request_id: self.job.request_id,
-            session_id: self.job.session_id.clone(),
-            model_id: self.job.model_id.clone(),
-            count,
-            timestamp: stream_schema::now_millis(),
-        }
-    }
-
-    async fn report_tokens(&self, progress: &mut Progress) -> Result<(), StreamIoError> {
-        if progress.unreported == 0 {
-            return Ok(());
-        }
-        self.record(self.tokens_record(progress.unreported)).await?;
-        metrics::counter!("producer_tokens_total").increment(u64::from(progress.unreported));
-        progress.unreported = 0;
-        Ok(())
-    }
-
     async fn cancelled(&self) -> Result<bool, StreamIoError> {
-        let exists: bool = self.client().exists(self.streams.cancel.as_str()).await?;
+        let exists: bool = self.ctx.redis.next().exists(self.cancel.as_str()).await?;
         Ok(exists)
     }
 
@@ -238,19 +213,22 @@ impl<'a> Attempt<'a> {
     }
 
     async fn run_in_span(self) -> AttemptEnd {
-        let mut progress = Progress::default();
-        let end = self.generate(&mut progress).await;
+        let mut run = Run {
+            sink: TokenSink::new(self.ctx, self.job, self.attempt, self.started),
+            upstream_wait: Duration::ZERO,
+        };
+        let end = self.generate(&mut run).await;
         // Tokens written before any kind of end are real: report them (best effort once Redis
         // failed; the processor then undercounts rather than double counts).
         if !matches!(end, Ok(AttemptEnd::Done))
-            && let Err(error) = self.report_tokens(&mut progress).await
+            && let Err(error) = run.sink.report_tokens().await
         {
             tracing::debug!(%error, "cannot report the last tokens");
         }
         let end = end.unwrap_or_else(AttemptEnd::RedisFailed);
         // Token writes are summarised on the span (a count), never a span per token.
-        self.span.record("tokens", progress.tokens);
-        if let Some(first) = progress.first_token_at {
+        self.span.record("tokens", run.sink.written_tokens());
+        if let Some(first) = run.sink.first_token_at() {
             self.span
                 .record("ttft_ms", millis(first.duration_since(self.started)));
         }
@@ -260,21 +238,20 @@ impl<'a> Attempt<'a> {
 
     /// Waits for `work`, but gives up when the request is cancelled (checked every
     /// [`CANCEL_POLL`]) or the attempt is told to stop.
-    async fn interruptible<F: Future>(
-        &self,
-        work: F,
-    ) -> Result<Result<F::Output, Interrupt>, StreamIoError> {
+    async fn interruptible<F: Future>(&self, work: F) -> Result<Wait<F::Output>, StreamIoError> {
         let mut work = std::pin::pin!(work);
         let mut poll = tokio::time::interval(CANCEL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                reason = self.signals.stopped() => return Ok(Err(Interrupt::Stopped(reason))),
-                output = &mut work => return Ok(Ok(output)),
+                reason = self.signals.stopped() => {
+                    return Ok(Wait::Interrupted(Interrupt::Stopped(reason)));
+                }
+                output = &mut work => return Ok(Wait::Ready(output)),
                 _ = poll.tick() => {
                     if self.cancelled().await? {
-                        return Ok(Err(Interrupt::Cancelled));
+                        return Ok(Wait::Interrupted(Interrupt::Cancelled));
                     }
                 }
             }
@@ -283,11 +260,11 @@ impl<'a> Attempt<'a> {
 
     async fn interrupted(
         &self,
-        progress: &mut Progress,
+        run: &mut Run<'_>,
         interrupt: Interrupt,
     ) -> Result<AttemptEnd, StreamIoError> {
         match interrupt {
-            Interrupt::Cancelled => self.finish(progress, FinishReason::Cancelled, None).await,
+            Interrupt::Cancelled => self.finish(run, FinishReason::Cancelled, None).await,
             Interrupt::Stopped(reason) => Ok(self.abandon(reason)),
         }
     }
@@ -304,23 +281,16 @@ impl<'a> Attempt<'a> {
         AttemptEnd::Abandoned(reason)
     }
 
-    async fn generate(&self, progress: &mut Progress) -> Result<AttemptEnd, StreamIoError> {
+    async fn generate(&self, run: &mut Run<'_>) -> Result<AttemptEnd, StreamIoError> {
         let job = self.job;
-        self.record(EventRecord::Started {
-            request_id: job.request_id,
-            session_id: job.session_id.clone(),
-            model_id: job.model_id.clone(),
-            attempt: self.attempt,
-            timestamp: stream_schema::now_millis(),
-        })
-        .await?;
+        run.sink.record_started().await?;
         let upstream = match self.ctx.upstreams.get(job.model_id.as_str()) {
             Ok(upstream) => upstream,
-            Err(error) => return self.fail(progress, &error).await,
+            Err(error) => return self.fail(run, &error).await,
         };
         let _slot = match self.interruptible(upstream.slot()).await? {
-            Ok(slot) => slot,
-            Err(interrupt) => return self.interrupted(progress, interrupt).await,
+            Wait::Ready(slot) => slot,
+            Wait::Interrupted(interrupt) => return self.interrupted(run, interrupt).await,
         };
 
         let mut retries = 0_u32;
@@ -336,31 +306,33 @@ impl<'a> Attempt<'a> {
             );
             let (call_started, tokens_before, had_first) = (
                 Instant::now(),
-                progress.tokens,
-                progress.first_token_at.is_some(),
+                run.sink.written_tokens(),
+                run.sink.first_token_at().is_some(),
             );
-            let result = self
-                .stream_once(upstream, progress)
+            let ended = self
+                .stream_once(upstream, run)
                 .instrument(call.clone())
-                .await;
-            call.record("tokens", progress.tokens.saturating_sub(tokens_before));
-            if let (false, Some(first)) = (had_first, progress.first_token_at) {
+                .await?;
+            call.record(
+                "tokens",
+                run.sink.written_tokens().saturating_sub(tokens_before),
+            );
+            if let (false, Some(first)) = (had_first, run.sink.first_token_at()) {
                 call.record("ttft_ms", millis(first.duration_since(call_started)));
             }
-            let error = match result? {
-                Ok(end) => return Ok(end),
-                Err(error) => {
+            let error = match ended {
+                TryEnd::Ended(end) => return Ok(end),
+                TryEnd::Failed(error) => {
                     call.record("error_kind", error.kind());
                     error
                 }
             };
-            let nothing_written = progress.sequence == 0;
             let policy = upstream.policy;
-            if !(nothing_written
+            if !(run.sink.nothing_written()
                 && error.retried_before_first_token()
                 && retries < policy.max_retries)
             {
-                return self.fail(progress, &error).await;
+                return self.fail(run, &error).await;
             }
             retries += 1;
             let delay = policy.backoff(retries);
@@ -368,7 +340,7 @@ impl<'a> Attempt<'a> {
                 // Waiting longer than `retry_max` would hold a slot (and the client) for it:
                 // tell the client instead; `retryable` says it may come back later.
                 Some(asked) if asked > policy.retry_max => {
-                    return self.fail(progress, &error).await;
+                    return self.fail(run, &error).await;
                 }
                 Some(asked) => delay.max(asked),
                 None => delay,
@@ -382,212 +354,194 @@ impl<'a> Attempt<'a> {
             );
             metrics::counter!("producer_upstream_retries_total", "kind" => error.kind())
                 .increment(1);
-            progress.upstream_wait += delay;
-            if let Err(interrupt) = self.interruptible(tokio::time::sleep(delay)).await? {
-                return self.interrupted(progress, interrupt).await;
+            run.upstream_wait += delay;
+            if let Wait::Interrupted(interrupt) =
+                self.interruptible(tokio::time::sleep(delay)).await?
+            {
+                return self.interrupted(run, interrupt).await;
             }
         }
     }
 
-    /// One upstream try: `Ok(Err(e))` when the upstream failed (the caller decides whether to
-    /// retry), `Ok(Ok(end))` when the attempt ended otherwise.
+    /// One upstream try, from opening the stream to the end of the attempt or the upstream's
+    /// failure.
     async fn stream_once(
         &self,
         upstream: &Upstream,
-        progress: &mut Progress,
-    ) -> Result<Result<AttemptEnd, UpstreamError>, StreamIoError> {
+        run: &mut Run<'_>,
+    ) -> Result<TryEnd, StreamIoError> {
         let policy = upstream.policy;
         let try_started = tokio::time::Instant::now();
         let first_token_deadline = try_started + policy.first_token_timeout;
-        let first_token_timeout = UpstreamError::Timeout {
-            phase: "no first token",
-            waited_ms: millis(policy.first_token_timeout),
-        };
         let opened = self
             .interruptible(timeout_at(first_token_deadline, upstream.open(self.job)))
             .await?;
         let mut stream = match opened {
-            Err(interrupt) => return Ok(Ok(self.interrupted(progress, interrupt).await?)),
-            Ok(Err(_elapsed)) => return Ok(Err(first_token_timeout)),
-            Ok(Ok(Err(error))) => return Ok(Err(error)),
-            Ok(Ok(Ok(stream))) => stream,
+            Wait::Interrupted(interrupt) => {
+                return Ok(TryEnd::Ended(self.interrupted(run, interrupt).await?));
+            }
+            Wait::Ready(Err(_elapsed)) => return Ok(TryEnd::Failed(no_first_token(policy))),
+            Wait::Ready(Ok(Err(error))) => return Ok(TryEnd::Failed(error)),
+            Wait::Ready(Ok(Ok(stream))) => stream,
         };
-        progress.upstream_wait += try_started.elapsed();
+        run.upstream_wait += try_started.elapsed();
         metrics::histogram!("producer_upstream_connect_seconds")
             .record(try_started.elapsed().as_secs_f64());
 
-        let coalesce = self.ctx.token_coalesce;
-        let mut pending = Pending::default();
         let mut finish: Option<FinishReason> = None;
         let mut usage: Option<(u32, u32)> = None;
-        let mut last_chunk_at = tokio::time::Instant::now();
+        let mut last_delta_at = tokio::time::Instant::now();
         let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
         cancel_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let receiving_first = progress.sequence == 0 && pending.tokens == 0;
+            let receiving_first = run.sink.receiving_first();
             let deadline = if receiving_first {
                 first_token_deadline
             } else {
-                last_chunk_at + policy.idle_timeout
+                last_delta_at + policy.idle_timeout
             };
-            let flush_at = pending.flush_at;
-            // Every arm but a stop starts by booking the wait for the upstream.
-            let waiting_since = tokio::time::Instant::now();
-            let chunk = tokio::select! {
-                biased;
-                reason = self.signals.stopped() => return Ok(Ok(self.abandon(reason))),
-                () = sleep_until_some(flush_at) => {
-                    progress.upstream_wait += waiting_since.elapsed();
-                    if let Some(refused) = self.flush(progress, &mut pending).await? {
-                        return Ok(Ok(self.not_written(progress, refused).await?));
-                    }
-                    continue;
-                }
-                chunk = timeout_at(deadline, stream.next()) => {
-                    progress.upstream_wait += waiting_since.elapsed();
-                    chunk
-                }
-                _ = cancel_poll.tick() => {
-                    progress.upstream_wait += waiting_since.elapsed();
-                    if self.cancelled().await? {
-                        drop(stream);
-                        return Ok(Ok(self.finish(progress, FinishReason::Cancelled, None).await?));
-                    }
-                    continue;
-                }
-            };
+            let step = self
+                .next_step(
+                    &mut stream,
+                    run,
+                    deadline,
+                    receiving_first,
+                    &mut cancel_poll,
+                )
+                .await?;
             // How the stream ended: a finish reason, or the failure that cut it short.
-            let ended: Result<FinishReason, UpstreamError> = match chunk {
-                Err(_elapsed) if receiving_first => Err(first_token_timeout.clone()),
-                Err(_elapsed) => Err(UpstreamError::Timeout {
+            let ended: Result<FinishReason, UpstreamError> = match step {
+                Step::Stopped(reason) => return Ok(TryEnd::Ended(self.abandon(reason))),
+                Step::Cancelled => {
+                    drop(stream);
+                    let end = self.finish(run, FinishReason::Cancelled, None).await?;
+                    return Ok(TryEnd::Ended(end));
+                }
+                Step::FlushDue => {
+                    let written = run.sink.flush().await?;
+                    if let Some(end) = self.refused(run, written).await? {
+                        return Ok(TryEnd::Ended(end));
+                    }
+                    continue;
+                }
+                Step::Delta(delta) => {
+                    last_delta_at = tokio::time::Instant::now();
+                    let text = match delta {
+                        Delta::Text(text) => text,
+                        Delta::Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                        } => {
+                            usage = Some((prompt_tokens, completion_tokens));
+                            continue;
+                        }
+                        Delta::Finish(reason) => {
+                            finish = Some(reason);
+                            continue;
+                        }
+                        // Not part of the event contract yet: received, not forwarded.
+                        Delta::ToolCall { .. } | Delta::Reasoning(_) => continue,
+                    };
+                    let written = run.sink.push(&text).await?;
+                    if let Some(end) = self.refused(run, written).await? {
+                        return Ok(TryEnd::Ended(end));
+                    }
+                    // The request reserved an estimate of tokens, not `maxTokens`: past its
+                    // reservation it ends as `rate_limited` (`limits.hard_token_cap`).
+                    if let Some(cap) = self.job.token_cap
+                        && run.sink.received_tokens() >= cap
+                    {
+                        drop(stream);
+                        let written = run.sink.flush().await?;
+                        if let Some(end) = self.refused(run, written).await? {
+                            return Ok(TryEnd::Ended(end));
+                        }
+                        metrics::counter!("producer_token_cap_reached_total").increment(1);
+                        let end = self.finish(run, FinishReason::RateLimited, None).await?;
+                        return Ok(TryEnd::Ended(end));
+                    }
+                    continue;
+                }
+                // async-openai ends a stream that closed without `[DONE]` like a clean one;
+                // only the missing finish reason tells that the answer was cut short.
+                Step::StreamEnded => finish.ok_or_else(|| {
+                    UpstreamError::Stream("the stream ended without a finish reason".to_owned())
+                }),
+                Step::FirstTokenTimeout => Err(no_first_token(policy)),
+                Step::IdleTimeout => Err(UpstreamError::Timeout {
                     phase: "stalled between tokens",
                     waited_ms: millis(policy.idle_timeout),
                 }),
-                // async-openai ends a stream that closed without `[DONE]` like a clean one;
-                // only the missing finish reason tells that the answer was cut short.
-                Ok(None) => finish.ok_or_else(|| {
-                    UpstreamError::Stream("the stream ended without a finish reason".to_owned())
-                }),
-                Ok(Some(Err(error))) => Err(UpstreamError::from_stream(error)),
-                Ok(Some(Ok(chunk))) => {
-                    last_chunk_at = tokio::time::Instant::now();
-                    if let Some(reported) = chunk.usage {
-                        usage = Some((reported.prompt_tokens, reported.completion_tokens));
-                    }
-                    for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
-                        if let Some(reason) = choice.finish_reason {
-                            finish = Some(map_finish(reason));
-                        }
-                        let Some(content) = choice.delta.content.filter(|c| !c.is_empty()) else {
-                            continue;
-                        };
-                        pending.text.push_str(&content);
-                        pending.tokens += 1;
-                        if coalesce.is_zero() || pending.text.len() >= MAX_COALESCED_BYTES {
-                            if let Some(refused) = self.flush(progress, &mut pending).await? {
-                                drop(stream);
-                                return Ok(Ok(self.not_written(progress, refused).await?));
-                            }
-                        } else if pending.flush_at.is_none() {
-                            pending.flush_at = Some(last_chunk_at + coalesce);
-                        }
-                        // The request reserved an estimate of tokens, not `maxTokens`: past
-                        // its reservation it ends as `rate_limited` (`limits.hard_token_cap`).
-                        if let Some(cap) = self.job.token_cap
-                            && progress.tokens.saturating_add(pending.tokens) >= cap
-                        {
-                            drop(stream);
-                            if let Some(refused) = self.flush(progress, &mut pending).await? {
-                                return Ok(Ok(self.not_written(progress, refused).await?));
-                            }
-                            metrics::counter!("producer_token_cap_reached_total").increment(1);
-                            return Ok(Ok(self
-                                .finish(progress, FinishReason::RateLimited, None)
-                                .await?));
-                        }
-                    }
-                    continue;
-                }
+                Step::UpstreamFailed(error) => Err(error),
             };
             drop(stream);
             // Whatever ended the stream, tokens already received are real: write them first.
-            if let Some(refused) = self.flush(progress, &mut pending).await? {
-                return Ok(Ok(self.not_written(progress, refused).await?));
+            let written = run.sink.flush().await?;
+            if let Some(end) = self.refused(run, written).await? {
+                return Ok(TryEnd::Ended(end));
             }
             return Ok(match ended {
                 Ok(reason) => {
                     // The current span is the caller's `llm.call`: how the upstream ended.
                     tracing::Span::current().record("finish_reason", reason.as_str());
-                    Ok(self.finish(progress, reason, usage).await?)
+                    TryEnd::Ended(self.finish(run, reason, usage).await?)
                 }
-                Err(error) => Err(error),
+                Err(error) => TryEnd::Failed(error),
             });
         }
     }
 
-    /// Ends the attempt after an append that did not write (fenced or cancelled).
-    async fn not_written(
+    /// Waits for the next thing the attempt must react to. Every step but a stop books the
+    /// wait as time spent on the upstream.
+    async fn next_step(
         &self,
-        progress: &mut Progress,
-        outcome: AppendOutcome,
-    ) -> Result<AttemptEnd, StreamIoError> {
-        match outcome {
-            AppendOutcome::Cancelled => self.finish(progress, FinishReason::Cancelled, None).await,
-            AppendOutcome::Fenced | AppendOutcome::Written(_) => Ok(self.fenced()),
+        stream: &mut DeltaStream,
+        run: &mut Run<'_>,
+        deadline: tokio::time::Instant,
+        receiving_first: bool,
+        cancel_poll: &mut tokio::time::Interval,
+    ) -> Result<Step, StreamIoError> {
+        let flush_at = run.sink.flush_at();
+        loop {
+            let waiting_since = tokio::time::Instant::now();
+            tokio::select! {
+                biased;
+                reason = self.signals.stopped() => return Ok(Step::Stopped(reason)),
+                () = sleep_until_some(flush_at) => {
+                    run.upstream_wait += waiting_since.elapsed();
+                    return Ok(Step::FlushDue);
+                }
+                next = timeout_at(deadline, stream.next()) => {
+                    run.upstream_wait += waiting_since.elapsed();
+                    return Ok(match next {
+                        Err(_elapsed) if receiving_first => Step::FirstTokenTimeout,
+                        Err(_elapsed) => Step::IdleTimeout,
+                        Ok(None) => Step::StreamEnded,
+                        Ok(Some(Ok(delta))) => Step::Delta(delta),
+                        Ok(Some(Err(error))) => Step::UpstreamFailed(error),
+                    });
+                }
+                _ = cancel_poll.tick() => {
+                    run.upstream_wait += waiting_since.elapsed();
+                    if self.cancelled().await? {
+                        return Ok(Step::Cancelled);
+                    }
+                }
+            }
         }
     }
 
-    /// Writes the pending text as one `token` event. The `tokens` record of tokens written
-    /// *earlier* rides along concurrently on the same connection (fred pipelines commands
-    /// issued together), so a token costs one round trip; the record never counts the token it
-    /// travels with, which could still be fenced off.
-    ///
-    /// Returns the outcome when the write was refused (fenced or cancelled): the attempt ends.
-    async fn flush(
+    /// Ends the attempt when a write was refused (fenced or cancelled); `None` goes on.
+    async fn refused(
         &self,
-        progress: &mut Progress,
-        pending: &mut Pending,
-    ) -> Result<Option<AppendOutcome>, StreamIoError> {
-        if pending.tokens == 0 {
-            pending.flush_at = None;
-            return Ok(None);
-        }
-        let event = SessionEvent::Token {
-            request_id: self.job.request_id,
-            sequence: progress.sequence + 1,
-            content: std::mem::take(&mut pending.text),
-            timestamp: stream_schema::now_millis(),
-        };
-        let tokens = std::mem::take(&mut pending.tokens);
-        pending.flush_at = None;
-        let client = self.client();
-        let append = self
-            .ctx
-            .scripts
-            .append(client, &self.streams, self.attempt, &event, true);
-        let outcome = if progress.unreported >= RECORD_BATCH {
-            let count = progress.unreported;
-            let (appended, recorded) =
-                tokio::join!(append, self.record_on(client, self.tokens_record(count)));
-            recorded?;
-            progress.unreported -= count;
-            metrics::counter!("producer_tokens_total").increment(u64::from(count));
-            appended?
-        } else {
-            append.await?
-        };
-        if !matches!(outcome, AppendOutcome::Written(_)) {
-            return Ok(Some(outcome));
-        }
-        progress.sequence += 1;
-        progress.tokens = progress.tokens.saturating_add(tokens);
-        progress.unreported += tokens;
-        if progress.first_token_at.is_none() {
-            progress.first_token_at = Some(Instant::now());
-            metrics::histogram!("producer_time_to_first_token_seconds")
-                .record(self.started.elapsed().as_secs_f64());
-        }
-        Ok(None)
+        run: &mut Run<'_>,
+        written: Write,
+    ) -> Result<Option<AttemptEnd>, StreamIoError> {
+        Ok(match written {
+            Write::Accepted => None,
+            Write::Cancelled => Some(self.finish(run, FinishReason::Cancelled, None).await?),
+            Write::Fenced => Some(self.fenced()),
+        })
     }
 
     fn fenced(&self) -> AttemptEnd {
@@ -602,7 +556,7 @@ impl<'a> Attempt<'a> {
 
     async fn finish(
         &self,
-        progress: &mut Progress,
+        run: &mut Run<'_>,
         reason: FinishReason,
         upstream_usage: Option<(u32, u32)>,
     ) -> Result<AttemptEnd, StreamIoError> {
@@ -615,7 +569,7 @@ impl<'a> Attempt<'a> {
             },
             _ => Usage {
                 prompt_tokens: estimate_prompt_tokens(job),
-                completion_tokens: progress.tokens,
+                completion_tokens: run.sink.written_tokens(),
                 source: UsageSource::Counted,
             },
         };
@@ -625,13 +579,13 @@ impl<'a> Attempt<'a> {
             usage,
             timestamp: stream_schema::now_millis(),
         };
-        self.terminal(progress, &event, Outcome::Completed(reason), usage)
+        self.terminal(run, &event, Outcome::Completed(reason), usage)
             .await
     }
 
     async fn fail(
         &self,
-        progress: &mut Progress,
+        run: &mut Run<'_>,
         error: &UpstreamError,
     ) -> Result<AttemptEnd, StreamIoError> {
         tracing::warn!(request_id = %self.job.request_id, %error, "upstream failed");
@@ -646,45 +600,24 @@ impl<'a> Attempt<'a> {
         };
         let usage = Usage {
             prompt_tokens: 0,
-            completion_tokens: progress.tokens,
+            completion_tokens: run.sink.written_tokens(),
             source: UsageSource::Counted,
         };
-        self.terminal(progress, &event, Outcome::Failed(code), usage)
+        self.terminal(run, &event, Outcome::Failed(code), usage)
             .await
     }
 
     async fn terminal(
         &self,
-        progress: &mut Progress,
+        run: &mut Run<'_>,
         event: &SessionEvent,
         outcome: Outcome,
         usage: Usage,
     ) -> Result<AttemptEnd, StreamIoError> {
-        let written = self
-            .ctx
-            .scripts
-            .append(self.client(), &self.streams, self.attempt, event, false)
-            .await?;
-        if !matches!(written, AppendOutcome::Written(_)) {
-            return Ok(self.fenced());
-        }
-        self.report_tokens(progress).await?;
-        let job = self.job;
-        let duration = self.started.elapsed();
-        self.record(EventRecord::Finished {
-            request_id: job.request_id,
-            session_id: job.session_id.clone(),
-            model_id: job.model_id.clone(),
-            outcome,
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            ttft_ms: progress
-                .first_token_at
-                .map(|t| millis(t.duration_since(self.started))),
-            duration_ms: millis(duration),
-            timestamp: stream_schema::now_millis(),
-        })
-        .await?;
+        let duration = match run.sink.terminal(event, outcome, usage).await? {
+            Terminal::Written { duration } => duration,
+            Terminal::Fenced => return Ok(self.fenced()),
+        };
         let label = match outcome {
             Outcome::Completed(reason) => reason.as_str(),
             Outcome::Failed(code) => code.as_str(),
@@ -694,20 +627,26 @@ impl<'a> Attempt<'a> {
         metrics::histogram!("producer_request_duration_seconds").record(duration.as_secs_f64());
         // The bridge's own share of the request: everything but waiting on the upstream
         // (Redis writes, encoding, scheduling).
-        metrics::histogram!("producer_overhead_seconds").record(
-            duration
-                .saturating_sub(progress.upstream_wait)
-                .as_secs_f64(),
-        );
+        metrics::histogram!("producer_overhead_seconds")
+            .record(duration.saturating_sub(run.upstream_wait).as_secs_f64());
+        let job = self.job;
         tracing::info!(
             request_id = %job.request_id,
             session_id = %job.session_id,
             attempt = self.attempt,
             outcome = label,
-            tokens = progress.tokens,
+            tokens = run.sink.written_tokens(),
             "request finished"
         );
         Ok(AttemptEnd::Done)
+    }
+}
+
+/// The failure of a try that got no token within the first-token timeout.
+fn no_first_token(policy: Policy) -> UpstreamError {
+    UpstreamError::Timeout {
+        phase: "no first token",
+        waited_ms: millis(policy.first_token_timeout),
     }
 }
 
@@ -723,16 +662,6 @@ pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn map_finish(reason: OpenAiFinish) -> FinishReason {
-    match reason {
-        OpenAiFinish::Length => FinishReason::Length,
-        OpenAiFinish::ContentFilter => FinishReason::ContentFilter,
-        OpenAiFinish::Stop | OpenAiFinish::ToolCalls | OpenAiFinish::FunctionCall => {
-            FinishReason::Stop
-        }
-    }
-}
-
 /// Words of the prompt: a rough count for when the upstream reports no usage.
 fn estimate_prompt_tokens(job: &Job) -> u32 {
     let words: usize = job
@@ -741,4 +670,127 @@ fn estimate_prompt_tokens(job: &Job) -> u32 {
         .map(|m| m.content.split_whitespace().count())
         .sum();
     u32::try_from(words).unwrap_or(u32::MAX)
+}
+
+/// A worker context on a real redis-server, for the tests of the attempt's parts.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use fred::prelude::*;
+    use fred::types::Value;
+    use service_kit::config::RedisSettings;
+    use stream_io::session::{RequestStreams, Retention, SessionScripts};
+    use stream_schema::{ChatMessage, Job, ModelId, RedisKey, RequestId, Role, SessionEvent};
+    use test_support::RedisServer;
+
+    use super::WorkerContext;
+    use crate::upstream::Registry;
+
+    pub struct Env {
+        /// Kept for its lifetime: dropping it stops the server.
+        pub _redis: RedisServer,
+        pub ctx: WorkerContext,
+    }
+
+    impl Env {
+        pub async fn start(token_coalesce: Duration) -> anyhow::Result<Self> {
+            let redis = RedisServer::start().await?;
+            let settings = RedisSettings {
+                url: redis.url(),
+                ..RedisSettings::default()
+            };
+            let pool = service_kit::redis::pool(&settings)?;
+            service_kit::redis::start(&pool, &settings).await;
+            let ctx = WorkerContext {
+                redis: pool,
+                scripts: SessionScripts::default(),
+                upstreams: Registry::new(&BTreeMap::new())?,
+                retention: Retention { ttl_secs: 600 },
+                event_shards: 2,
+                events_maxlen: 1_000,
+                token_coalesce,
+            };
+            Ok(Self { _redis: redis, ctx })
+        }
+
+        pub fn client(&self) -> &Client {
+            self.ctx.redis.next()
+        }
+
+        pub fn streams(&self, job: &Job) -> RequestStreams {
+            RequestStreams::new(
+                &job.session_id,
+                &job.model_id,
+                &job.request_id,
+                self.ctx.retention,
+            )
+        }
+
+        /// What the gateway does at start: owner = 1 and the `start` event.
+        pub async fn start_request(&self, job: &Job) -> anyhow::Result<()> {
+            let streams = self.streams(job);
+            let start = SessionEvent::Start {
+                request_id: job.request_id,
+                session_id: job.session_id.clone(),
+                model_id: job.model_id.clone(),
+                attempt: 1,
+                timestamp: 1,
+            };
+            self.ctx
+                .scripts
+                .start(
+                    self.client(),
+                    &streams.stream,
+                    &streams.owner,
+                    &start,
+                    self.ctx.retention,
+                )
+                .await?;
+            Ok(())
+        }
+
+        /// Every entry of `key`, oldest first.
+        pub async fn entries(&self, key: &RedisKey) -> anyhow::Result<Vec<stream_io::Entry>> {
+            let reply: Value = self.client().xrange(key.as_str(), "-", "+", None).await?;
+            Ok(stream_io::parse_entries(reply)?)
+        }
+
+        /// The session stream of `job`, decoded.
+        pub async fn events(&self, job: &Job) -> anyhow::Result<Vec<SessionEvent>> {
+            let entries = self.entries(&self.streams(job).stream).await?;
+            Ok(entries
+                .iter()
+                .map(|entry| SessionEvent::decode(&entry.fields))
+                .collect::<Result<_, _>>()?)
+        }
+
+        /// The records of `job`'s shard, decoded.
+        pub async fn records(&self, job: &Job) -> anyhow::Result<Vec<stream_schema::EventRecord>> {
+            let key = self.ctx.event_log().shard_key(&job.session_id);
+            let entries = self.entries(&key).await?;
+            Ok(entries
+                .iter()
+                .map(|entry| stream_schema::EventRecord::decode(&entry.fields))
+                .collect::<Result<_, _>>()?)
+        }
+    }
+
+    pub fn job() -> anyhow::Result<Job> {
+        Ok(Job {
+            request_id: RequestId::new(),
+            session_id: stream_schema::SessionId::parse("session-1")?,
+            model_id: ModelId::parse("mock")?,
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: "hello there".to_owned(),
+            }],
+            max_tokens: None,
+            temperature: None,
+            enqueued_at: 1,
+            traceparent: None,
+            token_cap: None,
+        })
+    }
 }
