@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use stream_io::session::{entry_exists, last_entry_id, range_after};
-use stream_schema::{EntryId, ErrorCode, RequestId, SessionEvent, SessionId, RedisKey};
+use stream_schema::{EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId};
 use tokio::sync::mpsc;
 
 use crate::chat::request_meta;
@@ -180,7 +180,9 @@ pub async fn stream(
         if let Some(traceparent) = parent_trace {
             service_kit::telemetry::continue_trace(&span, Some(&traceparent));
         }
-        tokio::spawn(tracing::Instrument::instrument(delivery.run(plans), span));
+        state
+            .lifecycle
+            .spawn(tracing::Instrument::instrument(delivery.run(plans), span));
     }
 
     let body = futures::stream::unfold(body_rx, |mut rx| async move {

@@ -12,7 +12,9 @@ async fn main() -> anyhow::Result<()> {
     // without its `shutdown`.
     let telemetry = service_kit::telemetry::init(&settings.telemetry, "mock-llm");
 
-    let app = Application::build(settings.mock_llm.clone()).context("cannot start mock-llm")?;
+    let shutdown = service_kit::shutdown::on_signal();
+    let app = Application::build(settings.mock_llm.clone(), shutdown)
+        .context("cannot start mock-llm")?;
     tracing::info!(addr = %app.local_addr(), "mock-llm listening");
     let result = app
         .run_until_stopped()
