@@ -133,4 +133,35 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(300));
         assert!(!flag.is_running());
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_became_ready_starts_the_backoff_over() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let shutdown = CancellationToken::new();
+        let flag = LoopFlag::standalone();
+        let (counter, stop, run_flag) = (runs.clone(), shutdown.clone(), flag.clone());
+        let started = tokio::time::Instant::now();
+        let restarts = supervise(
+            "test",
+            flag.clone(),
+            shutdown.clone(),
+            RestartPolicy::default(),
+            move || {
+                let (counter, stop, flag) = (counter.clone(), stop.clone(), run_flag.clone());
+                async move {
+                    match counter.fetch_add(1, Ordering::SeqCst) + 1 {
+                        // Fails at once twice (100 ms, then 200 ms of backoff)...
+                        1 | 2 => {}
+                        // ...then becomes ready before failing: a new incident, 100 ms again.
+                        3 => flag.set(true),
+                        _ => stop.cancel(),
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(restarts, 3);
+        assert_eq!(started.elapsed(), Duration::from_millis(400));
+        assert!(!flag.is_running());
+    }
 }
