@@ -1,8 +1,8 @@
-//! `bench [--quick] [--peers] [--repeats N] [--out FILE.md] [--notes FILE.md]`: starts the
-//! whole stack (release binaries next to this one) on mock-llm and measures the bridge against
-//! a direct baseline (and LiteLLM with `--peers`) in the same run; writes a Markdown report,
-//! its JSON data and SVG plots. `make bench`, `make bench-quick` and `make bench-peers` run it
-//! through `scripts/bench.sh`.
+//! `bench [--quick] [--peers] [--repeats N] [--out FILE.md] …` (all flags: `bench --help`):
+//! starts the whole stack (release binaries next to this one) on mock-llm and measures the
+//! bridge against a direct baseline (and LiteLLM with `--peers`) in the same run; writes a
+//! Markdown report, its JSON data and SVG plots. `make bench`, `make bench-quick` and
+//! `make bench-peers` run it through `scripts/bench.sh`.
 
 mod client;
 mod plot;
@@ -39,61 +39,88 @@ struct Options {
     idle_from: Option<PathBuf>,
 }
 
-fn parse_args() -> anyhow::Result<Options> {
-    let mut options = Options {
-        quick: false,
-        peers: false,
-        repeats: 3,
-        out: PathBuf::new(),
-        notes: None,
-        litellm_venv: LiteLlm::default_venv(),
-        only: None,
-        idle: None,
-        render: None,
-        idle_from: None,
-    };
-    let mut out = None;
-    let mut repeats = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--quick" => options.quick = true,
-            "--peers" => options.peers = true,
-            "--repeats" => repeats = Some(value("--repeats")?.parse().context("--repeats")?),
-            "--out" => out = Some(PathBuf::from(value("--out")?)),
-            "--notes" => options.notes = Some(PathBuf::from(value("--notes")?)),
-            "--litellm-venv" => {
-                options.litellm_venv = Some(PathBuf::from(value("--litellm-venv")?));
-            }
-            "--render" => options.render = Some(PathBuf::from(value("--render")?)),
-            "--idle-from" => options.idle_from = Some(PathBuf::from(value("--idle-from")?)),
-            "--only" => {
-                options.only = Some(value("--only")?.split(',').map(str::to_owned).collect());
-            }
-            "--idle" => {
-                let steps = value("--idle")?
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>().context("--idle"))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                options.idle = Some(steps.into_iter().filter(|&n| n > 0).collect());
-            }
-            other => bail!(
-                "unknown argument {other}; usage: bench [--quick] [--peers] [--repeats N] \
-                 [--out FILE.md] [--notes FILE.md] [--litellm-venv DIR] [--only S1,S2] \
-                 [--idle N1,N2] [--render FILE.json [--idle-from FILE.json]]"
-            ),
-        }
-    }
-    options.repeats = repeats.unwrap_or(if options.quick { 1 } else { 3 }).max(1);
-    options.out = out.unwrap_or_else(|| {
-        PathBuf::from(match (options.quick, options.peers) {
+/// The command line (`bench --help`); every flag that `scripts/bench.sh` passes.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "Load generator: starts the whole stack (release binaries next to this one) on \
+             mock-llm and measures the bridge against a direct baseline in the same run.",
+    // A flag given twice takes its last value, as the hand-written parser did.
+    args_override_self = true,
+    after_help = ENV_HELP,
+)]
+struct Args {
+    /// The short matrix, one repeat: a smoke run of a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also measure a LiteLLM proxy on the same mock-llm.
+    #[arg(long)]
+    peers: bool,
+    /// Repeats of the whole matrix [default: 3, or 1 with --quick].
+    #[arg(long, value_name = "N")]
+    repeats: Option<usize>,
+    /// Report path [default: bench/results/bench.md, peers.md or quick/quick.md].
+    #[arg(long, value_name = "FILE.md")]
+    out: Option<PathBuf>,
+    /// Markdown notes included in the report, if the file exists.
+    #[arg(long, value_name = "FILE.md")]
+    notes: Option<PathBuf>,
+    /// Python venv with LiteLLM [default: ~/.cache/llm-bridge/venv-litellm].
+    #[arg(long, value_name = "DIR")]
+    litellm_venv: Option<PathBuf>,
+    /// Run just these scenarios (comma-separated names).
+    #[arg(long, value_name = "S1,S2", value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Idle-client steps (comma-separated counts); `--idle 0` skips the step.
+    #[arg(long, value_name = "N1,N2", value_delimiter = ',', value_parser = parse_count)]
+    idle: Option<Vec<usize>>,
+    /// Measure nothing: write the report of an earlier run's data again.
+    #[arg(long, value_name = "FILE.json")]
+    render: Option<PathBuf>,
+    /// With --render: take the idle-client figures from this other run's data.
+    #[arg(long, value_name = "FILE.json")]
+    idle_from: Option<PathBuf>,
+}
+
+/// The bench has no settings file of its own: it writes one for the stack it starts.
+const ENV_HELP: &str = "\
+The services it starts read a settings file the bench writes. They inherit its environment,
+so BRIDGE__SECTION__KEY variables (e.g. BRIDGE__PRODUCER__TOKEN_COALESCE_MS=5) override that
+file, as for any service started with --config.";
+
+fn parse_count(value: &str) -> Result<usize, String> {
+    value.trim().parse().map_err(|error| format!("{error}"))
+}
+
+/// Parses the command line; `--help`/`--version` exit 0, a wrong argument prints the usage and
+/// exits 2.
+fn parse_args() -> Options {
+    let args = <Args as clap::Parser>::parse();
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from(match (args.quick, args.peers) {
             (true, _) => "bench/results/quick/quick.md",
             (false, true) => "bench/results/peers.md",
             (false, false) => "bench/results/bench.md",
         })
     });
-    Ok(options)
+    Options {
+        quick: args.quick,
+        peers: args.peers,
+        repeats: args
+            .repeats
+            .unwrap_or(if args.quick { 1 } else { 3 })
+            .max(1),
+        out,
+        notes: args.notes,
+        litellm_venv: args.litellm_venv.or_else(LiteLlm::default_venv),
+        only: args.only,
+        idle: args
+            .idle
+            .map(|steps| steps.into_iter().filter(|&n| n > 0).collect()),
+        render: args.render,
+        idle_from: args.idle_from,
+    }
 }
 
 fn scenario(
@@ -143,7 +170,7 @@ fn matrix(quick: bool) -> Vec<Scenario> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = parse_args()?;
+    let options = parse_args();
     let notes = match &options.notes {
         Some(path) if path.is_file() => Some(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,

@@ -1,8 +1,11 @@
 //! What every service starts with: settings, logging, the Redis connection, the ops endpoints
-//! (`/healthz`, `/readyz`, `/metrics`) and the shutdown signal.
+//! (`/healthz`, `/readyz`, `/metrics`), the shutdown signal, the command line, and the
+//! lifecycle that ties them together (`lifecycle`).
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod lifecycle;
 pub mod ops;
 pub mod redis;
 pub mod shutdown;

@@ -60,7 +60,8 @@ impl LoopFlag {
 /// What `/readyz` checks and `/metrics` renders. Cheap to clone.
 #[derive(Clone)]
 pub struct OpsState {
-    redis: Pool,
+    /// `None` for a service without Redis (mock-llm): readiness then checks only the loops.
+    redis: Option<Pool>,
     metrics: PrometheusHandle,
     /// Registered by each service at build time; flipped by the loops themselves.
     loops: Arc<Mutex<BTreeMap<String, LoopFlag>>>,
@@ -69,7 +70,16 @@ pub struct OpsState {
 impl OpsState {
     pub fn new(redis: Pool, metrics: PrometheusHandle) -> Self {
         Self {
-            redis,
+            redis: Some(redis),
+            metrics,
+            loops: Arc::default(),
+        }
+    }
+
+    /// For a service that uses no Redis (mock-llm).
+    pub fn without_redis(metrics: PrometheusHandle) -> Self {
+        Self {
+            redis: None,
             metrics,
             loops: Arc::default(),
         }
@@ -97,7 +107,10 @@ impl OpsState {
     }
 
     async fn redis_reachable(&self) -> bool {
-        let ping = self.redis.next().ping::<String>(None);
+        let Some(redis) = &self.redis else {
+            return true;
+        };
+        let ping = redis.next().ping::<String>(None);
         matches!(
             tokio::time::timeout(Duration::from_secs(1), ping).await,
             Ok(Ok(_))

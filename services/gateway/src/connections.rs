@@ -13,6 +13,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Value;
 use serde::{Deserialize, Serialize};
+use service_kit::lifecycle::Lifecycle;
 use stream_schema::{RedisKey, RequestId, SessionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -87,11 +88,22 @@ fn now_ms() -> u64 {
 }
 
 impl Connections {
-    /// Must be called inside a Tokio runtime when `redis` is given (it starts the view writer).
-    pub fn new(gateway_id: String, redis: Option<Pool>, ttl: Duration) -> Self {
+    /// Must be called inside a Tokio runtime when `redis` is given: it starts the view writer,
+    /// tracked by `lifecycle` so shutdown waits for the last removals to be written.
+    pub fn new(
+        gateway_id: String,
+        redis: Option<Pool>,
+        ttl: Duration,
+        lifecycle: &Lifecycle,
+    ) -> Self {
         let view = redis.clone().map(|pool| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(write_view_in_order(pool, rx, ttl));
+            lifecycle.spawn(write_view_in_order(
+                pool,
+                rx,
+                ttl,
+                lifecycle.shutdown().clone(),
+            ));
             tx
         });
         Self {
@@ -235,10 +247,23 @@ impl Connections {
 
 /// The view writer: applies changes in the order they were made; the entries expire by
 /// themselves after the TTL when a write fails.
-async fn write_view_in_order(pool: Pool, mut ops: mpsc::UnboundedReceiver<ViewOp>, ttl: Duration) {
+async fn write_view_in_order(
+    pool: Pool,
+    mut ops: mpsc::UnboundedReceiver<ViewOp>,
+    ttl: Duration,
+    shutdown: CancellationToken,
+) {
     let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    while let Some(op) = ops.recv().await {
+    loop {
+        let op = tokio::select! {
+            op = ops.recv() => op,
+            // After shutdown it keeps writing while streams end (their removals), and stops once
+            // nothing came for a while: a `Connections` handle that outlives the server must not
+            // keep shutdown waiting.
+            () = quiet_after(&shutdown) => None,
+        };
+        let Some(op) = op else { break };
         let result = match op {
             ViewOp::Publish(infos) => write_view(&pool, &infos, now_ms() + ttl_ms, ttl_secs).await,
             ViewOp::Remove(session_id, connection_id) => {
@@ -250,6 +275,15 @@ async fn write_view_in_order(pool: Pool, mut ops: mpsc::UnboundedReceiver<ViewOp
         }
     }
 }
+
+/// Resolves once `shutdown` is cancelled and then [`VIEW_QUIET`] passes.
+async fn quiet_after(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(VIEW_QUIET).await;
+}
+
+/// How long the view writer waits for more removals after shutdown.
+const VIEW_QUIET: Duration = Duration::from_secs(1);
 
 async fn remove_from_view(
     pool: &Pool,
@@ -325,7 +359,9 @@ mod tests {
 
     #[test]
     fn a_dropped_guard_removes_its_connection() -> Result<(), stream_schema::IdError> {
-        let connections = Connections::new("gw".to_owned(), None, Duration::from_secs(15));
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let connections =
+            Connections::new("gw".to_owned(), None, Duration::from_secs(15), &lifecycle);
         let session = SessionId::parse("s")?;
         let guard = connections.register(session.clone(), None);
         guard.events_sent.fetch_add(3, Ordering::Relaxed);

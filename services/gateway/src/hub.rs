@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClientUnblockFlag, Value};
+use service_kit::backoff::Backoff;
 use service_kit::ops::LoopFlag;
 use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent};
 use tokio::sync::{Notify, mpsc};
@@ -292,7 +293,7 @@ impl Hub {
         let settings = self.shared.settings;
         // Longest a read may take before the connection is presumed dead.
         let read_deadline = Duration::from_millis(settings.block_ms) + Duration::from_secs(3);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         flag.set(true);
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
@@ -324,7 +325,7 @@ impl Hub {
                 .and_then(|value| stream_io::parse_xread(value).map_err(|e| e.to_string()))
             {
                 Ok(replies) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     flag.set(true);
                     self.dispatch(replies);
                 }
@@ -357,11 +358,11 @@ impl Hub {
     }
 
     /// A read failed (Redis down): ends every stream with a retryable error and waits
-    /// `backoff`, which doubles up to 2 s. False on shutdown.
+    /// `backoff` (100 ms doubling to 2 s). False on shutdown.
     async fn read_failed(
         &self,
         error: &str,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
         shutdown: &CancellationToken,
         flag: &LoopFlag,
     ) -> bool {
@@ -369,12 +370,7 @@ impl Hub {
         metrics::counter!("gateway_reader_errors_total").increment(1);
         flag.set(false);
         self.close_all(Closed::Unavailable);
-        let wait = *backoff;
-        *backoff = (*backoff * 2).min(Duration::from_secs(2));
-        tokio::select! {
-            () = tokio::time::sleep(wait) => true,
-            () = shutdown.cancelled() => false,
-        }
+        backoff.wait(shutdown).await
     }
 
     /// The reader loop on a Redis Cluster.
@@ -388,7 +384,7 @@ impl Hub {
     pub async fn run_cluster(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
         let settings = self.shared.settings;
         let idle = Duration::from_millis(settings.cluster_poll_ms.max(1));
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
             if keys.is_empty() {
@@ -435,7 +431,7 @@ impl Hub {
                 }
                 continue;
             }
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             flag.set(true);
             let found = replies.iter().any(|(_, entries)| !entries.is_empty());
             self.dispatch(replies);

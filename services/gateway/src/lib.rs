@@ -21,11 +21,11 @@ use std::time::Duration;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use service_kit::Settings;
+use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
-use service_kit::supervisor::{Backoff, supervise};
+use service_kit::supervisor::RestartPolicy;
 use stream_schema::{ModelId, SessionId};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::connections::Connections;
 use crate::error::ApiError;
@@ -36,8 +36,7 @@ use crate::state::{AppState, SharedState};
 pub struct Application {
     port: u16,
     server: actix_web::dev::Server,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
+    lifecycle: Lifecycle,
 }
 
 impl Application {
@@ -58,21 +57,13 @@ impl Application {
             cluster: settings.redis.is_cluster(),
             cluster_poll_ms: settings.gateway.cluster_poll_ms,
         });
-        let tasks = TaskTracker::new();
-        let reader_flag = ops.register_loop("reader");
-        let (loop_hub, loop_shutdown, loop_flag) =
-            (hub.clone(), shutdown.clone(), reader_flag.clone());
-        tasks.spawn(supervise(
-            "reader",
-            reader_flag,
-            shutdown.clone(),
-            Backoff::default(),
-            move || {
-                loop_hub
-                    .clone()
-                    .run(reader.clone(), loop_shutdown.clone(), loop_flag.clone())
-            },
-        ));
+        let lifecycle = Lifecycle::new(shutdown.clone());
+        let (loop_hub, loop_shutdown) = (hub.clone(), shutdown.clone());
+        lifecycle.supervise(&ops, "reader", RestartPolicy::default(), move |flag| {
+            loop_hub
+                .clone()
+                .run(reader.clone(), loop_shutdown.clone(), flag)
+        });
 
         let models = settings
             .models
@@ -88,9 +79,10 @@ impl Application {
             service_kit::consumer_name("", "gateway"),
             Some(redis.clone()),
             Duration::from_secs(settings.gateway.connection_ttl_secs),
+            &lifecycle,
         );
-        tasks.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
-        tasks.spawn(connections.clone().heartbeat(
+        lifecycle.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
+        lifecycle.spawn(connections.clone().heartbeat(
             Duration::from_secs(settings.gateway.connection_heartbeat_secs),
             shutdown.clone(),
         ));
@@ -105,6 +97,7 @@ impl Application {
             limiter: limits::RateLimiter::default(),
             stream_tokens,
             shutdown: shutdown.clone(),
+            lifecycle: lifecycle.clone(),
         });
         let cors_origins = state.settings.gateway.cors_allowed_origins.clone();
         let server = HttpServer::new(move || {
@@ -133,8 +126,7 @@ impl Application {
         Ok(Self {
             port,
             server,
-            tasks,
-            shutdown,
+            lifecycle,
         })
     }
 
@@ -142,18 +134,18 @@ impl Application {
         self.port
     }
 
-    /// Serves until `shutdown` is cancelled, then drains connections and stops the reader.
+    /// Serves until `shutdown` is cancelled, then drains connections and waits for every
+    /// tracked task: the reader, SSE deliveries, the heartbeat and the connection-view writer.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        let shutdown = self.lifecycle.shutdown().clone();
+        self.lifecycle.spawn(async move {
             shutdown.cancelled().await;
             handle.stop(true).await;
         });
         self.server.await.context("http server")?;
-        self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.lifecycle.shutdown().cancel();
+        self.lifecycle.wait().await;
         Ok(())
     }
 }

@@ -4,8 +4,12 @@ use anyhow::Context;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
-    let path = service_kit::cli::config_path()?;
-    let settings = service_kit::Settings::load(path.as_deref()).context("configuration")?;
+    let args = service_kit::cli::parse(
+        "gateway",
+        env!("CARGO_PKG_VERSION"),
+        "The bridge's HTTP front: starts chats, delivers their tokens over SSE from Redis streams.",
+    );
+    let settings = service_kit::Settings::load(args.config.as_deref()).context("configuration")?;
     let telemetry = service_kit::telemetry::init(&settings.telemetry, "gateway");
     let shutdown = service_kit::shutdown::on_signal();
     let app = gateway::Application::build(settings, shutdown).await?;

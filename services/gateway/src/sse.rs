@@ -172,7 +172,9 @@ pub async fn stream(
         if let Some(traceparent) = parent_trace {
             service_kit::telemetry::continue_trace(&span, Some(&traceparent));
         }
-        tokio::spawn(tracing::Instrument::instrument(delivery.run(plans), span));
+        state
+            .lifecycle
+            .spawn(tracing::Instrument::instrument(delivery.run(plans), span));
     }
 
     let body = futures::stream::unfold(body_rx, |mut rx| async move {

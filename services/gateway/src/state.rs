@@ -27,6 +27,8 @@ pub struct AppState {
     pub stream_tokens: StreamTokens,
     /// Cancelled on shutdown: open SSE streams end cleanly.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Tracks the SSE delivery tasks handlers spawn, so shutdown waits for them.
+    pub lifecycle: service_kit::lifecycle::Lifecycle,
 }
 
 impl AppState {

@@ -3,7 +3,7 @@
 //! tests and benchmarks.
 //!
 //! Endpoints: `POST /v1/chat/completions` (streaming and not), `GET /v1/models`,
-//! `GET /_mock/stats`, `GET /healthz`. The text a request gets is described in [`text`], the
+//! `GET /_mock/stats`, `GET /healthz`, `GET /metrics`. The text a request gets is described in [`text`], the
 //! faults it can ask for in [`directive`].
 
 pub mod directive;
@@ -20,6 +20,9 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use service_kit::config::MockLlmSettings;
+use service_kit::lifecycle::Lifecycle;
+use service_kit::ops::OpsState;
+use tokio_util::sync::CancellationToken;
 
 pub use state::{Stats, StatsSnapshot};
 
@@ -31,12 +34,14 @@ pub struct Application {
     local_addr: SocketAddr,
     server: Server,
     stats: Arc<Stats>,
+    lifecycle: Lifecycle,
 }
 
 impl Application {
     /// Binds `settings.addr` (port 0 picks a free port); serving starts in
-    /// [`Application::run_until_stopped`].
-    pub fn build(settings: MockLlmSettings) -> anyhow::Result<Self> {
+    /// [`Application::run_until_stopped`] and ends when `shutdown` is cancelled.
+    pub fn build(settings: MockLlmSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let ops = OpsState::without_redis(service_kit::ops::install_metrics());
         let listener = TcpListener::bind(&settings.addr)
             .with_context(|| format!("cannot bind mock_llm.addr {}", settings.addr))?;
         let local_addr = listener
@@ -47,8 +52,10 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(web::Data::new(ops.clone()))
                 .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
                 .route("/healthz", web::get().to(healthz))
+                .route("/metrics", web::get().to(metrics_text))
                 .route("/v1/models", web::get().to(models))
                 .route(
                     "/v1/chat/completions",
@@ -64,6 +71,8 @@ impl Application {
         .tcp_nodelay(true)
         // Stalled streams never finish by themselves; do not wait the default 30 s for them.
         .shutdown_timeout(1)
+        // The lifecycle's token stops it (SIGTERM and Ctrl-C through `service_kit::shutdown`).
+        .disable_signals()
         .listen(listener)
         .context("cannot listen on the bound socket")?
         .run();
@@ -71,6 +80,7 @@ impl Application {
             local_addr,
             server,
             stats,
+            lifecycle: Lifecycle::new(shutdown),
         })
     }
 
@@ -89,19 +99,45 @@ impl Application {
         Arc::clone(&self.stats)
     }
 
-    /// Stops the server from elsewhere (`handle.stop(true)`); SIGTERM and SIGINT also do.
+    /// Stops the server from elsewhere (`handle.stop(true)`), like cancelling its shutdown.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
     }
 
-    /// Serves until stopped by a signal or the [`ServerHandle`].
+    /// Serves until the shutdown token is cancelled (or the [`ServerHandle`] stops it).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let handle = self.server.handle();
+        let shutdown = self.lifecycle.shutdown().clone();
+        self.lifecycle.spawn(async move {
+            shutdown.cancelled().await;
+            handle.stop(true).await;
+        });
+        let result = self.server.await;
+        self.lifecycle.shutdown().cancel();
+        self.lifecycle.wait().await;
+        result
     }
 }
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok")
+}
+
+/// Prometheus text: the `/_mock/stats` counters as `mock_llm_*` gauges, read at scrape time.
+async fn metrics_text(state: web::Data<state::AppState>, ops: web::Data<OpsState>) -> HttpResponse {
+    let stats = state.stats.snapshot();
+    #[expect(clippy::cast_precision_loss, reason = "gauges are f64")]
+    for (name, value) in [
+        ("mock_llm_requests", stats.requests),
+        ("mock_llm_streams_started", stats.streams_started),
+        ("mock_llm_streams_completed", stats.streams_completed),
+        ("mock_llm_streams_disconnected", stats.streams_disconnected),
+        ("mock_llm_streams_aborted", stats.streams_aborted),
+        ("mock_llm_active_streams", stats.active_streams),
+    ] {
+        metrics::gauge!(name).set(value as f64);
+    }
+    service_kit::ops::metrics_text(ops).await
 }
 
 async fn models() -> HttpResponse {

@@ -71,12 +71,15 @@ impl Drop for TestApp {
 }
 
 fn spawn_app() -> anyhow::Result<TestApp> {
-    let app = Application::build(MockLlmSettings {
-        addr: "127.0.0.1:0".to_owned(),
-        default_tokens: DEFAULT_TOKENS,
-        token_delay_ms: 0,
-        seed: SEED,
-    })?;
+    let app = Application::build(
+        MockLlmSettings {
+            addr: "127.0.0.1:0".to_owned(),
+            default_tokens: DEFAULT_TOKENS,
+            token_delay_ms: 0,
+            seed: SEED,
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )?;
     let base = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
     tokio::spawn(app.run_until_stopped());

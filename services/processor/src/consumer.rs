@@ -3,7 +3,7 @@
 //! group's lag and remove consumers that died long ago.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -318,19 +318,20 @@ impl ShardConsumer {
         }
     }
 
-    pub async fn run(self, shutdown: CancellationToken, flag: LoopFlag) {
+    /// One run of the shard's loop, under the supervisor: reads, applies and acks batches until
+    /// shutdown, and ends at the first failure (Redis down, the group or stream gone) so the
+    /// supervisor restarts it with backoff. `flag` is up from the first good step of the run;
+    /// the supervisor lowers it when the run ends. A restart creates the group again (Redis may
+    /// have lost it, e.g. a restart without persistence) and reclaims at once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, flag: LoopFlag) {
         let key = self.key();
-        let mut backoff = Duration::from_millis(100);
         let mut last_reclaim = Instant::now() - RECLAIM_EVERY;
-        // Created once, and again after any failure (Redis may have lost it, e.g. a restart
-        // without persistence): not one XGROUP CREATE per batch.
-        let mut group_ready = false;
+        if let Err(error) = groups::ensure_group(&self.reader, &key, PROCESSOR_GROUP).await {
+            self.failed(&error);
+            return;
+        }
         while !shutdown.is_cancelled() {
             let step = async {
-                if !group_ready {
-                    groups::ensure_group(&self.reader, &key, PROCESSOR_GROUP).await?;
-                    group_ready = true;
-                }
                 if last_reclaim.elapsed() >= RECLAIM_EVERY {
                     last_reclaim = Instant::now();
                     self.reclaim().await?;
@@ -358,23 +359,17 @@ impl ShardConsumer {
                 Ok::<(), StreamIoError>(())
             };
             match step.await {
-                Ok(()) => {
-                    flag.set(true);
-                    backoff = Duration::from_millis(100);
-                }
+                Ok(()) => flag.set(true),
                 Err(error) => {
-                    tracing::warn!(shard = self.shard, %error, "processing failed; retrying");
-                    group_ready = false;
-                    metrics::counter!("processor_errors_total").increment(1);
-                    flag.set(false);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    self.failed(&error);
+                    return;
                 }
             }
         }
-        flag.set(false);
+    }
+
+    fn failed(&self, error: &StreamIoError) {
+        tracing::warn!(shard = self.shard, %error, "processing failed; restarting the shard loop");
+        metrics::counter!("processor_errors_total").increment(1);
     }
 }

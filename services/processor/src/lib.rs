@@ -8,12 +8,14 @@ pub mod housekeeping;
 pub mod quota;
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
 use anyhow::Context;
 use service_kit::Settings;
+use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
+use service_kit::supervisor::RestartPolicy;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::apply::{Applier, Retention};
 use crate::consumer::ShardConsumer;
@@ -23,8 +25,8 @@ pub struct Application {
     port: u16,
     listener: TcpListener,
     ops: OpsState,
-    consumers: Vec<ShardConsumer>,
-    shutdown: CancellationToken,
+    consumers: Vec<Arc<ShardConsumer>>,
+    lifecycle: Lifecycle,
 }
 
 impl Application {
@@ -45,7 +47,7 @@ impl Application {
             let reader =
                 service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
             service_kit::redis::start(&reader, &settings.redis).await;
-            consumers.push(ShardConsumer {
+            consumers.push(Arc::new(ShardConsumer {
                 shard,
                 reader,
                 redis: redis.clone(),
@@ -58,7 +60,7 @@ impl Application {
                 dead_consumer_ms: settings.processor.dead_consumer_secs.saturating_mul(1000),
                 housekeeping: Housekeeping::default(),
                 key_ids: std::sync::Mutex::default(),
-            });
+            }));
         }
         let listener = TcpListener::bind(&settings.processor.addr)
             .with_context(|| format!("binding processor.addr {}", settings.processor.addr))?;
@@ -68,7 +70,7 @@ impl Application {
             listener,
             ops: OpsState::new(redis, metrics),
             consumers,
-            shutdown,
+            lifecycle: Lifecycle::new(shutdown),
         })
     }
 
@@ -77,24 +79,21 @@ impl Application {
     }
 
     /// Runs every shard's consumer until shutdown; each finishes and acks its batch first.
+    /// Each shard loop runs under the supervisor with a readiness flag of its own
+    /// (`shard-<n>`): `/readyz` is 503 while any shard is down or restarting.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let ops_shutdown = CancellationToken::new();
-        let ops = tokio::spawn(service_kit::ops::serve(
-            self.listener,
-            self.ops.clone(),
-            ops_shutdown.clone(),
-        ));
-        let tasks = TaskTracker::new();
+        let ops = self.lifecycle.serve_ops(self.listener, self.ops.clone());
         for consumer in self.consumers {
-            let flag = self.ops.register_loop(shard_loop_name(consumer.shard));
-            tasks.spawn(consumer.run(self.shutdown.clone(), flag));
+            let shutdown = self.lifecycle.shutdown().clone();
+            self.lifecycle.supervise(
+                &self.ops,
+                shard_loop_name(consumer.shard),
+                RestartPolicy::on_error(),
+                move |flag| Arc::clone(&consumer).run(shutdown.clone(), flag),
+            );
         }
-        tasks.close();
-        tasks.wait().await;
-        ops_shutdown.cancel();
-        ops.await
-            .context("ops server task")?
-            .context("ops server")?;
+        self.lifecycle.wait().await;
+        ops.stop().await.context("ops server")?;
         Ok(())
     }
 }

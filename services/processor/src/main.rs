@@ -4,8 +4,12 @@ use anyhow::Context;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let path = service_kit::cli::config_path()?;
-    let settings = service_kit::Settings::load(path.as_deref()).context("configuration")?;
+    let args = service_kit::cli::parse(
+        "processor",
+        env!("CARGO_PKG_VERSION"),
+        "Applies the event shards' records to analytics counters and settles token quotas.",
+    );
+    let settings = service_kit::Settings::load(args.config.as_deref()).context("configuration")?;
     let telemetry = service_kit::telemetry::init(&settings.telemetry, "processor");
     let shutdown = service_kit::shutdown::on_signal();
     let app = processor::Application::build(settings, shutdown).await?;

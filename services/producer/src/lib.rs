@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use service_kit::Settings;
+use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::{LoopFlag, OpsState};
-use service_kit::supervisor::{Backoff, supervise};
+use service_kit::supervisor::RestartPolicy;
 use stream_io::groups::LeaseScript;
 use stream_io::session::{Retention, SessionScripts};
 use stream_schema::RedisKey;
@@ -42,7 +43,7 @@ pub struct Application {
     renewer: Renewer,
     grace: Duration,
     lease: Duration,
-    shutdown: CancellationToken,
+    lifecycle: Lifecycle,
 }
 
 impl Application {
@@ -105,7 +106,7 @@ impl Application {
             },
             grace: Duration::from_secs(producer.shutdown_grace_secs),
             lease,
-            shutdown,
+            lifecycle: Lifecycle::new(shutdown),
         })
     }
 
@@ -119,12 +120,8 @@ impl Application {
     /// and handed back (pending, and idle as if their lease had run out) so another producer
     /// restarts them at once.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let ops_shutdown = CancellationToken::new();
-        let ops = tokio::spawn(service_kit::ops::serve(
-            self.listener,
-            self.ops.clone(),
-            ops_shutdown.clone(),
-        ));
+        let lifecycle = self.lifecycle;
+        let ops = lifecycle.serve_ops(self.listener, self.ops.clone());
         let dispatcher = Arc::clone(&self.claimer.dispatcher);
         let workers = dispatcher.workers.clone();
         let leases = Arc::clone(&self.renewer.leases);
@@ -137,28 +134,29 @@ impl Application {
 
         // Leases are renewed until the last worker is gone, through the grace period.
         let renewer_stop = CancellationToken::new();
-        let renewer = {
+        {
             let (renewer, stop) = (self.renewer, renewer_stop.clone());
-            tokio::spawn(supervise(
-                "lease_renewer",
-                LoopFlag::standalone(),
+            lifecycle.supervise_until(
                 renewer_stop.clone(),
-                Backoff::default(),
-                move || renewer.clone().run(stop.clone()),
-            ))
-        };
+                LoopFlag::standalone(),
+                "lease_renewer",
+                RestartPolicy::default(),
+                move |_| renewer.clone().run(stop.clone()),
+            );
+        }
         // Also runs through the grace period: draining is when the backlog matters.
-        let backlog = tokio::spawn(backlog::export(redis.clone(), renewer_stop.clone()));
+        lifecycle.spawn(backlog::export(redis.clone(), renewer_stop.clone()));
         let claimer_flag = self.ops.register_loop("claimer");
-        let (claimer, shutdown, flag) = (self.claimer, self.shutdown.clone(), claimer_flag.clone());
-        supervise(
-            "claimer",
+        let (claimer, shutdown) = (self.claimer, lifecycle.shutdown().clone());
+        let claiming = lifecycle.supervise_with(
             claimer_flag,
-            self.shutdown.clone(),
-            Backoff::default(),
-            move || claimer.clone().run(shutdown.clone(), flag.clone()),
-        )
-        .await;
+            "claimer",
+            RestartPolicy::default(),
+            move |flag| claimer.clone().run(shutdown.clone(), flag),
+        );
+        if let Err(error) = claiming.await {
+            tracing::warn!(%error, "claimer supervisor ended abnormally");
+        }
         workers.close();
         tracing::info!(in_flight = workers.len(), "stopped claiming; draining");
         if tokio::time::timeout(self.grace, workers.wait())
@@ -193,16 +191,9 @@ impl Application {
             }
         }
         renewer_stop.cancel();
-        if let Err(error) = renewer.await {
-            tracing::warn!(%error, "lease renewer ended abnormally");
-        }
-        if let Err(error) = backlog.await {
-            tracing::warn!(%error, "backlog gauges ended abnormally");
-        }
-        ops_shutdown.cancel();
-        ops.await
-            .context("ops server task")?
-            .context("ops server")?;
+        // The renewer and the backlog gauges (workers are tracked by the dispatcher).
+        lifecycle.wait().await;
+        ops.stop().await.context("ops server")?;
         Ok(())
     }
 }

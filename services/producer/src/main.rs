@@ -4,8 +4,12 @@ use anyhow::Context;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let path = service_kit::cli::config_path()?;
-    let settings = service_kit::Settings::load(path.as_deref()).context("configuration")?;
+    let args = service_kit::cli::parse(
+        "producer",
+        env!("CARGO_PKG_VERSION"),
+        "Claims chat jobs, streams them from the model and writes every token to Redis.",
+    );
+    let settings = service_kit::Settings::load(args.config.as_deref()).context("configuration")?;
     let telemetry = service_kit::telemetry::init(&settings.telemetry, "producer");
     let shutdown = service_kit::shutdown::on_signal();
     let app = producer::Application::build(settings, shutdown).await?;

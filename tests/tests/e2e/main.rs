@@ -4,6 +4,7 @@
 mod analytics;
 mod browser;
 mod chat_flow;
+mod cli;
 mod cluster;
 mod delivery;
 mod limits;
