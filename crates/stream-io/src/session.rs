@@ -9,7 +9,7 @@
 use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
-use stream_schema::{EntryId, RequestId, SessionEvent, SessionId, RedisKey};
+use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent, SessionId};
 
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;
@@ -25,19 +25,19 @@ return id
 
 /// The owner-key value once a request has its terminal event: no attempt matches it, so every
 /// later write is fenced off, and a producer that reclaims the job sees it needs no new attempt.
-pub const OWNER_DONE: &str = "done";
+pub use stream_schema::keys::OWNER_DONE;
 
 /// KEYS: stream, owner, cancel. ARGV: attempt, maxlen, check_cancel, terminal, expire_secs,
-/// fields…
+/// owner-done value, fields…
 /// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
 /// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
 /// of the stream and the owner key.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 7))
 if ARGV[4] == '1' then
-  redis.call('SET', KEYS[2], 'done', 'KEEPTTL')
+  redis.call('SET', KEYS[2], ARGV[6], 'KEEPTTL')
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
@@ -159,6 +159,7 @@ impl SessionScripts {
             flag(check_cancel),
             flag(event.is_terminal()),
             target.retention.ttl_secs.to_string(),
+            OWNER_DONE.to_owned(),
         ];
         args.extend(flatten(event.encode()));
         let reply = run_script(client, &self.append, target.keys(), args).await?;
