@@ -2,14 +2,13 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use fred::prelude::*;
-use fred::types::Value;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use stream_io::requests::StoredMeta;
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
     ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
-    RedisKey,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -255,7 +254,7 @@ pub async fn start(
     );
     // A retried start with the same Idempotency-Key and body gets the first response and
     // starts nothing (nor counts against the rate limits).
-    let slot = match idempotency::header(&req)? {
+    let claim = match idempotency::header(&req)? {
         None => None,
         Some(idempotency_key) => {
             match idempotency::begin(state.client(), &key.0, &idempotency_key, &body).await? {
@@ -266,7 +265,7 @@ pub async fn start(
                         .content_type("application/json")
                         .body(response));
                 }
-                Idempotency::Fresh(slot) => Some(slot),
+                Idempotency::Fresh(claim) => Some(claim),
             }
         }
     };
@@ -289,10 +288,10 @@ pub async fn start(
             ApiError::Internal
         })
     });
-    if let Some(slot) = slot {
+    if let Some(claim) = claim {
         match &response {
-            Ok(json) => slot.complete(state.client(), json).await?,
-            Err(_) => slot.release(state.client()).await,
+            Ok(json) => claim.complete(state.client(), json).await?,
+            Err(_) => claim.release(state.client()).await,
         }
     }
     Ok(HttpResponse::Ok()
@@ -382,21 +381,15 @@ async fn enqueue(
             .filter(|_| chat.max_tokens.is_none() && state.settings.limits.hard_token_cap)
             .map(|r| r.tokens),
     };
-    let meta_key = RedisKey::request_meta(&request_id);
-    let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);
-    let pipeline = client.pipeline();
-    let _: () = pipeline.hset(meta_key.as_str(), meta.encode()).await?;
-    let _: () = pipeline.expire(meta_key.as_str(), ttl, None).await?;
-    let _: () = pipeline
-        .xadd(
-            RedisKey::requests().as_str(),
-            false,
-            stream_io::approx_cap(state.settings.streams.requests_maxlen),
-            "*",
-            job.encode(),
-        )
-        .await?;
-    if let Err(error) = pipeline.all::<Vec<Value>>().await {
+    let queued = stream_io::requests::enqueue(
+        client,
+        &meta,
+        &job,
+        retention.ttl_secs,
+        state.settings.streams.requests_maxlen,
+    )
+    .await;
+    if let Err(error) = queued {
         // The start event is out but no producer will ever see the job: end the stream so a
         // waiting client is not left hanging.
         let failed = SessionEvent::Error {
@@ -447,15 +440,10 @@ pub async fn request_meta(
     client: &Client,
     request_id: &RequestId,
 ) -> Result<Option<RequestMeta>, ApiError> {
-    let fields: std::collections::HashMap<String, String> = client
-        .hgetall(RedisKey::request_meta(request_id).as_str())
-        .await?;
-    if fields.is_empty() {
-        return Ok(None);
-    }
-    match RequestMeta::decode(&fields) {
-        Ok(meta) => Ok(Some(meta)),
-        Err(error) => {
+    match stream_io::requests::load_meta(client, request_id).await? {
+        StoredMeta::Found(meta) => Ok(Some(meta)),
+        StoredMeta::Missing => Ok(None),
+        StoredMeta::Undecodable(error) => {
             tracing::error!(%request_id, %error, "undecodable request metadata");
             Err(ApiError::Internal)
         }
@@ -501,11 +489,13 @@ pub async fn cancel(
         .await?
         .filter(|meta| meta.key_id == key_id.0)
         .ok_or_else(|| ApiError::NotFound("unknown requestId".to_owned()))?;
-    let key = RedisKey::cancel(&meta.session_id, &request_id);
-    let ttl = i64::try_from(state.settings.streams.session_ttl_secs).unwrap_or(i64::MAX);
-    let _: () = client
-        .set(key.as_str(), "1", Some(Expiration::EX(ttl)), None, false)
-        .await?;
+    stream_io::cancel::request(
+        client,
+        &meta.session_id,
+        &request_id,
+        state.settings.streams.session_ttl_secs,
+    )
+    .await?;
     tracing::info!(%request_id, session_id = %meta.session_id, "cancel requested");
     Ok(HttpResponse::Accepted().json(CancelResponse {
         request_id,

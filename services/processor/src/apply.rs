@@ -13,7 +13,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_io::StreamIoError;
 use stream_schema::stats;
-use stream_schema::{EntryId, EventRecord, ModelId, SessionId, RedisKey};
+use stream_schema::{EntryId, EventRecord, ModelId, RedisKey, SessionId};
 
 /// KEYS: ledger, then the counter hashes. ARGV: entry id, now ms, ledger ttl ms, then one TTL in
 /// seconds per counter hash (in KEYS order), then field/delta pairs added to every hash.
@@ -152,6 +152,11 @@ impl Applier {
     ) -> Result<bool, StreamIoError> {
         let Invocation { keys, args } =
             self.invocation(shard, id, record, key_id, stream_schema::now_millis());
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the processor alone writes llm:stats (the gateway only reads it, through \
+                      stream_schema::stats); not a structure two services write"
+        )]
         let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
         Ok(applied.as_i64() == Some(1))
     }
