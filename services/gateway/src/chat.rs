@@ -226,26 +226,54 @@ pub(crate) struct StartChatResponse {
 )]
 pub async fn start(
     state: web::Data<SharedState>,
+    key: Result<KeyId, ApiError>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let key = match state.api_keys.authenticate(&req) {
-        Ok(key) => key,
-        Err(error) => {
-            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
-                .increment(1);
-            return Err(error);
-        }
+    let started = start_chat(&state, key, &req, payload).await;
+    // The one place that counts starts, by outcome.
+    let outcome = match &started {
+        Ok(Started::New(_)) => "started",
+        Ok(Started::Replayed(_)) => "replayed",
+        Err(Counted::Yes(error)) => error.code(),
+        Err(Counted::No(_)) => "",
     };
-    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
-    let chat = match StartChat::parse(&body, &state) {
-        Ok(chat) => chat,
-        Err(error) => {
-            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
-                .increment(1);
-            return Err(error);
-        }
-    };
+    if !outcome.is_empty() {
+        metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
+    }
+    match started {
+        Ok(Started::New(json) | Started::Replayed(json)) => Ok(HttpResponse::Ok()
+            .content_type("application/json")
+            .body(json)),
+        Err(Counted::Yes(error) | Counted::No(error)) => Err(error),
+    }
+}
+
+/// A start's response JSON.
+enum Started {
+    New(String),
+    /// The stored response of an earlier start with the same `Idempotency-Key`.
+    Replayed(String),
+}
+
+/// A failed start, and whether `gateway_chats_started_total` counts it: errors reading the
+/// body or the `Idempotency-Key` are not starts and are not counted.
+enum Counted {
+    Yes(ApiError),
+    No(ApiError),
+}
+
+async fn start_chat(
+    state: &AppState,
+    key: Result<KeyId, ApiError>,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Started, Counted> {
+    let key = key.map_err(Counted::Yes)?;
+    let body = read_body(payload, state.settings.limits.max_body_bytes)
+        .await
+        .map_err(Counted::No)?;
+    let chat = StartChat::parse(&body, state).map_err(Counted::Yes)?;
     let span = tracing::info_span!(
         "chat.start",
         session_id = %chat.session_id,
@@ -254,34 +282,26 @@ pub async fn start(
     );
     // A retried start with the same Idempotency-Key and body gets the first response and
     // starts nothing (nor counts against the rate limits).
-    let claim = match idempotency::header(&req)? {
+    let claim = match idempotency::header(req).map_err(Counted::No)? {
         None => None,
         Some(idempotency_key) => {
-            match idempotency::begin(state.client(), &key.0, &idempotency_key, &body).await? {
-                Idempotency::Replay(response) => {
-                    metrics::counter!("gateway_chats_started_total", "outcome" => "replayed")
-                        .increment(1);
-                    return Ok(HttpResponse::Ok()
-                        .content_type("application/json")
-                        .body(response));
-                }
+            match idempotency::begin(state.client(), &key.0, &idempotency_key, &body)
+                .await
+                .map_err(Counted::No)?
+            {
+                Idempotency::Replay(response) => return Ok(Started::Replayed(response)),
                 Idempotency::Fresh(claim) => Some(claim),
             }
         }
     };
-    let result = match admit(&state, &chat, &key).instrument(span.clone()).await {
+    let result = match admit(state, &chat, &key).instrument(span.clone()).await {
         Ok(reservation) => {
-            enqueue(&state, chat, key, reservation)
+            enqueue(state, chat, key, reservation)
                 .instrument(span)
                 .await
         }
         Err(error) => Err(error),
     };
-    let outcome = match &result {
-        Ok(_) => "started",
-        Err(error) => error.code(),
-    };
-    metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
     let response = result.and_then(|response| {
         serde_json::to_string(&response).map_err(|error| {
             tracing::error!(%error, "cannot serialize a start response");
@@ -290,13 +310,14 @@ pub async fn start(
     });
     if let Some(claim) = claim {
         match &response {
-            Ok(json) => claim.complete(state.client(), json).await?,
+            Ok(json) => claim
+                .complete(state.client(), json)
+                .await
+                .map_err(Counted::Yes)?,
             Err(_) => claim.release(state.client()).await,
         }
     }
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .body(response?))
+    response.map(Started::New).map_err(Counted::Yes)
 }
 
 /// Applies the rate limits; a refusal is `429 rate_limited` with an honest `Retry-After`.
@@ -477,10 +498,9 @@ pub(crate) struct CancelResponse {
 )]
 pub async fn cancel(
     state: web::Data<SharedState>,
-    req: HttpRequest,
+    key_id: KeyId,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let key_id = state.api_keys.authenticate(&req)?;
     let request_id =
         RequestId::parse(&path).map_err(|_| ApiError::NotFound("unknown requestId".to_owned()))?;
     let client = state.client();
@@ -557,10 +577,9 @@ pub(crate) struct SessionTokenResponse {
 )]
 pub async fn session_token(
     state: web::Data<SharedState>,
-    req: HttpRequest,
+    key: KeyId,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = state.api_keys.authenticate(&req)?;
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let now = stream_schema::now_millis() / 1000;
     let token = state

@@ -275,10 +275,9 @@ struct SessionConnections {
 )]
 async fn connections_of_session(
     state: web::Data<SharedState>,
-    req: actix_web::HttpRequest,
+    _key: auth::KeyId,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.api_keys.authenticate(&req)?;
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let connections = state.connections.for_session(&session).await?;
     Ok(HttpResponse::Ok().json(SessionConnections {
