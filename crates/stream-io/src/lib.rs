@@ -1,15 +1,24 @@
 //! Redis stream IO on `fred`, in terms of the `stream-schema` types: parsing stream replies,
-//! range reads, consumer-group helpers, the fenced session-stream writes and the event-record
-//! and dead-letter appends.
+//! range reads, consumer-group helpers, the fenced session-stream writes, and one owner module
+//! per Redis structure that two services share (`requests`, `quotas`, `cancel`,
+//! `idempotency`, `connections`, `session`, `records` for event records and dead letters).
+//!
+//! **Invariant**: services talk to shared keys only through these modules (the services'
+//! `clippy.toml` denies raw fred write commands there).
 //!
 //! **Invariant**: every write to a session stream after `start` goes through
 //! [`session::SessionScripts`], whose scripts check the request's owner attempt atomically, so
 //! one request never interleaves two attempts.
 
+pub mod cancel;
+pub mod connections;
 pub mod entry;
 pub mod error;
 pub mod groups;
+pub mod idempotency;
+pub mod quotas;
 pub mod records;
+pub mod requests;
 pub mod session;
 
 pub use entry::{Entry, parse_entries, parse_xread};

@@ -48,18 +48,19 @@ return id
 
 /// The owner-key value once a request has its terminal event: no attempt matches it, so every
 /// later write is fenced off, and a producer that reclaims the job sees it needs no new attempt.
-pub const OWNER_DONE: &str = "done";
+pub use stream_schema::keys::OWNER_DONE;
 
-/// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, fields…
+/// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, owner-done
+/// value, fields…
 /// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
 /// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
 /// of the stream and the owner key.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[2], 'done', 'KEEPTTL')
+  redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
@@ -179,6 +180,7 @@ impl SessionScripts {
             flag(check_cancel),
             flag(event.is_terminal()),
             target.retention.ttl_secs.to_string(),
+            OWNER_DONE.to_owned(),
         ];
         args.extend(flatten(event.encode()));
         let reply = run_script(client, &self.append, target.keys(), args).await?;
@@ -235,11 +237,7 @@ impl SessionScripts {
         expire_secs: u64,
         event: &SessionEvent,
     ) -> Result<TakeOver, StreamIoError> {
-        let mut args = vec![
-            expected.to_string(),
-            next,
-            expire_secs.to_string(),
-        ];
+        let mut args = vec![expected.to_string(), next, expire_secs.to_string()];
         args.extend(flatten(event.encode()));
         let keys = vec![target.stream.to_string(), target.owner.to_string()];
         let reply = run_script(client, &self.take_over, keys, args).await?;
@@ -411,9 +409,9 @@ pub async fn trimmed(client: &Client, key: &RedisKey) -> Result<Trimmed, StreamI
         let value = fields.next();
         if name.as_str().as_deref() == Some("max-deleted-entry-id") {
             let raw = value.and_then(Value::into_string).unwrap_or_default();
-            return EntryId::parse(&raw)
-                .map(Trimmed::UpTo)
-                .map_err(|e| StreamIoError::Protocol(format!("max-deleted-entry-id {raw:?}: {e}")));
+            return EntryId::parse(&raw).map(Trimmed::UpTo).map_err(|e| {
+                StreamIoError::Protocol(format!("max-deleted-entry-id {raw:?}: {e}"))
+            });
         }
     }
     Err(StreamIoError::Protocol(

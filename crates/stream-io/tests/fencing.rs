@@ -256,7 +256,13 @@ async fn appends_never_trim_a_running_request() -> anyhow::Result<()> {
         timestamp: 1,
     };
     scripts
-        .start(&client, &streams.stream, &streams.owner, &start, streams.retention)
+        .start(
+            &client,
+            &streams.stream,
+            &streams.owner,
+            &start,
+            streams.retention,
+        )
         .await?;
     for sequence in 1..=12_000 {
         let outcome = scripts

@@ -10,6 +10,14 @@ pub const PRODUCER_GROUP: &str = "llm:producers";
 /// Consumer group of processors on the event shards.
 pub const PROCESSOR_GROUP: &str = "llm:processors";
 
+/// The value of an owner key (`RedisKey::owner`) once its request has a terminal event: no
+/// attempt matches it, so every later write is fenced off.
+pub const OWNER_DONE: &str = "done";
+
+/// The value of a flag key whose presence is all that counts: a cancel request
+/// (`RedisKey::cancel`) and a settled-quota marker (`RedisKey::quota_reconciled`).
+pub const FLAG_SET: &str = "1";
+
 /// The name of a Redis key. Built only by the constructors below, from validated ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RedisKey(String);

@@ -5,8 +5,10 @@
 //! goes through these types.
 
 pub mod codec;
+pub mod connection;
 pub mod dead_letter;
 pub mod event;
+pub mod idempotency;
 pub mod ids;
 pub mod job;
 pub mod keys;
@@ -16,6 +18,7 @@ mod schema;
 pub mod stats;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
+pub use connection::ConnectionInfo;
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};

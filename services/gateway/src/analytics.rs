@@ -17,6 +17,7 @@ use stream_schema::stats::{Counters, Histogram};
 use stream_schema::{ModelId, RedisKey, SessionId};
 use utoipa::ToSchema;
 
+use crate::auth::KeyId;
 use crate::error::ApiError;
 use crate::state::{AppState, SharedState};
 
@@ -221,10 +222,10 @@ fn all_shards(state: &AppState) -> Vec<u16> {
 )]
 pub async fn session(
     state: web::Data<SharedState>,
+    _key: KeyId,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.api_keys.authenticate(&req)?;
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let minutes = window_minutes(&req, &state)?;
     // Every record of a session goes to one shard, and so do its counters.
@@ -268,9 +269,9 @@ pub struct ModelReport {
 )]
 pub async fn models(
     state: web::Data<SharedState>,
+    _key: KeyId,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    state.api_keys.authenticate(&req)?;
     let minutes = window_minutes(&req, &state)?;
     let shards = all_shards(&state);
     let client = state.client();
@@ -312,9 +313,9 @@ pub async fn models(
 )]
 pub async fn own_key(
     state: web::Data<SharedState>,
+    key: KeyId,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let key = state.api_keys.authenticate(&req)?;
     let minutes = window_minutes(&req, &state)?;
     let report = report(
         state.client(),

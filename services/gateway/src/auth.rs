@@ -8,9 +8,27 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
-/// The id of the API key a request was made with.
+/// The id of the API key a request was made with. As a handler argument it is the extractor
+/// that authenticates the request (`401` when the key is missing or wrong); a handler that must
+/// see the refusal itself takes `Result<KeyId, ApiError>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyId(pub String);
+
+impl actix_web::FromRequest for KeyId {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let key = match req.app_data::<actix_web::web::Data<crate::state::SharedState>>() {
+            Some(state) => state.api_keys.authenticate(req),
+            None => {
+                tracing::error!("the gateway state is not registered with the app");
+                Err(ApiError::Internal)
+            }
+        };
+        std::future::ready(key)
+    }
+}
 
 /// Key id used for every request when anonymous access is allowed (development only).
 pub const ANONYMOUS: &str = "anonymous";

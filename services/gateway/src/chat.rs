@@ -2,14 +2,13 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use fred::prelude::*;
-use fred::types::Value;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use stream_io::requests::StoredMeta;
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
-    ChatMessage, ErrorCode, Job, ModelId, RedisKey, RequestId, Reservation, Role, SessionEvent,
-    SessionId,
+    ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -227,26 +226,54 @@ pub(crate) struct StartChatResponse {
 )]
 pub async fn start(
     state: web::Data<SharedState>,
+    key: Result<KeyId, ApiError>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let key = match state.api_keys.authenticate(&req) {
-        Ok(key) => key,
-        Err(error) => {
-            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
-                .increment(1);
-            return Err(error);
-        }
+    let started = start_chat(&state, key, &req, payload).await;
+    // The one place that counts starts, by outcome.
+    let outcome = match &started {
+        Ok(Started::New(_)) => "started",
+        Ok(Started::Replayed(_)) => "replayed",
+        Err(Counted::Yes(error)) => error.code(),
+        Err(Counted::No(_)) => "",
     };
-    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
-    let chat = match StartChat::parse(&body, &state) {
-        Ok(chat) => chat,
-        Err(error) => {
-            metrics::counter!("gateway_chats_started_total", "outcome" => error.code())
-                .increment(1);
-            return Err(error);
-        }
-    };
+    if !outcome.is_empty() {
+        metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
+    }
+    match started {
+        Ok(Started::New(json) | Started::Replayed(json)) => Ok(HttpResponse::Ok()
+            .content_type("application/json")
+            .body(json)),
+        Err(Counted::Yes(error) | Counted::No(error)) => Err(error),
+    }
+}
+
+/// A start's response JSON.
+enum Started {
+    New(String),
+    /// The stored response of an earlier start with the same `Idempotency-Key`.
+    Replayed(String),
+}
+
+/// A failed start, and whether `gateway_chats_started_total` counts it: errors reading the
+/// body or the `Idempotency-Key` are not starts and are not counted.
+enum Counted {
+    Yes(ApiError),
+    No(ApiError),
+}
+
+async fn start_chat(
+    state: &AppState,
+    key: Result<KeyId, ApiError>,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Started, Counted> {
+    let key = key.map_err(Counted::Yes)?;
+    let body = read_body(payload, state.settings.limits.max_body_bytes)
+        .await
+        .map_err(Counted::No)?;
+    let chat = StartChat::parse(&body, state).map_err(Counted::Yes)?;
     let span = tracing::info_span!(
         "chat.start",
         session_id = %chat.session_id,
@@ -255,49 +282,42 @@ pub async fn start(
     );
     // A retried start with the same Idempotency-Key and body gets the first response and
     // starts nothing (nor counts against the rate limits).
-    let slot = match idempotency::header(&req)? {
+    let claim = match idempotency::header(req).map_err(Counted::No)? {
         None => None,
         Some(idempotency_key) => {
-            match idempotency::begin(state.client(), &key.0, &idempotency_key, &body).await? {
-                Idempotency::Replay(response) => {
-                    metrics::counter!("gateway_chats_started_total", "outcome" => "replayed")
-                        .increment(1);
-                    return Ok(HttpResponse::Ok()
-                        .content_type("application/json")
-                        .body(response));
-                }
-                Idempotency::Fresh(slot) => Some(slot),
+            match idempotency::begin(state.client(), &key.0, &idempotency_key, &body)
+                .await
+                .map_err(Counted::No)?
+            {
+                Idempotency::Replay(response) => return Ok(Started::Replayed(response)),
+                Idempotency::Fresh(claim) => Some(claim),
             }
         }
     };
-    let result = match admit(&state, &chat, &key).instrument(span.clone()).await {
+    let result = match admit(state, &chat, &key).instrument(span.clone()).await {
         Ok(reservation) => {
-            enqueue(&state, chat, key, reservation)
+            enqueue(state, chat, key, reservation)
                 .instrument(span)
                 .await
         }
         Err(error) => Err(error),
     };
-    let outcome = match &result {
-        Ok(_) => "started",
-        Err(error) => error.code(),
-    };
-    metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
     let response = result.and_then(|response| {
         serde_json::to_string(&response).map_err(|error| {
             tracing::error!(%error, "cannot serialize a start response");
             ApiError::Internal
         })
     });
-    if let Some(slot) = slot {
+    if let Some(claim) = claim {
         match &response {
-            Ok(json) => slot.complete(state.client(), json).await?,
-            Err(_) => slot.release(state.client()).await,
+            Ok(json) => claim
+                .complete(state.client(), json)
+                .await
+                .map_err(Counted::Yes)?,
+            Err(_) => claim.release(state.client()).await,
         }
     }
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .body(response?))
+    response.map(Started::New).map_err(Counted::Yes)
 }
 
 /// Applies the rate limits; a refusal is `429 rate_limited` with an honest `Retry-After`.
@@ -382,21 +402,15 @@ async fn enqueue(
             .filter(|_| chat.max_tokens.is_none() && state.settings.limits.hard_token_cap)
             .map(|r| r.tokens),
     };
-    let meta_key = RedisKey::request_meta(&request_id);
-    let ttl = i64::try_from(retention.ttl_secs).unwrap_or(i64::MAX);
-    let pipeline = client.pipeline();
-    let _: () = pipeline.hset(meta_key.as_str(), meta.encode()).await?;
-    let _: () = pipeline.expire(meta_key.as_str(), ttl, None).await?;
-    let _: () = pipeline
-        .xadd(
-            RedisKey::requests().as_str(),
-            false,
-            stream_io::approx_cap(state.settings.streams.requests_maxlen),
-            "*",
-            job.encode(),
-        )
-        .await?;
-    if let Err(error) = pipeline.all::<Vec<Value>>().await {
+    let queued = stream_io::requests::enqueue(
+        client,
+        &meta,
+        &job,
+        retention.ttl_secs,
+        state.settings.streams.requests_maxlen,
+    )
+    .await;
+    if let Err(error) = queued {
         // The start event is out but no producer will ever see the job: end the stream so a
         // waiting client is not left hanging.
         let failed = SessionEvent::Error {
@@ -447,15 +461,10 @@ pub async fn request_meta(
     client: &Client,
     request_id: &RequestId,
 ) -> Result<Option<RequestMeta>, ApiError> {
-    let fields: std::collections::HashMap<String, String> = client
-        .hgetall(RedisKey::request_meta(request_id).as_str())
-        .await?;
-    if fields.is_empty() {
-        return Ok(None);
-    }
-    match RequestMeta::decode(&fields) {
-        Ok(meta) => Ok(Some(meta)),
-        Err(error) => {
+    match stream_io::requests::load_meta(client, request_id).await? {
+        StoredMeta::Found(meta) => Ok(Some(meta)),
+        StoredMeta::Missing => Ok(None),
+        StoredMeta::Undecodable(error) => {
             tracing::error!(%request_id, %error, "undecodable request metadata");
             Err(ApiError::Internal)
         }
@@ -489,10 +498,9 @@ pub(crate) struct CancelResponse {
 )]
 pub async fn cancel(
     state: web::Data<SharedState>,
-    req: HttpRequest,
+    key_id: KeyId,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let key_id = state.api_keys.authenticate(&req)?;
     let request_id =
         RequestId::parse(&path).map_err(|_| ApiError::NotFound("unknown requestId".to_owned()))?;
     let client = state.client();
@@ -501,11 +509,13 @@ pub async fn cancel(
         .await?
         .filter(|meta| meta.key_id == key_id.0)
         .ok_or_else(|| ApiError::NotFound("unknown requestId".to_owned()))?;
-    let key = RedisKey::cancel(&meta.session_id, &request_id);
-    let ttl = i64::try_from(state.settings.streams.session_ttl_secs).unwrap_or(i64::MAX);
-    let _: () = client
-        .set(key.as_str(), "1", Some(Expiration::EX(ttl)), None, false)
-        .await?;
+    stream_io::cancel::request(
+        client,
+        &meta.session_id,
+        &request_id,
+        state.settings.streams.session_ttl_secs,
+    )
+    .await?;
     tracing::info!(%request_id, session_id = %meta.session_id, "cancel requested");
     Ok(HttpResponse::Accepted().json(CancelResponse {
         request_id,
@@ -538,47 +548,4 @@ pub async fn models(state: web::Data<SharedState>) -> HttpResponse {
         .map(|id| ModelInfo { id: id.clone() })
         .collect();
     HttpResponse::Ok().json(ModelList { models })
-}
-
-/// What `POST /api/sessions/{sessionId}/stream-token` answers.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct SessionTokenResponse {
-    session_id: SessionId,
-    /// Opens any stream of the session until it expires.
-    stream_token: String,
-    /// Relative URL of the session's stream (every request from now on), token included.
-    stream_url: String,
-}
-
-/// `POST /api/sessions/{sessionId}/stream-token`: a token that opens any stream of the session
-/// (a watcher of a whole session, a second tab).
-#[utoipa::path(
-    post, path = "/api/sessions/{sessionId}/stream-token", tag = "sessions",
-    operation_id = "issueSessionStreamToken",
-    params(("sessionId" = SessionId, Path)),
-    responses(
-        (status = 200, description = "A session-wide stream token", body = SessionTokenResponse),
-        (status = 400, description = "`invalid_session_id`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = ErrorBody),
-    ),
-    security(("bearer" = [])),
-)]
-pub async fn session_token(
-    state: web::Data<SharedState>,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let key = state.api_keys.authenticate(&req)?;
-    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
-    let now = stream_schema::now_millis() / 1000;
-    let token = state
-        .stream_tokens
-        .issue(&session, Scope::Session, &key.0, now);
-    Ok(HttpResponse::Ok().json(SessionTokenResponse {
-        stream_url: format!("/api/sse/stream/{session}?token={token}"),
-        session_id: session,
-        stream_token: token,
-    }))
 }

@@ -11,28 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::Value;
-use serde::{Deserialize, Serialize};
 use service_kit::lifecycle::Lifecycle;
-use stream_schema::{RedisKey, RequestId, SessionId};
+use stream_io::StreamIoError;
+use stream_schema::{RequestId, SessionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A snapshot of one connection, as `GET /api/sessions/{id}/connections` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionInfo {
-    pub connection_id: String,
-    pub session_id: SessionId,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<RequestId>,
-    /// The gateway replica serving it.
-    pub gateway_id: String,
-    /// Unix ms.
-    pub connected_since: u64,
-    /// As of the last heartbeat when read from the shared view.
-    pub events_sent: u64,
-}
+/// A snapshot of one connection; its JSON shape is the shared view's (`stream-schema`).
+pub use stream_schema::ConnectionInfo;
 
 struct Live {
     info: ConnectionInfo,
@@ -207,37 +193,11 @@ impl Connections {
     pub async fn for_session(
         &self,
         session_id: &SessionId,
-    ) -> Result<Vec<ConnectionInfo>, fred::error::Error> {
+    ) -> Result<Vec<ConnectionInfo>, StreamIoError> {
         let Some(redis) = &self.redis else {
             return Ok(self.local_for_session(session_id));
         };
-        let client = redis.next();
-        let ids_key = RedisKey::connections(session_id);
-        let info_key = RedisKey::connection_info(session_id);
-        let now = now_ms();
-        let expired: Vec<String> = client
-            .zrangebyscore(ids_key.as_str(), "-inf", now as f64, false, None)
-            .await?;
-        if !expired.is_empty() {
-            let pipeline = client.pipeline();
-            let _: () = pipeline.zrem(ids_key.as_str(), expired.clone()).await?;
-            let _: () = pipeline.hdel(info_key.as_str(), expired).await?;
-            let _: Vec<Value> = pipeline.all().await?;
-        }
-        let ids: Vec<String> = client
-            .zrangebyscore(ids_key.as_str(), now as f64, "+inf", false, None)
-            .await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let details: Vec<Option<String>> = client.hmget(info_key.as_str(), ids).await?;
-        let mut list: Vec<ConnectionInfo> = details
-            .into_iter()
-            .flatten()
-            .filter_map(|json| serde_json::from_str(&json).ok())
-            .collect();
-        list.sort_by_key(|c| c.connected_since);
-        Ok(list)
+        stream_io::connections::list(redis.next(), session_id, now_ms()).await
     }
 
     pub fn count(&self) -> usize {
@@ -253,7 +213,7 @@ async fn write_view_in_order(
     ttl: Duration,
     shutdown: CancellationToken,
 ) {
-    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let ttl_secs = ttl.as_secs();
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     loop {
         let op = tokio::select! {
@@ -289,63 +249,17 @@ async fn remove_from_view(
     pool: &Pool,
     session_id: &SessionId,
     connection_id: &str,
-) -> Result<(), fred::error::Error> {
-    let client = pool.next();
-    let pipeline = client.pipeline();
-    let _: () = pipeline
-        .zrem(RedisKey::connections(session_id).as_str(), connection_id)
-        .await?;
-    let _: () = pipeline
-        .hdel(
-            RedisKey::connection_info(session_id).as_str(),
-            connection_id,
-        )
-        .await?;
-    let _: Vec<Value> = pipeline.all().await?;
-    Ok(())
+) -> Result<(), StreamIoError> {
+    stream_io::connections::remove(pool.next(), session_id, connection_id).await
 }
 
 async fn write_view(
     redis: &Pool,
     infos: &[ConnectionInfo],
     expiry: u64,
-    ttl_secs: i64,
-) -> Result<(), fred::error::Error> {
-    let client = redis.next();
-    let pipeline = client.pipeline();
-    let mut sessions = Vec::new();
-    for info in infos {
-        let json = serde_json::to_string(info).unwrap_or_default();
-        let ids_key = RedisKey::connections(&info.session_id);
-        let info_key = RedisKey::connection_info(&info.session_id);
-        let _: () = pipeline
-            .zadd(
-                ids_key.as_str(),
-                None,
-                None,
-                false,
-                false,
-                (expiry as f64, info.connection_id.as_str()),
-            )
-            .await?;
-        let _: () = pipeline
-            .hset(info_key.as_str(), (info.connection_id.as_str(), json))
-            .await?;
-        if !sessions.contains(&info.session_id) {
-            sessions.push(info.session_id.clone());
-        }
-    }
-    // The keys of a session with no live gateway left disappear too.
-    for session in &sessions {
-        let _: () = pipeline
-            .expire(RedisKey::connections(session).as_str(), ttl_secs, None)
-            .await?;
-        let _: () = pipeline
-            .expire(RedisKey::connection_info(session).as_str(), ttl_secs, None)
-            .await?;
-    }
-    let _: Vec<Value> = pipeline.all().await?;
-    Ok(())
+    ttl_secs: u64,
+) -> Result<(), StreamIoError> {
+    stream_io::connections::publish(redis.next(), infos, expiry, ttl_secs).await
 }
 
 /// `sse_<uuid>`: unique across gateway replicas.

@@ -1,37 +1,34 @@
 //! `Idempotency-Key` on chat start (SPEC §2): a retried start with the same key and body
 //! returns the same response and starts nothing new.
 //!
-//! Per API key and Idempotency-Key, Redis keeps the body's digest (claimed with `HSETNX`
-//! before anything starts) and, once the start succeeded, its response. A retry with the same
-//! body gets the stored response; a different body, or a retry while the first is still in
-//! flight, gets `409 idempotency_conflict`. A failed start releases the key.
-
-use std::collections::HashMap;
+//! Per API key and Idempotency-Key, Redis keeps the body's digest (claimed before anything
+//! starts) and, once the start succeeded, its response (`stream_io::idempotency` owns that
+//! record). A retry with the same body gets the stored response; a different body, or a retry
+//! while the first is still in flight, gets `409 idempotency_conflict`. A failed start releases
+//! the key.
 
 use actix_web::HttpRequest;
 use fred::prelude::*;
 use sha2::{Digest, Sha256};
-use stream_schema::RedisKey;
+use stream_io::idempotency::{self as record, ClaimOutcome, IdempotencyClaim};
 
 use crate::error::ApiError;
 
 /// How long a key is remembered.
-const REMEMBER_SECS: i64 = 24 * 3_600;
+const REMEMBER_SECS: u64 = 24 * 3_600;
 /// Longest accepted header value.
 const MAX_LEN: usize = 255;
 
 /// What to do with a start.
 pub enum Idempotency {
-    /// First time this key is seen: go on, then record the outcome in the slot.
-    Fresh(Slot),
+    /// First time this key is seen: go on, then record the outcome with the claim.
+    Fresh(Claim),
     /// Seen and completed before with the same body: answer with this JSON.
     Replay(String),
 }
 
 /// A claimed key, to complete or release.
-pub struct Slot {
-    key: RedisKey,
-}
+pub struct Claim(IdempotencyClaim);
 
 /// The `Idempotency-Key` header, if any (400 when it is not 1–255 visible ASCII characters).
 pub fn header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
@@ -61,40 +58,36 @@ pub async fn begin(
     idempotency_key: &str,
     body: &[u8],
 ) -> Result<Idempotency, ApiError> {
-    let key = RedisKey::idempotency(key_id, &hex::encode(Sha256::digest(idempotency_key)));
+    let key_digest = hex::encode(Sha256::digest(idempotency_key));
     let digest = hex::encode(Sha256::digest(body));
-    let claimed: bool = client.hsetnx(key.as_str(), "body", digest.as_str()).await?;
-    if claimed {
-        let _: () = client.expire(key.as_str(), REMEMBER_SECS, None).await?;
-        return Ok(Idempotency::Fresh(Slot { key }));
-    }
-    let seen: HashMap<String, String> = client.hgetall(key.as_str()).await?;
-    if seen.get("body") != Some(&digest) {
-        return Err(conflict(
-            "this Idempotency-Key was used with a different request body",
-        ));
-    }
-    match seen.get("response") {
-        Some(response) => Ok(Idempotency::Replay(response.clone())),
-        None => Err(conflict(
-            "a request with this Idempotency-Key is still being started",
-        )),
+    match record::claim(client, key_id, &key_digest, &digest, REMEMBER_SECS).await? {
+        ClaimOutcome::Claimed(claim) => Ok(Idempotency::Fresh(Claim(claim))),
+        ClaimOutcome::Seen {
+            body_digest,
+            response,
+        } => {
+            if body_digest.as_deref() != Some(digest.as_str()) {
+                return Err(conflict(
+                    "this Idempotency-Key was used with a different request body",
+                ));
+            }
+            response.map(Idempotency::Replay).ok_or_else(|| {
+                conflict("a request with this Idempotency-Key is still being started")
+            })
+        }
     }
 }
 
-impl Slot {
+impl Claim {
     /// Records the response a retry will get.
     pub async fn complete(&self, client: &Client, response: &str) -> Result<(), ApiError> {
-        let _: () = client
-            .hset(self.key.as_str(), ("response", response))
-            .await?;
+        self.0.record(client, response).await?;
         Ok(())
     }
 
     /// The start failed: a retry may try again.
     pub async fn release(&self, client: &Client) {
-        let deleted: Result<i64, _> = client.del(self.key.as_str()).await;
-        if let Err(error) = deleted {
+        if let Err(error) = self.0.release(client).await {
             tracing::warn!(%error, "cannot release an Idempotency-Key; it expires by itself");
         }
     }

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod page;
+pub mod sessions;
 pub mod sse;
 pub mod state;
 pub mod stream_token;
@@ -24,7 +25,7 @@ use service_kit::Settings;
 use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
 use service_kit::supervisor::RestartPolicy;
-use stream_schema::{ModelId, SessionId};
+use stream_schema::ModelId;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::Connections;
@@ -166,11 +167,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/analytics/key", web::get().to(analytics::own_key))
         .route(
             "/api/sessions/{sessionId}/stream-token",
-            web::post().to(chat::session_token),
+            web::post().to(sessions::stream_token),
         )
         .route(
             "/api/sessions/{sessionId}/connections",
-            web::get().to(connections_of_session),
+            web::get().to(sessions::connections),
         );
 }
 
@@ -237,46 +238,6 @@ fn security(settings: &Settings) -> anyhow::Result<(auth::ApiKeys, stream_token:
 /// 32 random bytes, hex encoded.
 fn random_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
-}
-
-/// What `GET /api/sessions/{sessionId}/connections` answers.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-struct SessionConnections {
-    session_id: SessionId,
-    /// Oldest first.
-    connections: Vec<connections::ConnectionInfo>,
-}
-
-/// The open SSE connections of a session, across every gateway replica.
-#[utoipa::path(
-    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
-    operation_id = "listSessionConnections",
-    params(("sessionId" = SessionId, Path)),
-    responses(
-        (status = 200, description = "Live connections (renewed by heartbeats)",
-            body = SessionConnections),
-        (status = 400, description = "`invalid_session_id`", body = error::ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = error::ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable",
-            body = error::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-    ),
-    security(("bearer" = [])),
-)]
-async fn connections_of_session(
-    state: web::Data<SharedState>,
-    req: actix_web::HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    state.api_keys.authenticate(&req)?;
-    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
-    let connections = state.connections.for_session(&session).await?;
-    Ok(HttpResponse::Ok().json(SessionConnections {
-        session_id: session,
-        connections,
-    }))
 }
 
 /// No route matched: a known path with another method is `405` (with `Allow`), else `404`.

@@ -4,62 +4,14 @@
 //!   made at start for `maxTokens` (or the configured estimate) and reconciled by the processor
 //!   from the actual usage.
 //!
-//! Scripts read the clock with Redis `TIME`, so every replica agrees on windows; tests pass an
-//! explicit `now` to check window logic deterministically.
+//! The scripts live in `stream_io::quotas` (next to the processor's settlement); this module is
+//! the policy: which limits apply to a start, in which order, and what a refusal says.
 
 use fred::prelude::*;
-use fred::types::Value;
-use fred::types::scripts::Script;
 use service_kit::config::LimitsSettings;
 use stream_io::StreamIoError;
+use stream_io::quotas::Quotas;
 use stream_schema::{RedisKey, Reservation, SessionId};
-
-/// KEYS: log. ARGV: now_ms ('' = Redis TIME), window_ms, limit, member.
-/// Returns {1, 0} when admitted, {0, retry_after_ms} when full.
-const REQUEST_LOG: &str = r"
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, tonumber(oldest[2]) + window - now}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], window)
-return {1, 0}
-";
-
-/// KEYS: quota hash. ARGV: now_ms ('' = Redis TIME), window_ms, limit, tokens.
-/// Returns {1, window index} when reserved, {0, retry_after_ms} when the window is full.
-const RESERVE_TOKENS: &str = r"
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local tokens = tonumber(ARGV[4])
-local index = math.floor(now / window)
-local used = tonumber(redis.call('HGET', KEYS[1], index) or '0')
-if used + tokens > limit then
-  return {0, (index + 1) * window - now}
-end
-redis.call('HINCRBY', KEYS[1], index, tokens)
--- Keep the current and previous window only: reconciliation may still refund the latter.
-if redis.call('HLEN', KEYS[1]) > 2 then
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if tonumber(field) < index - 1 then redis.call('HDEL', KEYS[1], field) end
-  end
-end
-redis.call('PEXPIRE', KEYS[1], window * 2)
-return {1, index}
-";
 
 /// A request refused by a limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,32 +28,9 @@ pub enum Admission {
     Refused(Refusal),
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct RateLimiter {
-    request_log: Script,
-    reserve_tokens: Script,
-}
-
-impl Default for RateLimiter {
-    fn default() -> Self {
-        Self {
-            request_log: Script::from_lua(REQUEST_LOG),
-            reserve_tokens: Script::from_lua(RESERVE_TOKENS),
-        }
-    }
-}
-
-fn pair(value: Value) -> Result<(i64, i64), StreamIoError> {
-    let items = value.into_array();
-    match (
-        items.first().and_then(Value::as_i64),
-        items.get(1).and_then(Value::as_i64),
-    ) {
-        (Some(a), Some(b)) => Ok((a, b)),
-        _ => Err(StreamIoError::Protocol(
-            "rate-limit script reply".to_owned(),
-        )),
-    }
+    quotas: Quotas,
 }
 
 fn retry_secs(ms: i64) -> u64 {
@@ -109,7 +38,8 @@ fn retry_secs(ms: i64) -> u64 {
 }
 
 impl RateLimiter {
-    /// One sliding-log check: admits and records `member`, or says when to retry.
+    /// One sliding-log check: admits and records `member`, or says in how many seconds to
+    /// retry.
     pub async fn check_log(
         &self,
         client: &Client,
@@ -119,31 +49,22 @@ impl RateLimiter {
         member: &str,
         now_ms: Option<u64>,
     ) -> Result<Result<(), u64>, StreamIoError> {
-        let args = vec![
-            now_ms.map(|n| n.to_string()).unwrap_or_default(),
-            window_ms.to_string(),
-            limit.to_string(),
-            member.to_owned(),
-        ];
-        let reply: Value = self
-            .request_log
-            .evalsha_with_reload(client, vec![key.to_string()], args)
-            .await?;
-        Ok(match pair(reply)? {
-            (1, _) => Ok(()),
-            (_, retry_ms) => Err(retry_secs(retry_ms)),
-        })
+        Ok(self
+            .quotas
+            .check_request_log(client, key, limit, window_ms, member, now_ms)
+            .await?
+            .map_err(retry_secs))
     }
 
     /// Forgets a recorded request (a later limit refused it, so it did not count).
     async fn unrecord(&self, client: &Client, key: &RedisKey, member: &str) {
-        let removed: Result<i64, _> = client.zrem(key.as_str(), member).await;
-        if let Err(error) = removed {
+        if let Err(error) = self.quotas.forget_request(client, key, member).await {
             tracing::warn!(%error, "cannot undo a request-log entry");
         }
     }
 
-    /// Reserves `tokens` in the current window, or says when the next window starts.
+    /// Reserves `tokens` in the current window, or says in how many seconds the next window
+    /// starts.
     pub async fn reserve(
         &self,
         client: &Client,
@@ -153,24 +74,11 @@ impl RateLimiter {
         window_ms: u64,
         now_ms: Option<u64>,
     ) -> Result<Result<Reservation, u64>, StreamIoError> {
-        let args = vec![
-            now_ms.map(|n| n.to_string()).unwrap_or_default(),
-            window_ms.to_string(),
-            limit.to_string(),
-            tokens.to_string(),
-        ];
-        let key = RedisKey::token_quota(key_id);
-        let reply: Value = self
-            .reserve_tokens
-            .evalsha_with_reload(client, vec![key.to_string()], args)
-            .await?;
-        Ok(match pair(reply)? {
-            (1, window) => Ok(Reservation {
-                window: u64::try_from(window).unwrap_or(0),
-                tokens,
-            }),
-            (_, retry_ms) => Err(retry_secs(retry_ms)),
-        })
+        Ok(self
+            .quotas
+            .reserve_tokens(client, key_id, limit, tokens, window_ms, now_ms)
+            .await?
+            .map_err(retry_secs))
     }
 
     /// Every limit that applies to a start, in order: key requests, session requests, key

@@ -16,7 +16,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::state::SharedState;
-use crate::{chat, page, sse};
+use crate::{chat, page, sessions, sse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,8 +29,8 @@ use crate::{chat, page, sse};
         chat::start,
         chat::cancel,
         sse::stream,
-        chat::session_token,
-        crate::connections_of_session,
+        sessions::stream_token,
+        sessions::connections,
         chat::models,
         crate::analytics::session,
         crate::analytics::models,

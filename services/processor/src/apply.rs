@@ -170,6 +170,11 @@ impl Applier {
     ) -> Result<bool, StreamIoError> {
         let Invocation { keys, args } =
             self.invocation(shard, id, record, key_id, stream_schema::now_millis());
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the processor alone writes llm:stats (the gateway only reads it, through \
+                      stream_schema::stats); not a structure two services write"
+        )]
         let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
         Ok(applied.as_i64() == Some(1))
     }
@@ -192,6 +197,11 @@ impl Applier {
         let mut args = Vec::with_capacity(ids.len() + 1);
         args.push(group.to_owned());
         args.extend(ids.iter().map(EntryId::to_string));
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the ack must be atomic with the processor-owned ledger, so it is one script \
+                      in the shard's slot; only the processor group acks llm:events"
+        )]
         let _: Value = self
             .ack_script
             .evalsha_with_reload(client, keys, args)
@@ -292,19 +302,22 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let server = test_support::RedisServer::start().await?;
         let client = server.client().await?;
-        let shard = 3;
-        let stream = RedisKey::events_shard(shard);
+        let log = stream_io::records::EventLog {
+            shards: 8,
+            maxlen: 1_000,
+        };
+        let record = started(stream_schema::now_millis())?;
+        let session = SessionId::parse("s")?;
+        let shard = stream_schema::keys::event_shard_of(&session, log.shards);
+        let stream = log.shard_key(&session);
         let ledger = RedisKey::applied_ledger(shard);
         let group = "llm:processors";
         stream_io::groups::ensure_group(&client, &stream, group).await?;
-        let record = started(stream_schema::now_millis())?;
-        let id: String = client
-            .xadd(stream.as_str(), false, None, "*", record.encode())
-            .await?;
+        let id = log.append(&client, &record, None).await?;
         let read =
-            stream_io::groups::read_new(&client, group, "c1", &[stream.clone()], 10, 0).await?;
+            stream_io::groups::read_new(&client, group, "c1", std::slice::from_ref(&stream), 10, 0)
+                .await?;
         assert_eq!(read.first().map(|(_, entries)| entries.len()), Some(1));
-        let id = EntryId::parse(&id)?;
 
         let applier = applier();
         assert!(applier.apply(&client, shard, id, &record, None).await?);

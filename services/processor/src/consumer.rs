@@ -10,6 +10,7 @@ use fred::prelude::*;
 use fred::types::ClientUnblockFlag;
 use futures::future::join_all;
 use service_kit::ops::LoopFlag;
+use stream_io::requests::{self, StoredMeta};
 use stream_io::{Entry, StreamIoError, groups};
 use stream_schema::keys::PROCESSOR_GROUP;
 use stream_schema::{EntryId, EventRecord, RedisKey, RequestId, RequestMeta, stats};
@@ -36,60 +37,64 @@ pub struct ShardConsumer {
     /// Other consumers idle this long with nothing pending are removed; 0 never.
     pub dead_consumer_ms: u64,
     pub housekeeping: Housekeeping,
-    /// API key ids of requests seen recently. Written and read only by this shard's loop (the
+    /// Metadata of requests seen recently. Written and read only by this shard's loop (the
     /// mutex only satisfies `&self`; it is never held across an await).
-    pub key_ids: Mutex<KeyIds>,
+    pub metas: Mutex<MetaCache>,
 }
 
-/// API key ids of recent requests, so a request's metadata is read once (usually at its
-/// `Started` record) rather than again at `Finished`. Bounded: the oldest entries go first.
+/// Metadata of recent requests (`None`: expired or unreadable), so a request's metadata is
+/// read once (usually at its `Started` record) for both its key id and, at `Finished`, its
+/// quota settlement. Bounded: the oldest entries go first.
 #[derive(Debug, Default)]
-pub struct KeyIds {
-    ids: HashMap<RequestId, String>,
+pub struct MetaCache {
+    metas: HashMap<RequestId, Option<RequestMeta>>,
     order: VecDeque<RequestId>,
 }
 
-/// Requests whose key id is remembered; a few minutes of requests of one shard.
-const KEY_ID_CACHE: usize = 4_096;
+/// Requests whose metadata is remembered; a few minutes of requests of one shard.
+const META_CACHE: usize = 4_096;
 
-impl KeyIds {
-    fn get(&self, request: &RequestId) -> Option<&String> {
-        self.ids.get(request)
+impl MetaCache {
+    fn get(&self, request: &RequestId) -> Option<&Option<RequestMeta>> {
+        self.metas.get(request)
     }
 
-    fn insert(&mut self, request: RequestId, key_id: String) {
-        if self.ids.insert(request, key_id).is_none() {
+    fn insert(&mut self, request: RequestId, meta: Option<RequestMeta>) {
+        if self.metas.insert(request, meta).is_none() {
             self.order.push_back(request);
         }
-        while self.order.len() > KEY_ID_CACHE {
+        while self.order.len() > META_CACHE {
             if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
+                self.metas.remove(&old);
             }
         }
     }
 
     fn forget(&mut self, request: &RequestId) {
         // The id stays in `order` until it ages out; removing it there would be O(n).
-        self.ids.remove(request);
+        self.metas.remove(request);
     }
 }
 
-/// The id of the API key that started `request`, from its metadata hash; [`stats::UNKNOWN_KEY`]
-/// once that has expired (or cannot be read).
-async fn read_key_id(client: &Client, request: RequestId) -> Result<String, StreamIoError> {
-    let fields: HashMap<String, String> = client
-        .hgetall(RedisKey::request_meta(&request).as_str())
-        .await?;
-    if fields.is_empty() {
-        return Ok(stats::UNKNOWN_KEY.to_owned());
-    }
-    Ok(match RequestMeta::decode(&fields) {
-        Ok(meta) => stats::key_label(&meta.key_id).to_owned(),
-        Err(error) => {
+/// A request's metadata; `None` once it has expired (or cannot be read), and then the request
+/// counts under [`stats::UNKNOWN_KEY`] and its quota is not settled.
+async fn read_meta(
+    client: &Client,
+    request: RequestId,
+) -> Result<Option<RequestMeta>, StreamIoError> {
+    Ok(match requests::load_meta(client, &request).await? {
+        StoredMeta::Found(meta) => Some(meta),
+        StoredMeta::Missing => None,
+        StoredMeta::Undecodable(error) => {
             tracing::warn!(request_id = %request, %error, "undecodable request metadata");
-            stats::UNKNOWN_KEY.to_owned()
+            None
         }
     })
+}
+
+/// The key id a request counts under.
+fn key_label(meta: Option<&RequestMeta>) -> &str {
+    meta.map_or(stats::UNKNOWN_KEY, |meta| stats::key_label(&meta.key_id))
 }
 
 impl ShardConsumer {
@@ -118,13 +123,13 @@ impl ShardConsumer {
         span
     }
 
-    /// Key ids of the requests of `records` that count per key: from the cache, else one
-    /// metadata read per request, all issued together.
-    async fn key_ids_for(
+    /// Metadata of the requests of `records` that count per key (and settle at `Finished`):
+    /// from the cache, else one read per request, all issued together.
+    async fn metas_for(
         &self,
         client: &Client,
         records: &[(EntryId, EventRecord)],
-    ) -> Result<HashMap<RequestId, String>, StreamIoError> {
+    ) -> Result<HashMap<RequestId, Option<RequestMeta>>, StreamIoError> {
         let wanted: BTreeSet<RequestId> = records
             .iter()
             .filter(|(_, record)| stats::counts_per_key(record))
@@ -133,22 +138,22 @@ impl ShardConsumer {
         let mut found = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         {
-            let cache = self.key_ids.lock().unwrap_or_else(PoisonError::into_inner);
+            let cache = self.metas.lock().unwrap_or_else(PoisonError::into_inner);
             for request in wanted {
                 match cache.get(&request) {
-                    Some(key_id) => {
-                        found.insert(request, key_id.clone());
+                    Some(meta) => {
+                        found.insert(request, meta.clone());
                     }
                     None => missing.push(request),
                 }
             }
         }
-        let read = join_all(missing.iter().map(|request| read_key_id(client, *request))).await;
-        let mut cache = self.key_ids.lock().unwrap_or_else(PoisonError::into_inner);
-        for (request, key_id) in missing.into_iter().zip(read) {
-            let key_id = key_id?;
-            cache.insert(request, key_id.clone());
-            found.insert(request, key_id);
+        let read = join_all(missing.iter().map(|request| read_meta(client, *request))).await;
+        let mut cache = self.metas.lock().unwrap_or_else(PoisonError::into_inner);
+        for (request, meta) in missing.into_iter().zip(read) {
+            let meta = meta?;
+            cache.insert(request, meta.clone());
+            found.insert(request, meta);
         }
         Ok(found)
     }
@@ -181,8 +186,8 @@ impl ShardConsumer {
                 }
             }
         }
-        let key_ids = match self.key_ids_for(client, &records).await {
-            Ok(key_ids) => key_ids,
+        let metas = match self.metas_for(client, &records).await {
+            Ok(metas) => metas,
             Err(error) => {
                 // Nothing applied yet: ack only what can never succeed, retry the rest later.
                 self.applier
@@ -192,7 +197,8 @@ impl ShardConsumer {
             }
         };
         let results = join_all(records.iter().zip(&spans).map(|((id, record), span)| {
-            let key_id = key_ids.get(&record.request_id()).map(String::as_str);
+            let meta = metas.get(&record.request_id());
+            let key_id = meta.map(|meta| key_label(meta.as_ref()));
             async move {
                 // Settle first: it is idempotent by itself, so a crash before the counters are
                 // applied (and the record redelivered) settles nothing twice.
@@ -202,8 +208,9 @@ impl ShardConsumer {
                     ..
                 } = record
                 {
+                    let meta = meta.and_then(Option::as_ref);
                     self.reconciler
-                        .settle(client, request_id, *completion_tokens)
+                        .settle(client, request_id, meta, *completion_tokens)
                         .await?;
                 }
                 self.applier
@@ -221,7 +228,7 @@ impl ShardConsumer {
                     span.record("outcome", outcome);
                     metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
                     if matches!(record, EventRecord::Finished { .. }) {
-                        self.key_ids
+                        self.metas
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .forget(&record.request_id());

@@ -56,6 +56,10 @@ impl Housekeeping {
         own: &str,
         min_idle_ms: u64,
     ) -> Result<Vec<String>, StreamIoError> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "removes consumers of the processors' own group; writes no shared key"
+        )]
         let removed: Value = self
             .script
             .evalsha_with_reload(

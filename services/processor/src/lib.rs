@@ -59,7 +59,7 @@ impl Application {
                 reclaim_idle_ms: settings.processor.reclaim_idle_ms,
                 dead_consumer_ms: settings.processor.dead_consumer_secs.saturating_mul(1000),
                 housekeeping: Housekeeping::default(),
-                key_ids: std::sync::Mutex::default(),
+                metas: std::sync::Mutex::default(),
             }));
         }
         let listener = TcpListener::bind(&settings.processor.addr)

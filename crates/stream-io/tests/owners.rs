@@ -1,0 +1,266 @@
+//! The owner modules of shared structures against a real redis-server: what one service writes
+//! is what another reads back, and each write happens once.
+
+use fred::prelude::*;
+use stream_io::idempotency::{self, ClaimOutcome};
+use stream_io::quotas::Quotas;
+use stream_io::requests::{self, StoredMeta};
+use stream_io::{cancel, connections, groups};
+use stream_schema::keys::PRODUCER_GROUP;
+use stream_schema::{
+    ChatMessage, ConnectionInfo, EntryId, Job, ModelId, RedisKey, RequestId, RequestMeta,
+    Reservation, Role, SessionId,
+};
+use test_support::RedisServer;
+
+fn job_and_meta(request_id: RequestId) -> anyhow::Result<(Job, RequestMeta)> {
+    let session_id = SessionId::parse("s")?;
+    let model_id = ModelId::parse("m")?;
+    let job = Job {
+        request_id,
+        session_id: session_id.clone(),
+        model_id: model_id.clone(),
+        messages: vec![ChatMessage {
+            role: Role::User,
+            content: "hi".to_owned(),
+        }],
+        max_tokens: Some(10),
+        temperature: None,
+        enqueued_at: 1,
+        traceparent: None,
+        token_cap: None,
+    };
+    let meta = RequestMeta {
+        session_id,
+        model_id,
+        start_entry: EntryId::parse("1-0")?,
+        key_id: "team-a".to_owned(),
+        reservation: Some(Reservation {
+            window: 3,
+            tokens: 10,
+        }),
+        traceparent: None,
+    };
+    Ok((job, meta))
+}
+
+#[tokio::test]
+async fn an_enqueued_job_is_read_with_its_metadata_and_deleted_once_done() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let request_id = RequestId::new();
+    let (job, meta) = job_and_meta(request_id)?;
+    let jobs = RedisKey::requests();
+    groups::ensure_group(&client, &jobs, PRODUCER_GROUP).await?;
+
+    requests::enqueue(&client, &meta, &job, 60, 1_000).await?;
+
+    assert_eq!(
+        requests::load_meta(&client, &request_id).await?,
+        StoredMeta::Found(meta)
+    );
+    let ttl: i64 = client
+        .ttl(RedisKey::request_meta(&request_id).as_str())
+        .await?;
+    assert!((1..=60).contains(&ttl), "metadata expires: ttl {ttl}");
+    let read = groups::read_new(
+        &client,
+        PRODUCER_GROUP,
+        "p1",
+        std::slice::from_ref(&jobs),
+        10,
+        0,
+    )
+    .await?;
+    let entries: Vec<_> = read.into_iter().flat_map(|(_, entries)| entries).collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(Job::decode(&entries[0].fields)?, job);
+
+    requests::delete_job(&client, entries[0].id).await?;
+
+    let length: u64 = client.xlen(jobs.as_str()).await?;
+    assert_eq!(length, 0, "the job is deleted");
+    let state = groups::group_state(&client, &jobs, PRODUCER_GROUP).await?;
+    assert_eq!(state.map(|s| s.pending), Some(0), "and acked");
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_and_foreign_metadata_are_told_apart() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let request_id = RequestId::new();
+    assert_eq!(
+        requests::load_meta(&client, &request_id).await?,
+        StoredMeta::Missing
+    );
+    // A foreign (or newer) writer.
+    let _: () = client
+        .hset(RedisKey::request_meta(&request_id).as_str(), ("v", "999"))
+        .await?;
+    assert!(matches!(
+        requests::load_meta(&client, &request_id).await?,
+        StoredMeta::Undecodable(_)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_settlement_gives_back_unused_tokens_once() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let quotas = Quotas::default();
+    let window_ms = 10_000;
+    let request = RequestId::new();
+    let reservation = quotas
+        .reserve_tokens(&client, "k", 100, 60, window_ms, Some(20_500))
+        .await?
+        .map_err(|retry| anyhow::anyhow!("refused, retry in {retry} ms"))?;
+    assert_eq!(
+        reservation,
+        Reservation {
+            window: 2,
+            tokens: 60
+        }
+    );
+
+    assert!(
+        quotas
+            .settle(&client, "k", &request, reservation, 20, 60)
+            .await?
+    );
+    assert!(
+        !quotas
+            .settle(&client, "k", &request, reservation, 20, 60)
+            .await?,
+        "a redelivered record settles nothing"
+    );
+
+    let used: Option<i64> = client
+        .hget(RedisKey::token_quota("k").as_str(), "2")
+        .await?;
+    assert_eq!(used, Some(20));
+    // 80 tokens are free again in the same window.
+    let again = quotas
+        .reserve_tokens(&client, "k", 100, 80, window_ms, Some(21_000))
+        .await?;
+    assert!(again.is_ok());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_request_can_be_forgotten_from_the_log() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let quotas = Quotas::default();
+    let log = RedisKey::key_request_log("k");
+    let admit = |member: &'static str| {
+        let (quotas, client, log) = (&quotas, &client, &log);
+        async move {
+            quotas
+                .check_request_log(client, log, 1, 1_000, member, Some(5_000))
+                .await
+        }
+    };
+    assert_eq!(admit("a").await?, Ok(()));
+    assert_eq!(admit("b").await?, Err(1_000));
+    quotas.forget_request(&client, &log, "a").await?;
+    assert_eq!(admit("b").await?, Ok(()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancel_flag_is_seen_and_expires_with_the_stream() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let session = SessionId::parse("s")?;
+    let request = RequestId::new();
+    assert!(!cancel::is_requested(&client, &session, &request).await?);
+
+    cancel::request(&client, &session, &request, 30).await?;
+
+    assert!(cancel::is_requested(&client, &session, &request).await?);
+    let ttl: i64 = client
+        .ttl(RedisKey::cancel(&session, &request).as_str())
+        .await?;
+    assert!((1..=30).contains(&ttl), "ttl {ttl}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idempotency_claim_is_seen_recorded_and_released() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let ClaimOutcome::Claimed(claim) =
+        idempotency::claim(&client, "k", "idem", "body-1", 60).await?
+    else {
+        anyhow::bail!("a fresh key is claimed");
+    };
+    let seen = |expected_response: Option<&str>| {
+        let client = &client;
+        let expected_response = expected_response.map(str::to_owned);
+        async move {
+            match idempotency::claim(client, "k", "idem", "body-2", 60).await? {
+                ClaimOutcome::Seen {
+                    body_digest,
+                    response,
+                } => {
+                    assert_eq!(body_digest.as_deref(), Some("body-1"));
+                    assert_eq!(response, expected_response);
+                    Ok(())
+                }
+                ClaimOutcome::Claimed(_) => Err(anyhow::anyhow!("claimed twice")),
+            }
+        }
+    };
+    seen(None).await?;
+    claim.record(&client, "{\"ok\":1}").await?;
+    seen(Some("{\"ok\":1}")).await?;
+
+    claim.release(&client).await?;
+
+    assert!(matches!(
+        idempotency::claim(&client, "k", "idem", "body-3", 60).await?,
+        ClaimOutcome::Claimed(_)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_connection_view_lists_live_connections_and_prunes_expired_ones() -> anyhow::Result<()>
+{
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let session = SessionId::parse("s")?;
+    let info = |id: &str, since: u64| ConnectionInfo {
+        connection_id: id.to_owned(),
+        session_id: session.clone(),
+        request_id: None,
+        gateway_id: "gw".to_owned(),
+        connected_since: since,
+        events_sent: 0,
+    };
+    connections::publish(&client, &[info("b", 2), info("a", 1)], 10_000, 60).await?;
+    connections::publish(&client, &[info("c", 3)], 20_000, 60).await?;
+
+    assert_eq!(
+        connections::list(&client, &session, 5_000).await?,
+        vec![info("a", 1), info("b", 2), info("c", 3)]
+    );
+    connections::remove(&client, &session, "c").await?;
+    assert_eq!(
+        connections::list(&client, &session, 5_000).await?,
+        vec![info("a", 1), info("b", 2)]
+    );
+    // Past their expiry, a and b are gone, from the details too.
+    assert!(
+        connections::list(&client, &session, 15_000)
+            .await?
+            .is_empty()
+    );
+    let details: u64 = client
+        .hlen(RedisKey::connection_info(&session).as_str())
+        .await?;
+    assert_eq!(details, 0);
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The session resources: `POST /api/sessions/{sessionId}/stream-token` (a token for every
+//! stream of a session) and `GET /api/sessions/{sessionId}/connections` (its open SSE
+//! connections across every gateway replica).
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use stream_schema::{ConnectionInfo, SessionId};
+use utoipa::ToSchema;
+
+use crate::auth::KeyId;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::SharedState;
+use crate::stream_token::Scope;
+
+/// What `POST /api/sessions/{sessionId}/stream-token` answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionTokenResponse {
+    session_id: SessionId,
+    /// Opens any stream of the session until it expires.
+    stream_token: String,
+    /// Relative URL of the session's stream (every request from now on), token included.
+    stream_url: String,
+}
+
+/// `POST /api/sessions/{sessionId}/stream-token`: a token that opens any stream of the session
+/// (a watcher of a whole session, a second tab).
+#[utoipa::path(
+    post, path = "/api/sessions/{sessionId}/stream-token", tag = "sessions",
+    operation_id = "issueSessionStreamToken",
+    params(("sessionId" = SessionId, Path)),
+    responses(
+        (status = 200, description = "A session-wide stream token", body = SessionTokenResponse),
+        (status = 400, description = "`invalid_session_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn stream_token(
+    state: web::Data<SharedState>,
+    key: KeyId,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let now = stream_schema::now_millis() / 1000;
+    let token = state
+        .stream_tokens
+        .issue(&session, Scope::Session, &key.0, now);
+    Ok(HttpResponse::Ok().json(SessionTokenResponse {
+        stream_url: format!("/api/sse/stream/{session}?token={token}"),
+        session_id: session,
+        stream_token: token,
+    }))
+}
+
+/// What `GET /api/sessions/{sessionId}/connections` answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionConnections {
+    session_id: SessionId,
+    /// Oldest first.
+    connections: Vec<ConnectionInfo>,
+}
+
+/// The open SSE connections of a session, across every gateway replica.
+#[utoipa::path(
+    get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
+    operation_id = "listSessionConnections",
+    params(("sessionId" = SessionId, Path)),
+    responses(
+        (status = 200, description = "Live connections (renewed by heartbeats)",
+            body = SessionConnections),
+        (status = 400, description = "`invalid_session_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid API key",
+            body = ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is unreachable",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn connections(
+    state: web::Data<SharedState>,
+    _key: KeyId,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let connections = state.connections.for_session(&session).await?;
+    Ok(HttpResponse::Ok().json(SessionConnections {
+        session_id: session,
+        connections,
+    }))
+}
