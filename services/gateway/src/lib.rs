@@ -90,6 +90,8 @@ impl Application {
             Duration::from_secs(settings.gateway.connection_ttl_secs),
         );
         tasks.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
+        // Without it every delivered token's lag sample stays in memory (issue #20).
+        tasks.spawn(ops.metrics_upkeep(shutdown.clone()));
         tasks.spawn(connections.clone().heartbeat(
             Duration::from_secs(settings.gateway.connection_heartbeat_secs),
             shutdown.clone(),
