@@ -165,7 +165,7 @@ for k in svcs:
     s = summary[k]; slope_k = s["bytes_per_chat_after_warmup"]
     ok = slope_k is not None and slope_k <= a.margin
     if not ok: failed.append(k)
-    mb = lambda v: f"{v / 1048576:.1f} MB" if v else "?"
+    mb = lambda v: f"{v / 1048576:.1f} MiB" if v else "?"
     lines.append(f"| {k} | {mb(s['start_rss'])} | {mb(s['warm_rss'])} | {mb(s['end_rss'])} | "
                  f"{slope_k} | {'yes' if ok else 'NO'} (margin {a.margin:g}) |")
 report = "\n".join(lines) + "\n"
