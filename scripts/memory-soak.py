@@ -13,7 +13,7 @@ Writes the samples and the summary to OUTDIR/soak.json and OUTDIR/soak.md.
 then includes heaptrack's own growth, so use it to find a leak, not to measure one).
 Kills only the processes it started.
 """
-import argparse, hashlib, http.client, json, os, shutil, socket, subprocess, sys, tempfile, threading, time
+import argparse, hashlib, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 p = argparse.ArgumentParser()
 default_bins = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/llm-bridge/target")), "release")
@@ -137,6 +137,11 @@ try:
 finally:
     stop.set()
     for t in threads: t.join(timeout=70)
+    # heaptrack's wrapper does not pass SIGTERM on: stop the programs under it by their own pid.
+    for name in ht:
+        pid = real_pid(name)
+        if pid != pids[name]:
+            os.kill(pid, signal.SIGTERM)
     for pr in reversed(procs):
         pr.terminate()
     for pr in procs:
