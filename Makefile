@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
 export CARGO_TARGET_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build bench bench-quick bench-peers clean-logs k8s-validate
+.PHONY: help run test lint fmt build bench bench-quick bench-peers bench-memory clean-logs k8s-validate
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,10 @@ bench-quick: ## Short benchmark (< 2 min once built): bench/results/quick/quick.
 
 bench-peers: ## Full benchmark with a LiteLLM proxy side by side: bench/results/peers.*
 	@scripts/bench.sh --peers
+
+bench-memory: ## RSS per chat of each service after warm-up (fails over the margin): bench/results/memory-soak/
+	cargo build --release --bins
+	@scripts/memory-soak.py --bins $(CARGO_TARGET_DIR)/release
 
 clean-logs: ## Remove logs of `make run` and of test-spawned processes
 	rm -rf .run/logs "$(CARGO_TARGET_DIR)/test-logs"

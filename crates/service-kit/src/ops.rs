@@ -12,11 +12,26 @@ use fred::prelude::*;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+/// How often recorded histogram samples are folded into their buckets (see [`metrics_upkeep`]):
+/// the exporter's own default, so a service holds at most about this long's samples.
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the Prometheus recorder as the process-wide `metrics` recorder.
 ///
 /// A second call in one process (tests) gets a handle of its own recorder that sees nothing,
-/// instead of failing.
+/// instead of failing. The caller must run [`metrics_upkeep`] (or [`serve`], which does) for
+/// as long as the process records histograms.
 pub fn install_metrics() -> PrometheusHandle {
+    let recorder = recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::debug!("a metrics recorder is already installed in this process");
+    }
+    handle
+}
+
+/// The recorder every service installs, not yet installed (tests use it as a local recorder).
+pub fn recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
     // Histograms, not summaries: buckets aggregate across replicas in Prometheus. Every
     // histogram of the bridge is in seconds, from sub-millisecond token lag to minute-long
     // requests.
@@ -24,18 +39,34 @@ pub fn install_metrics() -> PrometheusHandle {
         0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         30.0, 60.0, 300.0,
     ]);
-    let recorder = match builder {
+    match builder {
         Ok(builder) => builder.build_recorder(),
         Err(error) => {
             tracing::warn!(%error, "invalid histogram buckets; using summaries");
             PrometheusBuilder::new().build_recorder()
         }
-    };
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_err() {
-        tracing::debug!("a metrics recorder is already installed in this process");
     }
-    handle
+}
+
+/// Folds the recorded histogram samples into their buckets every `every` until `shutdown`.
+///
+/// The exporter keeps each histogram sample (value and time, 16 bytes) in a list until an
+/// upkeep or a `/metrics` render folds it into the fixed buckets. `build_recorder` starts no
+/// upkeep task of its own, so without this a service nobody scrapes grows by every sample it
+/// ever records: the gateway records one per delivered token (issue #20).
+pub async fn metrics_upkeep(
+    handle: PrometheusHandle,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Running state of one internal loop; the loop sets it, `/readyz` reads it.
@@ -83,6 +114,11 @@ impl OpsState {
             metrics,
             loops: Arc::default(),
         }
+    }
+
+    /// [`metrics_upkeep`] of this state's recorder, every [`METRICS_UPKEEP_INTERVAL`].
+    pub fn metrics_upkeep(&self, shutdown: CancellationToken) -> impl Future<Output = ()> + use<> {
+        metrics_upkeep(self.metrics.clone(), METRICS_UPKEEP_INTERVAL, shutdown)
     }
 
     /// Registers a loop that must be running for the service to be ready.
@@ -199,12 +235,14 @@ pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-/// Serves only the ops endpoints (producer, processor) until `shutdown` is cancelled.
+/// Serves only the ops endpoints (producer, processor), and keeps the metrics' memory bounded
+/// ([`metrics_upkeep`]), until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     state: OpsState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let upkeep = tokio::spawn(state.metrics_upkeep(shutdown.clone()));
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new().configure(configure(state.clone()))
     })
@@ -217,5 +255,8 @@ pub async fn serve(
         shutdown.cancelled().await;
         handle.stop(true).await;
     });
-    server.await
+    let served = server.await;
+    // Ends on `shutdown` by itself; also when the server failed early.
+    upkeep.abort();
+    served
 }

@@ -83,6 +83,8 @@ impl Application {
             &lifecycle,
         );
         lifecycle.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
+        // Without it every delivered token's lag sample stays in memory (issue #20).
+        lifecycle.spawn(ops.metrics_upkeep(shutdown.clone()));
         lifecycle.spawn(connections.clone().heartbeat(
             Duration::from_secs(settings.gateway.connection_heartbeat_secs),
             shutdown.clone(),
