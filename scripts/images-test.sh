@@ -532,7 +532,30 @@ stop_check() {
     say "ok: $name stopped on SIGTERM in $ms ms (exit 0, grace ${grace[$name]} s)"
 }
 printf '| service | stopped in | grace |\n|---|---|---|\n' >"$WORK/stops.md"
-# Front to back, as a rollout or `compose down` would.
-for s in gateway producer producer-2 processor mock-llm redis; do
+stop_check producer-2
+
+# The producer stopped mid-answer finishes that answer first (producer.shutdown_grace_secs)
+# and only then exits: the client sees it complete, with no restart.
+session="images-test-drain-$$"
+url=$(start_chat "$session" "Finish this [[mock tokens=100 delay_ms=50]]")
+curl -sS -N --max-time 60 "$gw$url" >"$WORK/drain.sse" 2>"$WORK/drain.curl.log" &
+sse_pid=$!
+deadline=$((SECONDS + 30))
+until [ "$(grep -c '"type":"token"' "$WORK/drain.sse" 2>/dev/null || true)" -ge 5 ]; do
+    kill -0 "$sse_pid" 2>/dev/null || fail "the stream ended before 5 tokens: $(tail -n 3 "$WORK/drain.sse")"
+    ((SECONDS < deadline)) || fail "no 5 tokens within 30 s"
+    sleep 0.1
+done
+stop_check producer
+wait "$sse_pid" || fail "the stream of the draining producer failed (curl: $(cat "$WORK/drain.curl.log"))"
+events "$WORK/drain.sse" >"$WORK/drain.events"
+! grep -qE ' (restart|error) ' "$WORK/drain.events" ||
+    fail "the answer in flight at SIGTERM was restarted or failed: $(grep -E ' (restart|error) ' "$WORK/drain.events" | head -n 2)"
+[ "$(tail -n 1 "$WORK/drain.events" | cut -d' ' -f2-)" = "complete stop" ] ||
+    fail "the answer in flight at SIGTERM did not complete: $(tail -n 3 "$WORK/drain.events")"
+say "ok: the producer finished the answer in flight ($(awk '$2 == "token"' "$WORK/drain.events" | wc -l) tokens) before it exited"
+
+# The rest front to back, as a rollout or `compose down` would.
+for s in gateway processor mock-llm redis; do
     stop_check "$s"
 done
