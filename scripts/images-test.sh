@@ -61,6 +61,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 dockerd_pid=""
 stack_up=0
+sse_pid=""
 stopping=0
 
 dump_logs() {
@@ -77,6 +78,9 @@ cleanup() {
     ((stopping)) && return 0
     stopping=1
     trap '' INT TERM HUP
+    if [ -n "$sse_pid" ]; then
+        kill "$sse_pid" 2>/dev/null || true
+    fi
     if ((stack_up)); then
         ((rc == 0)) || dump_logs
         if [ "${IMAGES_TEST_KEEP:-0}" = 1 ]; then
@@ -203,7 +207,8 @@ if [ "$(image_key "$base_tag")" != "$key" ]; then
     # The files dpkg lists for the base packages, with directory symlinks resolved inside the
     # rootfs (merged /usr: /lib -> usr/lib), plus the certificate bundle update-ca-certificates
     # generated and the top-level symlinks.
-    python3 - "$WORK/full-rootfs" $BASE_PACKAGES >"$WORK/base-files.txt" <<'PY'
+    read -ra base_packages <<<"$BASE_PACKAGES"
+    python3 - "$WORK/full-rootfs" "${base_packages[@]}" >"$WORK/base-files.txt" <<'PY'
 import os, sys
 root, pkgs = sys.argv[1], sys.argv[2:]
 info = os.path.join(root, "var/lib/dpkg/info")
@@ -238,7 +243,9 @@ PY
         'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$stage/etc/passwd"
     printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'tty:x:5:' 'staff:x:50:' 'nonroot:x:65532:' \
         >"$stage/etc/group"
-    [ ! -e "$stage/bin/sh" ] && [ ! -e "$stage/usr/bin/sh" ] || fail "the base image would hold a shell"
+    if [ -e "$stage/bin/sh" ] || [ -e "$stage/usr/bin/sh" ]; then
+        fail "the base image would hold a shell"
+    fi
     tar -C "$stage" --numeric-owner -cf - . | docker import \
         --change 'USER 65532:65532' --change 'WORKDIR /home/nonroot' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -276,7 +283,7 @@ rm -rf "$context"
     printf '| image | size |\n|---|---|\n'
     for t in "$base_tag" "${SERVICES[@]/#/llm-bridge/}"; do
         [[ $t == llm-bridge/* ]] && t="$t:dev"
-        printf '| `%s` | %s MB |\n' "$t" \
+        printf '| %s | %s MB |\n' "\`$t\`" \
             "$(($(docker image inspect -f '{{ .Size }}' "$t") / 1000000))"
     done
 } >"$WORK/sizes.md"
@@ -329,7 +336,7 @@ cid() {
     # By compose's labels (docker-compose 1.x and docker compose v2 set the same ones): quicker
     # than asking compose, and it lists created and stopped containers too.
     id=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
-        --filter "label=com.docker.compose.service=$1" | head -n 1)
+        --filter "label=com.docker.compose.service=$1" | sed -n 1p)
     [ -n "$id" ] || fail "no container for service $1"
     printf '%s' "$id"
 }
@@ -495,8 +502,11 @@ after=$(sed -n '/ restart 2$/,$p' "$WORK/kill.events" | awk '$2 == "token"' | wc
 # Only producer-2 can have written attempt 2: the killed container stayed down (restart: no).
 [ "$(docker inspect -f '{{ .State.Running }}' "$(cid producer)")" = false ] ||
     fail "the killed producer container is running again"
-compose logs --no-color producer-2 2>/dev/null | grep -q 'reclaiming a job whose lease ran out' ||
-    fail "producer-2's log shows no reclaimed job"
+# Into a file first: `grep -q` stops reading at the first match, and under pipefail the
+# SIGPIPE of the writer would fail the check.
+compose logs --no-color producer-2 >"$WORK/producer-2.log" 2>&1 || true
+grep -q 'took over a job whose producer was lost' "$WORK/producer-2.log" ||
+    fail "producer-2's log shows no job taken over (${WORK#"$ROOT"/}/producer-2.log)"
 say "ok: producer killed; producer-2 took over: restart attempt 2, complete with $after tokens $((SECONDS - killed_at)) s after the kill"
 
 # --- SIGTERM: each service stops cleanly within its grace period ----------------------------
