@@ -91,6 +91,10 @@ cleanup() {
             say "compose down failed (see ${WORK#"$ROOT"/}/down.log)"
     fi
     if [ -n "$dockerd_pid" ]; then
+        # The build cache holds a copy of the binaries of every run (~150 MB each); the images
+        # and the base stay for the next run. Only on an engine this script started: the cache
+        # of an engine that was already running is its owner's.
+        docker builder prune -af >/dev/null 2>&1 || say "docker builder prune failed"
         say "stopping the dockerd this script started (pid $dockerd_pid)"
         kill -TERM "$dockerd_pid" 2>/dev/null || true
         local deadline=$((SECONDS + 30))
@@ -121,6 +125,11 @@ trap on_exit EXIT
 
 [ "$(id -u)" = 0 ] || fail "needs root (apt-get, dockerd, debootstrap)"
 mkdir -p "$WORK" "$CACHE"
+# Binaries, rootfs and images need about 2 GB; say so instead of failing halfway.
+for dir in "$WORK" "$CACHE" /var/lib; do
+    free_kb=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+    ((free_kb >= 2000000)) || fail "only $((free_kb / 1024)) MB free under $dir; about 2 GB are needed"
+done
 if [ ! -f .gitignore ] || ! grep -qxF '/.run' .gitignore; then
     printf '/.run\n' >>.gitignore
 fi
@@ -128,7 +137,7 @@ fi
 # The docker.io client (20.10) drives the engine's built-in BuildKit; a newer client without
 # the buildx plugin would fall back to the legacy builder, which builds every stage.
 missing=()
-[ -x /usr/bin/docker ] && [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
+{ [ -x /usr/bin/docker ] && have dockerd; } || missing+=(docker.io)
 have docker-compose || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
 have debootstrap || missing+=(debootstrap)
 have curl || missing+=(curl)
@@ -155,7 +164,7 @@ if docker info >/dev/null 2>&1; then
     say "using the Docker engine that is already running"
 else
     # No bridge and no iptables rules: every container of this test uses host networking.
-    setsid /usr/sbin/dockerd --bridge=none --iptables=false --ip6tables=false \
+    setsid "$(command -v dockerd)" --bridge=none --iptables=false --ip6tables=false \
         >"$WORK/dockerd.log" 2>&1 </dev/null &
     dockerd_pid=$!
     deadline=$((SECONDS + 60))
@@ -271,7 +280,8 @@ rm -rf "$context"
 mkdir -p "$context"
 for s in "${SERVICES[@]}"; do
     # Debug info is most of a debug binary's size and none of its behaviour.
-    objcopy --strip-debug "$CARGO_TARGET_DIR/debug/$s" "$context/$s"
+    objcopy --strip-debug "$CARGO_TARGET_DIR/debug/$s" "$context/$s" ||
+        fail "objcopy of $s into ${context#"$ROOT"/} failed (disk full? $(df -h --output=avail "$WORK" | tail -n 1) free)"
 done
 for s in "${SERVICES[@]}"; do
     docker build -q -f deploy/Dockerfile --build-arg BINARIES=prebuilt --target "$s" \
