@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
 export CARGO_TARGET_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build bench bench-quick bench-peers bench-memory clean-logs k8s-validate
+.PHONY: help run test lint fmt build bench bench-quick bench-peers bench-memory clean-logs k8s-validate images-test
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,6 +30,9 @@ build: ## Build the four binaries (into $CARGO_TARGET_DIR/debug)
 k8s-validate: ## Offline checks of deploy/ and k8s/ (hadolint, kustomize, schemas, config test)
 	@scripts/validate-deploy.sh
 	cargo test -p service-kit --test k8s_config
+
+images-test: ## Build the images, run the compose stack in Docker and check it (root; CI)
+	@scripts/images-test.sh
 
 bench: ## Full benchmark (~20 min): report, JSON and plots in bench/results/bench.*
 	@scripts/bench.sh
