@@ -116,6 +116,10 @@ impl StackRedis {
 }
 
 /// Where the stack's Redis comes from.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per stack, moved once: boxing would only add noise"
+)]
 pub enum RedisSource {
     /// A fresh single node without persistence.
     Single,
