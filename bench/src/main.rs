@@ -213,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
     let (litellm, litellm_error) = if options.peers {
         match &options.litellm_venv {
-            Some(venv) => match LiteLlm::start(venv, stack.mock_llm.port).await {
+            Some(venv) => match LiteLlm::start(venv, stack.mock_llm().port).await {
                 Ok(l) => (Some(l), None),
                 Err(error) => {
                     eprintln!("bench: LiteLLM could not start: {error:#}");

@@ -116,7 +116,7 @@ impl Watched {
             .iter()
             .map(|(name, pid)| ((*name).to_owned(), *pid))
             .collect();
-        pids.push(("mock-llm".to_owned(), stack.mock_llm.pid()));
+        pids.push(("mock-llm".to_owned(), stack.mock_llm().pid()));
         pids.push(("redis".to_owned(), stack.redis_pid));
         pids.push(("bench".to_owned(), std::process::id()));
         let trees = litellm
@@ -152,10 +152,10 @@ impl Runner<'_> {
     fn target(&self, path: PathKind) -> anyhow::Result<Target> {
         Ok(match path {
             PathKind::Bridge => Target::Bridge {
-                gateway: self.stack.gateway.url(),
+                gateway: self.stack.gateway().url(),
             },
             PathKind::Baseline => Target::OpenAi {
-                base: self.stack.mock_llm.url(),
+                base: self.stack.mock_llm().url(),
                 model: "mock".to_owned(),
                 key: "unused".to_owned(),
             },
@@ -222,7 +222,7 @@ impl Runner<'_> {
         // What share of Redis's commands the services send themselves (the rest run inside
         // their scripts): sampled before the window, since MONITOR slows Redis down.
         let monitor = if path == PathKind::Bridge {
-            Some(probe::monitor(self.stack.redis.port(), Duration::from_secs(1)).await?)
+            Some(probe::monitor(self.stack.redis_port(), Duration::from_secs(1)).await?)
         } else {
             None
         };
@@ -230,7 +230,7 @@ impl Runner<'_> {
         counters.recording.store(true, Ordering::Relaxed);
         tokio::time::sleep(scenario.window / 2).await;
         let gateway_redis_connections = (path == PathKind::Bridge)
-            .then(|| probe::connections_to(self.stack.gateway.pid(), self.stack.redis.port()))
+            .then(|| probe::connections_to(self.stack.gateway().pid(), self.stack.redis_port()))
             .transpose()?;
         tokio::time::sleep(scenario.window - scenario.window / 2).await;
         counters.recording.store(false, Ordering::Relaxed);
@@ -321,7 +321,7 @@ impl Runner<'_> {
             .spawn_gateway(&format!("gateway-idle-{tag}"))
             .await?;
         let gateway_pid = gateway.pid();
-        let redis_port = self.stack.redis.port();
+        let redis_port = self.stack.redis_port();
         // One client through the fresh gateway first, so lazily built state (pools, the
         // reader's first read) is not counted per client.
         let warm = client::open_idle(
@@ -400,7 +400,7 @@ pub struct XaddReference {
 }
 
 pub async fn xadd_reference(stack: &Stack, requests: u64) -> anyhow::Result<XaddReference> {
-    let port = stack.redis.port().to_string();
+    let port = stack.redis_port().to_string();
     let key = "bench:xadd-reference";
     let command_args = [
         "XADD",

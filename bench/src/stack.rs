@@ -1,7 +1,8 @@
 //! The system under test: its own `redis-server`, mock-llm and the three bridge services
-//! (release binaries), configured by one generated TOML file like production; and, for
-//! `--peers`, a LiteLLM proxy pointed at the same mock-llm. Everything started here is a child
-//! of the benchmark and is killed when its handle drops.
+//! (release binaries), started by test-support's launcher from typed settings (each reads a
+//! TOML file like production); and, for `--peers`, a LiteLLM proxy pointed at the same
+//! mock-llm. Everything started here is a child of the
+//! benchmark and is killed when its handle drops.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fred::prelude::*;
 use fred::types::InfoKind;
-use test_support::{RedisServer, ServiceProcess, bin_path, free_port, wait_for_http_ok};
+use service_kit::Settings;
+use test_support::stack::{RedisSource, Service, StackOptions, StackRedis, non_default_toml};
+use test_support::{RedisServer, ServiceProcess, free_port, sha256_hex, wait_for_http_ok};
 
 use crate::probe;
 
@@ -20,39 +23,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// LiteLLM imports a lot of Python before it listens.
 const LITELLM_READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A spawned service and the port it serves on.
-pub struct Service {
-    pub process: ServiceProcess,
-    pub port: u16,
-}
-
-impl Service {
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-}
-
-/// Redis, mock-llm, gateway, producer and processor.
+/// Redis, mock-llm, one gateway, producer and processor, started by test-support's launcher.
 pub struct Stack {
-    pub redis: RedisServer,
+    /// The launched system; its processes are our children, killed when it drops.
+    pub bridge: test_support::Stack,
     /// A client of our own for `INFO` (its commands are not the bridge's; the few it sends
     /// are subtracted where it matters).
     pub redis_client: Client,
     pub redis_pid: u32,
-    pub mock_llm: Service,
-    pub gateway: Service,
-    pub producer: Service,
-    pub processor: Service,
-    /// The generated configuration, quoted in the report.
+    /// The configuration keys that differ from the defaults, quoted in the report.
     pub config: String,
-    /// `--config <file>`, for services started later.
-    args: Vec<String>,
-    /// Holds the config file for the stack's lifetime.
-    _dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -65,117 +45,70 @@ impl Stack {
             .await?
             .parse()
             .context("parsing Redis process_id")?;
-        let dir = tempfile::tempdir().context("creating a temp dir for the config")?;
-        let (mock_port, gateway_port, producer_port, processor_port) =
-            (free_port()?, free_port()?, free_port()?, free_port()?);
-        let config = format!(
-            r#"[redis]
-url = "{redis}"
-
-[models.mock]
-base_url = "http://127.0.0.1:{mock_port}/v1"
-upstream_model = "mock"
-
-[auth]
-stream_token_secret = "bench-shared-secret"
-api_keys = [{{ id = "bench", sha256 = "{key_hash}" }}]
-
-[telemetry]
-log_level = "warn"
-
-[mock_llm]
-addr = "127.0.0.1:{mock_port}"
-
-[gateway]
-addr = "127.0.0.1:{gateway_port}"
-
-[producer]
-addr = "127.0.0.1:{producer_port}"
-# Above the largest number of concurrent streams in the matrix.
-concurrency = 2048
-
-[processor]
-addr = "127.0.0.1:{processor_port}"
-"#,
-            redis = redis.url(),
-            key_hash = sha256_hex(API_KEY),
-        );
-        let path = dir.path().join("bridge.toml");
-        std::fs::write(&path, &config).with_context(|| format!("writing {}", path.display()))?;
-        let args = vec!["--config".to_owned(), path.display().to_string()];
-        let spawn = |name: &str, port: u16| -> anyhow::Result<Service> {
-            Ok(Service {
-                process: ServiceProcess::spawn(name, &bin_path(name)?, &args, &[])?,
-                port,
-            })
-        };
-        let mock_llm = spawn("mock-llm", mock_port)?;
-        let gateway = spawn("gateway", gateway_port)?;
-        let producer = spawn("producer", producer_port)?;
-        let processor = spawn("processor", processor_port)?;
-        let stack = Self {
-            redis,
+        let mut settings = Settings::default();
+        settings.models.retain(|id, _| id == "mock");
+        settings.auth.stream_token_secret = Some("bench-shared-secret".to_owned().into());
+        settings.telemetry.log_level = "warn".to_owned();
+        // Above the largest number of concurrent streams in the matrix.
+        settings.producer.concurrency = 2048;
+        let bridge = test_support::Stack::start(StackOptions {
+            settings,
+            api_keys: vec![("bench".to_owned(), API_KEY.to_owned())],
+            redis: RedisSource::Existing(StackRedis::Single(redis)),
+            ready_timeout: READY_TIMEOUT,
+            ..StackOptions::default()
+        })
+        .await?;
+        let config = non_default_toml(bridge.settings())?;
+        Ok(Self {
+            bridge,
             redis_client,
             redis_pid,
-            mock_llm,
-            gateway,
-            producer,
-            processor,
             config,
-            args,
-            _dir: dir,
-        };
-        wait_for_http_ok(&format!("{}/healthz", stack.mock_llm.url()), READY_TIMEOUT)
-            .await
-            .context("mock-llm did not become healthy")?;
-        for service in [&stack.gateway, &stack.producer, &stack.processor] {
-            if let Err(error) =
-                wait_for_http_ok(&format!("{}/readyz", service.url()), READY_TIMEOUT).await
-            {
-                bail!(
-                    "{} not ready: {error}\n{}",
-                    service.process.name(),
-                    service.process.log_tail(30).await
-                );
-            }
-        }
-        Ok(stack)
+        })
+    }
+
+    // The launcher started exactly one of each (`StackOptions::default()`), so index 0 exists.
+    pub fn gateway(&self) -> &Service {
+        &self.bridge.gateways[0]
+    }
+
+    pub fn producer(&self) -> &Service {
+        &self.bridge.producers[0]
+    }
+
+    pub fn processor(&self) -> &Service {
+        &self.bridge.processors[0]
+    }
+
+    pub fn mock_llm(&self) -> &Service {
+        &self.bridge.mock_llm
+    }
+
+    /// The port of the stack's Redis (for `MONITOR`, `redis-benchmark` and connection counts).
+    pub fn redis_port(&self) -> u16 {
+        self.bridge.redis.port()
     }
 
     /// Another gateway on the same config and Redis, on its own port, ready to serve: a fresh
     /// process whose memory has not been shaped by earlier load.
     pub async fn spawn_gateway(&self, name: &str) -> anyhow::Result<Service> {
-        let port = free_port()?;
-        let env = [(
-            "BRIDGE__GATEWAY__ADDR".to_owned(),
-            format!("127.0.0.1:{port}"),
-        )];
-        let process = ServiceProcess::spawn(name, &bin_path("gateway")?, &self.args, &env)?;
-        let service = Service { process, port };
-        if let Err(error) =
-            wait_for_http_ok(&format!("{}/readyz", service.url()), READY_TIMEOUT).await
-        {
-            bail!(
-                "{name} not ready: {error}\n{}",
-                service.process.log_tail(30).await
-            );
-        }
-        Ok(service)
+        self.bridge.spawn_gateway(name).await
     }
 
     /// The bridge's own services, by name, for CPU accounting.
     pub fn bridge_pids(&self) -> [(&'static str, u32); 3] {
         [
-            ("gateway", self.gateway.pid()),
-            ("producer", self.producer.pid()),
-            ("processor", self.processor.pid()),
+            ("gateway", self.gateway().pid()),
+            ("producer", self.producer().pid()),
+            ("processor", self.processor().pid()),
         ]
     }
 
     /// Streams mock-llm is serving right now.
     pub async fn mock_active_streams(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
         let stats: serde_json::Value = http
-            .get(format!("{}/_mock/stats", self.mock_llm.url()))
+            .get(format!("{}/_mock/stats", self.mock_llm().url()))
             .send()
             .await?
             .json()
@@ -298,13 +231,4 @@ litellm_settings:
             _dir: dir,
         })
     }
-}
-
-fn sha256_hex(text: &str) -> String {
-    use std::fmt::Write;
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
-    digest.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }

@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why settings could not be loaded; the message always names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub redis: RedisSettings,
@@ -74,7 +74,7 @@ impl Default for Settings {
 }
 
 /// `[redis]`: where every service finds Redis.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://`, `rediss://` (TLS) or `redis-cluster://host:port?node=host:port…`.
@@ -138,7 +138,7 @@ pub fn redact_url(raw: &str) -> String {
 }
 
 /// `[models.<id>]`: one OpenAI-compatible upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSettings {
     /// OpenAI-compatible API base, e.g. `http://127.0.0.1:8090/v1` or `https://api.openai.com/v1`.
@@ -189,7 +189,7 @@ impl Default for ModelSettings {
 }
 
 /// `[auth]`: API keys for the API and the secret that signs stream tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// Development only: accept API calls without a key. The gateway logs a warning at start.
@@ -202,10 +202,18 @@ pub struct AuthSettings {
     pub api_keys_file: Option<String>,
     /// HMAC-SHA256 secret that signs stream tokens; every gateway replica needs the same one.
     /// Without it each replica makes up its own (tokens then only work on that replica).
+    #[serde(
+        serialize_with = "serialize_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub stream_token_secret: Option<secrecy::SecretString>,
     /// Key id of `stream_token_secret`, carried in tokens so a rotated secret can be told apart.
     pub stream_token_kid: String,
     /// The secret being rotated out: tokens it signed stay valid until they expire.
+    #[serde(
+        serialize_with = "serialize_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub previous_stream_token_secret: Option<secrecy::SecretString>,
     pub previous_stream_token_kid: String,
     /// Lifetime of a stream token.
@@ -227,8 +235,22 @@ impl Default for AuthSettings {
     }
 }
 
+/// Writes a secret's value, so a typed `Settings` can be saved as the config file a service
+/// reads (the test and bench launcher does). `SecretString` serialises nothing by itself, and
+/// its `Debug` stays redacted: this is the only way out, and only through a serializer.
+fn serialize_secret<S: serde::Serializer>(
+    secret: &Option<secrecy::SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret;
+    match secret {
+        Some(secret) => serializer.serialize_some(secret.expose_secret()),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// One accepted API key, by the hash of its value.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
     pub id: String,
@@ -236,7 +258,7 @@ pub struct ApiKeyEntry {
 }
 
 /// `[limits]`: input bounds the gateway enforces.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSettings {
     /// Largest accepted request body.
@@ -267,7 +289,7 @@ pub struct LimitsSettings {
 }
 
 /// `[limits.keys.<id>]`: limits of one API key; unset fields use the defaults above.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyLimits {
     pub requests_per_minute: Option<u32>,
@@ -311,7 +333,7 @@ impl Default for LimitsSettings {
 }
 
 /// `[streams]`: retention and sharding of the Redis streams.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsSettings {
     /// Approximate cap of the job stream.
@@ -339,7 +361,7 @@ impl Default for StreamsSettings {
 }
 
 /// `[telemetry]`: logs and traces.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
     /// Log filter directive, e.g. `info` or `gateway=debug,info`; `RUST_LOG` wins. It filters
@@ -368,7 +390,7 @@ impl Default for TelemetrySettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum OtlpProtocol {
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
@@ -376,7 +398,7 @@ pub enum OtlpProtocol {
     HttpJson,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -384,7 +406,7 @@ pub enum LogFormat {
 }
 
 /// `[gateway]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     /// Listen address of the HTTP API, SSE and demo page.
@@ -427,7 +449,7 @@ impl Default for GatewaySettings {
 }
 
 /// `[producer]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProducerSettings {
     /// Listen address of health and metrics.
@@ -477,7 +499,7 @@ impl Default for ProducerSettings {
 }
 
 /// `[processor]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorSettings {
     /// Listen address of health and metrics.
@@ -520,7 +542,7 @@ impl Default for ProcessorSettings {
 }
 
 /// `[mock_llm]`: the development upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockLlmSettings {
     /// Listen address; models point at `http://<addr>/v1`.

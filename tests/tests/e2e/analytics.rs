@@ -16,7 +16,7 @@ use stream_schema::keys::{PROCESSOR_GROUP, event_shard_of};
 use stream_schema::{RedisKey, SessionId};
 use test_support::wait_until;
 
-use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, payloads, str_field};
+use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, options, payloads, str_field};
 
 const POLL: Duration = Duration::from_millis(100);
 const SHARDS: u16 = 4;
@@ -189,7 +189,7 @@ fn tally_by<F: Fn(&Observed) -> bool>(observed: &[Observed], select: F) -> Tally
 
 #[tokio::test]
 async fn analytics_match_what_clients_saw_for_a_mixed_run() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let sessions = sessions_over_shards("mixed", 6)?;
 
     // Arrange: per session, on both models, requests that complete, hit the length limit of
@@ -320,7 +320,7 @@ async fn analytics_match_what_clients_saw_for_a_mixed_run() -> anyhow::Result<()
 
 #[tokio::test]
 async fn analytics_refuse_bad_input_with_json_errors() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let cases: [(&str, Option<&str>, u16, &str); 5] = [
         ("/api/analytics/models", None, 401, "unauthorized"),
         (
@@ -478,14 +478,19 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 // a loaded 2-core machine one thread could starve its own Redis client past its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        processors: 2,
+    let stack = Stack::start(
+        StackOptions {
+            processors: 2,
+            ..options()
+        }
         // Small batches, fast reclaim, and dead consumers removed after 2 s (live ones are
         // never idle that long: they block in XREADGROUP for 500 ms at a time).
-        processor_toml: "batch_size = 8\nreclaim_idle_ms = 1000\ndead_consumer_secs = 2\n"
-            .to_owned(),
-        ..StackOptions::default()
-    })
+        .with_settings(|s| {
+            s.processor.batch_size = 8;
+            s.processor.reclaim_idle_ms = 1000;
+            s.processor.dead_consumer_secs = 2;
+        }),
+    )
     .await?;
     let redis = stack.redis_client().await?;
     let sessions = sessions_over_shards("crash", 24)?;
@@ -516,13 +521,13 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
                 tokio::time::Instant::now() < deadline,
                 "processor-0 never held pending records"
             );
-            stack.processor.process.sigstop()?;
+            stack.processors[0].process.sigstop()?;
             let orphaned = pending_with(&redis, "processor-0").await?;
             if orphaned > 0 {
-                stack.processor.process.sigkill()?;
+                stack.processors[0].process.sigkill()?;
                 return Ok::<usize, anyhow::Error>(orphaned);
             }
-            stack.processor.process.sigcont()?;
+            stack.processors[0].process.sigcont()?;
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     };
@@ -591,7 +596,7 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
     .context("processor-0 was not removed from the group")?;
 
     // The survivor exports the group's backlog per shard.
-    let survivor = stack.extra_processors[0].url();
+    let survivor = stack.processors[1].url();
     wait_until(TIMEOUT, POLL, || {
         let url = format!("{survivor}/metrics");
         let stack = &stack;

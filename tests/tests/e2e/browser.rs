@@ -27,16 +27,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use self::webdriver::Browser;
-use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, expected_text};
+use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, expected_text, options};
+use service_kit::Settings;
 
 /// Waits on the page: generous, because two cores run the stack and the browser.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(20);
 const SESSION: &str = "browser-demo";
 
 /// Leases short enough that a killed producer's request restarts within about two seconds.
-const SHORT_LEASES: &str = "lease_ms = 1500
-lease_renew_ms = 300
-reclaim_interval_ms = 250";
+fn short_leases(settings: &mut Settings) {
+    settings.producer.lease_ms = 1500;
+    settings.producer.lease_renew_ms = 300;
+    settings.producer.reclaim_interval_ms = 250;
+}
 
 /// The newest exchange on the page (or the one of `arguments[0]`, a request id), as JSON.
 const READ_EXCHANGE: &str = r#"
@@ -68,11 +71,13 @@ return {
 #[tokio::test]
 #[ignore = "needs Chromium and ChromeDriver: run by scripts/browser-test.sh (a step of make test)"]
 async fn the_demo_page_streams_stops_resumes_and_follows_in_chromium() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        producers: 2,
-        producer_toml: SHORT_LEASES.to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(
+        StackOptions {
+            producers: 2,
+            ..options()
+        }
+        .with_settings(short_leases),
+    )
     .await?;
     let proxy = NetworkLink::start(stack.gateways[0].port).await?;
     let browser = Browser::launch().await?;

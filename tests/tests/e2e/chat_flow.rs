@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use serde_json::json;
 use test_support::wait_until;
 
-use crate::stack::{Stack, TIMEOUT, expected_text, payloads, str_field, text_of};
+use crate::stack::{TIMEOUT, expected_text, payloads, str_field, text_of};
 
 #[tokio::test]
 async fn a_chat_streams_the_deterministic_text_in_order() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let prompt = "Tell me a story about a dragon [[mock tokens=25]]";
     let started = stack.start_chat("user_123", prompt).await?;
     assert_eq!(started["status"], "connected");
@@ -61,7 +61,7 @@ async fn a_chat_streams_the_deterministic_text_in_order() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn a_late_client_receives_the_same_events() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let started = stack
         .start_chat("late", "Late joiners [[mock tokens=10]]")
         .await?;
@@ -76,7 +76,7 @@ async fn a_late_client_receives_the_same_events() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn messages_are_accepted_instead_of_a_prompt() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let (status, body) = stack
         .post_start(
             0,
@@ -103,7 +103,7 @@ async fn messages_are_accepted_instead_of_a_prompt() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn bad_requests_get_the_spec_json_errors() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let url = format!("{}/api/chat/start", stack.gateway());
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
@@ -197,7 +197,7 @@ async fn bad_requests_get_the_spec_json_errors() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_processor_counts_requests_and_tokens() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     for prompt in ["one [[mock tokens=5]]", "two [[mock tokens=7]]"] {
         let started = stack.start_chat("counted", prompt).await?;
         stack.read_all(str_field(&started, "streamUrl")?).await?;
@@ -226,7 +226,7 @@ async fn the_processor_counts_requests_and_tokens() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_retried_start_with_the_same_idempotency_key_starts_nothing_new() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let url = format!("{}/api/chat/start", stack.gateway());
     let body = json!({"sessionId": "idem", "modelId": "mock", "prompt": "once [[mock tokens=3]]"});
     let send = |idempotency_key: &'static str, body: serde_json::Value| {

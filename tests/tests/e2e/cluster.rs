@@ -9,23 +9,26 @@ use serde_json::json;
 use test_support::{SseClient, wait_until};
 
 use crate::stack::{
-    API_KEY, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of,
+    API_KEY, RedisSource, Stack, StackOptions, TIMEOUT, expected_text, options, payloads,
+    str_field, text_of,
 };
 
 fn on_cluster(options: StackOptions) -> StackOptions {
     StackOptions {
-        cluster: true,
+        redis: RedisSource::Cluster,
         ..options
     }
 }
 
 #[tokio::test]
 async fn chats_stream_resume_and_fan_out_on_a_cluster() -> anyhow::Result<()> {
-    let stack = Stack::start_with(on_cluster(StackOptions {
-        gateways: 2,
-        token_delay_ms: 3,
-        ..StackOptions::default()
-    }))
+    let stack = Stack::start(on_cluster(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| s.mock_llm.token_delay_ms = 3),
+    ))
     .await?;
     // Several sessions, so their streams land in different slots and nodes.
     let mut chats = Vec::new();
@@ -76,11 +79,13 @@ async fn chats_stream_resume_and_fan_out_on_a_cluster() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn cancel_across_gateways_and_a_session_watcher_on_a_cluster() -> anyhow::Result<()> {
-    let stack = Stack::start_with(on_cluster(StackOptions {
-        gateways: 2,
-        token_delay_ms: 5,
-        ..StackOptions::default()
-    }))
+    let stack = Stack::start(on_cluster(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| s.mock_llm.token_delay_ms = 5),
+    ))
     .await?;
     let watch_url = stack.session_stream("watched").await?;
     let mut watcher = stack.open(1, &watch_url, &[]).await?;
@@ -109,13 +114,18 @@ async fn cancel_across_gateways_and_a_session_watcher_on_a_cluster() -> anyhow::
 
 #[tokio::test]
 async fn a_killed_producer_is_taken_over_on_a_cluster() -> anyhow::Result<()> {
-    let stack = Stack::start_with(on_cluster(StackOptions {
-        producers: 2,
-        token_delay_ms: 10,
-        producer_toml: "lease_ms = 1500\nlease_renew_ms = 300\nreclaim_interval_ms = 300"
-            .to_owned(),
-        ..StackOptions::default()
-    }))
+    let stack = Stack::start(on_cluster(
+        StackOptions {
+            producers: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.mock_llm.token_delay_ms = 10;
+            s.producer.lease_ms = 1500;
+            s.producer.lease_renew_ms = 300;
+            s.producer.reclaim_interval_ms = 300;
+        }),
+    ))
     .await?;
     let prompt = "survive a crash [[mock tokens=200]]";
     let started = stack.start_chat("failover", prompt).await?;
@@ -163,11 +173,16 @@ async fn a_killed_producer_is_taken_over_on_a_cluster() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn rate_limits_and_counters_hold_on_a_cluster() -> anyhow::Result<()> {
-    let stack = Stack::start_with(on_cluster(StackOptions {
-        gateways: 2,
-        limits_toml: "window_secs = 30\nrequests_per_minute = 4".to_owned(),
-        ..StackOptions::default()
-    }))
+    let stack = Stack::start(on_cluster(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.limits.window_secs = 30;
+            s.limits.requests_per_minute = 4;
+        }),
+    ))
     .await?;
     let mut admitted = Vec::new();
     let mut refused = 0;

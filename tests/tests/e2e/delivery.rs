@@ -9,7 +9,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use test_support::{SseEvent, wait_until};
 
-use crate::stack::{Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of};
+use crate::stack::{
+    Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
+};
 
 const POLL: Duration = Duration::from_millis(25);
 
@@ -22,11 +24,7 @@ fn last_id(events: &[SseEvent]) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn resuming_with_last_event_id_gives_exactly_the_rest() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        token_delay_ms: 5,
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 5)).await?;
     let prompt = "Resume me [[mock tokens=60]]";
     let started = stack.start_chat("resume", prompt).await?;
     let url = str_field(&started, "streamUrl")?;
@@ -66,11 +64,7 @@ async fn resuming_with_last_event_id_gives_exactly_the_rest() -> anyhow::Result<
 
 #[tokio::test]
 async fn fifty_clients_on_one_session_receive_identical_events() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        token_delay_ms: 3,
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 3)).await?;
     let started = stack
         .start_chat("fanout", "Fan out [[mock tokens=150]]")
         .await?;
@@ -100,7 +94,7 @@ async fn fifty_clients_on_one_session_receive_identical_events() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_session_stream_without_request_id_follows_new_requests() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     // An earlier request is history: "from now on" excludes it.
     let old = stack
         .start_chat("follow", "old one [[mock tokens=3]]")
@@ -138,7 +132,7 @@ async fn a_session_stream_without_request_id_follows_new_requests() -> anyhow::R
 
 #[tokio::test]
 async fn resuming_into_trimmed_history_reports_history_lost() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let started = stack
         .start_chat("trimmed", "short lived [[mock tokens=5]]")
         .await?;
@@ -165,11 +159,13 @@ async fn resuming_into_trimmed_history_reports_history_lost() -> anyhow::Result<
 
 #[tokio::test]
 async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateways: 2,
-        token_delay_ms: 5,
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| s.mock_llm.token_delay_ms = 5),
+    )
     .await?;
     let started = stack
         .start_chat("replicas", "a very long story [[mock tokens=5000]]")
@@ -211,9 +207,9 @@ async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyho
 
 #[tokio::test]
 async fn connections_are_listed_across_gateways_and_removed_on_disconnect() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
+    let stack = Stack::start(StackOptions {
         gateways: 2,
-        ..StackOptions::default()
+        ..options()
     })
     .await?;
     let watched = stack.session_stream("watched").await?;
@@ -253,11 +249,7 @@ async fn connections_are_listed_across_gateways_and_removed_on_disconnect() -> a
 
 #[tokio::test]
 async fn an_idle_stream_gets_keepalive_comments() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateway_toml: "keepalive_secs = 1".to_owned(),
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(options().with_settings(|s| s.gateway.keepalive_secs = 1)).await?;
     let quiet = stack.session_stream("quiet").await?;
     let response = stack
         .http
@@ -280,11 +272,7 @@ async fn an_idle_stream_gets_keepalive_comments() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        token_delay_ms: 10,
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 10)).await?;
     let redis = stack.redis_client().await?;
     let clients_now = || {
         let redis = redis.clone();
@@ -351,11 +339,10 @@ async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyh
 
 #[tokio::test]
 async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateway_toml: "sse_buffer_bytes = 65536".to_owned(),
-        token_delay_ms: 0,
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(options().with_settings(|s| {
+        s.gateway.sse_buffer_bytes = 65536;
+        s.mock_llm.token_delay_ms = 0;
+    }))
     .await?;
     let prompt = "flood [[mock tokens=30000]]";
     let started = stack.start_chat("slow", prompt).await?;
@@ -431,11 +418,7 @@ async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<(
 
 #[tokio::test]
 async fn clients_that_drop_and_resume_at_random_see_every_token_once() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        token_delay_ms: 1,
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 1)).await?;
     let prompt = "chaos [[mock tokens=1500]]";
     let started = stack.start_chat("chaos", prompt).await?;
     let url = format!("{}{}", stack.gateway(), str_field(&started, "streamUrl")?);

@@ -1,77 +1,14 @@
 //! Rate limits: exact across gateway replicas, honest Retry-After, let in again after the
-//! window; the window logic itself checked with an injected clock.
+//! window. The window logic itself, with an injected clock, is tested in the gateway's own
+//! tests (`services/gateway/tests/api/limits.rs`).
 
 use std::time::{Duration, Instant};
 
-use gateway::limits::RateLimiter;
 use serde_json::json;
 use stream_schema::{RedisKey, SessionId};
-use test_support::{RedisServer, wait_until};
+use test_support::wait_until;
 
-use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, str_field};
-
-#[tokio::test]
-async fn the_request_log_admits_exactly_the_limit_per_sliding_window() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let client = redis.client().await?;
-    let limiter = RateLimiter::default();
-    let key = RedisKey::key_request_log("k");
-    let check = |member: &'static str, now: u64| {
-        let (limiter, client, key) = (limiter.clone(), client.clone(), key.clone());
-        async move {
-            limiter
-                .check_log(&client, &key, 3, 1_000, member, Some(now))
-                .await
-        }
-    };
-    assert_eq!(check("a", 0).await?, Ok(()));
-    assert_eq!(check("b", 100).await?, Ok(()));
-    assert_eq!(check("c", 200).await?, Ok(()));
-    // Full until the oldest entry (t=0) leaves the window at t=1000.
-    assert_eq!(check("d", 300).await?, Err(1));
-    assert_eq!(check("e", 999).await?, Err(1));
-    assert_eq!(check("f", 1_000).await?, Ok(()));
-    // Refused requests were not recorded: b, c, f are in the window now.
-    assert_eq!(check("g", 1_050).await?, Err(1));
-    assert_eq!(check("h", 1_100).await?, Ok(()));
-    Ok(())
-}
-
-#[tokio::test]
-async fn token_reservations_fill_a_fixed_window_and_reset_with_the_next() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let client = redis.client().await?;
-    let limiter = RateLimiter::default();
-    let window = 10_000;
-    let first = limiter
-        .reserve(&client, "k", 100, 60, window, Some(20_500))
-        .await?;
-    assert_eq!(first.map(|r| (r.window, r.tokens)), Ok((2, 60)));
-    // 60 + 50 > 100: retry when window 2 ends at 30 000 ms.
-    assert_eq!(
-        limiter
-            .reserve(&client, "k", 100, 50, window, Some(21_000))
-            .await?,
-        Err(9)
-    );
-    assert!(
-        limiter
-            .reserve(&client, "k", 100, 40, window, Some(29_999))
-            .await?
-            .is_ok()
-    );
-    assert_eq!(
-        limiter
-            .reserve(&client, "k", 100, 1, window, Some(29_999))
-            .await?,
-        Err(1)
-    );
-    let next = limiter
-        .reserve(&client, "k", 100, 100, window, Some(30_000))
-        .await?;
-    assert_eq!(next.map(|r| r.window), Ok(3));
-    Ok(())
-}
+use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, options, str_field};
 
 async fn start_on(
     stack: &Stack,
@@ -95,11 +32,16 @@ async fn start_on(
 
 #[tokio::test]
 async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateways: 2,
-        limits_toml: "window_secs = 3\nrequests_per_minute = 5".to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.limits.window_secs = 3;
+            s.limits.requests_per_minute = 5;
+        }),
+    )
     .await?;
     let started = Instant::now();
     let attempts = (0..12).map(|i| start_on(&stack, i % 2, format!("s{i}"), json!({})));
@@ -155,10 +97,10 @@ async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Resul
 
 #[tokio::test]
 async fn a_session_limit_applies_across_keys() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        limits_toml: "window_secs = 30\nsession_requests_per_minute = 2".to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(options().with_settings(|s| {
+        s.limits.window_secs = 30;
+        s.limits.session_requests_per_minute = 2;
+    }))
     .await?;
     for _ in 0..2 {
         assert_eq!(
@@ -190,11 +132,16 @@ async fn a_session_limit_applies_across_keys() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateways: 2,
-        limits_toml: "window_secs = 60\ntokens_per_minute = 100".to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.limits.window_secs = 60;
+            s.limits.tokens_per_minute = 100;
+        }),
+    )
     .await?;
     // maxTokens 30 reserves 30: three fit in 100, the fourth does not, on either gateway.
     let mut started = Vec::new();
@@ -241,11 +188,11 @@ async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_request_past_its_estimated_reservation_ends_rate_limited() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        limits_toml: "tokens_per_minute = 1000\ndefault_token_estimate = 5\nhard_token_cap = true"
-            .to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(options().with_settings(|s| {
+        s.limits.tokens_per_minute = 1000;
+        s.limits.default_token_estimate = 5;
+        s.limits.hard_token_cap = true;
+    }))
     .await?;
     let prompt = "talkative [[mock tokens=20]]";
     let started = stack.start_chat("capped", prompt).await?;

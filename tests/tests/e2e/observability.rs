@@ -10,7 +10,8 @@ use serde_json::json;
 use test_support::wait_until;
 
 use crate::stack::{
-    API_KEY, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of,
+    API_KEY, RedisSource, Stack, StackOptions, TIMEOUT, expected_text, options, payloads,
+    str_field, text_of,
 };
 
 const POLL: Duration = Duration::from_millis(50);
@@ -36,7 +37,7 @@ async fn scrape(stack: &Stack, url: String) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let prompt = "measure me [[mock tokens=12]]";
     let started = stack.start_chat("metered", prompt).await?;
     let events = payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
@@ -117,7 +118,7 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         }
     }
 
-    let processor_url = stack.processor.url();
+    let processor_url = stack.processors[0].url();
     wait_until(TIMEOUT, POLL, || {
         let url = processor_url.clone();
         let stack = &stack;
@@ -136,13 +137,18 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> anyhow::Result<()> {
-    let mut stack = Stack::start_with(StackOptions {
-        durable_redis: true,
-        token_delay_ms: 20,
-        producer_toml: "lease_ms = 2000\nlease_renew_ms = 500\nreclaim_interval_ms = 500"
-            .to_owned(),
-        ..StackOptions::default()
-    })
+    let mut stack = Stack::start(
+        StackOptions {
+            redis: RedisSource::Durable,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.mock_llm.token_delay_ms = 20;
+            s.producer.lease_ms = 2000;
+            s.producer.lease_renew_ms = 500;
+            s.producer.reclaim_interval_ms = 500;
+        }),
+    )
     .await?;
     let prompt = "through the outage [[mock tokens=150]]";
     let started = stack.start_chat("outage", prompt).await?;
@@ -171,7 +177,11 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     assert_eq!(body["error"]["code"], "unavailable");
 
     // Every service says it is not ready.
-    for service in [&stack.gateways[0], &stack.producers[0], &stack.processor] {
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
         let ready = format!("{}/readyz", service.url());
         let http = stack.http.clone();
         wait_until(Duration::from_secs(10), POLL, || {
@@ -194,7 +204,11 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     stack.redis.restart().await?;
 
     // Recovery by themselves: ready again, a new chat works end to end.
-    for service in [&stack.gateways[0], &stack.producers[0], &stack.processor] {
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
         let ready = format!("{}/readyz", service.url());
         let http = stack.http.clone();
         let recovered = wait_until(Duration::from_secs(20), POLL, || {

@@ -13,30 +13,42 @@ use stream_schema::{DeadLetter, SessionEvent};
 use test_support::{SseEvent, wait_until};
 
 use crate::stack::{
-    Service, Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of,
+    Service, Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
 };
+use service_kit::config::{ModelSettings, ProducerSettings};
 
 const POLL: Duration = Duration::from_millis(25);
 
 /// Upstream timeouts and retries short enough for tests.
-const FAST_UPSTREAM: &str = "first_token_timeout_ms = 1500
-idle_timeout_ms = 1000
-max_retries = 2
-retry_base_ms = 50
-retry_max_ms = 3000";
+fn fast_upstream(model: &mut ModelSettings) {
+    model.first_token_timeout_ms = 1500;
+    model.idle_timeout_ms = 1000;
+    model.max_retries = 2;
+    model.retry_base_ms = 50;
+    model.retry_max_ms = 3000;
+}
 
 /// Leases short enough that a lost producer is replaced within about two seconds.
-const SHORT_LEASES: &str = "lease_ms = 1500
-lease_renew_ms = 300
-reclaim_interval_ms = 250";
+fn short_leases(producer: &mut ProducerSettings) {
+    producer.lease_ms = 1500;
+    producer.lease_renew_ms = 300;
+    producer.reclaim_interval_ms = 250;
+}
 
-async fn stack_with(producers: usize, producer_toml: &str) -> anyhow::Result<Stack> {
-    Stack::start_with(StackOptions {
-        producers,
-        producer_toml: producer_toml.to_owned(),
-        models_toml: FAST_UPSTREAM.to_owned(),
-        ..StackOptions::default()
-    })
+async fn stack_with(
+    producers: usize,
+    configure: impl FnOnce(&mut ProducerSettings),
+) -> anyhow::Result<Stack> {
+    Stack::start(
+        StackOptions {
+            producers,
+            ..options()
+        }
+        .with_settings(|s| {
+            configure(&mut s.producer);
+            s.models.values_mut().for_each(fast_upstream);
+        }),
+    )
     .await
 }
 
@@ -187,7 +199,7 @@ fn assert_restarted_once(events: &[Value], prompt: &str, tokens: usize) {
 
 #[tokio::test]
 async fn a_429_is_retried_after_its_retry_after_and_then_succeeds() -> anyhow::Result<()> {
-    let stack = stack_with(1, "").await?;
+    let stack = stack_with(1, |_| {}).await?;
     let prompt = "rate limited once [[mock status=429 retry_after=1 fail_times=1 tokens=5]]";
     let started_at = Instant::now();
     let events = chat(&stack, "r429", prompt).await?;
@@ -209,7 +221,7 @@ async fn a_429_is_retried_after_its_retry_after_and_then_succeeds() -> anyhow::R
 #[tokio::test]
 async fn a_persistent_5xx_ends_with_a_retryable_error_and_a_4xx_is_not_retried()
 -> anyhow::Result<()> {
-    let stack = stack_with(1, "").await?;
+    let stack = stack_with(1, |_| {}).await?;
     let events = chat(&stack, "r500", "always broken [[mock status=503]]").await?;
     assert_eq!(types(&events), ["start", "error"]);
     assert_eq!(events[1]["code"], "upstream_error");
@@ -238,7 +250,7 @@ async fn a_persistent_5xx_ends_with_a_retryable_error_and_a_4xx_is_not_retried()
 #[tokio::test]
 async fn a_stall_ends_with_an_upstream_timeout_after_the_idle_or_first_token_timeout()
 -> anyhow::Result<()> {
-    let stack = stack_with(1, "").await?;
+    let stack = stack_with(1, |_| {}).await?;
     let prompt = "stalls [[mock stall_after=3 tokens=10]]";
     let started = stack.start_chat("stall", prompt).await?;
     let mut connection = stack
@@ -287,7 +299,7 @@ async fn wait_for_stat(stack: &Stack, name: &str, want: u64) -> anyhow::Result<(
 
 #[tokio::test]
 async fn a_broken_stream_ends_with_an_error_and_keeps_the_tokens_before_it() -> anyhow::Result<()> {
-    let stack = stack_with(1, "").await?;
+    let stack = stack_with(1, |_| {}).await?;
     for (session, prompt) in [
         ("cut", "cut off [[mock disconnect_after=4 tokens=10]]"),
         ("garbled", "error event [[mock error_after=4 tokens=10]]"),
@@ -311,7 +323,7 @@ async fn a_broken_stream_ends_with_an_error_and_keeps_the_tokens_before_it() -> 
 
 #[tokio::test]
 async fn without_upstream_usage_the_producer_counts_and_says_so() -> anyhow::Result<()> {
-    let stack = stack_with(1, "token_coalesce_ms = 0").await?;
+    let stack = stack_with(1, |p| p.token_coalesce_ms = 0).await?;
     let events = chat(&stack, "nousage", "count me [[mock no_usage=1 tokens=7]]").await?;
     let complete = events.last().cloned().unwrap_or_default();
     assert_eq!(complete["type"], "complete");
@@ -322,7 +334,7 @@ async fn without_upstream_usage_the_producer_counts_and_says_so() -> anyhow::Res
 
 #[tokio::test]
 async fn coalesced_tokens_keep_the_text_and_the_token_count() -> anyhow::Result<()> {
-    let stack = stack_with(1, "token_coalesce_ms = 50").await?;
+    let stack = stack_with(1, |p| p.token_coalesce_ms = 50).await?;
     let prompt = "many small tokens [[mock tokens=200 delay_ms=1 no_usage=1]]";
     let events = chat(&stack, "coalesce", prompt).await?;
     let tokens = sequences(&events);
@@ -336,7 +348,7 @@ async fn coalesced_tokens_keep_the_text_and_the_token_count() -> anyhow::Result<
 
 #[tokio::test]
 async fn a_killed_producers_request_completes_on_another_with_a_restart() -> anyhow::Result<()> {
-    let stack = stack_with(2, SHORT_LEASES).await?;
+    let stack = stack_with(2, short_leases).await?;
     let prompt = "survive a crash [[mock tokens=300 delay_ms=10]]";
     let started = stack.start_chat("crash", prompt).await?;
     let mut connection = stack
@@ -371,7 +383,7 @@ async fn a_killed_producers_request_completes_on_another_with_a_restart() -> any
 
 #[tokio::test]
 async fn a_frozen_producer_writes_nothing_once_its_lease_is_taken() -> anyhow::Result<()> {
-    let stack = stack_with(2, SHORT_LEASES).await?;
+    let stack = stack_with(2, short_leases).await?;
     let prompt = "freeze [[mock tokens=300 delay_ms=10]]";
     let started = stack.start_chat("frozen", prompt).await?;
     let mut connection = stack
@@ -418,7 +430,11 @@ async fn a_frozen_producer_writes_nothing_once_its_lease_is_taken() -> anyhow::R
 async fn a_job_that_exhausts_its_attempts_is_dead_lettered_and_its_client_told()
 -> anyhow::Result<()> {
     // One attempt only: the first producer's death is fatal for the request.
-    let stack = stack_with(2, &format!("{SHORT_LEASES}\nmax_attempts = 1")).await?;
+    let stack = stack_with(2, |p| {
+        short_leases(p);
+        p.max_attempts = 1;
+    })
+    .await?;
     let started = stack
         .start_chat("poison", "doomed [[mock tokens=300 delay_ms=10]]")
         .await?;
@@ -488,7 +504,7 @@ async fn a_job_that_exhausts_its_attempts_is_dead_lettered_and_its_client_told()
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_takes_no_new_ones_and_exits_zero() -> anyhow::Result<()>
 {
-    let mut stack = stack_with(1, "shutdown_grace_secs = 10").await?;
+    let mut stack = stack_with(1, |p| p.shutdown_grace_secs = 10).await?;
     let prompt = "finish me [[mock tokens=150 delay_ms=10]]";
     let started = stack.start_chat("drain", prompt).await?;
     let mut connection = stack
@@ -540,10 +556,12 @@ async fn sigterm_finishes_in_flight_requests_takes_no_new_ones_and_exits_zero() 
 async fn sigterm_past_the_grace_period_hands_the_request_to_another_producer() -> anyhow::Result<()>
 {
     // A long lease: the hand-back, not the lease running out, must bring the quick restart.
-    let mut stack = stack_with(
-        2,
-        "shutdown_grace_secs = 1\nlease_ms = 20000\nlease_renew_ms = 1000\nreclaim_interval_ms = 250",
-    )
+    let mut stack = stack_with(2, |p| {
+        p.shutdown_grace_secs = 1;
+        p.lease_ms = 20000;
+        p.lease_renew_ms = 1000;
+        p.reclaim_interval_ms = 250;
+    })
     .await?;
     let prompt = "too long to drain [[mock tokens=300 delay_ms=10]]";
     let started = stack.start_chat("handback", prompt).await?;
@@ -575,7 +593,7 @@ async fn sigterm_past_the_grace_period_hands_the_request_to_another_producer() -
 
 #[tokio::test]
 async fn cancel_while_the_upstream_is_silent_hangs_up_within_a_second() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions::default()).await?;
+    let stack = Stack::start(options()).await?;
     let started = stack
         .start_chat("hush", "then silence [[mock stall_after=3 tokens=10]]")
         .await?;

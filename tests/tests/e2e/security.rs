@@ -4,7 +4,7 @@ use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 
-use crate::stack::{OTHER_API_KEY, Stack, StackOptions, TIMEOUT, str_field};
+use crate::stack::{OTHER_API_KEY, Stack, TIMEOUT, options, str_field};
 
 /// A token signed like the gateway does, with the stack's shared secret: lets tests make
 /// tokens the gateway would never issue (expired, for a revoked key).
@@ -43,7 +43,7 @@ async fn status_of(stack: &Stack, path: &str) -> anyhow::Result<u16> {
 
 #[tokio::test]
 async fn stream_tokens_open_only_their_own_session_and_request() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let alice = stack
         .start_chat("alice", "secret plans [[mock tokens=3]]")
         .await?;
@@ -140,7 +140,7 @@ async fn stream_tokens_open_only_their_own_session_and_request() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_token_of_a_key_that_is_not_configured_is_refused() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let alice = stack.start_chat("alice", "hello [[mock tokens=2]]").await?;
     let request = str_field(&alice, "requestId")?;
     // Correctly signed, but for a key id the gateway does not know (revoked or never issued).
@@ -163,7 +163,7 @@ async fn a_token_of_a_key_that_is_not_configured_is_refused() -> anyhow::Result<
 
 #[tokio::test]
 async fn api_calls_need_a_valid_key_and_keys_do_not_share_requests() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let url = format!("{}/api/chat/start", stack.gateway());
     let body = json!({"sessionId": "s", "modelId": "mock", "prompt": "x"});
     let anonymous = stack.http.post(&url).json(&body).send().await?;
@@ -210,10 +210,9 @@ async fn api_calls_need_a_valid_key_and_keys_do_not_share_requests() -> anyhow::
 
 #[tokio::test]
 async fn cors_headers_only_for_configured_origins() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        gateway_toml: "cors_allowed_origins = [\"https://chat.example.com\"]".to_owned(),
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(options().with_settings(|s| {
+        s.gateway.cors_allowed_origins = vec!["https://chat.example.com".to_owned()]
+    }))
     .await?;
     let preflight = |origin: &'static str| {
         stack
@@ -247,7 +246,7 @@ async fn cors_headers_only_for_configured_origins() -> anyhow::Result<()> {
     );
 
     // Without configured origins there are no CORS headers at all.
-    let plain = Stack::start().await?;
+    let plain = crate::stack::start().await?;
     let response = plain
         .http
         .get(format!("{}/api/models", plain.gateway()))
@@ -265,7 +264,7 @@ async fn cors_headers_only_for_configured_origins() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_demo_page_sends_security_headers() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let stack = crate::stack::start().await?;
     let page = stack
         .http
         .get(format!("{}/", stack.gateway()))

@@ -13,7 +13,10 @@ use test_support::wait_until;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::stack::{Stack, StackOptions, TIMEOUT, expected_text, payloads, str_field, text_of};
+use crate::stack::{
+    Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
+};
+use service_kit::config::OtlpProtocol;
 
 const POLL: Duration = Duration::from_millis(100);
 /// Largest export request the receiver accepts (the SDK sends batches of at most 512 spans).
@@ -210,20 +213,23 @@ fn spans_of(body: &Value) -> Vec<ReceivedSpan> {
 async fn one_chat_is_one_trace_across_gateway_producer_and_processor() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
     let env = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-    let stack = Stack::start_with(StackOptions {
-        telemetry_toml: format!(
-            "otlp_endpoint = \"{}\"\notlp_protocol = \"http/json\"\nsample_ratio = 1.0",
-            receiver.endpoint()
-        ),
-        service_env: vec![
-            // Export every 200 ms instead of 5 s, so the wait below is short.
-            env("OTEL_BSP_SCHEDULE_DELAY", "200"),
-            // The log level does not decide what is traced: info spans are exported with logs
-            // at warn (and a developer's RUST_LOG cannot hide them).
-            env("RUST_LOG", "warn"),
-        ],
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(
+        StackOptions {
+            service_env: vec![
+                // Export every 200 ms instead of 5 s, so the wait below is short.
+                env("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                // The log level does not decide what is traced: info spans are exported with logs
+                // at warn (and a developer's RUST_LOG cannot hide them).
+                env("RUST_LOG", "warn"),
+            ],
+            ..options()
+        }
+        .with_settings(|s| {
+            s.telemetry.otlp_endpoint = Some(receiver.endpoint());
+            s.telemetry.otlp_protocol = OtlpProtocol::HttpJson;
+            s.telemetry.sample_ratio = 1.0;
+        }),
+    )
     .await?;
 
     let prompt = "trace me [[mock tokens=12]]";
