@@ -157,6 +157,88 @@ async fn resuming_into_trimmed_history_reports_history_lost() -> anyhow::Result<
     Ok(())
 }
 
+/// Retention is by age, never by count: a request with more entries than the old count cap
+/// (10,000) reaches a client that joins after it ended, from its `start` on.
+#[tokio::test]
+async fn a_request_longer_than_the_old_cap_reaches_a_late_joiner_whole() -> anyhow::Result<()> {
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 0)).await?;
+    let (status, started) = stack
+        .post_start(
+            0,
+            &json!({
+                "sessionId": "long",
+                "modelId": "mock",
+                "prompt": "a long answer [[mock tokens=12000]]",
+                "maxTokens": 12_000,
+            }),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{status} {started}");
+    let url = str_field(&started, "streamUrl")?;
+    // The first reader follows it to the end; the second joins afterwards.
+    let first = stack.read_all(url).await?;
+    let late = payloads(&stack.read_all(url).await?)?;
+    assert_eq!(late.len(), first.len());
+    assert_eq!(
+        late.first().map(|e| e["type"].clone()),
+        Some(json!("start"))
+    );
+    let tokens: Vec<u64> = late
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .filter_map(|e| e["sequence"].as_u64())
+        .collect();
+    assert_eq!(tokens, (1..=12_000).collect::<Vec<_>>());
+    assert_eq!(
+        late.last().map(|e| e["type"].clone()),
+        Some(json!("complete"))
+    );
+    Ok(())
+}
+
+/// `history_lost` is exact: a client whose own last entry was removed by retention (which
+/// removes with `XDEL`, recording the last removed id) but nothing after it resumes with the
+/// rest; a client positioned before a removed entry gets `history_lost`.
+#[tokio::test]
+async fn history_lost_only_when_an_entry_after_the_position_is_gone() -> anyhow::Result<()> {
+    let stack = crate::stack::start().await?;
+    let started = stack
+        .start_chat("edge", "short lived [[mock tokens=5]]")
+        .await?;
+    let url = str_field(&started, "streamUrl")?;
+    let events = stack.read_all(url).await?;
+    let ids: Vec<String> = events.iter().filter_map(|e| e.id.clone()).collect();
+    anyhow::ensure!(ids.len() >= 4, "{ids:?}");
+
+    // Retention removed the start and the first token, oldest first, as `START` does.
+    let redis = stack.redis_client().await?;
+    let removed: u64 = redis
+        .xdel(
+            "llm:stream:{edge}:mock",
+            vec![ids[0].clone(), ids[1].clone()],
+        )
+        .await?;
+    assert_eq!(removed, 2);
+
+    let at_edge = stack
+        .open(0, url, &[("Last-Event-ID", ids[1].as_str())])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    let resumed: Vec<String> = at_edge.iter().filter_map(|e| e.id.clone()).collect();
+    assert_eq!(resumed, ids[2..].to_vec(), "{:?}", payloads(&at_edge)?);
+
+    let before_edge = stack
+        .open(0, url, &[("Last-Event-ID", ids[0].as_str())])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    let before_edge = payloads(&before_edge)?;
+    assert_eq!(before_edge.len(), 1, "{before_edge:?}");
+    assert_eq!(before_edge[0]["code"], "history_lost");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyhow::Result<()> {
     let stack = Stack::start(
