@@ -1,6 +1,6 @@
 //! Taking jobs: orphaned ones whose lease ran out (`XAUTOCLAIM`), and new ones from
 //! `llm:requests` in group `llm:producers` (`XREADGROUP`). Both take only as many jobs as there
-//! are free worker slots, so waiting jobs stay in Redis, not in memory.
+//! are free worker permits, so waiting jobs stay in Redis, not in memory.
 //!
 //! The [`Dispatcher`] starts a worker per claimed job; what a reclaimed job needs, and how a
 //! job is settled when its worker ends, is `recovery`'s.
@@ -51,8 +51,8 @@ impl Claim {
 pub struct Dispatcher {
     pub ctx: SharedContext,
     pub consumer: String,
-    /// Worker slots (`producer.concurrency`); a job is claimed only with a permit in hand.
-    pub slots: Arc<Semaphore>,
+    /// Worker permits (`producer.concurrency`); a job is claimed only with one in hand.
+    pub worker_permits: Arc<Semaphore>,
     pub leases: Arc<Leases>,
     pub workers: TaskTracker,
     /// Cancelled when the shutdown grace period is over: workers stop without a terminal event.
@@ -163,7 +163,7 @@ impl Dispatcher {
     /// Up to `MAX_CLAIM_BATCH` permits: at least one (waiting for it), then whatever is free.
     fn free_permits(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Vec<OwnedSemaphorePermit> {
         while permits.len() < MAX_CLAIM_BATCH {
-            match self.slots.clone().try_acquire_owned() {
+            match self.worker_permits.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,
             }
@@ -191,9 +191,9 @@ impl Drop for InFlight {
     }
 }
 
-/// The claim loop: with free slots in hand, first takes over jobs whose lease ran out (every
-/// `reclaim_interval`), then reads new jobs with the slots left. One loop owns the slots, so a
-/// blocking read never starves the reclaim of slots, and older (reclaimed) work goes first.
+/// The claim loop: with free worker permits in hand, first takes over jobs whose lease ran out (every
+/// `reclaim_interval`), then reads new jobs with the permits left. One loop owns the permits, so a
+/// blocking read never starves the reclaim of permits, and older (reclaimed) work goes first.
 #[derive(Clone)]
 pub struct Claimer {
     pub dispatcher: Arc<Dispatcher>,
@@ -233,7 +233,7 @@ impl Claimer {
         while !shutdown.is_cancelled() {
             flag.set(true);
             let first = tokio::select! {
-                permit = dispatcher.slots.clone().acquire_owned() => match permit {
+                permit = dispatcher.worker_permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },

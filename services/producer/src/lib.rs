@@ -78,7 +78,7 @@ impl Application {
         let dispatcher = Arc::new(Dispatcher {
             ctx,
             consumer: consumer.clone(),
-            slots: Arc::new(Semaphore::new(producer.concurrency)),
+            worker_permits: Arc::new(Semaphore::new(producer.concurrency)),
             leases: Arc::clone(&leases),
             workers: TaskTracker::new(),
             hard_stop: CancellationToken::new(),

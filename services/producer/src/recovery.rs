@@ -15,10 +15,9 @@ use std::collections::BTreeMap;
 
 use fred::prelude::*;
 use stream_io::session::{OwnerState, RequestStreams, TakeOver};
-use stream_io::{Entry, StreamIoError, groups, records};
-use stream_schema::keys::PRODUCER_GROUP;
+use stream_io::{Entry, StreamIoError, records};
 use stream_schema::record::Outcome;
-use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, RedisKey, SessionEvent};
+use stream_schema::{DeadLetter, EntryId, ErrorCode, EventRecord, Job, SessionEvent};
 
 use crate::worker::{AttemptEnd, WorkerContext};
 
@@ -233,19 +232,8 @@ impl Recovery<'_> {
     /// Acks the job and deletes it: its result lives in the session stream, and deleting keeps
     /// the job stream as long as the backlog, not as long as history.
     pub async fn finish_job(&self, id: EntryId) -> Result<(), StreamIoError> {
-        let client = self.ctx.redis.next();
-        groups::ack(client, RedisKey::requests().as_str(), PRODUCER_GROUP, &[id]).await?;
-        delete_job(client, id).await
+        stream_io::requests::delete_job(self.ctx.redis.next(), id).await
     }
-}
-
-/// Deletes an acknowledged job from `llm:requests`: the one raw command on the job stream left
-/// in the producer (to be replaced by the requests owner module of `stream-io`).
-async fn delete_job(client: &Client, id: EntryId) -> Result<(), StreamIoError> {
-    let _: i64 = client
-        .xdel(RedisKey::requests().as_str(), id.to_string())
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -278,6 +266,10 @@ mod tests {
         })
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the test forges an owner state that no code path writes directly"
+    )]
     async fn set_owner(env: &Env, job: &Job, value: &str) -> anyhow::Result<()> {
         use fred::prelude::*;
         let owner = env.streams(job).owner;

@@ -307,8 +307,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Waits for a free upstream slot of this model (immediately when unlimited).
-    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+    /// Waits for a free concurrency permit of this model (immediately when unlimited).
+    pub async fn concurrency_permit(&self) -> Option<OwnedSemaphorePermit> {
         match &self.limit {
             Some(limit) => limit.clone().acquire_owned().await.ok(),
             None => None,

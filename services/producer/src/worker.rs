@@ -18,7 +18,7 @@ use stream_io::StreamIoError;
 use stream_io::records::EventLog;
 use stream_io::session::{Retention, SessionScripts};
 use stream_schema::record::Outcome;
-use stream_schema::{FinishReason, Job, RedisKey, SessionEvent, Usage, UsageSource};
+use stream_schema::{FinishReason, Job, SessionEvent, Usage, UsageSource};
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -169,8 +169,6 @@ pub struct Attempt<'a> {
     job: &'a Job,
     attempt: u32,
     signals: StopSignals,
-    /// `llm:cancel:{session}:request`, polled while no token is written.
-    cancel: RedisKey,
     started: Instant,
     /// `producer.attempt`, in the trace of the gateway's `chat.start` (the job's `tp`).
     span: tracing::Span,
@@ -195,15 +193,18 @@ impl<'a> Attempt<'a> {
             job,
             attempt,
             signals,
-            cancel: RedisKey::cancel(&job.session_id, &job.request_id),
             started: Instant::now(),
             span,
         }
     }
 
     async fn cancelled(&self) -> Result<bool, StreamIoError> {
-        let exists: bool = self.ctx.redis.next().exists(self.cancel.as_str()).await?;
-        Ok(exists)
+        stream_io::cancel::is_requested(
+            self.ctx.redis.next(),
+            &self.job.session_id,
+            &self.job.request_id,
+        )
+        .await
     }
 
     /// Runs the attempt to its end, in its `producer.attempt` span.
@@ -288,8 +289,8 @@ impl<'a> Attempt<'a> {
             Ok(upstream) => upstream,
             Err(error) => return self.fail(run, &error).await,
         };
-        let _slot = match self.interruptible(upstream.slot()).await? {
-            Wait::Ready(slot) => slot,
+        let _permit = match self.interruptible(upstream.concurrency_permit()).await? {
+            Wait::Ready(permit) => permit,
             Wait::Interrupted(interrupt) => return self.interrupted(run, interrupt).await,
         };
 
@@ -337,7 +338,7 @@ impl<'a> Attempt<'a> {
             retries += 1;
             let delay = policy.backoff(retries);
             let delay = match error.retry_after() {
-                // Waiting longer than `retry_max` would hold a slot (and the client) for it:
+                // Waiting longer than `retry_max` would hold a permit (and the client) for it:
                 // tell the client instead; `retryable` says it may come back later.
                 Some(asked) if asked > policy.retry_max => {
                     return self.fail(run, &error).await;
