@@ -166,7 +166,7 @@ pub struct ModelSettings {
     /// First retry delay; each retry doubles it (with jitter) up to `retry_max_ms`.
     pub retry_base_ms: u64,
     /// Longest delay between two tries. A `Retry-After` longer than this is not waited for: the
-    /// request ends at once with a retryable error instead of holding a slot.
+    /// request ends at once with a retryable error instead of holding a concurrency permit.
     pub retry_max_ms: u64,
 }
 
@@ -271,14 +271,18 @@ pub struct LimitsSettings {
     pub max_tokens_cap: u32,
     /// Length of the rate-limit window in seconds (a minute; tests shorten it).
     pub window_secs: u64,
-    /// Chat starts per window per API key; 0 = unlimited. `keys.<id>` overrides it.
-    pub requests_per_minute: u32,
+    /// Chat starts per window per API key; 0 = unlimited. `keys.<id>` overrides it. Accepts
+    /// the old name `requests_per_minute` (the window is `window_secs`, not always a minute).
+    #[serde(alias = "requests_per_minute")]
+    pub requests_per_window: u32,
     /// Chat starts per window per session (across all keys); 0 = unlimited.
-    pub session_requests_per_minute: u32,
+    #[serde(alias = "session_requests_per_minute")]
+    pub session_requests_per_window: u32,
     /// Completion tokens per window per API key; 0 = unlimited. `keys.<id>` overrides it.
     /// A start reserves `maxTokens` (or `default_token_estimate`); the processor gives back
     /// what the request did not use.
-    pub tokens_per_minute: u64,
+    #[serde(alias = "tokens_per_minute")]
+    pub tokens_per_window: u64,
     /// Tokens reserved for a request that does not say `maxTokens`.
     pub default_token_estimate: u32,
     /// End a request with `finishReason: "rate_limited"` when it streams more tokens than it
@@ -292,25 +296,27 @@ pub struct LimitsSettings {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyLimits {
-    pub requests_per_minute: Option<u32>,
-    pub tokens_per_minute: Option<u64>,
+    #[serde(alias = "requests_per_minute")]
+    pub requests_per_window: Option<u32>,
+    #[serde(alias = "tokens_per_minute")]
+    pub tokens_per_window: Option<u64>,
 }
 
 impl LimitsSettings {
     /// Requests per window for an API key (0 = unlimited).
-    pub fn requests_per_window(&self, key_id: &str) -> u32 {
+    pub fn requests_per_window_for(&self, key_id: &str) -> u32 {
         self.keys
             .get(key_id)
-            .and_then(|k| k.requests_per_minute)
-            .unwrap_or(self.requests_per_minute)
+            .and_then(|k| k.requests_per_window)
+            .unwrap_or(self.requests_per_window)
     }
 
     /// Tokens per window for an API key (0 = unlimited).
-    pub fn tokens_per_window(&self, key_id: &str) -> u64 {
+    pub fn tokens_per_window_for(&self, key_id: &str) -> u64 {
         self.keys
             .get(key_id)
-            .and_then(|k| k.tokens_per_minute)
-            .unwrap_or(self.tokens_per_minute)
+            .and_then(|k| k.tokens_per_window)
+            .unwrap_or(self.tokens_per_window)
     }
 }
 
@@ -322,9 +328,9 @@ impl Default for LimitsSettings {
             max_messages: 256,
             max_tokens_cap: 32_768,
             window_secs: 60,
-            requests_per_minute: 0,
-            session_requests_per_minute: 0,
-            tokens_per_minute: 0,
+            requests_per_window: 0,
+            session_requests_per_window: 0,
+            tokens_per_window: 0,
             default_token_estimate: 1_024,
             hard_token_cap: true,
             keys: BTreeMap::new(),
@@ -454,7 +460,7 @@ impl Default for GatewaySettings {
 pub struct ProducerSettings {
     /// Listen address of health and metrics.
     pub addr: String,
-    /// Most requests one producer streams at once; it claims jobs only when a slot is free.
+    /// Most requests one producer streams at once; it claims jobs only when a worker permit is free.
     pub concurrency: usize,
     /// Consumer name in `llm:producers`; empty means hostname-pid (unique per process).
     pub consumer_name: String,
@@ -469,7 +475,7 @@ pub struct ProducerSettings {
     /// How often a producer renews the leases of the jobs it works on. Must be well below
     /// `lease_ms` (at most half of it) so a slow Redis call does not lose a lease.
     pub lease_renew_ms: u64,
-    /// How often a producer with a free slot looks for jobs whose lease ran out (its blocking
+    /// How often a producer with a free worker permit looks for jobs whose lease ran out (its blocking
     /// read for new jobs waits at most this long, so `claim_block_ms` is capped by it).
     pub reclaim_interval_ms: u64,
     /// Attempts a request gets (the first one plus restarts after a producer died). A job
@@ -815,6 +821,17 @@ mod tests {
         let loaded = Settings::load_from_vars(Some(&path), vars(&[]));
         let _ = std::fs::remove_file(&path);
         loaded
+    }
+
+    #[test]
+    fn the_old_per_minute_limit_names_still_load() -> Result<(), ConfigError> {
+        let settings = load_toml(
+            "[limits]\nrequests_per_minute = 5\ntokens_per_minute = 700\n[limits.keys.k]\nrequests_per_minute = 9\n",
+        )?;
+        assert_eq!(settings.limits.requests_per_window, 5);
+        assert_eq!(settings.limits.tokens_per_window, 700);
+        assert_eq!(settings.limits.requests_per_window_for("k"), 9);
+        Ok(())
     }
 
     #[test]

@@ -528,8 +528,8 @@ mod tests {
         settings.limits.keys.insert(
             "test".to_owned(),
             service_kit::config::KeyLimits {
-                requests_per_minute: Some(3),
-                tokens_per_minute: None,
+                requests_per_window: Some(3),
+                tokens_per_window: None,
             },
         );
         settings.telemetry.otlp_endpoint = Some("http://127.0.0.1:4318/v1/traces".to_owned());
@@ -548,7 +548,7 @@ mod tests {
         let loaded = Settings::load_from_vars(Some(&path), Vec::new())?;
         // Nothing lost or changed on the way: the file of the loaded settings is the same.
         assert_eq!(settings_toml(&loaded)?, settings_toml(&settings)?);
-        assert_eq!(loaded.limits.requests_per_window("test"), 3);
+        assert_eq!(loaded.limits.requests_per_window_for("test"), 3);
         assert_eq!(loaded.streams.event_shards, 4);
         Ok(())
     }

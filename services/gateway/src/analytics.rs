@@ -212,11 +212,8 @@ fn all_shards(state: &AppState) -> Vec<u16> {
         (status = 200, description = "The session's counters", body = SessionAnalytics),
         (status = 400, description = "`invalid_session_id`, or `invalid_request`: `minutes` is not a whole number of \
             minutes within the retention", body = crate::error::ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = crate::error::ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable",
-            body = crate::error::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::ApiKeyRefused,
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]
@@ -259,11 +256,8 @@ pub struct ModelReport {
         (status = 200, description = "Counters of every configured model", body = ModelsAnalytics),
         (status = 400, description = "`invalid_request`: `minutes` is not a whole number of \
             minutes within the retention", body = crate::error::ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = crate::error::ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable",
-            body = crate::error::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::ApiKeyRefused,
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]
@@ -303,11 +297,8 @@ pub async fn models(
         (status = 200, description = "The calling API key's counters", body = KeyAnalytics),
         (status = 400, description = "`invalid_request`: `minutes` is not a whole number of \
             minutes within the retention", body = crate::error::ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = crate::error::ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable",
-            body = crate::error::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::ApiKeyRefused,
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]

@@ -208,8 +208,7 @@ pub(crate) struct StartChatResponse {
         (status = 400, description = "`invalid_json` (malformed JSON), `invalid_request` (wrong \
             field types, no or empty prompt, both prompt and messages, maxTokens or temperature \
             out of range) or `invalid_session_id`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = ErrorBody),
+        crate::error::ApiKeyRefused,
         (status = 404, description = "`unknown_model`: modelId is not configured",
             body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`: the Idempotency-Key was used with \
@@ -219,8 +218,7 @@ pub(crate) struct StartChatResponse {
         (status = 429, description = "`rate_limited`: over a request or token limit of the API \
             key or session", body = ErrorBody, headers(
             ("Retry-After" = u64, description = "Seconds until a retry can be admitted"))),
-        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]
@@ -327,7 +325,7 @@ async fn admit(
     key: &KeyId,
 ) -> Result<Option<Reservation>, ApiError> {
     let limits = &state.settings.limits;
-    let tpm = limits.tokens_per_window(&key.0);
+    let tpm = limits.tokens_per_window_for(&key.0);
     if tpm > 0 && u64::from(chat.max_tokens.unwrap_or(limits.default_token_estimate)) > tpm {
         return Err(ApiError::InvalidRequest(format!(
             "maxTokens is larger than this API key's limit of {tpm} tokens per window"
@@ -487,12 +485,10 @@ pub(crate) struct CancelResponse {
     params(("requestId" = String, Path, description = "The `requestId` of a start response")),
     responses(
         (status = 202, description = "Cancel requested", body = CancelResponse),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = ErrorBody),
+        crate::error::ApiKeyRefused,
         (status = 404, description = "`not_found`: no such request for this API key (also for \
             ids that are not request ids)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]

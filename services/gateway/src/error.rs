@@ -230,3 +230,24 @@ mod tests {
         Ok(())
     }
 }
+
+/// The `401` of every endpoint that takes an API key, for the OpenAPI document (one wording).
+#[derive(utoipa::IntoResponses)]
+pub enum ApiKeyRefused {
+    #[response(
+        status = 401,
+        description = "`unauthorized`: missing or invalid API key"
+    )]
+    Unauthorized(ErrorBody),
+}
+
+/// The `503` of every endpoint that needs Redis, for the OpenAPI document (one wording).
+#[derive(utoipa::IntoResponses)]
+pub enum RedisUnavailable {
+    #[response(
+        status = 503,
+        description = "`unavailable`: Redis is unreachable",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(ErrorBody),
+}

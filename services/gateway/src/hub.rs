@@ -81,7 +81,7 @@ pub struct HubSettings {
     pub cluster_poll_ms: u64,
 }
 
-struct Slot {
+struct Subscriber {
     tx: mpsc::UnboundedSender<HubMessage>,
     /// Bytes sent to this subscriber and not yet taken by its connection: the hub adds, the
     /// connection's delivery task subtracts.
@@ -92,7 +92,7 @@ struct Slot {
 struct Feed {
     /// Last entry id the hub dispatched for this stream.
     cursor: EntryId,
-    slots: HashMap<u64, Slot>,
+    subscribers: HashMap<u64, Subscriber>,
 }
 
 #[derive(Default)]
@@ -181,13 +181,13 @@ impl Hub {
                     added = true;
                     Feed {
                         cursor: after,
-                        slots: HashMap::new(),
+                        subscribers: HashMap::new(),
                     }
                 });
             let catch_up_to = (feed.cursor > after).then_some(feed.cursor);
-            feed.slots.insert(
+            feed.subscribers.insert(
                 id,
-                Slot {
+                Subscriber {
                     tx,
                     queued: queued.clone(),
                     filter,
@@ -212,10 +212,10 @@ impl Hub {
     fn unsubscribe(&self, key: &str, id: u64) {
         let mut table = self.table();
         if let Some(feed) = table.feeds.get_mut(key) {
-            if feed.slots.remove(&id).is_some() {
+            if feed.subscribers.remove(&id).is_some() {
                 metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
             }
-            if feed.slots.is_empty() {
+            if feed.subscribers.is_empty() {
                 table.feeds.remove(key);
             }
         }
@@ -257,18 +257,18 @@ impl Hub {
                     }
                 };
                 let request = frame.event.request_id();
-                feed.slots.retain(|_, slot| {
-                    if slot.filter.is_some_and(|f| f != request) {
+                feed.subscribers.retain(|_, subscriber| {
+                    if subscriber.filter.is_some_and(|f| f != request) {
                         return true;
                     }
                     let size = frame.bytes.len();
-                    if slot.queued.fetch_add(size, Ordering::Relaxed) + size > buffer_bytes {
+                    if subscriber.queued.fetch_add(size, Ordering::Relaxed) + size > buffer_bytes {
                         metrics::counter!("gateway_sse_overflows_total").increment(1);
-                        let _ = slot.tx.send(HubMessage::Closed(Closed::Overflow));
+                        let _ = subscriber.tx.send(HubMessage::Closed(Closed::Overflow));
                         metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
                         return false;
                     }
-                    slot.tx.send(HubMessage::Frame(frame.clone())).is_ok()
+                    subscriber.tx.send(HubMessage::Frame(frame.clone())).is_ok()
                 });
             }
         }
@@ -278,8 +278,8 @@ impl Hub {
     fn close_all(&self, reason: Closed) {
         let mut table = self.table();
         for (_, feed) in table.feeds.drain() {
-            for (_, slot) in feed.slots {
-                let _ = slot.tx.send(HubMessage::Closed(reason));
+            for (_, subscriber) in feed.subscribers {
+                let _ = subscriber.tx.send(HubMessage::Closed(reason));
                 metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
             }
         }

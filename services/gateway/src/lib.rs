@@ -11,9 +11,9 @@ pub mod limits;
 pub mod openapi;
 pub mod page;
 pub mod sessions;
-pub mod sse;
 pub mod state;
 pub mod stream_token;
+pub mod streams;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -160,7 +160,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/models", web::get().to(chat::models))
         .route("/api/chat/start", web::post().to(chat::start))
         .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
-        .route("/api/sse/stream/{sessionId}", web::get().to(sse::stream))
+        .route(
+            "/api/sse/stream/{sessionId}",
+            web::get().to(streams::stream),
+        )
         .route(
             "/api/analytics/sessions/{sessionId}",
             web::get().to(analytics::session),

@@ -95,7 +95,7 @@ impl RateLimiter {
         let window_ms = limits.window_secs.saturating_mul(1000);
         let key_log = RedisKey::key_request_log(key_id);
         let session_log = RedisKey::session_request_log(session);
-        let key_rpm = limits.requests_per_window(key_id);
+        let key_rpm = limits.requests_per_window_for(key_id);
         if key_rpm > 0
             && let Err(retry) = self
                 .check_log(client, &key_log, key_rpm, window_ms, request_member, None)
@@ -106,7 +106,7 @@ impl RateLimiter {
                 retry_after_secs: retry,
             }));
         }
-        let session_rpm = limits.session_requests_per_minute;
+        let session_rpm = limits.session_requests_per_window;
         if session_rpm > 0
             && let Err(retry) = self
                 .check_log(
@@ -127,7 +127,7 @@ impl RateLimiter {
                 retry_after_secs: retry,
             }));
         }
-        let tpm = limits.tokens_per_window(key_id);
+        let tpm = limits.tokens_per_window_for(key_id);
         if tpm == 0 {
             return Ok(Admission::Admitted(None));
         }

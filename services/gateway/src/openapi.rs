@@ -16,7 +16,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::state::SharedState;
-use crate::{chat, page, sessions, sse};
+use crate::{chat, page, sessions, streams};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,7 +28,7 @@ use crate::{chat, page, sessions, sse};
     paths(
         chat::start,
         chat::cancel,
-        sse::stream,
+        streams::stream,
         sessions::stream_token,
         sessions::connections,
         chat::models,

@@ -32,8 +32,7 @@ pub(crate) struct SessionTokenResponse {
     responses(
         (status = 200, description = "A session-wide stream token", body = SessionTokenResponse),
         (status = 400, description = "`invalid_session_id`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = ErrorBody),
+        crate::error::ApiKeyRefused,
     ),
     security(("bearer" = [])),
 )]
@@ -72,11 +71,8 @@ pub(crate) struct SessionConnections {
         (status = 200, description = "Live connections (renewed by heartbeats)",
             body = SessionConnections),
         (status = 400, description = "`invalid_session_id`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid API key",
-            body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable",
-            body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::ApiKeyRefused,
+        crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]

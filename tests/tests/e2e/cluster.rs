@@ -180,7 +180,7 @@ async fn rate_limits_and_counters_hold_on_a_cluster() -> anyhow::Result<()> {
         }
         .with_settings(|s| {
             s.limits.window_secs = 30;
-            s.limits.requests_per_minute = 4;
+            s.limits.requests_per_window = 4;
         }),
     ))
     .await?;

@@ -31,7 +31,7 @@ async fn start_on(
 }
 
 #[tokio::test]
-async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Result<()> {
+async fn requests_per_window_hold_exactly_across_two_gateways() -> anyhow::Result<()> {
     let stack = Stack::start(
         StackOptions {
             gateways: 2,
@@ -39,7 +39,7 @@ async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Resul
         }
         .with_settings(|s| {
             s.limits.window_secs = 3;
-            s.limits.requests_per_minute = 5;
+            s.limits.requests_per_window = 5;
         }),
     )
     .await?;
@@ -99,7 +99,7 @@ async fn requests_per_minute_hold_exactly_across_two_gateways() -> anyhow::Resul
 async fn a_session_limit_applies_across_keys() -> anyhow::Result<()> {
     let stack = Stack::start(options().with_settings(|s| {
         s.limits.window_secs = 30;
-        s.limits.session_requests_per_minute = 2;
+        s.limits.session_requests_per_window = 2;
     }))
     .await?;
     for _ in 0..2 {
@@ -139,7 +139,7 @@ async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Resu
         }
         .with_settings(|s| {
             s.limits.window_secs = 60;
-            s.limits.tokens_per_minute = 100;
+            s.limits.tokens_per_window = 100;
         }),
     )
     .await?;
@@ -189,7 +189,7 @@ async fn token_reservations_are_exact_and_given_back_after_use() -> anyhow::Resu
 #[tokio::test]
 async fn a_request_past_its_estimated_reservation_ends_rate_limited() -> anyhow::Result<()> {
     let stack = Stack::start(options().with_settings(|s| {
-        s.limits.tokens_per_minute = 1000;
+        s.limits.tokens_per_window = 1000;
         s.limits.default_token_estimate = 5;
         s.limits.hard_token_cap = true;
     }))

@@ -35,6 +35,55 @@ struct Plan {
     after: EntryId,
 }
 
+/// An authorized reader of `GET /api/sse/stream/{sessionId}`, as a handler argument: the
+/// session (path), the request (`requestId`) and the resume position (`Last-Event-ID` or
+/// `lastEventId`), parsed in that order (`400` on the first malformed one), then the stream
+/// token checked against them (`401`/`403`). A handler that takes it reads only what the token
+/// grants.
+pub struct StreamAccess {
+    pub session: SessionId,
+    pub request: Option<RequestId>,
+    pub resume: Option<EntryId>,
+}
+
+impl actix_web::FromRequest for StreamAccess {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        std::future::ready(Self::extract(req))
+    }
+}
+
+impl StreamAccess {
+    fn extract(req: &HttpRequest) -> Result<Self, ApiError> {
+        let Some(state) = req.app_data::<web::Data<SharedState>>() else {
+            tracing::error!("the gateway state is not registered with the app");
+            return Err(ApiError::Internal);
+        };
+        // Decoded exactly as `web::Path` would (the same deserializer).
+        let raw_session: String = req
+            .match_info()
+            .load()
+            .map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+        let session = SessionId::parse(&raw_session)
+            .map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+        let query = parse_query(req)?;
+        let request = query
+            .get("requestId")
+            .map(|raw| RequestId::parse(raw))
+            .transpose()
+            .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
+        let resume = resume_id(req, &query)?;
+        authorize(state, req, &query, &session, request.as_ref())?;
+        Ok(Self {
+            session,
+            request,
+            resume,
+        })
+    }
+}
+
 fn parse_query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
     web::Query::<HashMap<String, String>>::from_query(req.query_string())
         .map(web::Query::into_inner)
@@ -94,25 +143,19 @@ fn resume_id(
             API key was revoked", body = ErrorBody),
         (status = 404, description = "`not_found`: no such request in this session",
             body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is unreachable", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        crate::error::RedisUnavailable,
     ),
     security(("streamToken" = []), ("bearer" = [])),
 )]
 pub async fn stream(
     state: web::Data<SharedState>,
-    path: web::Path<String>,
-    req: HttpRequest,
+    access: StreamAccess,
 ) -> Result<HttpResponse, ApiError> {
-    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
-    let query = parse_query(&req)?;
-    let request = query
-        .get("requestId")
-        .map(|raw| RequestId::parse(raw))
-        .transpose()
-        .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
-    let resume = resume_id(&req, &query)?;
-    authorize(&state, &req, &query, &session, request.as_ref())?;
+    let StreamAccess {
+        session,
+        request,
+        resume,
+    } = access;
     let client = state.client();
 
     let mut plans = Vec::new();
