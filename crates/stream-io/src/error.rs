@@ -23,4 +23,11 @@ impl StreamIoError {
             Self::Protocol(_) => false,
         }
     }
+
+    /// True when a group command found no group (`NOGROUP`): the stream or its group is gone,
+    /// typically because Redis came back empty (restarted without persistence, or a failover
+    /// to a replica that had not received them). The caller recreates the group.
+    pub fn is_missing_group(&self) -> bool {
+        matches!(self, Self::Redis(error) if error.details().contains("NOGROUP"))
+    }
 }

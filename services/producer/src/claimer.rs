@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::ClientUnblockFlag;
+use service_kit::backoff::Backoff;
 use service_kit::ops::LoopFlag;
 use stream_io::groups;
 use stream_schema::keys::PRODUCER_GROUP;
@@ -208,21 +209,9 @@ impl Claimer {
     pub async fn run(self, shutdown: CancellationToken, flag: LoopFlag) {
         let requests = RedisKey::requests();
         let dispatcher = &self.dispatcher;
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            if let Err(error) = groups::ensure_group(&self.reader, &requests, PRODUCER_GROUP).await
-            {
-                tracing::warn!(%error, "cannot create the producer group; retrying");
-                flag.set(false);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-            break;
-        }
+        let mut backoff = Backoff::default();
+        // The group exists as far as this loop knows; a `NOGROUP` reply clears it.
+        let mut group_ready = false;
         // A read blocks no longer than the reclaim interval, so reclaiming stays on time.
         let block_ms = self
             .block_ms
@@ -231,6 +220,21 @@ impl Claimer {
         let mut reclaim = Reclaim::new(self.lease);
         let mut next_reclaim = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
+            if !group_ready {
+                // From the start of the stream (`0`), so a job enqueued while the group was
+                // missing is read, not skipped.
+                match groups::ensure_group(&self.reader, &requests, PRODUCER_GROUP).await {
+                    Ok(()) => group_ready = true,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot create the producer group; retrying");
+                        flag.set(false);
+                        if !backoff.wait(&shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
             flag.set(true);
             let first = tokio::select! {
                 permit = dispatcher.worker_permits.clone().acquire_owned() => match permit {
@@ -264,7 +268,7 @@ impl Claimer {
             };
             match result {
                 Ok(streams) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     for (_, entries) in streams {
                         for entry in entries {
                             let Some(permit) = permits.pop() else {
@@ -276,15 +280,18 @@ impl Claimer {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "claiming jobs failed");
+                    if error.is_missing_group() {
+                        tracing::warn!(%error, "the producer group is gone (Redis lost its data?); recreating it");
+                        group_ready = false;
+                    } else {
+                        tracing::warn!(%error, "claiming jobs failed");
+                    }
                     metrics::counter!("producer_claim_errors_total").increment(1);
                     flag.set(false);
                     drop(permits);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => break,
+                    if !backoff.wait(&shutdown).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }

@@ -255,3 +255,92 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     assert_eq!(text_of(&final_attempt), expected_text(prompt, 150));
     Ok(())
 }
+
+/// Redis comes back empty (restarted without persistence): the consumer groups are gone. Every
+/// service recreates what it needs from the beginning of the stream, readiness says 503 until
+/// then, and every chat started afterwards completes and is counted: no job is skipped, even
+/// one enqueued before the producer noticed.
+#[tokio::test]
+async fn redis_back_empty_recreates_the_groups_and_skips_no_job() -> anyhow::Result<()> {
+    let mut stack = crate::stack::start().await?;
+    let warm = stack
+        .start_chat("before", "warm up [[mock tokens=4]]")
+        .await?;
+    stack.read_all(str_field(&warm, "streamUrl")?).await?;
+
+    stack.redis.stop().await?;
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
+        let ready = format!("{}/readyz", service.url());
+        let http = stack.http.clone();
+        wait_until(Duration::from_secs(10), POLL, || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { Ok((http.get(&ready).send().await?.status() == 503).then_some(())) }
+        })
+        .await?;
+    }
+    // Not durable: it starts with an empty data set on the same port.
+    stack.redis.restart().await?;
+
+    // Start chats as soon as the gateway takes them, before the producer and processor have
+    // recreated their groups: the jobs wait in a stream whose group does not exist yet.
+    let prompt = "after the wipe [[mock tokens=6]]";
+    let mut started = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while started.len() < 3 {
+        anyhow::ensure!(Instant::now() < deadline, "the gateway never took a chat");
+        let (status, body) = stack
+            .post_start(
+                0,
+                &json!({"sessionId": "after", "modelId": "mock", "prompt": prompt}),
+            )
+            .await?;
+        match status {
+            200 => started.push(body),
+            503 => tokio::time::sleep(POLL).await,
+            other => anyhow::bail!("start answered {other}: {body}"),
+        }
+    }
+    for chat in &started {
+        let events = payloads(&stack.read_all(str_field(chat, "streamUrl")?).await?)?;
+        assert_eq!(text_of(&events), expected_text(prompt, 6));
+    }
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
+        let ready = format!("{}/readyz", service.url());
+        let http = stack.http.clone();
+        wait_until(Duration::from_secs(20), POLL, || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { Ok((http.get(&ready).send().await?.status() == 200).then_some(())) }
+        })
+        .await
+        .with_context(|| format!("{} never became ready again", service.process.name()))?;
+    }
+    // The processor's recreated group read every record from the start.
+    let url = format!("{}/api/analytics/sessions/after", stack.gateway());
+    let http = stack.http.clone();
+    wait_until(Duration::from_secs(20), POLL, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body: serde_json::Value = http
+                .get(&url)
+                .bearer_auth(API_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok((body["totals"]["requests"].as_u64() == Some(3)
+                && body["totals"]["finished"].as_u64() == Some(3))
+            .then_some(()))
+        }
+    })
+    .await
+    .context("the processor did not count the chats started after the wipe")?;
+    Ok(())
+}
