@@ -334,15 +334,6 @@ impl RequestStreams {
     }
 }
 
-/// The current owner attempt of a request, if its owner key still exists.
-pub async fn owner_attempt(
-    client: &Client,
-    owner: &RedisKey,
-) -> Result<Option<u32>, StreamIoError> {
-    let raw: Option<String> = client.get(owner.as_str()).await?;
-    Ok(raw.and_then(|v| v.parse().ok()))
-}
-
 /// `XRANGE key (after + COUNT count`: up to `count` entries strictly after `after`.
 pub async fn range_after(
     client: &Client,
@@ -417,13 +408,4 @@ pub async fn trimmed(client: &Client, key: &RedisKey) -> Result<Trimmed, StreamI
     Err(StreamIoError::Protocol(
         "XINFO STREAM has no max-deleted-entry-id (Redis < 7.0)".to_owned(),
     ))
-}
-
-/// The id of the oldest entry still in `key`.
-pub async fn first_entry_id(
-    client: &Client,
-    key: &RedisKey,
-) -> Result<Option<EntryId>, StreamIoError> {
-    let reply: Value = client.xrange(key.as_str(), "-", "+", Some(1)).await?;
-    Ok(parse_entries(reply)?.first().map(|e| e.id))
 }

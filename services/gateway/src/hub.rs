@@ -221,11 +221,6 @@ impl Hub {
         }
     }
 
-    /// Number of streams being read (for tests and metrics).
-    pub fn stream_count(&self) -> usize {
-        self.table().feeds.len()
-    }
-
     fn snapshot(&self) -> (Vec<String>, Vec<String>) {
         let table = self.table();
         table
