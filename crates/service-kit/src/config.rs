@@ -421,6 +421,11 @@ pub struct GatewaySettings {
     pub keepalive_secs: u64,
     /// Bytes an SSE client may fall behind before it is disconnected (it resumes from Redis).
     pub sse_buffer_bytes: usize,
+    /// An SSE client that takes nothing for this long while frames wait for it (its TCP window
+    /// is full: it stopped reading) is disconnected: its delivery task, hub subscription and
+    /// queued frames are freed, and it resumes from Redis with `Last-Event-ID` when it reads
+    /// again.
+    pub sse_write_timeout_ms: u64,
     /// Most entries one multiplexed `XREAD` returns per stream.
     pub reader_batch: u64,
     /// How long the multiplexed reader blocks in one `XREAD`.
@@ -444,6 +449,7 @@ impl Default for GatewaySettings {
             addr: "127.0.0.1:8080".to_owned(),
             keepalive_secs: 15,
             sse_buffer_bytes: 1024 * 1024,
+            sse_write_timeout_ms: 10_000,
             reader_batch: 512,
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
@@ -627,6 +633,12 @@ impl Settings {
                     "must be between 1 and {MAX_COMMAND_TIMEOUT_MS}: API calls promise a 503 \
                      within 2 s when Redis is unreachable"
                 ),
+            ));
+        }
+        if self.gateway.sse_write_timeout_ms == 0 {
+            return Err(invalid(
+                "gateway.sse_write_timeout_ms",
+                "must be at least 1",
             ));
         }
         for (key, addr) in [

@@ -304,6 +304,8 @@ enum End {
     /// The requested request completed or failed.
     Finished,
     ClientGone,
+    /// The client took nothing for `gateway.sse_write_timeout_ms` while frames waited.
+    Stalled,
     Shutdown,
     Closed(Closed),
 }
@@ -334,6 +336,11 @@ impl Delivery {
                 retryable: true,
                 timestamp: stream_schema::now_millis(),
             }),
+            End::Stalled => {
+                metrics::counter!("gateway_sse_stalled_total").increment(1);
+                tracing::debug!(connection_id = %self.guard.connection_id, "sse client stalled");
+                None
+            }
             End::Finished | End::ClientGone | End::Shutdown => None,
         };
         if let Some(event) = closing {
@@ -343,9 +350,19 @@ impl Delivery {
         tracing::debug!(connection_id = %self.guard.connection_id, "sse ended");
     }
 
+    /// Hands a frame to the response writer. Only when its small queue is full (the client's
+    /// TCP window is full) does this wait, and not longer than the write timeout: a client that
+    /// stopped reading must not hold a task, a subscription and its queued frames forever.
     async fn send(&mut self, bytes: Bytes) -> Result<(), End> {
+        let bytes = match self.body.try_send(bytes) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
+            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
+        };
+        let timeout = Duration::from_millis(self.state.settings.gateway.sse_write_timeout_ms);
         tokio::select! {
             sent = self.body.send(bytes) => sent.map_err(|_| End::ClientGone),
+            () = tokio::time::sleep(timeout) => Err(End::Stalled),
             () = self.state.shutdown.cancelled() => Err(End::Shutdown),
         }
     }

@@ -239,6 +239,94 @@ async fn history_lost_only_when_an_entry_after_the_position_is_gone() -> anyhow:
     Ok(())
 }
 
+/// A client that stops reading (its TCP window fills) is cut off after
+/// `gateway.sse_write_timeout_ms`: it leaves the connection listing, and when it reads again it
+/// gets what was already on its way, the end of the stream, and resumes from Redis with
+/// nothing lost or repeated.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> anyhow::Result<()> {
+    let stack = Stack::start(options().with_settings(|s| {
+        s.mock_llm.token_delay_ms = 0;
+        s.gateway.sse_write_timeout_ms = 500;
+    }))
+    .await?;
+    let tokens = 30_000;
+    let (status, started) = stack
+        .post_start(
+            0,
+            &json!({
+                "sessionId": "stalled",
+                "modelId": "mock",
+                "prompt": format!("a flood [[mock tokens={tokens}]]"),
+                "maxTokens": tokens,
+            }),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{status} {started}");
+    let url = str_field(&started, "streamUrl")?;
+    // Opened, then not read: megabytes of frames fill the socket buffers on both sides.
+    let mut stalled = stack.open(0, url, &[]).await?;
+
+    let list_url = format!("{}/api/sessions/stalled/connections", stack.gateway());
+    let http = stack.http.clone();
+    wait_until(Duration::from_secs(90), POLL, || {
+        let (http, list_url) = (http.clone(), list_url.clone());
+        async move {
+            let body: Value = http
+                .get(&list_url)
+                .bearer_auth(crate::stack::API_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let open = body["connections"].as_array().map_or(0, Vec::len);
+            Ok((open == 0).then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the stalled client was never cut off: {e}"))?;
+    // Cut off for stalling, not ended because the whole answer fit in the socket buffers.
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.gateway()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let stalled_total = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("gateway_sse_stalled_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(stalled_total, Some(1.0), "{metrics}");
+
+    // Reading again: what was in flight, then the end of the response.
+    let head = stalled.collect_to_end(TIMEOUT).await?;
+    let resume_at = last_id(&head)?;
+    let rest = stack
+        .open(0, url, &[("Last-Event-ID", resume_at.as_str())])
+        .await?
+        .collect_to_end(TIMEOUT)
+        .await?;
+    let all = payloads(
+        &head
+            .into_iter()
+            .chain(rest)
+            .filter(|e| e.id.is_some())
+            .collect::<Vec<_>>(),
+    )?;
+    let sequences: Vec<u64> = all
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .filter_map(|e| e["sequence"].as_u64())
+        .collect();
+    assert_eq!(sequences, (1..=tokens).collect::<Vec<_>>());
+    assert_eq!(
+        all.last().map(|e| e["type"].clone()),
+        Some(json!("complete"))
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_chat_started_on_one_gateway_streams_and_cancels_on_another() -> anyhow::Result<()> {
     let stack = Stack::start(
