@@ -25,6 +25,33 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Waits until the gateway, producer and processor all answer `/readyz` with `status`; on a
+/// timeout, names the service and shows its `/readyz` body and log tail.
+async fn every_service_reports(stack: &Stack, status: u16, within: Duration) -> anyhow::Result<()> {
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
+        let ready = format!("{}/readyz", service.url());
+        let http = stack.http.clone();
+        let reached = wait_until(within, POLL, || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { Ok((http.get(&ready).send().await?.status() == status).then_some(())) }
+        })
+        .await;
+        if let Err(error) = reached {
+            let body = stack.http.get(&ready).send().await?.text().await?;
+            anyhow::bail!(
+                "{} never answered {status}: {error}; /readyz: {body}\n{}",
+                service.process.name(),
+                service.process.log_tail(20).await
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn scrape(stack: &Stack, url: String) -> anyhow::Result<String> {
     Ok(stack
         .http
@@ -177,19 +204,7 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     assert_eq!(body["error"]["code"], "unavailable");
 
     // Every service says it is not ready.
-    for service in [
-        &stack.gateways[0],
-        &stack.producers[0],
-        &stack.processors[0],
-    ] {
-        let ready = format!("{}/readyz", service.url());
-        let http = stack.http.clone();
-        wait_until(Duration::from_secs(10), POLL, || {
-            let (http, ready) = (http.clone(), ready.clone());
-            async move { Ok((http.get(&ready).send().await?.status() == 503).then_some(())) }
-        })
-        .await?;
-    }
+    every_service_reports(&stack, 503, Duration::from_secs(10)).await?;
 
     // The open stream ends (with a retryable error event, or just closes) so the client resumes.
     let rest = client.collect_to_end(Duration::from_secs(15)).await?;
@@ -204,27 +219,7 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     stack.redis.restart().await?;
 
     // Recovery by themselves: ready again, a new chat works end to end.
-    for service in [
-        &stack.gateways[0],
-        &stack.producers[0],
-        &stack.processors[0],
-    ] {
-        let ready = format!("{}/readyz", service.url());
-        let http = stack.http.clone();
-        let recovered = wait_until(Duration::from_secs(20), POLL, || {
-            let (http, ready) = (http.clone(), ready.clone());
-            async move { Ok((http.get(&ready).send().await?.status() == 200).then_some(())) }
-        })
-        .await;
-        if let Err(error) = recovered {
-            let body = stack.http.get(&ready).send().await?.text().await?;
-            anyhow::bail!(
-                "{} did not recover: {error}; /readyz: {body}\n{}",
-                service.process.name(),
-                service.process.log_tail(20).await
-            );
-        }
-    }
+    every_service_reports(&stack, 200, Duration::from_secs(20)).await?;
     let after_prompt = "after the outage [[mock tokens=8]]";
     let after = stack.start_chat("recovered", after_prompt).await?;
     let after_events = payloads(&stack.read_all(str_field(&after, "streamUrl")?).await?)?;
@@ -269,19 +264,7 @@ async fn redis_back_empty_recreates_the_groups_and_skips_no_job() -> anyhow::Res
     stack.read_all(str_field(&warm, "streamUrl")?).await?;
 
     stack.redis.stop().await?;
-    for service in [
-        &stack.gateways[0],
-        &stack.producers[0],
-        &stack.processors[0],
-    ] {
-        let ready = format!("{}/readyz", service.url());
-        let http = stack.http.clone();
-        wait_until(Duration::from_secs(10), POLL, || {
-            let (http, ready) = (http.clone(), ready.clone());
-            async move { Ok((http.get(&ready).send().await?.status() == 503).then_some(())) }
-        })
-        .await?;
-    }
+    every_service_reports(&stack, 503, Duration::from_secs(10)).await?;
     // Not durable: it starts with an empty data set on the same port.
     stack.redis.restart().await?;
 
@@ -289,39 +272,29 @@ async fn redis_back_empty_recreates_the_groups_and_skips_no_job() -> anyhow::Res
     // recreated their groups: the jobs wait in a stream whose group does not exist yet.
     let prompt = "after the wipe [[mock tokens=6]]";
     let mut started = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
     while started.len() < 3 {
-        anyhow::ensure!(Instant::now() < deadline, "the gateway never took a chat");
-        let (status, body) = stack
-            .post_start(
-                0,
-                &json!({"sessionId": "after", "modelId": "mock", "prompt": prompt}),
-            )
-            .await?;
-        match status {
-            200 => started.push(body),
-            503 => tokio::time::sleep(POLL).await,
-            other => anyhow::bail!("start answered {other}: {body}"),
-        }
+        let chat = wait_until(Duration::from_secs(20), POLL, || async {
+            let (status, body) = stack
+                .post_start(
+                    0,
+                    &json!({"sessionId": "after", "modelId": "mock", "prompt": prompt}),
+                )
+                .await?;
+            match status {
+                200 => Ok(Some(body)),
+                503 => Ok(None),
+                other => anyhow::bail!("start answered {other}: {body}"),
+            }
+        })
+        .await
+        .context("the gateway never took a chat")?;
+        started.push(chat);
     }
     for chat in &started {
         let events = payloads(&stack.read_all(str_field(chat, "streamUrl")?).await?)?;
         assert_eq!(text_of(&events), expected_text(prompt, 6));
     }
-    for service in [
-        &stack.gateways[0],
-        &stack.producers[0],
-        &stack.processors[0],
-    ] {
-        let ready = format!("{}/readyz", service.url());
-        let http = stack.http.clone();
-        wait_until(Duration::from_secs(20), POLL, || {
-            let (http, ready) = (http.clone(), ready.clone());
-            async move { Ok((http.get(&ready).send().await?.status() == 200).then_some(())) }
-        })
-        .await
-        .with_context(|| format!("{} never became ready again", service.process.name()))?;
-    }
+    every_service_reports(&stack, 200, Duration::from_secs(20)).await?;
     // The processor's recreated group read every record from the start.
     let url = format!("{}/api/analytics/sessions/after", stack.gateway());
     let http = stack.http.clone();
