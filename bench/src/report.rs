@@ -13,6 +13,20 @@ use crate::probe::Machine;
 use crate::run::{IdleMemory, Measurement, PathKind, Scenario, XaddReference};
 use crate::stats::{Spread, show};
 
+/// Which commit the figures belong to, first; a dirty tree is said where nobody can miss it.
+fn provenance(m: &Machine, out: &mut String) -> std::fmt::Result {
+    if m.tree_dirty {
+        writeln!(
+            out,
+            "> **WARNING: this run was built from a working tree with uncommitted changes on top \
+             of `{}`. Its figures belong to no commit; do not commit it as a report.**\n",
+            m.git_commit
+        )
+    } else {
+        writeln!(out, "Built from commit `{}` (clean tree).\n", m.git_commit)
+    }
+}
+
 /// Everything a run measured, also written as JSON next to the report.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RunData {
@@ -282,6 +296,7 @@ fn markdown(
         data.duration_secs,
         data.repeats.len()
     )?;
+    provenance(&data.machine, out)?;
     headline(data, out)?;
     if let Some(notes) = notes {
         writeln!(out, "{}\n", notes.trim_end())?;
@@ -546,6 +561,7 @@ fn machine(data: &RunData, out: &mut String) -> std::fmt::Result {
     writeln!(out, "| rustc | {} |", m.rustc)?;
     writeln!(out, "| Redis | {} |", m.redis)?;
     writeln!(out, "| source revision | {} |", m.git_rev)?;
+    writeln!(out, "| source commit | {} |", m.git_commit)?;
     match (&data.litellm, &data.litellm_error) {
         (Some(l), _) => writeln!(out, "| LiteLLM | {} |", l.version)?,
         (None, Some(error)) => writeln!(out, "| LiteLLM | could not run: {error} |")?,
@@ -975,4 +991,35 @@ fn health(data: &RunData, out: &mut String) -> std::fmt::Result {
     }
     writeln!(out)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(tree_dirty: bool) -> Machine {
+        Machine {
+            nproc: 2,
+            cpu_model: "cpu".to_owned(),
+            kernel: "k".to_owned(),
+            ram_gib: 1.0,
+            rustc: "rustc".to_owned(),
+            redis: "redis".to_owned(),
+            git_rev: "abc".to_owned(),
+            git_commit: "abcdef".to_owned(),
+            tree_dirty,
+        }
+    }
+
+    #[test]
+    fn a_dirty_tree_is_said_loudly_and_a_clean_one_names_its_commit() {
+        let mut dirty = String::new();
+        provenance(&machine(true), &mut dirty).unwrap_or_default();
+        assert!(dirty.contains("**WARNING"), "{dirty}");
+        assert!(dirty.contains("`abcdef`"), "{dirty}");
+        let mut clean = String::new();
+        provenance(&machine(false), &mut clean).unwrap_or_default();
+        assert!(!clean.contains("WARNING"), "{clean}");
+        assert!(clean.contains("Built from commit `abcdef`"), "{clean}");
+    }
 }
