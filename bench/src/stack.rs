@@ -37,6 +37,11 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`Stack::start`], with `adjust` applied to the bench settings last.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
         let redis = RedisServer::start()
             .await
             .context("starting redis-server")?;
@@ -51,6 +56,7 @@ impl Stack {
         settings.telemetry.log_level = "warn".to_owned();
         // Above the largest number of concurrent streams in the matrix.
         settings.producer.concurrency = 2048;
+        adjust(&mut settings);
         let bridge = test_support::Stack::start(StackOptions {
             settings,
             api_keys: vec![("bench".to_owned(), API_KEY.to_owned())],
