@@ -42,6 +42,8 @@ pub struct Load {
 /// Shared between the chat loops and the runner that samples them.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Chats the gateway accepted (`POST /api/chat/start` answered 2xx).
+    pub started: AtomicU64,
     /// Tokens received, whenever.
     pub tokens: AtomicU64,
     /// Chats that ended with their terminal event.
@@ -332,6 +334,7 @@ async fn bridge_chat(
         bail!("chat start answered {status}: {}", response.text().await?);
     }
     let started: StartResponse = response.json().await.context("chat start body")?;
+    counters.started.fetch_add(1, Ordering::Relaxed);
     let response = http
         .get(format!("{gateway}{}", started.stream_url))
         .send()

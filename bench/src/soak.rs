@@ -46,6 +46,9 @@ pub struct SoakOptions {
     pub delay_ms: u64,
     /// Allowed growth of each series after warm-up, in percent of its level.
     pub margin_pct: f64,
+    /// SIGKILL the second of two processors halfway through; the analytics must still count
+    /// every chat exactly once.
+    pub kill_processor: bool,
 }
 
 /// One reading of every series.
@@ -78,6 +81,9 @@ pub struct Verdict {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SoakData {
     pub command: String,
+    /// When the second processor was killed, seconds into the run.
+    pub processor_killed_at_secs: Option<f64>,
+    pub exactness: Exactness,
     pub started: String,
     pub machine: Machine,
     pub options: SoakOptions,
@@ -87,9 +93,31 @@ pub struct SoakData {
     pub verdicts: Vec<Verdict>,
 }
 
+/// The analytics against what the clients saw, once the group has drained.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Exactness {
+    /// Chats the gateway accepted.
+    pub started: u64,
+    /// `totals.requests` over every model of `GET /api/analytics/models`.
+    pub requests: u64,
+    /// `totals.finished` over every model.
+    pub finished: u64,
+}
+
+impl Exactness {
+    pub fn exact(&self) -> bool {
+        self.requests == self.started && self.finished == self.started
+    }
+}
+
 impl SoakData {
     pub fn all_flat(&self) -> bool {
         self.verdicts.iter().all(|v| v.flat)
+    }
+
+    /// Whether the run passes: memory flat and the counters exact.
+    pub fn passed(&self) -> bool {
+        self.all_flat() && self.exactness.exact()
     }
 }
 
@@ -100,7 +128,8 @@ pub async fn run(
     command: String,
 ) -> anyhow::Result<SoakData> {
     let started = probe::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"], None);
-    let stack = Stack::start_with(|settings| {
+    let processors = if options.kill_processor { 2 } else { 1 };
+    let stack = Stack::start_with(processors, |settings| {
         // Retention reached within the warm-up, so that what Redis keeps is bounded in the
         // judged span: session streams by age (2 × TTL), shards and jobs by length, analytics
         // windows by age.
@@ -142,9 +171,19 @@ pub async fn run(
     let begun = Instant::now();
     let total = Duration::from_secs_f64(options.minutes * 60.0);
     let mut samples = Vec::new();
+    let mut processor_killed_at_secs = None;
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tick.tick().await;
+        if options.kill_processor
+            && processor_killed_at_secs.is_none()
+            && begun.elapsed() >= total / 2
+        {
+            // Mid-batch with high likelihood at this rate; the survivor reclaims its entries.
+            stack.bridge.processors[1].process.sigkill()?;
+            processor_killed_at_secs = Some(begun.elapsed().as_secs_f64());
+            eprintln!("soak: SIGKILL sent to processor-1");
+        }
         let sample = sample(&stack, shards, &counters, begun.elapsed()).await?;
         eprintln!(
             "soak: {:>5.1} min  {:>7} chats  {:>3} errors  rss gw {:.1} / prod {:.1} / proc {:.1} MiB  redis {:.1} MiB  ledger {}",
@@ -169,10 +208,17 @@ pub async fn run(
     })
     .await;
     loops.abort_all();
+    let exactness = drained_counts(&stack, &http, counters.started.load(Ordering::Relaxed)).await?;
+    eprintln!(
+        "soak: {} chats started; analytics count {} requests, {} finished",
+        exactness.started, exactness.requests, exactness.finished
+    );
 
     let verdicts = judge(&samples, &options);
     Ok(SoakData {
         command,
+        processor_killed_at_secs,
+        exactness,
         started,
         machine,
         config: stack.config.clone(),
@@ -180,6 +226,48 @@ pub async fn run(
         samples,
         verdicts,
     })
+}
+
+/// The analytics totals once they equal what the clients started, or after `DRAIN` with
+/// whatever they are then (a processor that lost or doubled a record never gets there).
+async fn drained_counts(
+    stack: &Stack,
+    http: &reqwest::Client,
+    started: u64,
+) -> anyhow::Result<Exactness> {
+    const DRAIN: Duration = Duration::from_secs(120);
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let body: serde_json::Value = http
+            .get(format!("{}/api/analytics/models", stack.gateway().url()))
+            .bearer_auth(crate::stack::API_KEY)
+            .send()
+            .await
+            .context("GET /api/analytics/models")?
+            .json()
+            .await
+            .context("analytics body")?;
+        let total = |field: &str| -> u64 {
+            body["models"]
+                .as_array()
+                .map(|models| {
+                    models
+                        .iter()
+                        .filter_map(|m| m["totals"][field].as_u64())
+                        .sum()
+                })
+                .unwrap_or(0)
+        };
+        let counts = Exactness {
+            started,
+            requests: total("requests"),
+            finished: total("finished"),
+        };
+        if counts.exact() || Instant::now() >= deadline {
+            return Ok(counts);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn sample(
@@ -413,6 +501,20 @@ fn markdown(data: &SoakData, svg: &str, out: &mut String) -> std::fmt::Result {
             "did not all stay"
         },
         o.margin_pct
+    )?;
+    let e = &data.exactness;
+    writeln!(
+        out,
+        "**Counters {}**: {} chats started; the analytics count {} requests and {} finished{}.\n",
+        if e.exact() { "exact" } else { "NOT EXACT" },
+        e.started,
+        e.requests,
+        e.finished,
+        data.processor_killed_at_secs
+            .map_or_else(String::new, |secs| format!(
+                ", with one of the two processors killed by SIGKILL at minute {:.1}",
+                secs / 60.0
+            ))
     )?;
     writeln!(out, "![Memory over time]({svg})\n")?;
     writeln!(
