@@ -192,7 +192,7 @@ fn matrix(quick: bool) -> Vec<Scenario> {
             scenario(report::ONE_STREAM, 1, 20, 500, 1, 6),
             scenario("100x50", 100, 20, 500, 2, 5),
             scenario(report::MANY, 1000, 50, 200, 3, 5),
-            scenario("max-100", 100, 0, 500, 2, 5),
+            scenario(report::UNPACED, 100, 0, 500, 2, 5),
         ];
     }
     vec![
@@ -204,8 +204,9 @@ fn matrix(quick: bool) -> Vec<Scenario> {
         scenario(report::MID, 200, 20, 500, 3, 10),
         scenario(report::MANY, 1000, 50, 200, 4, 10),
         scenario("1000x50", 1000, 20, 500, 4, 10),
+        scenario(report::COMPARISON, 512, 20, 64, 3, 10),
         scenario("max-10", 10, 0, 500, 2, 8),
-        scenario("max-100", 100, 0, 500, 2, 8),
+        scenario(report::UNPACED, 100, 0, 500, 2, 8),
         scenario("max-1000", 1000, 0, 500, 3, 8),
     ]
 }
