@@ -86,10 +86,7 @@ impl ApiKeyStore {
             read.unwrap_or_default().to_owned(),
             record.encode(),
         ];
-        let replaced: Value = self
-            .replace
-            .evalsha_with_reload(client, keys, args)
-            .await?;
+        let replaced: Value = self.replace.evalsha_with_reload(client, keys, args).await?;
         Ok(replaced.as_i64() == Some(1))
     }
 }

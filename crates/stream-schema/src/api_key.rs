@@ -99,9 +99,7 @@ mod tests {
         };
         assert_eq!(StoredApiKey::decode(&record.encode())?, record);
         assert!(StoredApiKey::decode("{").is_err());
-        assert!(
-            StoredApiKey::decode(&record.encode().replace("\"v\":1", "\"v\":9")).is_err()
-        );
+        assert!(StoredApiKey::decode(&record.encode().replace("\"v\":1", "\"v\":9")).is_err());
         assert!(StoredApiKey::decode(&record.encode().replace("acme", "a/b")).is_err());
         assert!(StoredApiKey::decode(&record.encode().replace("abab", "zz")).is_err());
         Ok(())

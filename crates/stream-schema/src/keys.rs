@@ -118,7 +118,9 @@ impl RedisKey {
     /// counters within one tenant (the tenant of the record's session), what a non-admin key's
     /// `GET /api/analytics/models` reads.
     pub fn tenant_model_stats(shard: u16, tenant: &TenantId, model: &ModelId) -> Self {
-        Self(format!("llm:stats:{{{shard}}}:tenant:{tenant}:model:{model}"))
+        Self(format!(
+            "llm:stats:{{{shard}}}:tenant:{tenant}:model:{model}"
+        ))
     }
 
     /// `llm:stats:{<shard>}:m:<unixMinute>:tenant:<tenant>:model:<modelId>`: a tenant's model

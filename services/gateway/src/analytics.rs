@@ -223,8 +223,8 @@ fn tenant_of(req: &HttpRequest, caller: &Caller) -> Result<Option<TenantId>, Api
     let Some(raw) = &query.tenant else {
         return Ok((!caller.is_admin()).then(|| caller.tenant.clone()));
     };
-    let tenant = TenantId::parse(raw)
-        .map_err(|e| ApiError::InvalidRequest(format!("tenant {e}")))?;
+    let tenant =
+        TenantId::parse(raw).map_err(|e| ApiError::InvalidRequest(format!("tenant {e}")))?;
     if tenant != caller.tenant {
         caller.require_admin()?;
     }

@@ -300,9 +300,15 @@ async fn start_chat(
     };
     let result = match admit(state, &chat, &key).instrument(span.clone()).await {
         Ok(reservation) => {
-            enqueue(state, chat, key, (&caller.tenant, client_session), reservation)
-                .instrument(span)
-                .await
+            enqueue(
+                state,
+                chat,
+                key,
+                (&caller.tenant, client_session),
+                reservation,
+            )
+            .instrument(span)
+            .await
         }
         Err(error) => Err(error),
     };
@@ -450,9 +456,8 @@ async fn enqueue(
         now / 1000,
     );
     // Tokens are URL-safe (base64url, digits, ids of [A-Za-z0-9_-], '.'): no escaping needed.
-    let stream_url = format!(
-        "/api/sse/stream/{client_session}?requestId={request_id}&token={stream_token}"
-    );
+    let stream_url =
+        format!("/api/sse/stream/{client_session}?requestId={request_id}&token={stream_token}");
     Ok(StartChatResponse {
         request_id,
         connection_id: crate::connections::new_connection_id(),

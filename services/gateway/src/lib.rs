@@ -80,9 +80,12 @@ impl Application {
             (api_keys.clone(), redis.next().clone(), shutdown.clone());
         let key_refresh = Duration::from_millis(settings.auth.key_refresh_ms);
         lifecycle.supervise(&ops, "keys", RestartPolicy::default(), move |flag| {
-            keys_loop
-                .clone()
-                .refresh(keys_client.clone(), key_refresh, keys_shutdown.clone(), flag)
+            keys_loop.clone().refresh(
+                keys_client.clone(),
+                key_refresh,
+                keys_shutdown.clone(),
+                flag,
+            )
         });
         let listener = TcpListener::bind(&settings.gateway.addr)
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;

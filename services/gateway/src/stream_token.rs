@@ -102,9 +102,8 @@ fn mac(
         Signed::V1 => {
             mac.update(format!("v1\n{session}\n{scope}\n{expires_at}\n{key_id}").as_bytes());
         }
-        Signed::V2(tenant) => mac.update(
-            format!("v2\n{tenant}\n{session}\n{scope}\n{expires_at}\n{key_id}").as_bytes(),
-        ),
+        Signed::V2(tenant) => mac
+            .update(format!("v2\n{tenant}\n{session}\n{scope}\n{expires_at}\n{key_id}").as_bytes()),
     }
     Some(mac)
 }
@@ -287,8 +286,8 @@ mod tests {
     }
 
     #[test]
-    fn tokens_of_the_earlier_format_are_the_default_tenants() -> Result<(), Box<dyn std::error::Error>>
-    {
+    fn tokens_of_the_earlier_format_are_the_default_tenants()
+    -> Result<(), Box<dyn std::error::Error>> {
         let (alice, _, request, _) = ids()?;
         let signer = tokens("k1", "s3cret");
         let expires_at = 1_060;

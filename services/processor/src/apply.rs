@@ -283,7 +283,10 @@ mod tests {
             call.keys
                 .contains(&"llm:stats:{1}:tenant:acme:model:m".to_owned())
         );
-        assert!(call.keys.contains(&"llm:stats:{1}:session:acme/s".to_owned()));
+        assert!(
+            call.keys
+                .contains(&"llm:stats:{1}:session:acme/s".to_owned())
+        );
         assert!(!call.keys.iter().any(|k| k.contains("tenant:default")));
         Ok(())
     }
