@@ -141,7 +141,8 @@ fn resume_id(
         (status = 200, description = "An endless or request-long event stream. Each message is \
             `id: <stream entry id>` and `data: <SessionEvent JSON>` (no `event:` field), plus \
             `: ping` comments when idle. An `error` event with code `history_lost` (and no \
-            `id:`) means the events after the resume id are gone.",
+            `id:`) means the events after the resume id are gone; one with code `unauthorized` \
+            (not retryable) that the token's API key was revoked.",
             content_type = "text/event-stream", body = String, headers(
                 ("Cache-Control" = String, description = "`no-cache`"),
                 ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer"),
@@ -150,8 +151,9 @@ fn resume_id(
             or Last-Event-ID malformed)", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no stream token, or not a valid one \
             (malformed, expired, bad signature, another session)", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a valid token for another request, or its \
-            API key was revoked", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a valid token for another request (or a \
+            request's token without `requestId`: it opens that request only), or its API key \
+            was revoked", body = ErrorBody),
         (status = 404, description = "`not_found`: no such request in this session",
             body = ErrorBody),
         crate::error::RedisUnavailable,
