@@ -931,6 +931,30 @@ mod tests {
     }
 
     #[test]
+    fn key_tenants_and_roles_are_checked_and_named() -> Result<(), ConfigError> {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let settings = load_toml(&format!(
+            "[auth]\napi_keys = [{{ id = \"a\", sha256 = \"{hash}\", tenant = \"acme\", role = \"admin\" }}]\n"
+        ))?;
+        assert_eq!(settings.auth.api_keys[0].tenant.as_deref(), Some("acme"));
+        for bad in ["tenant = \"a/b\"", "tenant = \"\"", "role = \"root\""] {
+            let err = load_toml(&format!(
+                "[auth]\napi_keys = [{{ id = \"a\", sha256 = \"{hash}\", {bad} }}]\n"
+            ))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(err.contains("auth.api_keys[0]"), "{bad}: {err}");
+        }
+        let err = load_toml("[auth]\nkey_refresh_ms = 10000\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.key_refresh_ms"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn a_lease_renewed_too_rarely_is_named() {
         let err = load_toml("[producer]\nlease_ms = 1000\nlease_renew_ms = 800\n")
             .err()
