@@ -624,3 +624,47 @@ async fn a_revoked_key_is_refused_and_its_streams_end_on_every_gateway_within_5s
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn tenants_and_runtime_keys_work_on_a_cluster() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions {
+        redis: crate::stack::RedisSource::Cluster,
+        ..tenant_options()
+    })
+    .await?;
+    let admin = As::new(&stack, ADMIN);
+    // The key store's scripts touch two keys in one slot.
+    let secret = add_key(&admin, "acme-cluster", "acme").await?;
+    let added = As::new(&stack, &secret);
+    wait_until(REVOCATION_BOUND, POLL, || async {
+        Ok((added.get("/api/analytics/key").await?.status == 200).then_some(()))
+    })
+    .await?;
+    // A tenant's session keys (`{acme/…}`) and the default tenant's of the same id both work.
+    let ours = added.start("on-cluster", "acme [[mock tokens=3]]").await?;
+    let theirs = As::new(&stack, crate::stack::API_KEY)
+        .start("on-cluster", "default [[mock tokens=3]]")
+        .await?;
+    for started in [&ours, &theirs] {
+        let events = payloads(&stack.read_all(str_field(started, "streamUrl")?).await?)?;
+        assert_eq!(request_ids(&events), [str_field(started, "requestId")?]);
+        assert_eq!(
+            events.last().map(|e| e["type"].clone()),
+            Some(json!("complete"))
+        );
+    }
+    let revoked = admin
+        .call(
+            0,
+            reqwest::Method::DELETE,
+            "/api/admin/keys/acme-cluster",
+            None,
+        )
+        .await?;
+    assert_eq!(revoked.status, 200);
+    wait_until(REVOCATION_BOUND, POLL, || async {
+        Ok((added.get("/api/analytics/key").await?.status == 401).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
