@@ -364,6 +364,32 @@ mod tests {
         Ok(())
     }
 
+    proptest::proptest! {
+        /// Any (tenant, client id) pair has one stored id, which reads back to that pair:
+        /// two different pairs never share a stored id.
+        #[test]
+        fn scoping_is_injective(
+            tenant in "[A-Za-z0-9_-]{1,64}",
+            client in "[A-Za-z0-9_.:-]{1,128}",
+            other_tenant in "[A-Za-z0-9_-]{1,64}",
+            other_client in "[A-Za-z0-9_.:-]{1,128}",
+        ) {
+            let pair = |t: &str, c: &str| -> Result<SessionId, IdError> {
+                Ok(SessionId::scoped(&TenantId::parse(t)?, &SessionId::parse(c)?))
+            };
+            let stored = pair(&tenant, &client)?;
+            let read: SessionId = stored.as_str().parse()?;
+            proptest::prop_assert_eq!(&read, &stored);
+            proptest::prop_assert_eq!(read.tenant(), TenantId::parse(&tenant)?);
+            proptest::prop_assert_eq!(read.client(), client.as_str());
+            let other = pair(&other_tenant, &other_client)?;
+            proptest::prop_assert_eq!(
+                stored == other,
+                tenant == other_tenant && client == other_client
+            );
+        }
+    }
+
     #[test]
     fn entry_ids_order_numerically() -> Result<(), IdError> {
         let a = EntryId::parse("999-5")?;
