@@ -12,4 +12,5 @@ mod observability;
 mod producer;
 mod security;
 mod stack;
+mod tenants;
 mod traces;
