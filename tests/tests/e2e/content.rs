@@ -116,7 +116,7 @@ async fn two_tool_calls_in_many_fragments_rebuild_exactly_what_the_model_sent() 
     let fragments = events.iter().filter(|e| e["type"] == "tool_call").count();
     let chunks: usize = expected
         .values()
-        .map(|c| c.arguments.len().div_ceil(3))
+        .map(|c| c.arguments.chars().count().div_ceil(3))
         .sum();
     // Without coalescing, each opening and each fragment is its own event.
     assert_eq!(fragments, chunks + 2);
