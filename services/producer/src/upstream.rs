@@ -27,15 +27,12 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
-use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-};
 use futures::{Stream, StreamExt};
 use service_kit::config::ModelSettings;
-use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, Role};
+use stream_schema::{ErrorCode, FinishReason, Job};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+mod request;
 
 /// Longest upstream error text carried into an `error` event (bodies can be whole HTML pages).
 const MAX_ERROR_TEXT: usize = 300;
@@ -326,7 +323,7 @@ impl Upstream {
 
     /// Sends the request once and returns the open stream of deltas.
     pub async fn open(&self, job: &Job) -> Result<DeltaStream, UpstreamError> {
-        let request = build_request(&self.model, job)?;
+        let request = request::build(&self.model, job)?;
         let chunks = self
             .client
             .chat()
@@ -522,49 +519,6 @@ impl Registry {
             .get(model)
             .ok_or_else(|| UpstreamError::UnknownModel(model.to_owned()))
     }
-}
-
-fn to_openai(message: &ChatMessage) -> ChatCompletionRequestMessage {
-    let content = message.content.clone();
-    match message.role {
-        Role::System => ChatCompletionRequestSystemMessage {
-            content: content.into(),
-            name: None,
-        }
-        .into(),
-        Role::User => ChatCompletionRequestUserMessage {
-            content: content.into(),
-            name: None,
-        }
-        .into(),
-        Role::Assistant => ChatCompletionRequestAssistantMessage {
-            content: Some(content.into()),
-            ..Default::default()
-        }
-        .into(),
-    }
-}
-
-fn build_request(model: &str, job: &Job) -> Result<CreateChatCompletionRequest, UpstreamError> {
-    let mut args = CreateChatCompletionRequestArgs::default();
-    args.model(model)
-        .messages(job.messages.iter().map(to_openai).collect::<Vec<_>>())
-        .stream(true)
-        // Always ask for usage; when the upstream ignores it the producer counts tokens.
-        .stream_options(ChatCompletionStreamOptions {
-            include_usage: Some(true),
-            ..Default::default()
-        });
-    if let Some(max_tokens) = job.max_tokens {
-        // `max_tokens` (not `max_completion_tokens`): it is what most OpenAI-compatible
-        // servers read.
-        args.max_tokens(max_tokens);
-    }
-    if let Some(temperature) = job.temperature {
-        args.temperature(temperature);
-    }
-    args.build()
-        .map_err(|e| UpstreamError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
