@@ -102,7 +102,13 @@ async fn a_service_dies_with_the_test_process_that_spawned_it() -> anyhow::Resul
         // The parent role: spawn a service, say its pid, wait to be killed.
         let sleep = find_on_path("sleep")?;
         let process = ServiceProcess::spawn("orphan", &sleep, &["60".to_owned()], &[])?;
-        println!("orphan-pid={}", process.pid());
+        #[expect(
+            clippy::print_stdout,
+            reason = "the parent role tells the test its child's pid on stdout"
+        )]
+        {
+            println!("orphan-pid={}", process.pid());
+        }
         tokio::time::sleep(Duration::from_secs(60)).await;
         return Ok(());
     }

@@ -10,10 +10,11 @@ use std::fmt::Debug;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use stream_schema::job::{RequestMeta, Reservation};
+use stream_schema::message::{FunctionDefinition, Tool, ToolType};
 use stream_schema::record::Outcome;
 use stream_schema::{
-    ChatMessage, DeadLetter, EntryId, ErrorCode, EventRecord, FinishReason, Job, ModelId,
-    RequestId, Role, SessionEvent, SessionId, Usage, UsageSource,
+    ChatMessage, ChatOptions, DeadLetter, EntryId, ErrorCode, EventRecord, FinishReason, Job,
+    ModelId, RequestId, Role, SessionEvent, SessionId, Usage, UsageSource,
 };
 
 /// Every field name any entry type uses, so arbitrary maps hit real fields often.
@@ -35,9 +36,20 @@ const FIELD_NAMES: &[&str] = &[
     "msg",
     "retry",
     "ts",
+    "rt",
+    "idx",
+    "call",
+    "name",
+    "args",
     "msgs",
     "max_tokens",
     "temperature",
+    "tools",
+    "tool_choice",
+    "rfmt",
+    "top_p",
+    "stop",
+    "seed",
     "start",
     "key",
     "qwin",
@@ -64,6 +76,9 @@ const VALUE_WORDS: &[&str] = &[
     "restart",
     "complete",
     "error",
+    "tool_call",
+    "reasoning",
+    "tool_calls",
     "tokens",
     "finish",
     "stop",
@@ -154,6 +169,34 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                 timestamp,
             }
         ),
+        (
+            (request_id(), any::<u64>(), any::<u32>()),
+            prop::option::of(any::<String>()),
+            prop::option::of(any::<String>()),
+            any::<String>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |((request_id, sequence, index), id, name, arguments, timestamp)| {
+                    SessionEvent::ToolCall {
+                        request_id,
+                        sequence,
+                        index,
+                        id,
+                        name,
+                        arguments,
+                        timestamp,
+                    }
+                }
+            ),
+        (request_id(), any::<u64>(), any::<String>(), any::<u64>()).prop_map(
+            |(request_id, sequence, content, timestamp)| SessionEvent::Reasoning {
+                request_id,
+                sequence,
+                content,
+                timestamp,
+            }
+        ),
         (request_id(), any::<u32>(), any::<String>(), any::<u64>()).prop_map(
             |(request_id, attempt, reason, timestamp)| SessionEvent::Restart {
                 request_id,
@@ -165,12 +208,18 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
         (
             request_id(),
             one_of(FinishReason::ALL),
-            any::<(u32, u32)>(),
+            (any::<(u32, u32)>(), prop::option::of(any::<u32>())),
             one_of(UsageSource::ALL),
             any::<u64>()
         )
             .prop_map(
-                |(request_id, finish_reason, (prompt, completion), source, timestamp)| {
+                |(
+                    request_id,
+                    finish_reason,
+                    ((prompt, completion), reasoning),
+                    source,
+                    timestamp,
+                )| {
                     SessionEvent::Complete {
                         request_id,
                         finish_reason,
@@ -178,6 +227,7 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                             prompt_tokens: prompt,
                             completion_tokens: completion,
                             source,
+                            reasoning_tokens: reasoning,
                         },
                         timestamp,
                     }
@@ -203,8 +253,39 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
 }
 
 fn job() -> impl Strategy<Value = Job> {
-    let message = (one_of(Role::ALL), any::<String>())
-        .prop_map(|(role, content)| ChatMessage { role, content });
+    let message = (
+        one_of(Role::ALL),
+        any::<String>(),
+        prop::option::of("[a-z_]{1,8}"),
+    )
+        .prop_map(|(role, content, call_id)| ChatMessage {
+            tool_call_id: call_id,
+            ..ChatMessage::text(role, content)
+        });
+    let tool = ("[A-Za-z0-9_-]{1,64}", prop::option::of(any::<String>())).prop_map(
+        |(name, description)| Tool {
+            kind: ToolType::Function,
+            function: FunctionDefinition {
+                name,
+                description,
+                parameters: Some(serde_json::json!({"type": "object"})),
+                strict: None,
+            },
+        },
+    );
+    let options = (
+        prop::collection::vec(tool, 0..3),
+        prop::option::of(any::<f32>().prop_filter("not NaN", |t| !t.is_nan())),
+        prop::collection::vec(any::<String>(), 0..3),
+        prop::option::of(any::<i64>()),
+    )
+        .prop_map(|(tools, top_p, stop, seed)| ChatOptions {
+            tools,
+            top_p,
+            stop,
+            seed,
+            ..ChatOptions::default()
+        });
     (
         (request_id(), session_id(), model_id()),
         prop::collection::vec(message, 0..5),
@@ -213,6 +294,7 @@ fn job() -> impl Strategy<Value = Job> {
         prop::option::of(any::<f32>().prop_filter("not NaN", |t| !t.is_nan())),
         (any::<u64>(), prop::option::of(any::<u32>())),
         traceparent(),
+        options,
     )
         .prop_map(
             |(
@@ -222,6 +304,7 @@ fn job() -> impl Strategy<Value = Job> {
                 temperature,
                 (at, cap),
                 tp,
+                options,
             )| {
                 Job {
                     request_id,
@@ -230,6 +313,7 @@ fn job() -> impl Strategy<Value = Job> {
                     messages,
                     max_tokens,
                     temperature,
+                    options,
                     enqueued_at: at,
                     traceparent: tp,
                     token_cap: cap,
