@@ -120,8 +120,11 @@ pub struct ApiKeys {
     /// The configured keys; the store can revoke them, never change them.
     seed: Vec<KeyEntry>,
     /// The keys that authenticate now: `seed` minus revoked ones plus the store's. Written by
-    /// the refresh loop, read by every request.
+    /// the refresh loop and by this gateway's own key changes, read by every request.
     active: RwLock<Arc<Vec<KeyEntry>>>,
+    /// The store version `active` was built from: a reload that read an older version (the
+    /// refresh loop racing an admin call on this gateway) must not undo a newer one.
+    applied_version: std::sync::Mutex<Option<u64>>,
     allow_anonymous: bool,
     /// Bumped by the refresh loop whenever `active` changed; open streams watch it to end
     /// themselves when their key is revoked.
@@ -223,6 +226,7 @@ impl ApiKeys {
     fn with_seed(seed: Vec<KeyEntry>, allow_anonymous: bool) -> Self {
         Self {
             active: RwLock::new(Arc::new(seed.clone())),
+            applied_version: std::sync::Mutex::new(None),
             seed,
             allow_anonymous,
             changes: watch::channel(0).0,
@@ -306,8 +310,34 @@ impl ApiKeys {
         }
     }
 
-    /// Rebuilds the active keys from the store's records.
-    fn apply(&self, stored: stream_io::api_keys::Loaded) {
+    /// Reads the store (its version first, so the records are at least that new) and
+    /// rebuilds the active keys from it.
+    async fn reload(&self, client: &Client) -> Result<u64, stream_io::StreamIoError> {
+        let version = stream_io::api_keys::version(client).await?;
+        let stored = stream_io::api_keys::load(client).await?;
+        self.apply(version, stored);
+        Ok(version)
+    }
+
+    /// After a key change made through this gateway: it applies here at once, not at the next
+    /// refresh (the change is stored either way; the refresh loop catches up on failure).
+    async fn reload_after_change(&self, client: &Client) {
+        if let Err(error) = self.reload(client).await {
+            tracing::warn!(%error, "key change stored; it applies here at the next refresh");
+        }
+    }
+
+    /// Rebuilds the active keys from the store's records of `version`, unless newer ones
+    /// are in force already.
+    fn apply(&self, version: u64, stored: stream_io::api_keys::Loaded) {
+        let mut applied = self
+            .applied_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if applied.is_some_and(|applied| applied > version) {
+            return;
+        }
+        *applied = Some(version);
         let mut active = self.seed.clone();
         for (id, record) in stored {
             let record = match record {
@@ -361,9 +391,7 @@ impl ApiKeys {
             let polled = async {
                 let version = stream_io::api_keys::version(&client).await?;
                 if seen != Some(version) {
-                    let stored = stream_io::api_keys::load(&client).await?;
-                    self.apply(stored);
-                    seen = Some(version);
+                    seen = Some(self.reload(&client).await?);
                 }
                 Ok::<_, stream_io::StreamIoError>(())
             }
@@ -427,10 +455,15 @@ impl ApiKeys {
         if self.seed.iter().any(|key| key.id == id) || id == ANONYMOUS {
             return Ok(false);
         }
-        self.store
+        let added = self
+            .store
             .add(client, id, record)
             .await
-            .map_err(|e| ApiError::from_redis(&e))
+            .map_err(|e| ApiError::from_redis(&e))?;
+        if added {
+            self.reload_after_change(client).await;
+        }
+        Ok(added)
     }
 
     /// Revokes a key by id; false when no such key exists.
@@ -469,6 +502,7 @@ impl ApiKeys {
                 .await
                 .map_err(|e| ApiError::from_redis(&e))?
             {
+                self.reload_after_change(client).await;
                 return Ok(true);
             }
         }
@@ -576,10 +610,13 @@ mod tests {
             revoked: true,
             created_at: 1,
         };
-        keys.apply(vec![
-            ("new".to_owned(), Ok(added)),
-            ("team-a".to_owned(), Ok(revoked_seed)),
-        ]);
+        keys.apply(
+            2,
+            vec![
+                ("new".to_owned(), Ok(added)),
+                ("team-a".to_owned(), Ok(revoked_seed)),
+            ],
+        );
         assert!(changes.has_changed()?);
         changes.mark_unchanged();
         let caller = keys.authenticate(&request("sk-new"))?;
@@ -587,8 +624,11 @@ mod tests {
         assert!(caller.is_admin());
         assert!(keys.authenticate(&request("sk-right")).is_err());
         assert!(!keys.has_id("team-a"));
+        // A snapshot of an older version (a refresh that raced a newer change) is ignored.
+        keys.apply(1, Vec::new());
+        assert!(keys.has_id("new"));
         // Without the revocation the configured key is back.
-        keys.apply(Vec::new());
+        keys.apply(3, Vec::new());
         assert!(keys.has_id("team-a"));
         assert!(!keys.has_id("new"));
         Ok(())
