@@ -1,5 +1,8 @@
 //! The shared connection view: one JSON document per open SSE connection in
-//! `llm:conninfo:{session}` (field = connection id), listed through `llm:conns:{session}`.
+//! `llm:conninfo:{session}` (field = connection id), written by the gateway that serves it and
+//! valid while that gateway's liveness key `llm:gateway:{id}` exists.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +21,49 @@ pub struct ConnectionInfo {
     pub gateway_id: String,
     /// Unix ms.
     pub connected_since: u64,
-    /// As of the last heartbeat when read from the shared view.
+    /// Exact when listed by the gateway that serves it; from another gateway, as of the
+    /// serving gateway's last renewal (only connections that sent events are rewritten).
     pub events_sent: u64,
+}
+
+/// One gateway process in the shared connection view. Unique per start (a random suffix), so a
+/// restarted gateway never revives the entries of its previous life; only characters that are
+/// safe inside a key's `{…}` hash tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    /// `<name>-<8 random hex digits>`.
+    pub fn unique(name: &str) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Self::from_stored(&format!("{name}-{}", &suffix[..8]))
+    }
+
+    /// The gateway named in a stored connection document. A name with characters no
+    /// [`GatewayId::unique`] produces maps to a key no gateway renews: it reads as dead.
+    pub fn from_stored(raw: &str) -> Self {
+        Self(
+            raw.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl ConnectionInfo {
@@ -52,5 +96,14 @@ mod tests {
         assert_eq!(ConnectionInfo::decode(&info.encode()), Some(info));
         assert_eq!(ConnectionInfo::decode("{}"), None);
         Ok(())
+    }
+
+    #[test]
+    fn gateway_ids_are_unique_and_safe_in_a_hash_tag() {
+        let a = GatewayId::unique("gateway-host-1");
+        let b = GatewayId::unique("gateway-host-1");
+        assert_ne!(a, b);
+        assert!(a.as_str().starts_with("gateway-host-1-"));
+        assert_eq!(GatewayId::from_stored("g{1}").as_str(), "g_1_");
     }
 }

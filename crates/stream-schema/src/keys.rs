@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::connection::GatewayId;
 use crate::ids::{ModelId, RequestId, SessionId};
 
 /// Consumer group of producers on the job stream.
@@ -90,15 +91,31 @@ impl RedisKey {
         Self(format!("llm:quota:{{key:{key_id}}}:done:{request}"))
     }
 
-    /// `llm:conns:{<sessionId>}`: live SSE connection ids of a session across all gateways,
-    /// scored by the Unix ms at which they expire unless their gateway renews them.
-    pub fn connections(session: &SessionId) -> Self {
-        Self(format!("llm:conns:{{{session}}}"))
-    }
-
-    /// `llm:conninfo:{<sessionId>}`: connection id → JSON details of each live connection.
+    /// `llm:conninfo:{<sessionId>}`: connection id → JSON details (`ConnectionInfo`) of each
+    /// open SSE connection of a session, across all gateways. Written once when a connection
+    /// opens and removed when it closes; an entry counts only while its gateway's
+    /// [`RedisKey::gateway_alive`] exists.
     pub fn connection_info(session: &SessionId) -> Self {
         Self(format!("llm:conninfo:{{{session}}}"))
+    }
+
+    /// `llm:gateway:{<gatewayId>}`: a gateway's liveness key, one per gateway, renewed with a
+    /// TTL (`gateway.connection_ttl_secs`). Gone means the gateway died: its connections leave
+    /// the view.
+    pub fn gateway_alive(gateway: &GatewayId) -> Self {
+        Self(format!("llm:gateway:{{{gateway}}}"))
+    }
+
+    /// `llm:gateway:{<gatewayId>}:conns`: connection id → session id of each connection a
+    /// gateway listed, so a dead gateway's entries can be found and removed.
+    pub fn gateway_connections(gateway: &GatewayId) -> Self {
+        Self(format!("llm:gateway:{{{gateway}}}:conns"))
+    }
+
+    /// `llm:gateways`: gateway id → Unix ms it announced itself; the list a sweep walks to
+    /// find dead gateways.
+    pub fn gateways() -> Self {
+        Self("llm:gateways".to_owned())
     }
 
     /// `llm:stats:{<shard>}:session:<sessionId>`: per-session counters. They live in the slot

@@ -25,10 +25,10 @@ use service_kit::Settings;
 use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
 use service_kit::supervisor::RestartPolicy;
-use stream_schema::ModelId;
+use stream_schema::{GatewayId, ModelId};
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::Connections;
+use crate::connections::{Connections, ViewSettings};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubSettings};
 use crate::state::{AppState, SharedState};
@@ -77,18 +77,17 @@ impl Application {
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
         let port = listener.local_addr()?.port();
         let connections = Connections::new(
-            service_kit::consumer_name("", "gateway"),
+            GatewayId::unique(&service_kit::consumer_name("", "gateway")),
             Some(redis.clone()),
-            Duration::from_secs(settings.gateway.connection_ttl_secs),
+            ViewSettings {
+                renew_every: Duration::from_secs(settings.gateway.connection_heartbeat_secs.max(1)),
+                ttl: Duration::from_secs(settings.gateway.connection_ttl_secs),
+            },
             &lifecycle,
         );
         lifecycle.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
         // Without it every delivered token's lag sample stays in memory (issue #20).
         lifecycle.spawn(ops.metrics_upkeep(shutdown.clone()));
-        lifecycle.spawn(connections.clone().heartbeat(
-            Duration::from_secs(settings.gateway.connection_heartbeat_secs),
-            shutdown.clone(),
-        ));
         let state: SharedState = Arc::new(AppState {
             settings,
             redis,
@@ -138,7 +137,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` is cancelled, then drains connections and waits for every
-    /// tracked task: the reader, SSE deliveries, the heartbeat and the connection-view writer.
+    /// tracked task: the reader, SSE deliveries and the connection-view writer.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let shutdown = self.lifecycle.shutdown().clone();
