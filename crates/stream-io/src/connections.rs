@@ -97,6 +97,49 @@ pub async fn write(
     Ok(())
 }
 
+/// Whether a connection may take the id it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The id was free: `info` is in the session's hash now (the caller still writes it with
+    /// [`write`] for the gateway's index).
+    Claimed,
+    /// Another connection holds it, listed as this.
+    Taken(ConnectionInfo),
+}
+
+/// Takes `info.connection_id` in its session's hash unless an entry holds it (`HSETNX`): the
+/// first connection that opens with an id gets it. A holder that cannot be decoded is
+/// replaced.
+pub async fn claim(client: &Client, info: &ConnectionInfo) -> Result<Claim, StreamIoError> {
+    let key = RedisKey::connection_info(&info.session_id);
+    let set: bool = client
+        .hsetnx(key.as_str(), info.connection_id.as_str(), info.encode())
+        .await?;
+    if set {
+        return Ok(Claim::Claimed);
+    }
+    let holder: Option<String> = client
+        .hget(key.as_str(), info.connection_id.as_str())
+        .await?;
+    match holder.as_deref().and_then(ConnectionInfo::decode) {
+        Some(holder) => Ok(Claim::Taken(holder)),
+        None => {
+            let _: i64 = client
+                .hset(key.as_str(), (info.connection_id.as_str(), info.encode()))
+                .await?;
+            Ok(Claim::Claimed)
+        }
+    }
+}
+
+/// Whether `gateway`'s liveness key exists.
+pub async fn is_alive(client: &Client, gateway: &GatewayId) -> Result<bool, StreamIoError> {
+    let exists: i64 = client
+        .exists(RedisKey::gateway_alive(gateway).as_str())
+        .await?;
+    Ok(exists > 0)
+}
+
 /// Removes one connection of `gateway` from the view (it closed).
 pub async fn remove(
     client: &Client,

@@ -26,6 +26,51 @@ pub struct ConnectionInfo {
     pub events_sent: u64,
 }
 
+/// The id of one SSE connection: `sse_` and 32 lowercase hex digits. The start answer names
+/// one in `connectionId` and carries it in its `streamUrl`, so the connection opened with that
+/// URL is listed under it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ConnectionId(String);
+
+impl ConnectionId {
+    const PREFIX: &'static str = "sse_";
+
+    /// A fresh, time-ordered id, unique across gateways.
+    pub fn new() -> Self {
+        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::now_v7().simple()))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, crate::IdError> {
+        let valid = raw.strip_prefix(Self::PREFIX).is_some_and(|hex| {
+            hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(crate::IdError::Charset {
+                allowed: "sse_ followed by 32 lowercase hex digits",
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ConnectionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One gateway process in the shared connection view. Unique per start (a random suffix), so a
 /// restarted gateway never revives the entries of its previous life; only characters that are
 /// safe inside a key's `{…}` hash tag.
@@ -96,6 +141,21 @@ mod tests {
         assert_eq!(ConnectionInfo::decode(&info.encode()), Some(info));
         assert_eq!(ConnectionInfo::decode("{}"), None);
         Ok(())
+    }
+
+    #[test]
+    fn connection_ids_parse_only_what_new_makes() {
+        let id = ConnectionId::new();
+        assert_eq!(ConnectionId::parse(id.as_str()), Ok(id));
+        for bad in [
+            "",
+            "sse_",
+            "sse_XYZ",
+            "abc_0123456789abcdef0123456789abcdef",
+            "sse_0123",
+        ] {
+            assert!(ConnectionId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod schema;
 pub mod stats;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
-pub use connection::{ConnectionInfo, GatewayId};
+pub use connection::{ConnectionId, ConnectionInfo, GatewayId};
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};

@@ -8,7 +8,8 @@ use stream_io::requests::StoredMeta;
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::{
-    ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
+    ChatMessage, ConnectionId, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent,
+    SessionId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -171,8 +172,12 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StartChatResponse {
     request_id: RequestId,
-    /// An id for the client's SSE connection (`sse_…`), for logs and support.
-    connection_id: String,
+    /// The id of the SSE connection opened with `streamUrl` (which carries it): that
+    /// connection is listed under it in `GET /api/sessions/{sessionId}/connections`. A second
+    /// connection with the same URL while the first is open gets a fresh id; a reconnect after
+    /// it closed gets this one back.
+    #[schema(value_type = String, example = "sse_01936f0e8d2a7c3b9f001a2b3c4d5e6f")]
+    connection_id: ConnectionId,
     session_id: SessionId,
     model_id: ModelId,
     /// Always `connected`.
@@ -439,13 +444,14 @@ async fn enqueue(
         now / 1000,
     );
     // Tokens are URL-safe (base64url, digits, ids of [A-Za-z0-9_-], '.'): no escaping needed.
+    let connection_id = ConnectionId::new();
     let stream_url = format!(
-        "/api/sse/stream/{}?requestId={request_id}&token={stream_token}",
+        "/api/sse/stream/{}?requestId={request_id}&connectionId={connection_id}&token={stream_token}",
         chat.session_id
     );
     Ok(StartChatResponse {
         request_id,
-        connection_id: crate::connections::new_connection_id(),
+        connection_id,
         session_id: chat.session_id,
         model_id: chat.model_id,
         status: "connected",

@@ -15,7 +15,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use service_kit::lifecycle::Lifecycle;
 use stream_io::StreamIoError;
-use stream_schema::{GatewayId, RequestId, SessionId};
+use stream_io::connections::Claim;
+use stream_schema::{ConnectionId, GatewayId, RequestId, SessionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -80,12 +81,30 @@ pub struct ConnectionGuard {
     pub connection_id: String,
     pub events_sent: Arc<AtomicU64>,
     session_id: SessionId,
-    registry: Connections,
+    info: ConnectionInfo,
+    /// `None` once forgotten: the id belongs to another connection.
+    registry: Option<Connections>,
+}
+
+impl ConnectionGuard {
+    /// Drops the connection from this gateway's table only: its id turned out to be another
+    /// connection's, whose entry in the shared view must stay.
+    fn forget(&mut self) {
+        if let Some(registry) = self.registry.take()
+            && registry
+                .with(|live| live.remove(&self.connection_id))
+                .is_some()
+        {
+            metrics::gauge!("gateway_sse_connections").decrement(1.0);
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.registry.remove(&self.session_id, &self.connection_id);
+        if let Some(registry) = self.registry.take() {
+            registry.remove(&self.session_id, &self.connection_id);
+        }
     }
 }
 
@@ -127,40 +146,95 @@ impl Connections {
         f(&mut lock(&self.live))
     }
 
-    pub fn register(
+    /// Registers a new connection. It takes the id it `requested` (the `connectionId` of its
+    /// start answer, carried in the stream URL) unless another open connection holds it, here
+    /// or on a live gateway (a second tab with the same URL); then it gets a fresh one. A
+    /// reconnect with the same URL gets the id back once its old connection has closed.
+    pub async fn register(
         &self,
         session_id: SessionId,
         request_id: Option<RequestId>,
-    ) -> ConnectionGuard {
-        let connection_id = new_connection_id();
+        requested: Option<ConnectionId>,
+    ) -> Result<ConnectionGuard, StreamIoError> {
+        if let Some(id) = requested
+            && let Some(mut guard) = self.insert(&session_id, request_id, id)
+        {
+            // If this future is dropped while claiming, the guard's drop removes the claim.
+            if self.claimed(&guard.info).await? {
+                self.opened(&guard.info);
+                return Ok(guard);
+            }
+            guard.forget();
+        }
+        loop {
+            if let Some(guard) = self.insert(&session_id, request_id, ConnectionId::new()) {
+                self.opened(&guard.info);
+                return Ok(guard);
+            }
+        }
+    }
+
+    /// Adds a connection to this gateway's table unless its id is taken here.
+    fn insert(
+        &self,
+        session_id: &SessionId,
+        request_id: Option<RequestId>,
+        connection_id: ConnectionId,
+    ) -> Option<ConnectionGuard> {
         let events_sent = Arc::new(AtomicU64::new(0));
         let info = ConnectionInfo {
-            connection_id: connection_id.clone(),
+            connection_id: connection_id.to_string(),
             session_id: session_id.clone(),
             request_id,
             gateway_id: self.gateway_id.to_string(),
             connected_since: now_ms(),
             events_sent: 0,
         };
-        self.with(|live| {
-            live.insert(
-                connection_id.clone(),
-                Live {
+        let inserted = self.with(|live| match live.entry(info.connection_id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Live {
                     info: info.clone(),
                     events_sent: events_sent.clone(),
                     published_events: 0,
-                },
-            )
+                });
+                true
+            }
         });
-        if let Some(view) = &self.view {
-            let _ = view.send(ViewOp::Open(info));
+        if inserted {
+            metrics::gauge!("gateway_sse_connections").increment(1.0);
         }
-        metrics::gauge!("gateway_sse_connections").increment(1.0);
-        ConnectionGuard {
-            connection_id,
+        inserted.then(|| ConnectionGuard {
+            connection_id: info.connection_id.clone(),
             events_sent,
-            session_id,
-            registry: self.clone(),
+            session_id: session_id.clone(),
+            info,
+            registry: Some(self.clone()),
+        })
+    }
+
+    /// Whether the shared view lets this connection keep its requested id: it was free, or
+    /// its holder is gone (this gateway's own closed connection whose removal is still queued,
+    /// or a dead gateway's).
+    async fn claimed(&self, info: &ConnectionInfo) -> Result<bool, StreamIoError> {
+        let Some(redis) = &self.redis else {
+            return Ok(true);
+        };
+        match stream_io::connections::claim(redis.next(), info).await? {
+            Claim::Claimed => Ok(true),
+            Claim::Taken(holder) if holder.gateway_id == self.gateway_id.as_str() => Ok(true),
+            Claim::Taken(holder) => Ok(!stream_io::connections::is_alive(
+                redis.next(),
+                &GatewayId::from_stored(&holder.gateway_id),
+            )
+            .await?),
+        }
+    }
+
+    /// The connection keeps its id: written to the shared view.
+    fn opened(&self, info: &ConnectionInfo) {
+        if let Some(view) = &self.view {
+            let _ = view.send(ViewOp::Open(info.clone()));
         }
     }
 
@@ -329,11 +403,6 @@ async fn quiet_after(shutdown: &CancellationToken) {
     tokio::time::sleep(VIEW_QUIET).await;
 }
 
-/// `sse_<uuid>`: unique across gateway replicas.
-pub fn new_connection_id() -> String {
-    format!("sse_{}", uuid::Uuid::now_v7().simple())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,12 +412,12 @@ mod tests {
         ttl: Duration::from_secs(15),
     };
 
-    #[test]
-    fn a_dropped_guard_removes_its_connection() -> Result<(), stream_schema::IdError> {
+    #[tokio::test]
+    async fn a_dropped_guard_removes_its_connection() -> anyhow::Result<()> {
         let lifecycle = Lifecycle::new(CancellationToken::new());
         let connections = Connections::new(GatewayId::from_stored("gw"), None, VIEW, &lifecycle);
         let session = SessionId::parse("s")?;
-        let guard = connections.register(session.clone(), None);
+        let guard = connections.register(session.clone(), None, None).await?;
         guard.events_sent.fetch_add(3, Ordering::Relaxed);
         let listed = connections.local_for_session(&session);
         assert_eq!(listed.len(), 1);
@@ -356,6 +425,31 @@ mod tests {
         assert_eq!(listed[0].gateway_id, "gw");
         drop(guard);
         assert!(connections.local_for_session(&session).is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_requested_id_is_taken_once() -> anyhow::Result<()> {
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let connections = Connections::new(GatewayId::from_stored("gw"), None, VIEW, &lifecycle);
+        let session = SessionId::parse("s")?;
+        let id = ConnectionId::new();
+        let first = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_eq!(first.connection_id, id.as_str());
+        // A second tab with the same URL while the first is open: a fresh id.
+        let second = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_ne!(second.connection_id, id.as_str());
+        // A reconnect after the first closed: the id again.
+        drop(first);
+        let again = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_eq!(again.connection_id, id.as_str());
+        assert_eq!(connections.count(), 2);
         Ok(())
     }
 }

@@ -14,7 +14,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use fred::prelude::Client;
 use stream_io::session::{Trimmed, entry_exists, last_entry_id, range_after, trimmed};
-use stream_schema::{EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId};
+use stream_schema::{
+    ConnectionId, EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId,
+};
 use tokio::sync::mpsc;
 
 use crate::chat::request_meta;
@@ -44,6 +46,8 @@ pub struct StreamAccess {
     pub session: SessionId,
     pub request: Option<RequestId>,
     pub resume: Option<EntryId>,
+    /// The `connectionId` query: the id the start answer named for this connection.
+    pub connection: Option<ConnectionId>,
 }
 
 impl actix_web::FromRequest for StreamAccess {
@@ -75,11 +79,19 @@ impl StreamAccess {
             .transpose()
             .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
         let resume = resume_id(req, &query)?;
+        let connection = query
+            .get("connectionId")
+            .map(|raw| ConnectionId::parse(raw))
+            .transpose()
+            .map_err(|_| {
+                ApiError::InvalidRequest("connectionId is not a connection id".to_owned())
+            })?;
         authorize(state, req, &query, &session, request.as_ref())?;
         Ok(Self {
             session,
             request,
             resume,
+            connection,
         })
     }
 }
@@ -118,6 +130,11 @@ fn resume_id(
             from its `start` (late join); the response ends after its `complete` or `error`. \
             Without it: every request of the session from now on, and the response does not \
             end."),
+        ("connectionId" = Option<String>, Query, nullable = false,
+            pattern = r"^sse_[0-9a-f]{32}$",
+            description = "The `connectionId` of the start answer (its `streamUrl` carries \
+            it): this connection is listed under it, unless another open connection holds it \
+            (then it gets a fresh id)."),
         ("lastEventId" = Option<String>, Query, nullable = false,
             pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
             description = "Resume after this event id, for clients that cannot set \
@@ -135,8 +152,8 @@ fn resume_id(
                 ("Cache-Control" = String, description = "`no-cache`"),
                 ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer"),
             )),
-        (status = 400, description = "`invalid_session_id`, or `invalid_request` (requestId \
-            or Last-Event-ID malformed)", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`, or `invalid_request` (requestId, \
+            connectionId or Last-Event-ID malformed)", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no stream token, or not a valid one \
             (malformed, expired, bad signature, another session)", body = ErrorBody),
         (status = 403, description = "`forbidden`: a valid token for another request, or its \
@@ -155,6 +172,7 @@ pub async fn stream(
         session,
         request,
         resume,
+        connection,
     } = access;
     let client = state.client();
 
@@ -192,7 +210,10 @@ pub async fn stream(
     };
 
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
-    let guard = state.connections.register(session.clone(), request);
+    let guard = state
+        .connections
+        .register(session.clone(), request, connection)
+        .await?;
     tracing::debug!(connection_id = %guard.connection_id, session_id = %session, "sse connected");
     if history_lost {
         let event = SessionEvent::Error {

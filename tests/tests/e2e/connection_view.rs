@@ -166,3 +166,52 @@ async fn open_idle(
     }
     Ok(opened)
 }
+
+#[tokio::test]
+async fn the_start_answers_connection_id_names_the_connection_of_its_stream_url()
+-> anyhow::Result<()> {
+    let stack = Stack::start(
+        StackOptions {
+            gateways: 2,
+            ..options()
+        }
+        .with_settings(|s| s.mock_llm.token_delay_ms = 5),
+    )
+    .await?;
+    let started = stack
+        .start_chat("named", "a long answer [[mock tokens=5000]]")
+        .await?;
+    let id = crate::stack::str_field(&started, "connectionId")?;
+    let url = crate::stack::str_field(&started, "streamUrl")?;
+    assert!(url.contains(&format!("connectionId={id}")), "{url}");
+    let ids_listed = |want: usize| {
+        let stack = &stack;
+        async move {
+            wait_until(TIMEOUT, POLL, || async {
+                let list = listed(stack, 0, "named").await?;
+                let ids: Vec<String> = list
+                    .iter()
+                    .filter_map(|c| c["connectionId"].as_str().map(str::to_owned))
+                    .collect();
+                Ok((ids.len() == want).then_some(ids))
+            })
+            .await
+        }
+    };
+
+    let first = stack.open(0, url, &[]).await?;
+    assert_eq!(ids_listed(1).await?, vec![id.to_owned()]);
+    // The same URL in a second tab, on another gateway, while the first is open: its own id.
+    let second = stack.open(1, url, &[]).await?;
+    let both = ids_listed(2).await?;
+    assert!(both.contains(&id.to_owned()), "{both:?}");
+    assert!(both.iter().all(|c| c.starts_with("sse_")), "{both:?}");
+    // The first reconnects (EventSource reuses the URL) after it closed: the id comes back.
+    drop(first);
+    ids_listed(1).await?;
+    let _again = stack.open(0, url, &[]).await?;
+    let after = ids_listed(2).await?;
+    assert!(after.contains(&id.to_owned()), "{after:?}");
+    drop(second);
+    Ok(())
+}
