@@ -436,8 +436,9 @@ pub struct GatewaySettings {
     /// The liveness key's TTL: a gateway that stops renewing it (it died) has its connections
     /// leave the shared view after this long. Must exceed the heartbeat interval.
     pub connection_ttl_secs: u64,
-    /// Redis Cluster only: pause between read rounds of the multiplexed reader that found
-    /// nothing new (a single node uses a blocking read and needs no pause).
+    /// Redis Cluster only: the multiplexed reader reads a stream when its writes announce
+    /// themselves (sharded Pub/Sub), and reads every followed stream at least this often, the
+    /// safety net for a lost announcement (a single node uses a blocking read instead).
     pub cluster_poll_ms: u64,
     /// Browser origins allowed to call the API cross-origin (CORS), e.g.
     /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
@@ -455,7 +456,7 @@ impl Default for GatewaySettings {
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
             connection_ttl_secs: 15,
-            cluster_poll_ms: 5,
+            cluster_poll_ms: 1_000,
             cors_allowed_origins: Vec::new(),
         }
     }

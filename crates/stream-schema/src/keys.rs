@@ -19,6 +19,9 @@ pub const OWNER_DONE: &str = "done";
 /// (`RedisKey::cancel`) and a settled-quota marker (`RedisKey::quota_reconciled`).
 pub const FLAG_SET: &str = "1";
 
+/// What a stream's wake channel adds in front of the stream key.
+const WAKE_PREFIX: &str = "llm:wake:";
+
 /// The name of a Redis key. Built only by the constructors below, from validated ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RedisKey(String);
@@ -168,6 +171,24 @@ impl RedisKey {
     /// (its exactly-once ledger).
     pub fn applied_ledger(shard: u16) -> Self {
         Self(format!("llm:stats:{{{shard}}}:applied"))
+    }
+
+    /// `llm:wake:<this key>`: the sharded Pub/Sub channel (`SPUBLISH`) on which, on a Redis
+    /// Cluster, every write to this session stream announces itself, so a gateway's reader
+    /// reads when there is something to read instead of polling. It carries the stream's hash
+    /// tag: the same slot as the stream, so the writing script may publish to it.
+    pub fn wake_channel(&self) -> String {
+        Self::wake_channel_of(&self.0)
+    }
+
+    /// [`RedisKey::wake_channel`] of a stream key held as text (the reader's table).
+    pub fn wake_channel_of(stream: &str) -> String {
+        format!("{WAKE_PREFIX}{stream}")
+    }
+
+    /// The stream key a wake channel belongs to; `None` for any other channel.
+    pub fn stream_of_wake_channel(channel: &str) -> Option<&str> {
+        channel.strip_prefix(WAKE_PREFIX)
     }
 
     pub fn as_str(&self) -> &str {

@@ -50,6 +50,15 @@ impl Application {
             service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
         service_kit::redis::start(&reader, &settings.redis).await;
 
+        // Cluster mode: the reader waits for the streams' wake-ups on a client of its own.
+        let wake = if settings.redis.is_cluster() {
+            let wake =
+                service_kit::redis::blocking_client(&settings.redis).context("redis wake-ups")?;
+            service_kit::redis::start(&wake, &settings.redis).await;
+            Some(wake)
+        } else {
+            None
+        };
         let ops = OpsState::new(redis.clone(), metrics);
         let hub = Hub::new(HubSettings {
             batch: settings.gateway.reader_batch,
@@ -63,7 +72,7 @@ impl Application {
         lifecycle.supervise(&ops, "reader", RestartPolicy::default(), move |flag| {
             loop_hub
                 .clone()
-                .run(reader.clone(), loop_shutdown.clone(), flag)
+                .run(reader.clone(), wake.clone(), loop_shutdown.clone(), flag)
         });
 
         let models = settings
@@ -88,10 +97,11 @@ impl Application {
         lifecycle.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
         // Without it every delivered token's lag sample stays in memory (issue #20).
         lifecycle.spawn(ops.metrics_upkeep(shutdown.clone()));
+        let cluster = settings.redis.is_cluster();
         let state: SharedState = Arc::new(AppState {
             settings,
             redis,
-            scripts: stream_io::session::SessionScripts::default(),
+            scripts: stream_io::session::SessionScripts::with_wake_ups(cluster),
             hub,
             connections,
             models,
