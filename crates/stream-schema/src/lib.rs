@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod connection;
+pub mod cursor;
 pub mod dead_letter;
 pub mod event;
 pub mod idempotency;
@@ -19,6 +20,7 @@ pub mod stats;
 
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
 pub use connection::{ConnectionId, ConnectionInfo, GatewayId};
+pub use cursor::SessionCursor;
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use fred::prelude::Client;
 use stream_io::session::{Trimmed, entry_exists, last_entry_id, range_after, trimmed};
 use stream_schema::{
-    ConnectionId, EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId,
+    ConnectionId, EntryId, ErrorCode, ModelId, RedisKey, RequestId, SessionCursor, SessionEvent,
+    SessionId,
 };
 use tokio::sync::mpsc;
 
@@ -34,7 +35,17 @@ const BODY_FRAMES: usize = 16;
 /// Where one stream of the connection starts.
 struct Plan {
     key: RedisKey,
+    model: ModelId,
     after: EntryId,
+}
+
+/// Where a client resumes (`Last-Event-ID` or `lastEventId`).
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// After this entry id: every request-scoped stream, and a session-wide one over one model.
+    Entry(EntryId),
+    /// A session-wide stream over several models: after each model stream's own position.
+    Cursor(SessionCursor),
 }
 
 /// An authorized reader of `GET /api/sse/stream/{sessionId}`, as a handler argument: the
@@ -45,7 +56,7 @@ struct Plan {
 pub struct StreamAccess {
     pub session: SessionId,
     pub request: Option<RequestId>,
-    pub resume: Option<EntryId>,
+    pub resume: Option<Resume>,
     /// The `connectionId` query: the id the start answer named for this connection.
     pub connection: Option<ConnectionId>,
 }
@@ -105,7 +116,7 @@ fn parse_query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
 fn resume_id(
     req: &HttpRequest,
     query: &HashMap<String, String>,
-) -> Result<Option<EntryId>, ApiError> {
+) -> Result<Option<Resume>, ApiError> {
     let header = req
         .headers()
         .get("Last-Event-ID")
@@ -115,9 +126,18 @@ fn resume_id(
     match header.or_else(|| query.get("lastEventId").cloned()) {
         None => Ok(None),
         Some(raw) if raw.is_empty() => Ok(None),
-        Some(raw) => EntryId::parse(&raw).map(Some).map_err(|_| {
-            ApiError::InvalidRequest("Last-Event-ID is not a stream entry id".to_owned())
-        }),
+        Some(raw) if SessionCursor::looks_like(&raw) => SessionCursor::parse(&raw)
+            .map(|cursor| Some(Resume::Cursor(cursor)))
+            .map_err(|_| {
+                ApiError::InvalidRequest(
+                    "Last-Event-ID is not a session cursor (model=id,…)".to_owned(),
+                )
+            }),
+        Some(raw) => EntryId::parse(&raw)
+            .map(|id| Some(Resume::Entry(id)))
+            .map_err(|_| {
+                ApiError::InvalidRequest("Last-Event-ID is not a stream entry id".to_owned())
+            }),
     }
 }
 
@@ -136,17 +156,22 @@ fn resume_id(
             it): this connection is listed under it, unless another open connection holds it \
             (then it gets a fresh id)."),
         ("lastEventId" = Option<String>, Query, nullable = false,
-            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?|[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19}(,[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19})*)?$",
             description = "Resume after this event id, for clients that cannot set \
-            `Last-Event-ID`; the header wins when both are given."),
+            `Last-Event-ID`; the header wins when both are given. An entry id, or on a \
+            session-wide stream over several models the cursor its events carry \
+            (`model=id,…`)."),
         ("Last-Event-ID" = Option<String>, Header, nullable = false,
-            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
-            description = "Resume after this event id (what EventSource sends on reconnect)."),
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?|[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19}(,[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19})*)?$",
+            description = "Resume after this event id (what EventSource sends on reconnect): \
+            an entry id, or a session cursor (`model=id,…`)."),
     ),
     responses(
         (status = 200, description = "An endless or request-long event stream. Each message is \
             `id: <stream entry id>` and `data: <SessionEvent JSON>` (no `event:` field), plus \
-            `: ping` comments when idle. An `error` event with code `history_lost` (and no \
+            `: ping` comments when idle. On a session-wide stream over several models, `id:` \
+            is a cursor instead: `<modelId>=<entry id>` of each model stream, joined by `,` (a \
+            model not named: none seen yet); resuming with it is exact across the models. An `error` event with code `history_lost` (and no \
             `id:`) means the events after the resume id are gone.",
             content_type = "text/event-stream", body = String, headers(
                 ("Cache-Control" = String, description = "`no-cache`"),
@@ -187,24 +212,39 @@ pub async fn stream(
                     ApiError::NotFound("unknown requestId for this session".to_owned())
                 })?;
             parent_trace.clone_from(&meta.traceparent);
+            let from_start = meta.start_entry.predecessor();
+            let after = match &resume {
+                None => from_start,
+                Some(Resume::Entry(id)) => *id,
+                Some(Resume::Cursor(cursor)) => match cursor.position(&meta.model_id) {
+                    EntryId::ZERO => from_start,
+                    id => id,
+                },
+            };
             plans.push(Plan {
                 key: RedisKey::session(&meta.session_id, &meta.model_id),
-                after: resume.unwrap_or(meta.start_entry.predecessor()),
+                model: meta.model_id.clone(),
+                after,
             });
         }
         None => {
             for model in state.models.values() {
                 let key = RedisKey::session(&session, model);
-                let after = match resume {
-                    Some(id) => id,
+                let after = match &resume {
+                    Some(Resume::Entry(id)) => *id,
+                    Some(Resume::Cursor(cursor)) => cursor.position(model),
                     None => last_entry_id(client, &key).await?.unwrap_or(EntryId::ZERO),
                 };
-                plans.push(Plan { key, after });
+                plans.push(Plan {
+                    key,
+                    model: model.clone(),
+                    after,
+                });
             }
         }
     }
 
-    let history_lost = match resume {
+    let history_lost = match &resume {
         Some(_) => history_lost(client, &plans).await?,
         None => false,
     };
@@ -226,11 +266,20 @@ pub async fn stream(
         let _ = body_tx.try_send(unnumbered(&event));
         drop(guard);
     } else {
+        // Several model streams in one response: each event's `id:` is the cursor over all.
+        let cursor = (request.is_none() && plans.len() > 1).then(|| {
+            let mut cursor = SessionCursor::default();
+            for plan in &plans {
+                cursor.advance(&plan.model, plan.after);
+            }
+            cursor
+        });
         let delivery = Delivery {
             state: state.get_ref().clone(),
             body: body_tx,
             guard,
             request,
+            cursor,
         };
         let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
         if let Some(traceparent) = parent_trace {
@@ -336,6 +385,17 @@ struct Delivery {
     body: mpsc::Sender<Bytes>,
     guard: ConnectionGuard,
     request: Option<RequestId>,
+    /// A session-wide stream over several models: where the client stands in each, sent as
+    /// every event's `id:` instead of the entry id.
+    cursor: Option<SessionCursor>,
+}
+
+/// One model stream the connection follows live.
+struct Feed {
+    subscription: Subscription,
+    model: ModelId,
+    /// Last id delivered (or skipped) of this stream.
+    last: EntryId,
 }
 
 impl Delivery {
@@ -388,8 +448,14 @@ impl Delivery {
         }
     }
 
-    /// Sends a frame unless already sent or filtered; tells whether the request ended.
-    async fn offer(&mut self, last: &mut EntryId, frame: &Frame) -> Result<bool, End> {
+    /// Sends a frame of `model`'s stream unless already sent or filtered; tells whether the
+    /// request ended.
+    async fn offer(
+        &mut self,
+        model: &ModelId,
+        last: &mut EntryId,
+        frame: &Frame,
+    ) -> Result<bool, End> {
         if frame.id <= *last {
             return Ok(false);
         }
@@ -397,7 +463,14 @@ impl Delivery {
         if self.request.is_some_and(|r| r != frame.event.request_id()) {
             return Ok(false);
         }
-        self.send(frame.bytes.clone()).await?;
+        let bytes = match &mut self.cursor {
+            None => frame.bytes.clone(),
+            Some(cursor) => {
+                cursor.advance(model, frame.id);
+                with_id(&cursor.to_string(), &frame.bytes)
+            }
+        };
+        self.send(bytes).await?;
         self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("gateway_events_delivered_total").increment(1);
         if let SessionEvent::Token { timestamp, .. } = frame.event.as_ref() {
@@ -415,6 +488,7 @@ impl Delivery {
     async fn catch_up(
         &mut self,
         key: &RedisKey,
+        model: &ModelId,
         last: &mut EntryId,
         until: Option<EntryId>,
     ) -> Result<bool, End> {
@@ -444,7 +518,10 @@ impl Delivery {
                         continue;
                     }
                 };
-                if self.offer(last, &Frame::new(entry.id, event)).await? {
+                if self
+                    .offer(model, last, &Frame::new(entry.id, event))
+                    .await?
+                {
                     return Ok(true);
                 }
             }
@@ -465,7 +542,7 @@ impl Delivery {
             let mut last = plan.after;
             // History first, straight from Redis, before joining the live feed: a client far
             // behind would otherwise pile live entries up in its queue while it catches up.
-            match self.catch_up(&plan.key, &mut last, None).await {
+            match self.catch_up(&plan.key, &plan.model, &mut last, None).await {
                 Ok(true) => return End::Finished,
                 Ok(false) => {}
                 Err(end) => return end,
@@ -474,7 +551,7 @@ impl Delivery {
             // What arrived between the read above and the subscription.
             if subscription.catch_up_to.is_some() {
                 match self
-                    .catch_up(&plan.key, &mut last, subscription.catch_up_to)
+                    .catch_up(&plan.key, &plan.model, &mut last, subscription.catch_up_to)
                     .await
                 {
                     Ok(true) => return End::Finished,
@@ -482,7 +559,11 @@ impl Delivery {
                     Err(end) => return end,
                 }
             }
-            feeds.push((subscription, last));
+            feeds.push(Feed {
+                subscription,
+                model: plan.model,
+                last,
+            });
         }
 
         let keepalive = Duration::from_secs(self.state.settings.gateway.keepalive_secs.max(1));
@@ -503,11 +584,11 @@ impl Delivery {
             };
             match message {
                 Some(HubMessage::Frame(frame)) => {
-                    let (subscription, last) = &mut feeds[index];
-                    subscription.consumed(&frame);
-                    let mut cursor = *last;
-                    let finished = self.offer(&mut cursor, &frame).await;
-                    feeds[index].1 = cursor;
+                    let feed = &mut feeds[index];
+                    feed.subscription.consumed(&frame);
+                    let (model, mut last) = (feed.model.clone(), feed.last);
+                    let finished = self.offer(&model, &mut last, &frame).await;
+                    feeds[index].last = last;
                     match finished {
                         Ok(true) => return End::Finished,
                         Ok(false) => {}
@@ -521,14 +602,29 @@ impl Delivery {
     }
 }
 
+/// A frame's bytes with another `id:` line: the hub encodes each frame once with its entry id,
+/// and a connection that sends cursors swaps only that line.
+fn with_id(id: &str, frame: &Bytes) -> Bytes {
+    let data = frame
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(&frame[..], |newline| &frame[newline + 1..]);
+    let mut bytes = Vec::with_capacity(id.len() + 5 + data.len());
+    bytes.extend_from_slice(b"id: ");
+    bytes.extend_from_slice(id.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(data);
+    Bytes::from(bytes)
+}
+
 /// The next hub message of any of the connection's subscriptions, with its index.
-async fn next_message(feeds: &mut [(Subscription, EntryId)]) -> (usize, Option<HubMessage>) {
-    if let [(only, _)] = feeds {
-        return (0, only.rx.recv().await);
+async fn next_message(feeds: &mut [Feed]) -> (usize, Option<HubMessage>) {
+    if let [only] = feeds {
+        return (0, only.subscription.rx.recv().await);
     }
     futures::future::poll_fn(|cx| {
-        for (index, (subscription, _)) in feeds.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(message) = subscription.rx.poll_recv(cx) {
+        for (index, feed) in feeds.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(message) = feed.subscription.rx.poll_recv(cx) {
                 return std::task::Poll::Ready((index, message));
             }
         }
