@@ -130,14 +130,13 @@ async fn idle_connections_cost_redis_no_commands() -> anyhow::Result<()> {
         "(all, view) commands in {window:?}: {with_two:?} with 2 idle clients, {with_fifty:?} \
          with 50"
     );
-    // One renewal per second whatever the clients (the window may catch one more or less).
-    assert!(
-        with_fifty.1 <= with_two.1 + 1 && with_fifty.1 <= 6,
-        "{report}"
-    );
-    // The services' background loops vary a little from window to window; 48 more clients
-    // renewed one by one would add hundreds.
-    assert!(with_fifty.0 <= with_two.0 * 2 + 20, "{report}");
+    // One renewal per second whatever the clients; the window may catch one more, and the
+    // periodic sweep for dead gateways (two commands). 48 more clients renewed one by one
+    // would add about 800.
+    assert!(with_fifty.1 <= with_two.1 + 4, "{report}");
+    // The services' background loops vary from window to window (more so on a loaded
+    // machine); per-connection renewals would add hundreds.
+    assert!(with_fifty.0 <= with_two.0 * 2 + 40, "{report}");
     assert_eq!(open.len(), 50);
     Ok(())
 }
