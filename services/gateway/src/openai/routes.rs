@@ -346,6 +346,17 @@ impl Dialect for OpenAiStream {
     fn closing(&mut self, event: &SessionEvent) -> Bytes {
         Bytes::from(format!("data: {}\n\n", closing_error(event)))
     }
+
+    // Comment lines without the blank line that ends a message: the OpenAI Python SDK keeps
+    // the last `id:` and turns any later blank line into an empty event it fails to parse
+    // (and no `retry:` for the same reason).
+    fn preamble(&self) -> Option<Bytes> {
+        Some(Bytes::from_static(b": stream\n"))
+    }
+
+    fn ping(&self) -> Option<Bytes> {
+        Some(Bytes::from_static(b": ping\n"))
+    }
 }
 
 /// The `{"error": …}` of an end the stream did not record (overflow, outage, revocation).
