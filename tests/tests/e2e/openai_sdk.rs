@@ -9,7 +9,8 @@ use tokio::process::Command;
 use futures::StreamExt;
 use mock_llm::scenario::{Scenario, Shape};
 use serde_json::{Value, json};
-use service_kit::config::KeyLimits;
+use service_kit::config::{ApiKeyEntry, KeyLimits};
+use test_support::stack::sha256_hex;
 
 use crate::stack::{API_KEY, OTHER_API_KEY, Stack, TIMEOUT, expected_text, options};
 
@@ -194,26 +195,57 @@ async fn a_dropped_stream_resumes_live_without_a_gap_or_a_repeat() -> anyhow::Re
 
 #[tokio::test]
 async fn another_tenants_or_an_unknown_completion_is_not_found() -> anyhow::Result<()> {
-    let stack = Stack::start(options()).await?;
-    let get = |path: String| async move {
-        let response = http()?.get(path).bearer_auth(API_KEY).send().await?;
-        let status = response.status().as_u16();
-        let body: Value = response.json().await?;
-        anyhow::Ok((status, body))
+    const ACME: &str = "sk-acme-openai";
+    const GLOBEX: &str = "sk-globex-openai";
+    let stack = Stack::start(options().with_settings(|settings| {
+        for (id, key, tenant) in [("acme-1", ACME, "acme"), ("globex-1", GLOBEX, "globex")] {
+            settings.auth.api_keys.push(ApiKeyEntry {
+                id: id.to_owned(),
+                sha256: sha256_hex(key),
+                tenant: Some(tenant.to_owned()),
+                role: Some("chat".to_owned()),
+            });
+        }
+    }))
+    .await?;
+    let response = http()?
+        .post(format!("{}/v1/chat/completions", stack.gateway()))
+        .bearer_auth(ACME)
+        .json(&json!({"model": "mock", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let completion = response
+        .headers()
+        .get("X-Completion-Id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let get = |id: String, key: &'static str| {
+        let url = format!("{}/v1/chat/completions/{id}/stream", stack.gateway());
+        async move {
+            let response = http()?.get(url).bearer_auth(key).send().await?;
+            let status = response.status().as_u16();
+            let body: Value = if status == 200 {
+                Value::Null
+            } else {
+                response.json().await?
+            };
+            anyhow::Ok((status, body))
+        }
     };
-    let (status, body) = get(format!(
-        "{}/v1/chat/completions/chatcmpl-01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f/stream",
-        stack.gateway()
-    ))
+    // Its own tenant reads it; another tenant gets exactly the answer of an unknown id.
+    assert_eq!(get(completion.clone(), ACME).await?.0, 200);
+    let other = get(completion, GLOBEX).await?;
+    let unknown = get(
+        "chatcmpl-01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f".to_owned(),
+        GLOBEX,
+    )
     .await?;
-    assert_eq!(status, 404);
-    assert_eq!(body["error"]["type"], "invalid_request_error");
-    let (status, _) = get(format!(
-        "{}/v1/chat/completions/not-an-id/stream",
-        stack.gateway()
-    ))
-    .await?;
-    assert_eq!(status, 404);
+    assert_eq!(other, unknown);
+    assert_eq!(other.0, 404);
+    assert_eq!(other.1["error"]["type"], "invalid_request_error");
+    assert_eq!(get("not-an-id".to_owned(), GLOBEX).await?.0, 404);
     Ok(())
 }
 
