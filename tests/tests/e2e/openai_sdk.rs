@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use service_kit::config::{ApiKeyEntry, KeyLimits};
 use test_support::stack::sha256_hex;
 
-use crate::stack::{API_KEY, OTHER_API_KEY, Stack, TIMEOUT, expected_text, options};
+use fred::prelude::*;
+
+use crate::stack::{API_KEY, OTHER_API_KEY, Stack, StackOptions, TIMEOUT, expected_text, options};
 
 const TEXT_PROMPT: &str = "Tell me about the sea";
 const TOOLS_PROMPT: &str =
@@ -363,5 +365,96 @@ async fn the_official_openai_sdks_stream_fetch_and_raise_through_the_gateway() -
         .env("NODE_PATH", node.join("node_modules"));
     let out = run_client(command, &stack).await?;
     check_sdk_results("node", &out);
+    Ok(())
+}
+
+/// Tool calls as an SDK rebuilds them from `tool_calls` deltas: (id, name, arguments) by index.
+fn calls_of(messages: &[Message]) -> Vec<(String, String, String)> {
+    let mut calls: std::collections::BTreeMap<u64, (String, String, String)> =
+        std::collections::BTreeMap::new();
+    for message in messages {
+        let chunk: Value = serde_json::from_str(&message.data).unwrap_or_default();
+        for call in chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let slot = calls
+                .entry(call["index"].as_u64().unwrap_or(u64::MAX))
+                .or_default();
+            slot.0.push_str(call["id"].as_str().unwrap_or_default());
+            slot.1
+                .push_str(call["function"]["name"].as_str().unwrap_or_default());
+            slot.2
+                .push_str(call["function"]["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    calls.into_values().collect()
+}
+
+#[tokio::test]
+async fn a_producer_failover_mid_answer_continues_after_what_the_client_has() -> anyhow::Result<()>
+{
+    let stack = Stack::start(
+        StackOptions {
+            producers: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.producer.lease_ms = 1500;
+            s.producer.lease_renew_ms = 300;
+            s.producer.reclaim_interval_ms = 250;
+        }),
+    )
+    .await?;
+    let prompt = "Survive a crash [[mock reasoning=4 tokens=6 tools=2 arg_chunk=1 delay_ms=10]]";
+    let body = json!({"model": "mock", "stream": true,
+        "messages": [{"role": "user", "content": prompt}]});
+    let response = create(&stack, &body, &[("X-Session-Id", "crash-oai")]).await?;
+    let completion = response
+        .headers()
+        .get("X-Completion-Id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    // Into the tool calls (reasoning, text, then arguments one character at a time).
+    let head = read_messages(response, Some(20)).await?;
+    let holder = crate::producer::job_holder(&stack).await?;
+    stack.producers[holder].process.sigkill()?;
+    let tail = resume(&stack, &completion, head.last().map(|m| m.id.as_str())).await?;
+    let mut whole = head;
+    whole.extend(tail);
+
+    // The stream really restarted…
+    let redis = stack.redis_client().await?;
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis
+        .xrange("llm:stream:{crash-oai}:mock", "-", "+", None)
+        .await?;
+    assert!(
+        entries
+            .iter()
+            .any(|(_, fields)| fields.get("type").map(String::as_str) == Some("restart")),
+        "no restart was recorded"
+    );
+    // …and the client got every piece exactly once, ending normally.
+    let shape = Shape {
+        text_tokens: 6,
+        reasoning: 4,
+        tool_calls: 2,
+        arg_chunk: 1,
+        ..Shape::default()
+    };
+    let scenario = Scenario::plan(&mock_llm::text::prompt_text([prompt]), 0, &shape);
+    assert_eq!(
+        deltas(&whole),
+        (scenario.text.concat(), scenario.reasoning.concat())
+    );
+    let planned: Vec<(String, String, String)> = scenario
+        .tool_calls
+        .iter()
+        .map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone()))
+        .collect();
+    assert_eq!(calls_of(&whole), planned);
+    assert_eq!(whole.last().map(|m| m.data.as_str()), Some("[DONE]"));
     Ok(())
 }
