@@ -28,6 +28,8 @@ step "format" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests spawn the real binaries, so they must be built first.
 step "build" cargo build --workspace --bins
+# The published OpenAI SDKs (Python venv, npm dir) the e2e test `openai_sdk::` drives.
+step "sdk clients" scripts/sdk-clients.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "tests" cargo nextest run --workspace

@@ -334,7 +334,24 @@ pub async fn start(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let started = start_chat(&state, key, &req, payload).await;
+    let json = start_counted(&state, key, &req, payload, |body| Ok(body.to_vec())).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(json))
+}
+
+/// The one start path of every API that starts chats (`/api/chat/start`,
+/// `/v1/chat/completions`): `native` turns the request body into a `/api/chat/start` body
+/// (its errors count as refused starts), after which auth, limits, quotas, idempotency and
+/// tenant rules apply exactly alike. Returns the start response JSON.
+pub(crate) async fn start_counted(
+    state: &AppState,
+    key: Result<Caller, ApiError>,
+    req: &HttpRequest,
+    payload: web::Payload,
+    native: impl FnOnce(&[u8]) -> Result<Vec<u8>, ApiError>,
+) -> Result<String, ApiError> {
+    let started = start_chat(state, key, req, payload, native).await;
     // The one place that counts starts, by outcome.
     let outcome = match &started {
         Ok(Started::New(_)) => "started",
@@ -346,9 +363,7 @@ pub async fn start(
         metrics::counter!("gateway_chats_started_total", "outcome" => outcome).increment(1);
     }
     match started {
-        Ok(Started::New(json) | Started::Replayed(json)) => Ok(HttpResponse::Ok()
-            .content_type("application/json")
-            .body(json)),
+        Ok(Started::New(json) | Started::Replayed(json)) => Ok(json),
         Err(Counted::Yes(error) | Counted::No(error)) => Err(error),
     }
 }
@@ -372,12 +387,14 @@ async fn start_chat(
     caller: Result<Caller, ApiError>,
     req: &HttpRequest,
     payload: web::Payload,
+    native: impl FnOnce(&[u8]) -> Result<Vec<u8>, ApiError>,
 ) -> Result<Started, Counted> {
     let caller = caller.map_err(Counted::Yes)?;
     let key = caller.key.clone();
     let body = read_body(payload, state.settings.limits.max_body_bytes)
         .await
         .map_err(Counted::No)?;
+    let body = native(&body).map_err(Counted::Yes)?;
     let mut chat = StartChat::parse(&body, state).map_err(Counted::Yes)?;
     // From here on the session is the tenant's: every key, job and record holds the stored
     // id; the client sees its own id in the response and the `start` event.

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hub;
 pub mod idempotency;
 pub mod limits;
+pub mod openai;
 pub mod openapi;
 pub mod page;
 pub mod sessions;
@@ -182,6 +183,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/openapi.json", web::get().to(openapi::serve))
         .route("/api/models", web::get().to(chat::models))
         .route("/api/chat/start", web::post().to(chat::start))
+        .route("/v1/models", web::get().to(openai::routes::models))
+        .route(
+            "/v1/chat/completions",
+            web::post().to(openai::routes::completions),
+        )
+        .route(
+            "/v1/chat/completions/{id}/stream",
+            web::get().to(openai::routes::resume),
+        )
         .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
         .route(
             "/api/sse/stream/{sessionId}",

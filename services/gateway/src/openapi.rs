@@ -32,6 +32,9 @@ use crate::{chat, page, sessions, streams};
         sessions::stream_token,
         sessions::connections,
         chat::models,
+        crate::openai::routes::completions,
+        crate::openai::routes::resume,
+        crate::openai::routes::models,
         crate::analytics::session,
         crate::analytics::models,
         crate::analytics::own_key,
@@ -55,6 +58,9 @@ use crate::{chat, page, sessions, streams};
         (name = "sessions", description = "Session-wide stream tokens and open connections"),
         (name = "analytics", description = "Counters written by the processor, per tenant"),
         (name = "admin", description = "API key management (admin keys only)"),
+        (name = "openai", description = "OpenAI Chat Completions over the same streams: point \
+            an OpenAI SDK's base URL at `/v1`. Errors here are OpenAI's \
+            `{\"error\": {\"message\", \"type\", \"code\"}}`"),
         (name = "ops", description = "Health, readiness, metrics and this document"),
         (name = "page", description = "The demo chat page"),
     ),
@@ -244,11 +250,16 @@ mod tests {
         for (path, item) in paths.iter().filter(|(path, _)| *path != "/readyz") {
             for (method, operation) in item.as_object().ok_or("bad path item")? {
                 let responses = operation["responses"].as_object().ok_or("no responses")?;
+                // The OpenAI routes answer errors in OpenAI's shape.
+                let body = if path.starts_with("/v1/") {
+                    "#/components/schemas/OpenAiErrorBody"
+                } else {
+                    "#/components/schemas/ErrorBody"
+                };
                 for (status, response) in responses {
                     if status.starts_with('4') || status.starts_with('5') {
                         assert_eq!(
-                            response["content"]["application/json"]["schema"]["$ref"],
-                            "#/components/schemas/ErrorBody",
+                            response["content"]["application/json"]["schema"]["$ref"], body,
                             "{method} {path} {status}"
                         );
                     }

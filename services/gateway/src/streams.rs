@@ -33,10 +33,10 @@ const CATCH_UP_PAGE: u64 = 256;
 const BODY_FRAMES: usize = 16;
 
 /// Where one stream of the connection starts.
-struct Plan {
-    key: RedisKey,
-    model: ModelId,
-    after: EntryId,
+pub(crate) struct Plan {
+    pub key: RedisKey,
+    pub model: ModelId,
+    pub after: EntryId,
 }
 
 /// Where a client resumes (`Last-Event-ID` or `lastEventId`).
@@ -264,12 +264,6 @@ pub async fn stream(
         None => false,
     };
 
-    let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
-    let guard = state
-        .connections
-        .register(session.clone(), request, connection)
-        .await?;
-    tracing::debug!(connection_id = %guard.connection_id, session_id = %session, "sse connected");
     if history_lost {
         let event = SessionEvent::Error {
             request_id: request.unwrap_or_default(),
@@ -278,44 +272,132 @@ pub async fn stream(
             retryable: false,
             timestamp: stream_schema::now_millis(),
         };
-        let _ = body_tx.try_send(unnumbered(&event));
-        drop(guard);
-    } else {
-        // Several model streams in one response: each event's `id:` is the cursor over all.
-        let cursor = (request.is_none() && plans.len() > 1).then(|| {
-            let mut cursor = SessionCursor::default();
-            for plan in &plans {
-                cursor.advance(&plan.model, plan.after);
-            }
-            cursor
-        });
-        let delivery = Delivery {
-            state: state.get_ref().clone(),
-            body: body_tx,
-            guard,
+        let body = futures::stream::once(async move { Ok::<_, Infallible>(unnumbered(&event)) });
+        return Ok(sse_response().streaming(body));
+    }
+    // Several model streams in one response: each event's `id:` is the cursor over all.
+    let cursor = (request.is_none() && plans.len() > 1).then(|| {
+        let mut cursor = SessionCursor::default();
+        for plan in &plans {
+            cursor.advance(&plan.model, plan.after);
+        }
+        cursor
+    });
+    let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
+    if let Some(traceparent) = parent_trace {
+        service_kit::telemetry::continue_trace(&span, Some(&traceparent));
+    }
+    let body = spawn_delivery(
+        &state,
+        Reader {
+            session,
             request,
             key_id,
+            connection,
             cursor,
-        };
-        let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
-        if let Some(traceparent) = parent_trace {
-            service_kit::telemetry::continue_trace(&span, Some(&traceparent));
-        }
-        state
-            .lifecycle
-            .spawn(tracing::Instrument::instrument(delivery.run(plans), span));
-    }
+        },
+        plans,
+        Native,
+        span,
+    )
+    .await?;
+    Ok(sse_response().streaming(body))
+}
 
-    let body = futures::stream::unfold(body_rx, |mut rx| async move {
+/// The headers of every event-stream response.
+pub(crate) fn sse_response() -> actix_web::HttpResponseBuilder {
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header(("Content-Type", "text/event-stream"))
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"));
+    response
+}
+
+/// Who reads a delivery: the stored session, the one request it is limited to (if any), the
+/// API key whose revocation ends it, the `connectionId` it asked for, and (a session-wide
+/// stream over several models) the cursor it resumes from.
+pub(crate) struct Reader {
+    pub session: SessionId,
+    pub request: Option<RequestId>,
+    pub key_id: Option<String>,
+    pub connection: Option<ConnectionId>,
+    pub cursor: Option<SessionCursor>,
+}
+
+/// Registers a connection, spawns its delivery task and returns the response body it feeds.
+pub(crate) async fn spawn_delivery<D: Dialect>(
+    state: &SharedState,
+    reader: Reader,
+    plans: Vec<Plan>,
+    dialect: D,
+    span: tracing::Span,
+) -> Result<impl futures::Stream<Item = Result<Bytes, Infallible>> + use<D>, ApiError> {
+    let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
+    let guard = state
+        .connections
+        .register(reader.session.clone(), reader.request, reader.connection)
+        .await?;
+    tracing::debug!(connection_id = %guard.connection_id, session_id = %reader.session, "sse connected");
+    let delivery = Delivery {
+        state: state.clone(),
+        body: body_tx,
+        guard,
+        request: reader.request,
+        key_id: reader.key_id,
+        cursor: reader.cursor,
+        dialect,
+    };
+    state
+        .lifecycle
+        .spawn(tracing::Instrument::instrument(delivery.run(plans), span));
+    Ok(futures::stream::unfold(body_rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
-    });
-    Ok(HttpResponse::Ok()
-        .insert_header(("Content-Type", "text/event-stream"))
-        .insert_header(("Cache-Control", "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(body))
+    }))
+}
+
+/// How a delivery writes events: the native SSE of `/api/sse/stream` or another API's view of
+/// the same entries (OpenAI chunks). The catch-up/live seam, dedup, keepalive, stall and
+/// revocation handling are the delivery's; a dialect only turns entries into bytes.
+pub(crate) trait Dialect: Send + 'static {
+    /// The bytes for one stream entry (nothing for an entry the dialect does not show), and
+    /// whether the response ends after them (besides the request's terminal event).
+    fn render(&mut self, frame: &Frame) -> Rendered;
+    /// A message for an end the stream itself did not record (overflow, outage, revocation).
+    fn closing(&mut self, event: &SessionEvent) -> Bytes;
+    /// The first bytes of the response (they flush the headers), if any.
+    fn preamble(&self) -> Option<Bytes> {
+        Some(Bytes::from_static(b"retry: 1000\n\n"))
+    }
+    /// What an idle stream sends every `gateway.keepalive_secs`, if anything.
+    fn ping(&self) -> Option<Bytes> {
+        Some(Bytes::from_static(b": ping\n\n"))
+    }
+}
+
+/// What a dialect makes of one entry.
+pub(crate) struct Rendered {
+    pub bytes: Option<Bytes>,
+    /// The dialect ends the response here (for example after a diverging failover).
+    pub end: bool,
+}
+
+/// `/api/sse/stream`: every entry as `id:` and its event JSON, prepared once by the hub.
+struct Native;
+
+impl Dialect for Native {
+    fn render(&mut self, frame: &Frame) -> Rendered {
+        Rendered {
+            bytes: Some(frame.bytes.clone()),
+            end: false,
+        }
+    }
+
+    fn closing(&mut self, event: &SessionEvent) -> Bytes {
+        unnumbered(event)
+    }
 }
 
 /// Whether a client resuming after each plan's position missed an entry. Exact for the
@@ -406,8 +488,9 @@ enum End {
     Revoked,
 }
 
-struct Delivery {
+struct Delivery<D> {
     state: SharedState,
+    dialect: D,
     body: mpsc::Sender<Bytes>,
     guard: ConnectionGuard,
     request: Option<RequestId>,
@@ -426,7 +509,7 @@ struct Feed {
     last: EntryId,
 }
 
-impl Delivery {
+impl<D: Dialect> Delivery<D> {
     async fn run(mut self, plans: Vec<Plan>) {
         let end = self.deliver(plans).await;
         let request_id = self.request.unwrap_or_default();
@@ -461,7 +544,8 @@ impl Delivery {
         };
         if let Some(event) = closing {
             // Best effort: a client this far behind may not read it, and that is fine.
-            let _ = self.body.try_send(unnumbered(&event));
+            let closing = self.dialect.closing(&event);
+            let _ = self.body.try_send(closing);
         }
         tracing::debug!(connection_id = %self.guard.connection_id, "sse ended");
     }
@@ -498,14 +582,17 @@ impl Delivery {
         if self.request.is_some_and(|r| r != frame.event.request_id()) {
             return Ok(false);
         }
-        let bytes = match &mut self.cursor {
-            None => frame.bytes.clone(),
-            Some(cursor) => {
-                cursor.advance(model, frame.id);
-                with_id(&cursor.to_string(), &frame.bytes)
-            }
-        };
-        self.send(bytes).await?;
+        let rendered = self.dialect.render(frame);
+        if let Some(bytes) = rendered.bytes {
+            let bytes = match &mut self.cursor {
+                None => bytes,
+                Some(cursor) => {
+                    cursor.advance(model, frame.id);
+                    with_id(&cursor.to_string(), &bytes)
+                }
+            };
+            self.send(bytes).await?;
+        }
         self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("gateway_events_delivered_total").increment(1);
         if let SessionEvent::Token { timestamp, .. } = frame.event.as_ref() {
@@ -515,7 +602,7 @@ impl Delivery {
             metrics::histogram!("gateway_token_delivery_lag_seconds")
                 .record(lag_ms as f64 / 1000.0);
         }
-        Ok(self.request.is_some() && frame.event.is_terminal())
+        Ok(rendered.end || (self.request.is_some() && frame.event.is_terminal()))
     }
 
     /// Sends the entries after `last` up to `until` (or to the end of the stream) from Redis;
@@ -569,7 +656,9 @@ impl Delivery {
 
     async fn deliver(&mut self, plans: Vec<Plan>) -> End {
         // `retry:` sets EventSource's reconnect delay; it also flushes the headers at once.
-        if let Err(end) = self.send(Bytes::from_static(b"retry: 1000\n\n")).await {
+        if let Some(preamble) = self.dialect.preamble()
+            && let Err(end) = self.send(preamble).await
+        {
             return end;
         }
         let mut feeds = Vec::with_capacity(plans.len());
@@ -612,7 +701,9 @@ impl Delivery {
             let (index, message) = tokio::select! {
                 message = next => message,
                 _ = ping.tick() => {
-                    if let Err(end) = self.send(Bytes::from_static(b": ping\n\n")).await {
+                    if let Some(ping) = self.dialect.ping()
+                        && let Err(end) = self.send(ping).await
+                    {
                         return end;
                     }
                     continue;

@@ -11,6 +11,7 @@ mod content;
 mod delivery;
 mod limits;
 mod observability;
+mod openai_sdk;
 mod producer;
 mod security;
 mod stack;

@@ -13,6 +13,7 @@ fn concrete(template: &str) -> String {
             "{sessionId}" => "user_123",
             "{requestId}" => "01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f",
             "{keyId}" => "team-a",
+            "{id}" => "chatcmpl-01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f",
             other => other,
         })
         .collect::<Vec<_>>()
