@@ -8,6 +8,11 @@
 //! and to stop retrying when a request is cancelled), so each client gets [`UpstreamHttp`]: a
 //! plain tower service without retries, which also keeps what async-openai's error type drops,
 //! the `Retry-After` header of an error response.
+//!
+//! A model whose `provider` is `anthropic` is served by [`anthropic`] instead; [`Upstream`]
+//! dispatches, so the worker never knows which API it talks to.
+
+mod anthropic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -27,7 +32,7 @@ use async_openai::types::chat::{
     CreateChatCompletionStreamResponse, FinishReason as OpenAiFinish,
 };
 use futures::{Stream, StreamExt};
-use service_kit::config::ModelSettings;
+use service_kit::config::{ModelSettings, Provider};
 use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -296,10 +301,18 @@ impl Policy {
     }
 }
 
+/// The client of one model, by the API it speaks.
+enum Api {
+    OpenAi {
+        client: Client<OpenAIConfig>,
+        model: String,
+    },
+    Anthropic(anthropic::Messages),
+}
+
 /// One configured model.
 pub struct Upstream {
-    client: Client<OpenAIConfig>,
-    model: String,
+    api: Api,
     pub policy: Policy,
     /// `models.<id>.max_concurrency` permits; `None` when unlimited. Held by a worker for the
     /// whole upstream call.
@@ -317,9 +330,12 @@ impl Upstream {
 
     /// Sends the request once and returns the open stream of deltas.
     pub async fn open(&self, job: &Job) -> Result<DeltaStream, UpstreamError> {
-        let request = build_request(&self.model, job)?;
-        let chunks = self
-            .client
+        let (client, model) = match &self.api {
+            Api::OpenAi { client, model } => (client, model),
+            Api::Anthropic(messages) => return messages.open(job).await,
+        };
+        let request = build_request(model, job)?;
+        let chunks = client
             .chat()
             .create_stream(request)
             .await
@@ -393,19 +409,29 @@ impl Registry {
                 .as_deref()
                 .and_then(|name| std::env::var(name).ok())
                 .unwrap_or_default();
-            let config = OpenAIConfig::new()
-                .with_api_base(settings.base_url.trim_end_matches('/'))
-                .with_api_key(key);
             let http = reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
                 .timeout(Duration::from_secs(settings.request_timeout_secs))
                 .build()?;
-            let client = Client::with_config(config).with_http_service(UpstreamHttp { http });
+            let api = match settings.provider {
+                Provider::OpenAi => {
+                    let config = OpenAIConfig::new()
+                        .with_api_base(settings.base_url.trim_end_matches('/'))
+                        .with_api_key(key);
+                    Api::OpenAi {
+                        client: Client::with_config(config)
+                            .with_http_service(UpstreamHttp { http }),
+                        model: settings.upstream_model.clone(),
+                    }
+                }
+                Provider::Anthropic => {
+                    Api::Anthropic(anthropic::Messages::new(settings, http, key))
+                }
+            };
             built.insert(
                 id.clone(),
                 Upstream {
-                    client,
-                    model: settings.upstream_model.clone(),
+                    api,
                     policy: Policy::from_settings(settings),
                     limit: (settings.max_concurrency > 0)
                         .then(|| Arc::new(Semaphore::new(settings.max_concurrency))),
