@@ -6,8 +6,8 @@
 use serde::Serialize;
 
 use crate::codec::{
-    DecodeError, FieldSource, Fields, bool_field, check_version, parse_bool, parsed, required,
-    string_enum, version_field,
+    DecodeError, FieldSource, Fields, bool_field, check_version, optional_parsed, parse_bool,
+    parsed, required, string_enum, version_field,
 };
 use crate::ids::{ModelId, RequestId, SessionId};
 
@@ -82,12 +82,18 @@ pub enum SessionEvent {
         content: String,
         timestamp: u64,
     },
-    /// A new producer took over: the client drops the partial text of the earlier attempt.
+    /// A new attempt began: the client drops the partial text of the earlier attempt. A
+    /// producer took over a lost request (`reason: "producer_lost"`), or the request moved to
+    /// the next model of its fallback chain before its first token (`reason: "fallback"`).
     #[serde(rename_all = "camelCase")]
     Restart {
         request_id: RequestId,
         attempt: u32,
         reason: String,
+        /// The model that serves the request from this attempt on (the `modelId` of `start`
+        /// unless the request fell back). Absent in entries written before it existed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        served_by: Option<ModelId>,
         timestamp: u64,
     },
     #[serde(rename_all = "camelCase")]
@@ -115,6 +121,7 @@ const F_ATTEMPT: &str = "attempt";
 const F_SEQ: &str = "seq";
 const F_CONTENT: &str = "content";
 const F_REASON: &str = "reason";
+const F_SERVED_BY: &str = "served";
 const F_FINISH: &str = "finish";
 const F_PROMPT_TOKENS: &str = "pt";
 const F_COMPLETION_TOKENS: &str = "ct";
@@ -190,11 +197,15 @@ impl SessionEvent {
             Self::Restart {
                 attempt,
                 reason,
+                served_by,
                 timestamp,
                 ..
             } => {
                 f.push((F_ATTEMPT, attempt.to_string()));
                 f.push((F_REASON, reason.clone()));
+                if let Some(model) = served_by {
+                    f.push((F_SERVED_BY, model.to_string()));
+                }
                 f.push((F_TIMESTAMP, timestamp.to_string()));
             }
             Self::Complete {
@@ -247,6 +258,7 @@ impl SessionEvent {
                 request_id,
                 attempt: parsed(src, F_ATTEMPT)?,
                 reason: required(src, F_REASON)?.to_owned(),
+                served_by: optional_parsed(src, F_SERVED_BY)?,
                 timestamp,
             }),
             "complete" => Ok(Self::Complete {
@@ -299,6 +311,14 @@ mod tests {
                 request_id,
                 attempt: 2,
                 reason: "producer_lost".to_owned(),
+                served_by: None,
+                timestamp: 3,
+            },
+            SessionEvent::Restart {
+                request_id,
+                attempt: 3,
+                reason: "fallback".to_owned(),
+                served_by: Some(ModelId::parse("claude")?),
                 timestamp: 3,
             },
             SessionEvent::Complete {
@@ -338,11 +358,15 @@ mod tests {
         assert_eq!(start["sessionId"], "user_123");
         assert_eq!(start["modelId"], "gpt-4");
         assert_eq!(start["attempt"], 1);
-        let complete: serde_json::Value = serde_json::from_str(&events[3].to_json())?;
+        let restart: serde_json::Value = serde_json::from_str(&events[2].to_json())?;
+        assert!(restart.get("servedBy").is_none(), "{restart}");
+        let fallback: serde_json::Value = serde_json::from_str(&events[3].to_json())?;
+        assert_eq!(fallback["servedBy"], "claude");
+        let complete: serde_json::Value = serde_json::from_str(&events[4].to_json())?;
         assert_eq!(complete["finishReason"], "stop");
         assert_eq!(complete["usage"]["promptTokens"], 9);
         assert_eq!(complete["usage"]["completionTokens"], 412);
-        let error: serde_json::Value = serde_json::from_str(&events[4].to_json())?;
+        let error: serde_json::Value = serde_json::from_str(&events[5].to_json())?;
         assert_eq!(error["code"], "upstream_error");
         assert_eq!(error["retryable"], true);
         Ok(())

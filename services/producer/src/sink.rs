@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use stream_io::StreamIoError;
 use stream_io::records::EventLog;
-use stream_io::session::{AppendOutcome, RequestStreams};
-use stream_schema::record::Outcome;
-use stream_schema::{EventRecord, Job, SessionEvent, Usage};
+use stream_io::session::{AppendOutcome, RequestStreams, TakeOver};
+use stream_schema::record::{FallbackSide, Outcome};
+use stream_schema::{EventRecord, Job, ModelId, SessionEvent, Usage};
 
 use crate::worker::{WorkerContext, millis};
 
@@ -38,6 +38,18 @@ pub enum Write {
 pub enum Terminal {
     /// The terminal event and the `finish` record are written; `duration` is the attempt's.
     Written { duration: Duration },
+    /// Another attempt owns the request: nothing was written.
+    Fenced,
+}
+
+/// The `reason` of the `restart` that moves a request to its next fallback model.
+pub const FALLBACK_REASON: &str = "fallback";
+
+/// How a move to a fallback model went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The `restart` is written: the sink now writes as the next attempt, for the new model.
+    Moved,
     /// Another attempt owns the request: nothing was written.
     Fenced,
 }
@@ -92,7 +104,11 @@ impl Coalescer {
 pub struct TokenSink<'a> {
     ctx: &'a WorkerContext,
     job: &'a Job,
+    /// The attempt this sink writes as; a fallback moves it on by one.
     attempt: u32,
+    /// The model serving the request, whose analytics the records count in: the job's model
+    /// until a fallback.
+    served: ModelId,
     streams: RequestStreams,
     events: EventLog,
     pending: Coalescer,
@@ -113,6 +129,7 @@ impl<'a> TokenSink<'a> {
             ctx,
             job,
             attempt,
+            served: job.model_id.clone(),
             streams: RequestStreams::new(
                 &job.session_id,
                 &job.model_id,
@@ -127,6 +144,52 @@ impl<'a> TokenSink<'a> {
             started,
             first_token_at: None,
         }
+    }
+
+    /// The attempt the sink writes as.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The model serving the request.
+    pub fn served(&self) -> &ModelId {
+        &self.served
+    }
+
+    /// Moves the request to model `to` before its first token: appends a `restart` of the
+    /// next attempt that says `servedBy: to` (fenced: only if this attempt still owns the
+    /// request), then the two `fallback` records. Later writes are the new attempt's and
+    /// count for `to`.
+    pub async fn fall_back(&mut self, to: &ModelId) -> Result<Fallback, StreamIoError> {
+        let next = self.attempt.saturating_add(1);
+        let restart = SessionEvent::Restart {
+            request_id: self.job.request_id,
+            attempt: next,
+            reason: FALLBACK_REASON.to_owned(),
+            served_by: Some(to.clone()),
+            timestamp: stream_schema::now_millis(),
+        };
+        let taken = self
+            .ctx
+            .scripts
+            .take_over(self.ctx.redis.next(), &self.streams, self.attempt, &restart)
+            .await?;
+        if !matches!(taken, TakeOver::Taken(_)) {
+            return Ok(Fallback::Fenced);
+        }
+        self.attempt = next;
+        let from = std::mem::replace(&mut self.served, to.clone());
+        for (model_id, side) in [(from, FallbackSide::From), (to.clone(), FallbackSide::To)] {
+            self.record(&EventRecord::FellBack {
+                request_id: self.job.request_id,
+                session_id: self.job.session_id.clone(),
+                model_id,
+                side,
+                timestamp: stream_schema::now_millis(),
+            })
+            .await?;
+        }
+        Ok(Fallback::Moved)
     }
 
     /// True until a `token` event was written.
@@ -266,7 +329,7 @@ impl<'a> TokenSink<'a> {
         self.record(&EventRecord::Finished {
             request_id: job.request_id,
             session_id: job.session_id.clone(),
-            model_id: job.model_id.clone(),
+            model_id: self.served.clone(),
             outcome,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
@@ -284,7 +347,7 @@ impl<'a> TokenSink<'a> {
         EventRecord::Tokens {
             request_id: self.job.request_id,
             session_id: self.job.session_id.clone(),
-            model_id: self.job.model_id.clone(),
+            model_id: self.served.clone(),
             count,
             timestamp: stream_schema::now_millis(),
         }
@@ -435,6 +498,7 @@ mod tests {
                 request_id: job.request_id,
                 attempt: 2,
                 reason: "test".to_owned(),
+                served_by: None,
                 timestamp: 1,
             };
             env.ctx

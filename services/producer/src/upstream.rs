@@ -33,7 +33,7 @@ use async_openai::types::chat::{
 };
 use futures::{Stream, StreamExt};
 use service_kit::config::{ModelSettings, Provider};
-use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, Role};
+use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, ModelId, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Longest upstream error text carried into an `error` event (bodies can be whole HTML pages).
@@ -317,6 +317,8 @@ pub struct Upstream {
     /// `models.<id>.max_concurrency` permits; `None` when unlimited. Held by a worker for the
     /// whole upstream call.
     limit: Option<Arc<Semaphore>>,
+    /// `models.<id>.fallbacks`: where a request this model cannot serve goes next, in order.
+    pub fallbacks: Vec<ModelId>,
 }
 
 impl Upstream {
@@ -435,6 +437,11 @@ impl Registry {
                     policy: Policy::from_settings(settings),
                     limit: (settings.max_concurrency > 0)
                         .then(|| Arc::new(Semaphore::new(settings.max_concurrency))),
+                    fallbacks: settings
+                        .fallbacks
+                        .iter()
+                        .map(|id| ModelId::parse(id))
+                        .collect::<Result<_, _>>()?,
                 },
             );
         }

@@ -159,6 +159,7 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                 request_id,
                 attempt,
                 reason,
+                served_by: None,
                 timestamp,
             }
         ),
