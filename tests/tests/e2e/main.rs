@@ -10,6 +10,7 @@ mod delivery;
 mod limits;
 mod observability;
 mod producer;
+mod providers;
 mod security;
 mod stack;
 mod traces;
