@@ -431,7 +431,9 @@ mod tests {
             EventRecord, FinishReason, SessionEvent, Usage, UsageSource, record::Outcome,
         };
 
-        use crate::sink::{Terminal, TokenSink, Write};
+        use stream_schema::record::FallbackSide;
+
+        use crate::sink::{Fallback, Terminal, TokenSink, Write};
         use crate::worker::testing::{Env, job};
 
         #[tokio::test]
@@ -517,6 +519,76 @@ mod tests {
                 "`start` and `restart` only"
             );
             assert!(env.records(&job).await?.is_empty());
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_fallback_restarts_as_the_next_attempt_for_the_new_model() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let claude = stream_schema::ModelId::parse("claude")?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+
+            assert_eq!(sink.fall_back(&claude).await?, Fallback::Moved);
+            assert_eq!(sink.push("hi").await?, Write::Accepted);
+            sink.report_tokens().await?;
+
+            let events = env.events(&job).await?;
+            assert!(
+                matches!(
+                    &events[1],
+                    SessionEvent::Restart { attempt: 2, reason, served_by: Some(model), .. }
+                        if reason == "fallback" && *model == claude
+                ),
+                "{events:?}"
+            );
+            assert!(matches!(events[2], SessionEvent::Token { sequence: 1, .. }));
+            let records = env.records(&job).await?;
+            let sides: Vec<_> = records
+                .iter()
+                .filter_map(|r| match r {
+                    EventRecord::FellBack { model_id, side, .. } => {
+                        Some((model_id.to_string(), *side))
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                sides,
+                [
+                    ("mock".to_owned(), FallbackSide::From),
+                    ("claude".to_owned(), FallbackSide::To)
+                ]
+            );
+            assert!(
+                matches!(records.last(), Some(EventRecord::Tokens { model_id, count: 1, .. }) if *model_id == claude),
+                "{records:?}"
+            );
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_fallback_of_a_fenced_attempt_writes_nothing() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let mut stale = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+            let mut current = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+            let claude = stream_schema::ModelId::parse("claude")?;
+            assert_eq!(current.fall_back(&claude).await?, Fallback::Moved);
+
+            assert_eq!(stale.fall_back(&claude).await?, Fallback::Fenced);
+            assert_eq!(
+                env.events(&job).await?.len(),
+                2,
+                "`start` and one `restart`"
+            );
+            assert_eq!(
+                env.records(&job).await?.len(),
+                2,
+                "the first fallback's records"
+            );
             Ok(())
         }
     }
