@@ -86,6 +86,7 @@ async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::
             prompt_tokens: 1,
             completion_tokens: 1,
             source: UsageSource::Counted,
+            reasoning_tokens: None,
         },
         timestamp: 3,
     };

@@ -4,8 +4,22 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-/// Written as field `v` in every entry; bumped when an entry's meaning changes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The newest schema version, written as field `v`; bumped when an entry's meaning changes.
+///
+/// Version 2 added what a chat carries besides text (tool calls, reasoning, structured
+/// messages, sampling options). Writers mark an entry `v=2` only when a version-1 reader would
+/// misread it (an event type, finish reason or job field it does not know, which it would
+/// reject or silently drop); every other entry stays `v=1`, so a reader of the previous
+/// release keeps working on everything that does not use the new features during a rollout.
+/// Readers accept every version up to this one.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The version an entry is written with: the oldest that describes it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Version {
+    V1 = 1,
+    V2 = 2,
+}
 
 /// Field name of the schema version in every entry.
 pub(crate) const F_VERSION: &str = "v";
@@ -105,15 +119,21 @@ pub(crate) fn bool_field(value: bool) -> String {
 /// Checks the `v` field; every decoder calls it first.
 pub(crate) fn check_version<S: FieldSource + ?Sized>(src: &S) -> Result<(), DecodeError> {
     let v = required(src, F_VERSION)?;
-    if v == "1" {
+    if v == "1" || v == "2" {
         Ok(())
     } else {
         Err(DecodeError::UnknownVersion(v.to_owned()))
     }
 }
 
+/// The `v` field of an entry that a version-1 reader reads correctly.
 pub(crate) fn version_field() -> (&'static str, String) {
-    (F_VERSION, SCHEMA_VERSION.to_string())
+    version_field_for(Version::V1)
+}
+
+/// The `v` field of an entry that needs a reader of `version` or later.
+pub(crate) fn version_field_for(version: Version) -> (&'static str, String) {
+    (F_VERSION, (version as u32).to_string())
 }
 
 /// Maps a `FromStr` for snake_case enums with a fixed set of names.

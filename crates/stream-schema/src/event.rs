@@ -6,8 +6,8 @@
 use serde::Serialize;
 
 use crate::codec::{
-    DecodeError, FieldSource, Fields, bool_field, check_version, optional_parsed, parse_bool,
-    parsed, required, string_enum, version_field,
+    DecodeError, FieldSource, Fields, Version, bool_field, check_version, optional_parsed,
+    parse_bool, parsed, required, string_enum, version_field_for,
 };
 use crate::ids::{ModelId, RequestId, SessionId};
 
@@ -19,6 +19,9 @@ string_enum! {
         Cancelled = "cancelled",
         RateLimited = "rate_limited",
         ContentFilter = "content_filter",
+        /// The model asks the application to run the tools of the request's `tool_call`
+        /// events (schema version 2).
+        ToolCalls = "tool_calls",
     }
 }
 
@@ -58,6 +61,10 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub source: UsageSource,
+    /// The part of `completion_tokens` the model spent reasoning, when the upstream reports
+    /// it (`completion_tokens_details.reasoning_tokens`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u32>,
 }
 
 /// One entry of `llm:stream:{session}:model`, and one SSE `data:` object.
@@ -77,6 +84,31 @@ pub enum SessionEvent {
     /// One piece of generated text; `sequence` starts at 1 per attempt, without gaps.
     #[serde(rename_all = "camelCase")]
     Token {
+        request_id: RequestId,
+        sequence: u64,
+        content: String,
+        timestamp: u64,
+    },
+    /// A fragment of a tool call the model makes. Fragments of one call share `index`; `id`
+    /// and `name` come with its first fragment only (as the upstream sent them), and the call's
+    /// arguments are the concatenation of its fragments' `arguments`, in `sequence` order.
+    /// `sequence` is shared with `token` and `reasoning` events.
+    #[serde(rename = "tool_call", rename_all = "camelCase")]
+    ToolCall {
+        request_id: RequestId,
+        sequence: u64,
+        index: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        arguments: String,
+        timestamp: u64,
+    },
+    /// Reasoning text of a model that thinks before it answers (shown apart from the answer).
+    /// `sequence` is shared with `token` and `tool_call` events.
+    #[serde(rename_all = "camelCase")]
+    Reasoning {
         request_id: RequestId,
         sequence: u64,
         content: String,
@@ -126,6 +158,11 @@ const F_FINISH: &str = "finish";
 const F_PROMPT_TOKENS: &str = "pt";
 const F_COMPLETION_TOKENS: &str = "ct";
 const F_USAGE_SOURCE: &str = "usrc";
+const F_REASONING_TOKENS: &str = "rt";
+const F_INDEX: &str = "idx";
+const F_CALL_ID: &str = "call";
+const F_NAME: &str = "name";
+const F_ARGUMENTS: &str = "args";
 const F_CODE: &str = "code";
 const F_MESSAGE: &str = "msg";
 const F_RETRYABLE: &str = "retry";
@@ -136,6 +173,8 @@ impl SessionEvent {
         match self {
             Self::Start { request_id, .. }
             | Self::Token { request_id, .. }
+            | Self::ToolCall { request_id, .. }
+            | Self::Reasoning { request_id, .. }
             | Self::Restart { request_id, .. }
             | Self::Complete { request_id, .. }
             | Self::Error { request_id, .. } => *request_id,
@@ -151,9 +190,35 @@ impl SessionEvent {
         match self {
             Self::Start { .. } => "start",
             Self::Token { .. } => "token",
+            Self::ToolCall { .. } => "tool_call",
+            Self::Reasoning { .. } => "reasoning",
             Self::Restart { .. } => "restart",
             Self::Complete { .. } => "complete",
             Self::Error { .. } => "error",
+        }
+    }
+
+    /// `sequence` of a content event (`token`, `tool_call`, `reasoning`).
+    pub fn sequence(&self) -> Option<u64> {
+        match self {
+            Self::Token { sequence, .. }
+            | Self::ToolCall { sequence, .. }
+            | Self::Reasoning { sequence, .. } => Some(*sequence),
+            _ => None,
+        }
+    }
+
+    /// The oldest schema version whose readers understand this event (see
+    /// [`crate::SCHEMA_VERSION`]): the kinds and finish reason added in version 2 need it.
+    fn version(&self) -> Version {
+        match self {
+            Self::ToolCall { .. }
+            | Self::Reasoning { .. }
+            | Self::Complete {
+                finish_reason: FinishReason::ToolCalls,
+                ..
+            } => Version::V2,
+            _ => Version::V1,
         }
     }
 
@@ -167,7 +232,7 @@ impl SessionEvent {
     /// Redis fields of this event.
     pub fn encode(&self) -> Fields {
         let mut f: Fields = vec![
-            version_field(),
+            version_field_for(self.version()),
             (F_TYPE, self.type_name().to_owned()),
             (F_REQUEST, self.request_id().to_string()),
         ];
@@ -185,6 +250,36 @@ impl SessionEvent {
                 f.push((F_TIMESTAMP, timestamp.to_string()));
             }
             Self::Token {
+                sequence,
+                content,
+                timestamp,
+                ..
+            } => {
+                f.push((F_SEQ, sequence.to_string()));
+                f.push((F_CONTENT, content.clone()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::ToolCall {
+                sequence,
+                index,
+                id,
+                name,
+                arguments,
+                timestamp,
+                ..
+            } => {
+                f.push((F_SEQ, sequence.to_string()));
+                f.push((F_INDEX, index.to_string()));
+                if let Some(id) = id {
+                    f.push((F_CALL_ID, id.clone()));
+                }
+                if let Some(name) = name {
+                    f.push((F_NAME, name.clone()));
+                }
+                f.push((F_ARGUMENTS, arguments.clone()));
+                f.push((F_TIMESTAMP, timestamp.to_string()));
+            }
+            Self::Reasoning {
                 sequence,
                 content,
                 timestamp,
@@ -218,6 +313,9 @@ impl SessionEvent {
                 f.push((F_PROMPT_TOKENS, usage.prompt_tokens.to_string()));
                 f.push((F_COMPLETION_TOKENS, usage.completion_tokens.to_string()));
                 f.push((F_USAGE_SOURCE, usage.source.as_str().to_owned()));
+                if let Some(reasoning) = usage.reasoning_tokens {
+                    f.push((F_REASONING_TOKENS, reasoning.to_string()));
+                }
                 f.push((F_TIMESTAMP, timestamp.to_string()));
             }
             Self::Error {
@@ -254,6 +352,22 @@ impl SessionEvent {
                 content: required(src, F_CONTENT)?.to_owned(),
                 timestamp,
             }),
+            "tool_call" => Ok(Self::ToolCall {
+                request_id,
+                sequence: parsed(src, F_SEQ)?,
+                index: parsed(src, F_INDEX)?,
+                // Kept exactly as written, an empty string included.
+                id: src.field(F_CALL_ID).map(str::to_owned),
+                name: src.field(F_NAME).map(str::to_owned),
+                arguments: required(src, F_ARGUMENTS)?.to_owned(),
+                timestamp,
+            }),
+            "reasoning" => Ok(Self::Reasoning {
+                request_id,
+                sequence: parsed(src, F_SEQ)?,
+                content: required(src, F_CONTENT)?.to_owned(),
+                timestamp,
+            }),
             "restart" => Ok(Self::Restart {
                 request_id,
                 attempt: parsed(src, F_ATTEMPT)?,
@@ -268,6 +382,7 @@ impl SessionEvent {
                     prompt_tokens: parsed(src, F_PROMPT_TOKENS)?,
                     completion_tokens: parsed(src, F_COMPLETION_TOKENS)?,
                     source: parsed(src, F_USAGE_SOURCE)?,
+                    reasoning_tokens: optional_parsed(src, F_REASONING_TOKENS)?,
                 },
                 timestamp,
             }),
@@ -328,6 +443,7 @@ mod tests {
                     prompt_tokens: 9,
                     completion_tokens: 412,
                     source: UsageSource::Upstream,
+                    reasoning_tokens: None,
                 },
                 timestamp: 4,
             },
@@ -337,6 +453,41 @@ mod tests {
                 message: "upstream returned 500".to_owned(),
                 retryable: true,
                 timestamp: 5,
+            },
+            SessionEvent::ToolCall {
+                request_id,
+                sequence: 2,
+                index: 1,
+                id: Some("call_1".to_owned()),
+                name: Some("get_weather".to_owned()),
+                arguments: "{\"ci".to_owned(),
+                timestamp: 6,
+            },
+            SessionEvent::ToolCall {
+                request_id,
+                sequence: 3,
+                index: 1,
+                id: None,
+                name: None,
+                arguments: "ty\": \"Paris ✨\"}".to_owned(),
+                timestamp: 7,
+            },
+            SessionEvent::Reasoning {
+                request_id,
+                sequence: 4,
+                content: "The user asks…\n".to_owned(),
+                timestamp: 8,
+            },
+            SessionEvent::Complete {
+                request_id,
+                finish_reason: FinishReason::ToolCalls,
+                usage: Usage {
+                    prompt_tokens: 9,
+                    completion_tokens: 30,
+                    source: UsageSource::Upstream,
+                    reasoning_tokens: Some(12),
+                },
+                timestamp: 9,
             },
         ])
     }
@@ -369,6 +520,43 @@ mod tests {
         let error: serde_json::Value = serde_json::from_str(&events[5].to_json())?;
         assert_eq!(error["code"], "upstream_error");
         assert_eq!(error["retryable"], true);
+        assert!(complete["usage"].get("reasoningTokens").is_none());
+
+        let first: serde_json::Value = serde_json::from_str(&events[6].to_json())?;
+        assert_eq!(first["type"], "tool_call");
+        assert_eq!(first["index"], 1);
+        assert_eq!(first["id"], "call_1");
+        assert_eq!(first["name"], "get_weather");
+        assert_eq!(first["arguments"], "{\"ci");
+        let later: serde_json::Value = serde_json::from_str(&events[7].to_json())?;
+        assert!(later.get("id").is_none() && later.get("name").is_none());
+        let reasoning: serde_json::Value = serde_json::from_str(&events[8].to_json())?;
+        assert_eq!(reasoning["type"], "reasoning");
+        assert_eq!(reasoning["sequence"], 4);
+        let tool_calls: serde_json::Value = serde_json::from_str(&events[9].to_json())?;
+        assert_eq!(tool_calls["finishReason"], "tool_calls");
+        assert_eq!(tool_calls["usage"]["reasoningTokens"], 12);
+        Ok(())
+    }
+
+    #[test]
+    fn only_what_a_version_1_reader_would_misread_is_written_as_version_2()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let version = |event: &SessionEvent| {
+            event
+                .encode()
+                .into_iter()
+                .find(|(k, _)| *k == "v")
+                .map(|(_, v)| v)
+                .unwrap_or_default()
+        };
+        let events = samples()?;
+        let versions: Vec<String> = events.iter().map(version).collect();
+        assert_eq!(versions, ["1", "1", "1", "1", "1", "1", "2", "2", "2", "2"]);
+        // A complete event written by the previous release (no `rt`) still decodes.
+        let mut old = as_owned(events[4].encode());
+        old.retain(|(k, _)| k != "rt");
+        assert_eq!(SessionEvent::decode(&old)?, events[4]);
         Ok(())
     }
 
@@ -397,12 +585,12 @@ mod tests {
         let mut future = token.clone();
         for (k, v) in &mut future {
             if k == "v" {
-                *v = "2".to_owned();
+                *v = "3".to_owned();
             }
         }
         assert_eq!(
             SessionEvent::decode(&future),
-            Err(DecodeError::UnknownVersion("2".to_owned()))
+            Err(DecodeError::UnknownVersion("3".to_owned()))
         );
 
         let mut unknown = token;

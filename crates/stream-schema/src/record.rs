@@ -2,8 +2,8 @@
 //! go to one shard (`keys::event_shard_of`).
 
 use crate::codec::{
-    DecodeError, FieldSource, Fields, check_version, optional_parsed, parsed, required,
-    string_enum, version_field,
+    DecodeError, FieldSource, Fields, Version, check_version, optional_parsed, parsed, required,
+    string_enum, version_field_for,
 };
 use crate::event::{ErrorCode, FinishReason};
 use crate::ids::{ModelId, RequestId, SessionId};
@@ -35,7 +35,9 @@ pub enum EventRecord {
         attempt: u32,
         timestamp: u64,
     },
-    /// `count` tokens were written to the session stream.
+    /// `count` tokens were written to the session stream. Every content delta the upstream
+    /// sent counts as one: answer text, tool-call argument fragments and reasoning alike (all
+    /// are completion tokens the model generated and the upstream bills).
     Tokens {
         request_id: RequestId,
         session_id: SessionId,
@@ -133,9 +135,22 @@ impl EventRecord {
         }
     }
 
+    /// The oldest schema version whose readers understand this record: the `tool_calls`
+    /// finish reason and the `fallback` kind need version 2.
+    fn version(&self) -> Version {
+        match self {
+            Self::Finished {
+                outcome: Outcome::Completed(FinishReason::ToolCalls),
+                ..
+            }
+            | Self::FellBack { .. } => Version::V2,
+            _ => Version::V1,
+        }
+    }
+
     pub fn encode(&self) -> Fields {
         let mut f = vec![
-            version_field(),
+            version_field_for(self.version()),
             (F_KIND, self.kind().to_owned()),
             (F_REQUEST, self.request_id().to_string()),
             (F_SESSION, self.session_id().to_string()),

@@ -3,14 +3,15 @@
 //! `message_stop`, and `error`) and not, with errors in Anthropic's shape
 //! (`{"type":"error","error":{"type","message"}}`).
 //!
-//! The answer is the same as `/v1/chat/completions` gives for the same messages (the same
-//! deterministic text for the same prompt, the same `[[mock …]]` directives), so a test can
-//! compare the two wire formats. The system prompt counts as the first message's content, as
-//! it is one for OpenAI.
+//! The answer is the one `/v1/chat/completions` gives for the same messages
+//! (`chat::plan_answer`: the same scenario of reasoning, text and tool calls, the same
+//! `[[mock …]]` directives), so a test can compare the two wire formats. The system prompt
+//! counts as the first message's content, as it is one for OpenAI.
 //!
 //! The stream is written block by block: [`Blocks`] opens a content block when the kind of
-//! what comes next changes and closes it before the next one, so more kinds of content
-//! (thinking, tool use) are a new [`BlockKind`] and its delta.
+//! the next piece changes (reasoning is a `thinking` block, text a `text` block, each tool
+//! call its own `tool_use` block with its arguments as `input_json_delta`s) and closes it
+//! before the next one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,16 +23,20 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::directive::{Directives, MidStreamFault};
+use crate::chat::{Request, plan_answer};
+use crate::directive::MidStreamFault;
 use crate::error::ApiError;
+use crate::scenario::{Finish, Piece, Plan, Playback, Played};
 use crate::state::{AppState, Outcome, StreamGuard};
-use crate::text;
 
 /// Pause before an injected disconnect, so everything sent so far reaches the client first.
 const FLUSH_PAUSE: Duration = Duration::from_millis(10);
 
-/// The parts of a Messages request the mock reads; the rest (`temperature`, `tools`, …) is
-/// accepted and ignored.
+/// The signature of every thinking block (real ones are opaque too).
+const SIGNATURE: &str = "bW9jay1sbG0tdGhpbmtpbmc=";
+
+/// The parts of a Messages request the mock reads; the rest (`temperature`, …) is accepted
+/// and ignored.
 #[derive(Debug, Deserialize)]
 struct MessagesRequest {
     #[serde(default)]
@@ -44,6 +49,10 @@ struct MessagesRequest {
     max_tokens: Option<u64>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    tool_choice: Option<ToolChoice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,7 +61,22 @@ struct Message {
     content: Content,
 }
 
-/// A string or an array of content blocks; only text blocks count.
+/// `{"name", "description", "input_schema"}`: only the name matters to the mock.
+#[derive(Debug, Deserialize)]
+struct Tool {
+    name: String,
+}
+
+/// `{"type": "auto" | "any" | "tool" | "none", "name"?}`.
+#[derive(Debug, Deserialize)]
+struct ToolChoice {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A string or an array of content blocks; only text blocks count for the prompt.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Content {
@@ -62,6 +86,8 @@ enum Content {
 
 #[derive(Debug, Deserialize)]
 struct ContentBlock {
+    #[serde(rename = "type", default)]
+    kind: String,
     #[serde(default)]
     text: Option<String>,
 }
@@ -72,6 +98,39 @@ impl Content {
             Self::Text(text) => text.clone(),
             Self::Blocks(blocks) => blocks.iter().filter_map(|b| b.text.as_deref()).collect(),
         }
+    }
+
+    fn has_tool_result(&self) -> bool {
+        matches!(self, Self::Blocks(blocks) if blocks.iter().any(|b| b.kind == "tool_result"))
+    }
+}
+
+impl MessagesRequest {
+    /// The tool names the answer's calls use, in turn, and whether the request itself asks
+    /// for a call: it declares tools, `tool_choice` is not `none`, and the conversation does
+    /// not end with a tool result (then the model answers in text).
+    fn tools(&self) -> (Vec<String>, bool) {
+        let declared: Vec<String> = self
+            .tools
+            .iter()
+            .flatten()
+            .map(|t| t.name.clone())
+            .collect();
+        let choice = self.tool_choice.as_ref();
+        let none = choice.is_some_and(|c| c.kind == "none");
+        let names = match choice
+            .filter(|c| c.kind == "tool")
+            .and_then(|c| c.name.clone())
+        {
+            Some(name) => vec![name],
+            None => declared,
+        };
+        let after_tool_result = self
+            .messages
+            .last()
+            .is_some_and(|m| m.role == "user" && m.content.has_tool_result());
+        let wants_call = !names.is_empty() && !none && !after_tool_result;
+        (names, wants_call)
     }
 }
 
@@ -124,19 +183,12 @@ impl ResponseError for AnthropicError {
     }
 }
 
-/// Why the answer ends, in Anthropic's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
-    EndTurn,
-    MaxTokens,
-}
-
-impl StopReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::EndTurn => "end_turn",
-            Self::MaxTokens => "max_tokens",
-        }
+/// Anthropic's `stop_reason` for how the scenario ends.
+fn stop_reason(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Stop => "end_turn",
+        Finish::Length => "max_tokens",
+        Finish::ToolCalls => "tool_use",
     }
 }
 
@@ -145,21 +197,9 @@ impl StopReason {
 struct Answer {
     id: String,
     model: String,
-    tokens: Vec<String>,
-    stop_reason: StopReason,
-    prompt_tokens: u32,
-    delay: Duration,
+    plan: Plan,
     /// `no_usage`: the stream carries no usage at all.
     no_usage: bool,
-    /// `stamp=1`: each text delta ends with `|<send time, Unix µs>`.
-    stamp: bool,
-    fault: Option<(usize, MidStreamFault)>,
-}
-
-impl Answer {
-    fn output_tokens(&self) -> u32 {
-        u32::try_from(self.tokens.len()).unwrap_or(u32::MAX)
-    }
 }
 
 pub async fn messages(
@@ -196,56 +236,28 @@ pub async fn messages(
         .clone()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| "mock".to_owned());
-
-    let mut directives = Directives::default();
-    directives
-        .apply_model(&model)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let contents: Vec<String> = request
         .system
         .iter()
         .map(Content::text)
         .chain(request.messages.iter().map(|m| m.content.text()))
         .collect();
-    for content in &contents {
-        directives
-            .apply_content(content)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    }
-    let prompt = text::prompt_text(&contents);
-
-    // `fail_times` turns a fault off after the first N identical requests (retries succeed).
-    let fault_fires = match directives.fail_times {
-        Some(times) if directives.has_fault() => {
-            state.should_fail(format!("{}\n{prompt}", directives.fault_key()), times)
-        }
-        _ => true,
-    };
-    if fault_fires && let Some(status) = directives.status {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        tracing::debug!(%status, "mock: injected status");
-        return Err(ApiError::injected(status, directives.retry_after).into());
-    }
-
-    let settings = &state.settings;
-    let wanted = directives.tokens.unwrap_or(settings.default_tokens);
-    let cap = usize::try_from(max_tokens).unwrap_or(usize::MAX);
-    let (count, stop_reason) = if cap < wanted {
-        (cap, StopReason::MaxTokens)
-    } else {
-        (wanted, StopReason::EndTurn)
-    };
-    let seed = directives.seed.unwrap_or(settings.seed);
+    let (tool_names, wants_call) = request.tools();
+    let planned = plan_answer(
+        &state,
+        &Request {
+            model: &model,
+            contents: &contents,
+            cap: Some(usize::try_from(max_tokens).unwrap_or(usize::MAX)),
+            tool_names,
+            wants_call,
+        },
+    )?;
     let answer = Answer {
         id: message_id(&state),
         model,
-        tokens: text::completion_tokens(&prompt, seed, count),
-        stop_reason,
-        prompt_tokens: text::count_prompt_tokens(&prompt),
-        delay: Duration::from_millis(directives.delay_ms.unwrap_or(settings.token_delay_ms)),
-        no_usage: directives.no_usage,
-        stamp: directives.stamp,
-        fault: directives.mid_stream_fault().filter(|_| fault_fires),
+        plan: planned.plan,
+        no_usage: planned.no_usage,
     };
     if request.stream.unwrap_or(false) {
         Ok(stream_response(answer, &state))
@@ -262,13 +274,15 @@ fn message_id(state: &AppState) -> String {
 /// The non-streaming answer: after the same total delay, one `message` object. In-stream
 /// faults map to their closest non-streaming equivalent.
 async fn whole_response(answer: Answer) -> Result<HttpResponse, AnthropicError> {
+    let scenario = &answer.plan.scenario;
     let delay = answer
+        .plan
         .delay
-        .saturating_mul(u32::try_from(answer.tokens.len()).unwrap_or(u32::MAX));
+        .saturating_mul(u32::try_from(scenario.chunk_count()).unwrap_or(u32::MAX));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    match answer.fault {
+    match answer.plan.fault {
         Some((_, MidStreamFault::Error)) => {
             return Err(ApiError::injected(StatusCode::INTERNAL_SERVER_ERROR, None).into());
         }
@@ -283,24 +297,35 @@ async fn whole_response(answer: Answer) -> Result<HttpResponse, AnthropicError> 
         Some((_, MidStreamFault::Stall)) => std::future::pending::<()>().await,
         None => {}
     }
-    let content = if answer.tokens.is_empty() {
-        json!([])
-    } else {
-        json!([{"type": "text", "text": answer.tokens.concat()}])
-    };
+    let mut content = Vec::new();
+    if !scenario.reasoning.is_empty() {
+        content.push(
+            json!({"type": "thinking", "thinking": scenario.reasoning.concat(),
+                            "signature": SIGNATURE}),
+        );
+    }
+    if !scenario.text.is_empty() {
+        content.push(json!({"type": "text", "text": scenario.text.concat()}));
+    }
+    for call in &scenario.tool_calls {
+        let input: serde_json::Value =
+            serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+        content.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+    }
     let mut message = json!({
         "id": answer.id,
         "type": "message",
         "role": "assistant",
         "model": answer.model,
         "content": content,
-        "stop_reason": answer.stop_reason.as_str(),
+        "stop_reason": stop_reason(scenario.finish),
         "stop_sequence": null,
     });
     if !answer.no_usage {
+        let usage = scenario.usage();
         message["usage"] = json!({
-            "input_tokens": answer.prompt_tokens,
-            "output_tokens": answer.output_tokens(),
+            "input_tokens": usage.prompt_tokens,
+            "output_tokens": usage.completion_tokens,
         });
     }
     Ok(HttpResponse::Ok().json(message))
@@ -309,7 +334,10 @@ async fn whole_response(answer: Answer) -> Result<HttpResponse, AnthropicError> 
 fn stream_response(answer: Answer, state: &AppState) -> HttpResponse {
     let stream = EventStream {
         guard: StreamGuard::start(Arc::clone(&state.stats)),
-        answer,
+        id: answer.id,
+        model: answer.model,
+        no_usage: answer.no_usage,
+        playback: Playback::new(answer.plan),
         phase: Phase::MessageStart,
         blocks: Blocks::default(),
     };
@@ -329,27 +357,19 @@ fn stream_response(answer: Answer, state: &AppState) -> HttpResponse {
 enum Phase {
     MessageStart,
     Ping,
-    /// Next token to send.
-    Token(usize),
-    /// The open block is closed, then `message_delta`.
-    MessageDelta,
+    /// The scenario's pieces, played back.
+    Pieces,
     MessageStop,
     End,
 }
 
-/// The kind of a content block; what comes next opens a new block when its kind differs.
+/// The kind of a content block; a piece of another kind opens a new block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlockKind {
+    Thinking,
     Text,
-}
-
-impl BlockKind {
-    /// The `content_block` of its `content_block_start`.
-    fn start(self) -> serde_json::Value {
-        match self {
-            Self::Text => json!({"type": "text", "text": ""}),
-        }
-    }
+    /// Tool call `index` of the answer.
+    ToolUse(usize),
 }
 
 /// The content blocks of one answer: which one is open, and the next block index.
@@ -360,9 +380,9 @@ struct Blocks {
 }
 
 impl Blocks {
-    /// Appends the frames that put `kind` in an open block (closing another kind first) and
-    /// returns that block's index.
-    fn enter(&mut self, kind: BlockKind, out: &mut Vec<u8>) -> u32 {
+    /// Appends the frames that put `kind` in an open block (closing another one first), with
+    /// `start` as its `content_block`, and returns that block's index.
+    fn enter(&mut self, kind: BlockKind, start: serde_json::Value, out: &mut Vec<u8>) -> u32 {
         if let Some((index, open)) = self.open {
             if open == kind {
                 return index;
@@ -375,26 +395,94 @@ impl Blocks {
         event(
             out,
             "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": kind.start()}),
+            &json!({"type": "content_block_start", "index": index, "content_block": start}),
         );
         index
     }
 
-    /// Appends the `content_block_stop` of the open block, if any.
+    /// Appends the end of the open block, if any: a thinking block's signature, then its
+    /// `content_block_stop`.
     fn close(&mut self, out: &mut Vec<u8>) {
-        if let Some((index, _)) = self.open.take() {
-            event(
+        let Some((index, kind)) = self.open.take() else {
+            return;
+        };
+        if kind == BlockKind::Thinking {
+            delta(
                 out,
-                "content_block_stop",
-                &json!({"type": "content_block_stop", "index": index}),
+                index,
+                json!({"type": "signature_delta", "signature": SIGNATURE}),
             );
+        }
+        event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
+    }
+
+    /// Appends the frames of one piece of the answer.
+    fn piece(&mut self, piece: Piece<'_>, out: &mut Vec<u8>) {
+        match piece {
+            Piece::Reasoning(text) => {
+                let index = self.enter(
+                    BlockKind::Thinking,
+                    json!({"type": "thinking", "thinking": ""}),
+                    out,
+                );
+                delta(
+                    out,
+                    index,
+                    json!({"type": "thinking_delta", "thinking": text}),
+                );
+            }
+            Piece::Text(text) => {
+                let index = self.enter(BlockKind::Text, json!({"type": "text", "text": ""}), out);
+                delta(out, index, json!({"type": "text_delta", "text": text}));
+            }
+            Piece::ToolCallStart {
+                index: call,
+                id,
+                name,
+            } => {
+                // Every call is a block of its own, even right after another call.
+                self.close(out);
+                let index = self.enter(
+                    BlockKind::ToolUse(call),
+                    json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                    out,
+                );
+                // Anthropic opens a call's input with an empty fragment.
+                delta(
+                    out,
+                    index,
+                    json!({"type": "input_json_delta", "partial_json": ""}),
+                );
+            }
+            Piece::ToolCallArguments {
+                index: call,
+                fragment,
+            } => {
+                let index = self.enter(
+                    BlockKind::ToolUse(call),
+                    json!({"type": "tool_use", "input": {}}),
+                    out,
+                );
+                delta(
+                    out,
+                    index,
+                    json!({"type": "input_json_delta", "partial_json": fragment}),
+                );
+            }
         }
     }
 }
 
 /// One streaming answer; dropping it (actix does when the client leaves) counts the end.
 struct EventStream {
-    answer: Answer,
+    id: String,
+    model: String,
+    no_usage: bool,
+    playback: Playback,
     phase: Phase,
     blocks: Blocks,
     guard: StreamGuard,
@@ -405,82 +493,58 @@ impl EventStream {
     /// the end.
     async fn next_frames(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         let mut out = Vec::with_capacity(256);
-        loop {
-            match self.phase {
-                Phase::MessageStart => {
-                    self.phase = Phase::Ping;
-                    let mut message = json!({
-                        "id": self.answer.id,
-                        "type": "message",
-                        "role": "assistant",
-                        "content": [],
-                        "model": self.answer.model,
-                        "stop_reason": null,
-                        "stop_sequence": null,
-                    });
-                    if !self.answer.no_usage {
-                        message["usage"] =
-                            json!({"input_tokens": self.answer.prompt_tokens, "output_tokens": 1});
-                    }
-                    event(
-                        &mut out,
-                        "message_start",
-                        &json!({"type": "message_start", "message": message}),
-                    );
+        match self.phase {
+            Phase::MessageStart => {
+                self.phase = Phase::Ping;
+                let mut message = json!({
+                    "id": self.id,
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": self.model,
+                    "stop_reason": null,
+                    "stop_sequence": null,
+                });
+                if !self.no_usage {
+                    let input = self.playback.plan.scenario.prompt_tokens;
+                    message["usage"] = json!({"input_tokens": input, "output_tokens": 1});
                 }
-                Phase::Ping => {
-                    self.phase = Phase::Token(0);
-                    event(&mut out, "ping", &json!({"type": "ping"}));
-                }
-                Phase::Token(index) => {
-                    // A fault past the end fires after the last token, so it always fires.
-                    if let Some((at, fault)) = self.answer.fault
-                        && index == at.min(self.answer.tokens.len())
-                    {
-                        return self.fire(fault).await;
-                    }
-                    let Some(token) = self.answer.tokens.get(index) else {
-                        self.phase = Phase::MessageDelta;
-                        continue;
-                    };
-                    if !self.answer.delay.is_zero() {
-                        tokio::time::sleep(self.answer.delay).await;
-                    }
-                    self.phase = Phase::Token(index + 1);
-                    let text = if self.answer.stamp {
-                        format!("{token}|{}", unix_micros())
-                    } else {
-                        token.clone()
-                    };
-                    let block = self.blocks.enter(BlockKind::Text, &mut out);
-                    event(
-                        &mut out,
-                        "content_block_delta",
-                        &json!({"type": "content_block_delta", "index": block,
-                            "delta": {"type": "text_delta", "text": text}}),
-                    );
-                }
-                Phase::MessageDelta => {
+                event(
+                    &mut out,
+                    "message_start",
+                    &json!({"type": "message_start", "message": message}),
+                );
+            }
+            Phase::Ping => {
+                self.phase = Phase::Pieces;
+                event(&mut out, "ping", &json!({"type": "ping"}));
+            }
+            Phase::Pieces => match self.playback.next().await {
+                Played::Piece { piece, .. } => self.blocks.piece(piece, &mut out),
+                Played::Fault(fault) => return self.fire(fault).await,
+                Played::End => {
                     self.phase = Phase::MessageStop;
                     self.blocks.close(&mut out);
-                    let mut delta = json!({
+                    let scenario = &self.playback.plan.scenario;
+                    let mut message_delta = json!({
                         "type": "message_delta",
-                        "delta": {"stop_reason": self.answer.stop_reason.as_str(), "stop_sequence": null},
+                        "delta": {"stop_reason": stop_reason(scenario.finish), "stop_sequence": null},
                     });
-                    if !self.answer.no_usage {
-                        delta["usage"] = json!({"output_tokens": self.answer.output_tokens()});
+                    if !self.no_usage {
+                        message_delta["usage"] =
+                            json!({"output_tokens": scenario.usage().completion_tokens});
                     }
-                    event(&mut out, "message_delta", &delta);
+                    event(&mut out, "message_delta", &message_delta);
                 }
-                Phase::MessageStop => {
-                    self.phase = Phase::End;
-                    self.guard.outcome = Outcome::Completed;
-                    event(&mut out, "message_stop", &json!({"type": "message_stop"}));
-                }
-                Phase::End => return None,
+            },
+            Phase::MessageStop => {
+                self.phase = Phase::End;
+                self.guard.outcome = Outcome::Completed;
+                event(&mut out, "message_stop", &json!({"type": "message_stop"}));
             }
-            return Some(Ok(Bytes::from(out)));
+            Phase::End => return None,
         }
+        Some(Ok(Bytes::from(out)))
     }
 
     async fn fire(&mut self, fault: MidStreamFault) -> Option<Result<Bytes, std::io::Error>> {
@@ -511,6 +575,15 @@ impl EventStream {
     }
 }
 
+/// Appends a `content_block_delta` of block `index`.
+fn delta(out: &mut Vec<u8>, index: u32, delta: serde_json::Value) {
+    event(
+        out,
+        "content_block_delta",
+        &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+    );
+}
+
 /// Appends `event: <name>\ndata: <json>\n\n`.
 fn event(out: &mut Vec<u8>, name: &str, data: &serde_json::Value) {
     out.extend_from_slice(b"event: ");
@@ -521,19 +594,13 @@ fn event(out: &mut Vec<u8>, name: &str, data: &serde_json::Value) {
     out.extend_from_slice(b"\n\n");
 }
 
-fn unix_micros() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(now.as_micros()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use actix_web::{App, test};
     use service_kit::config::MockLlmSettings;
 
     use super::*;
+    use crate::text;
 
     const SEED: u64 = 3;
 
@@ -713,5 +780,81 @@ mod tests {
         );
         assert_eq!(message["stop_reason"], "end_turn");
         assert_eq!(message["usage"]["output_tokens"], 5);
+    }
+
+    /// The text of every delta of `kind` (`text`, `thinking`, `partial_json`) in block `index`.
+    fn block_text(events: &[(String, serde_json::Value)], index: u64, field: &str) -> String {
+        events
+            .iter()
+            .filter(|(n, d)| n == "content_block_delta" && d["index"] == index)
+            .filter_map(|(_, d)| d["delta"][field].as_str())
+            .collect()
+    }
+
+    #[actix_web::test]
+    async fn reasoning_and_tool_calls_are_thinking_and_tool_use_blocks() {
+        let mut body = request(true, "Plan a trip [[mock reasoning=3 tools=2 arg_chunk=4]]");
+        body["tools"] = json!([{"name": "book_flight", "input_schema": {"type": "object"}}]);
+        let (status, _, text) = post(body, true).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let events = events(&text);
+        let starts: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, d)| &d["content_block"])
+            .collect();
+        let kinds: Vec<&str> = starts.iter().filter_map(|b| b["type"].as_str()).collect();
+        assert_eq!(kinds, ["thinking", "tool_use", "tool_use"]);
+        let prompt = text::prompt_text([
+            "Be brief.",
+            "Plan a trip [[mock reasoning=3 tools=2 arg_chunk=4]]",
+        ]);
+        let shape = crate::scenario::Shape {
+            reasoning: 3,
+            tool_calls: 2,
+            tool_names: vec!["book_flight".to_owned()],
+            arg_chunk: 4,
+            ..crate::scenario::Shape::default()
+        };
+        let scenario = crate::scenario::Scenario::plan(&prompt, SEED, &shape);
+        assert_eq!(
+            block_text(&events, 0, "thinking"),
+            scenario.reasoning.concat()
+        );
+        for (block, call) in scenario.tool_calls.iter().enumerate() {
+            let index = block as u64 + 1;
+            assert_eq!(starts[block + 1]["id"], call.id.as_str());
+            assert_eq!(starts[block + 1]["name"], "book_flight");
+            assert_eq!(block_text(&events, index, "partial_json"), call.arguments);
+        }
+        // Each block closes before the next opens; the thinking block carries a signature.
+        let stops = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_stop")
+            .count();
+        assert_eq!(stops, 3);
+        assert!(
+            events
+                .iter()
+                .any(|(_, d)| d["delta"]["type"] == "signature_delta")
+        );
+        let delta = &events[events.len() - 2].1;
+        assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    }
+
+    #[actix_web::test]
+    async fn after_a_tool_result_the_answer_is_text() {
+        let mut body = request(true, "Plan a trip");
+        body["tools"] = json!([{"name": "book_flight", "input_schema": {"type": "object"}}]);
+        body["messages"] = json!([
+            {"role": "user", "content": "Plan a trip"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "book_flight", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "booked"}]},
+        ]);
+        let (_, _, text) = post(body, true).await;
+        let events = events(&text);
+        let delta = &events[events.len() - 2].1;
+        assert_eq!(delta["delta"]["stop_reason"], "end_turn", "{text}");
+        assert!(!text.contains("tool_use\""), "{text}");
     }
 }

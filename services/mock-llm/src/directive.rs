@@ -9,7 +9,13 @@
 //! pair       = key "=" value            ; values are unsigned decimal integers
 //! key        = tokens | delay_ms | seed | status | fail_times | retry_after
 //!            | error_after | disconnect_after | stall_after | no_usage | stamp
+//!            | tools | reasoning | arg_chunk
 //! ```
+//!
+//! `tools=N` answers with N tool calls (their argument fragments `arg_chunk=` characters long,
+//! default 3) and no text unless `tokens=` asks for some; `reasoning=N` streams N reasoning
+//! chunks before the answer (see [`crate::scenario`]). The in-stream faults count every
+//! content chunk (reasoning, text, a tool call's opening and each argument fragment).
 //!
 //! `[[mock` only opens a directive when followed by whitespace or `]]`; without a closing `]]`
 //! it is ordinary text. The model name's pairs apply first, then message directives in message
@@ -44,6 +50,12 @@ pub struct Directives {
     pub stall_after: Option<usize>,
     /// Never send usage, even when `stream_options.include_usage` asks for it.
     pub no_usage: bool,
+    /// Answer with this many tool calls (see [`crate::scenario`]).
+    pub tools: Option<usize>,
+    /// Stream this many reasoning chunks before the answer.
+    pub reasoning: Option<usize>,
+    /// Characters per tool-call argument fragment (at least 1).
+    pub arg_chunk: Option<usize>,
     /// Append `|<send time, Unix µs>` to each streamed token's content. Benchmarks use it to
     /// time tokens through any path that forwards content unchanged (the bridge, a proxy).
     pub stamp: bool,
@@ -98,6 +110,15 @@ impl Directives {
             "error_after" => self.error_after = Some(size()?),
             "disconnect_after" => self.disconnect_after = Some(size()?),
             "stall_after" => self.stall_after = Some(size()?),
+            "tools" => self.tools = Some(size()?),
+            "reasoning" => self.reasoning = Some(size()?),
+            "arg_chunk" => {
+                let chars = size()?;
+                if chars == 0 {
+                    return Err(bad());
+                }
+                self.arg_chunk = Some(chars);
+            }
             "no_usage" | "stamp" => {
                 let flag = match value {
                     "1" | "true" => true,
@@ -212,8 +233,12 @@ mod tests {
     fn model_then_content_later_wins() -> Result<(), DirectiveError> {
         let mut d = Directives::default();
         d.apply_model("mock:tokens=5,delay_ms=0")?;
-        d.apply_content("[[mock tokens=7 no_usage=1 stamp=1]]")?;
+        d.apply_content("[[mock tokens=7 no_usage=1 stamp=1 tools=2 reasoning=3 arg_chunk=5]]")?;
         assert_eq!(d.tokens, Some(7));
+        assert_eq!(
+            (d.tools, d.reasoning, d.arg_chunk),
+            (Some(2), Some(3), Some(5))
+        );
         assert_eq!(d.delay_ms, Some(0));
         assert!(d.no_usage);
         assert!(d.stamp);
@@ -229,6 +254,10 @@ mod tests {
         ));
         assert!(matches!(
             d.apply_model("mock:status=200"),
+            Err(DirectiveError::BadValue { .. })
+        ));
+        assert!(matches!(
+            d.apply_content("[[mock arg_chunk=0]]"),
             Err(DirectiveError::BadValue { .. })
         ));
         assert!(matches!(

@@ -5,14 +5,17 @@
 //! Endpoints: `POST /v1/chat/completions` (streaming and not), `POST /v1/messages`
 //! (Anthropic's Messages API, streaming and not), `GET /v1/models`,
 //! `GET /_mock/stats`, `GET /healthz`, `GET /metrics`. The text a request gets is described in [`text`], the
-//! faults it can ask for in [`directive`].
+//! faults and shapes (tool calls, reasoning) it can ask for in [`directive`], the whole planned
+//! answer in [`scenario`].
 
 pub mod directive;
+pub mod scenario;
 pub mod text;
 
 mod anthropic;
 mod chat;
 mod error;
+mod openai;
 mod state;
 
 use std::net::{SocketAddr, TcpListener};

@@ -120,7 +120,7 @@ pub fn count_prompt_tokens(prompt: &str) -> u32 {
 }
 
 /// FNV-1a, 64-bit: a tiny, frozen hash so the text never changes with a dependency update.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })

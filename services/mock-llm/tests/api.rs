@@ -131,8 +131,11 @@ impl Collected {
 
 async fn stream_all(
     app: &TestApp,
-    request: CreateChatCompletionRequest,
+    mut request: CreateChatCompletionRequest,
 ) -> anyhow::Result<Collected> {
+    // Explicit: with async-openai's `byot` feature (the producer's) on in a workspace build,
+    // `create_stream` no longer sets it by itself.
+    request.stream = Some(true);
     let mut stream = app.openai().chat().create_stream(request).await?;
     let mut collected = Collected::default();
     while let Some(item) = stream.next().await {
@@ -463,7 +466,7 @@ async fn a_500_is_an_api_error_after_the_clients_retries() -> anyhow::Result<()>
     let result = app
         .openai()
         .chat()
-        .create_stream(request("mock:status=500", "boom")?.build()?)
+        .create_stream(request("mock:status=500", "boom")?.stream(true).build()?)
         .await;
 
     assert_eq!(raw_status, 500);
@@ -531,7 +534,11 @@ async fn stall_after_goes_silent_and_counts_the_client_leaving() -> anyhow::Resu
     let mut stream = app
         .openai()
         .chat()
-        .create_stream(request("mock:stall_after=2", "wait")?.build()?)
+        .create_stream(
+            request("mock:stall_after=2", "wait")?
+                .stream(true)
+                .build()?,
+        )
         .await?;
 
     let mut tokens = 0;
@@ -563,7 +570,11 @@ async fn dropping_a_stream_early_counts_a_disconnect() -> anyhow::Result<()> {
     let mut stream = app
         .openai()
         .chat()
-        .create_stream(request("mock:tokens=1000,delay_ms=20", "long")?.build()?)
+        .create_stream(
+            request("mock:tokens=1000,delay_ms=20", "long")?
+                .stream(true)
+                .build()?,
+        )
         .await?;
 
     for _ in 0..3 {
@@ -638,5 +649,122 @@ async fn bad_requests_get_openai_style_400s() -> anyhow::Result<()> {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert!(body["error"]["message"].is_string());
     }
+    Ok(())
+}
+
+// ---- tool calls and reasoning ------------------------------------------------------------
+
+#[tokio::test]
+async fn tool_calls_stream_as_openai_fragments_that_rebuild_the_planned_arguments()
+-> anyhow::Result<()> {
+    use mock_llm::scenario::{Scenario, Shape};
+    let app = spawn_app()?;
+    let prompt = "Weather in two cities [[mock tools=2 arg_chunk=4]]";
+
+    let got = stream_all(&app, request("mock", prompt)?.build()?).await?;
+
+    assert!(got.error.is_none(), "{:?}", got.error);
+    let planned = Scenario::plan(
+        &prompt_text([prompt]),
+        SEED,
+        &Shape {
+            tool_calls: 2,
+            arg_chunk: 4,
+            ..Shape::default()
+        },
+    );
+    // Rebuild each call by `index` as a client does: id and name from the first fragment.
+    let mut calls: Vec<(String, String, String)> = vec![Default::default(); 2];
+    let mut fragments = 0;
+    for chunk in got.chunks.iter().flat_map(|c| &c.choices) {
+        for call in chunk.delta.tool_calls.iter().flatten() {
+            let rebuilt = &mut calls[call.index as usize];
+            if let Some(id) = &call.id {
+                rebuilt.0.clone_from(id);
+            }
+            let function = call.function.as_ref();
+            if let Some(name) = function.and_then(|f| f.name.as_ref()) {
+                rebuilt.1.clone_from(name);
+            }
+            rebuilt
+                .2
+                .push_str(function.and_then(|f| f.arguments.as_deref()).unwrap_or(""));
+            fragments += 1;
+        }
+    }
+    for (rebuilt, call) in calls.iter().zip(&planned.tool_calls) {
+        assert_eq!(
+            rebuilt,
+            &(call.id.clone(), call.name.clone(), call.arguments.clone())
+        );
+    }
+    assert!(fragments > 20, "only {fragments} tool-call chunks");
+    assert_eq!(got.text, "", "a tool-call answer has no text by default");
+    assert_eq!(got.finish_reason(), Some(FinishReason::ToolCalls));
+    Ok(())
+}
+
+#[tokio::test]
+async fn reasoning_streams_as_reasoning_content_and_is_reported_in_usage() -> anyhow::Result<()> {
+    let app = spawn_app()?;
+    let body = serde_json::json!({
+        "model": "mock",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Think first [[mock reasoning=5 tokens=3]]"}],
+    });
+
+    let text = app.post_raw(body).await?.text().await?;
+
+    let chunks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let reasoning: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning.len(), 5);
+    let usage = &chunks.last().cloned().unwrap_or_default()["usage"];
+    assert_eq!(usage["completion_tokens"], 8);
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_with_tools_gets_a_call_of_its_first_tool_until_a_tool_answered()
+-> anyhow::Result<()> {
+    let app = spawn_app()?;
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "find_flight", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "other"}},
+    ]);
+    let ask = serde_json::json!({
+        "model": "mock", "tools": tools,
+        "messages": [{"role": "user", "content": "Book me a flight"}],
+    });
+    let answered = serde_json::json!({
+        "model": "mock", "tools": tools,
+        "messages": [
+            {"role": "user", "content": "Book me a flight"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "find_flight", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "AF 123"},
+        ],
+    });
+
+    let call: serde_json::Value = app.post_raw(ask).await?.json().await?;
+    let text: serde_json::Value = app.post_raw(answered).await?.json().await?;
+
+    let choice = &call["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "find_flight"
+    );
+    assert_eq!(text["choices"][0]["finish_reason"], "stop");
+    assert!(text["choices"][0]["message"]["tool_calls"].is_null());
     Ok(())
 }

@@ -1,10 +1,22 @@
-//! The token sink of one attempt: where answer text goes. It owns coalescing
-//! (`producer.token_coalesce_ms`), the fenced appends to the session stream (through
-//! `stream_io::session`) and the attempt's analytics records (through `stream_io::records`).
+//! The token sink of one attempt: where the answer's content goes (text, tool-call fragments,
+//! reasoning). It owns coalescing (`producer.token_coalesce_ms`), the fenced appends to the
+//! session stream (through `stream_io::session`) and the attempt's analytics records (through
+//! `stream_io::records`).
 //!
-//! It is the one place that decides when buffered text is written: at once, when the window
-//! is over ([`TokenSink::flush_at`]), or when the buffer is full. The worker only tells it that
-//! the window's time came or that the answer ended ([`TokenSink::flush`]).
+//! It is the one place that decides when buffered content is written: at once, when the window
+//! is over ([`TokenSink::flush_at`]), when the buffer is full, or when the next delta is of
+//! another kind. The worker only tells it that the window's time came or that the answer ended
+//! ([`TokenSink::flush`]).
+//!
+//! Coalescing merges consecutive deltas of the same kind only: text with text, reasoning with
+//! reasoning, and argument fragments of the same tool call (same `index`) that carry no `id` or
+//! `name` of their own. A delta of another kind or call, or one that opens a call, first writes
+//! what is buffered, so every event holds one kind, one call, and `id`/`name` exactly where the
+//! upstream sent them.
+//!
+//! Every delta counts as one token (`sequence` counts events, `tokens` counts deltas): the
+//! first content of any kind is the first token (time to first token, retries before it), and
+//! tool-call fragments and reasoning count toward the hard token cap and the `tokens` records.
 
 use std::time::{Duration, Instant};
 
@@ -54,12 +66,59 @@ pub enum Fallback {
     Fenced,
 }
 
-/// Text received but not written yet, and when it must be. Pure state: the coalescing
+/// One content delta of the answer, as the sink writes it: one upstream delta, one token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// Answer text (a `token` event).
+    Text(String),
+    /// Reasoning text (a `reasoning` event).
+    Reasoning(String),
+    /// A tool-call fragment (a `tool_call` event).
+    ToolCall {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
+    },
+}
+
+/// The kind of what the buffer holds; deltas merge only within one kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Reasoning,
+    /// One tool call; `id` and `name` of the fragment that began the buffer.
+    ToolCall {
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
+impl Content {
+    /// The kind and the text it adds to a buffer.
+    fn split(self) -> (Kind, String) {
+        match self {
+            Self::Text(text) => (Kind::Text, text),
+            Self::Reasoning(text) => (Kind::Reasoning, text),
+            Self::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            } => (Kind::ToolCall { index, id, name }, arguments),
+        }
+    }
+}
+
+/// Content received but not written yet, and when it must be. Pure state: the coalescing
 /// decision, testable without Redis.
 #[derive(Debug, Default)]
 struct Coalescer {
-    /// `producer.token_coalesce_ms`; zero writes each token as it arrives.
+    /// `producer.token_coalesce_ms`; zero writes each delta as it arrives.
     window: Duration,
+    /// What `text` is; `None` while the buffer is empty.
+    kind: Option<Kind>,
     text: String,
     tokens: u32,
     flush_at: Option<tokio::time::Instant>,
@@ -73,9 +132,37 @@ impl Coalescer {
         }
     }
 
-    /// Buffers one token received at `now`; true when the buffer must be written now.
-    fn push(&mut self, text: &str, now: tokio::time::Instant) -> bool {
-        self.text.push_str(text);
+    /// Whether `content` may join the buffer without the buffer being written first: an empty
+    /// buffer takes anything; text joins text, reasoning joins reasoning; a tool-call fragment
+    /// joins fragments of the same call (`index`) unless it carries an `id` or `name` (which
+    /// must stay on the event the upstream sent them with).
+    fn accepts(&self, content: &Content) -> bool {
+        match (&self.kind, content) {
+            (None, _)
+            | (Some(Kind::Text), Content::Text(_))
+            | (Some(Kind::Reasoning), Content::Reasoning(_)) => true,
+            (
+                Some(Kind::ToolCall { index: held, .. }),
+                Content::ToolCall {
+                    index,
+                    id: None,
+                    name: None,
+                    ..
+                },
+            ) => held == index,
+            _ => false,
+        }
+    }
+
+    /// Buffers one delta received at `now`; true when the buffer must be written now. The
+    /// caller writes the buffer first when [`Coalescer::accepts`] refuses the delta
+    /// ([`TokenSink::push`] does): pushed anyway, it would join the held kind.
+    fn push(&mut self, content: Content, now: tokio::time::Instant) -> bool {
+        let (kind, text) = content.split();
+        if self.kind.is_none() {
+            self.kind = Some(kind);
+        }
+        self.text.push_str(&text);
         self.tokens += 1;
         if self.window.is_zero() || self.text.len() >= MAX_COALESCED_BYTES {
             return true;
@@ -87,13 +174,12 @@ impl Coalescer {
         false
     }
 
-    /// The buffered text and its token count, if any; closes the window either way.
-    fn take(&mut self) -> Option<(String, u32)> {
+    /// The buffered content and its token count, if any; closes the window either way.
+    fn take(&mut self) -> Option<(Kind, String, u32)> {
         self.flush_at = None;
-        if self.tokens == 0 {
-            return None;
-        }
+        let kind = self.kind.take()?;
         Some((
+            kind,
             std::mem::take(&mut self.text),
             std::mem::take(&mut self.tokens),
         ))
@@ -112,10 +198,12 @@ pub struct TokenSink<'a> {
     streams: RequestStreams,
     events: EventLog,
     pending: Coalescer,
-    /// `token` events written (their `sequence`).
+    /// Content events written (`token`, `tool_call`, `reasoning`: their shared `sequence`).
     sequence: u64,
-    /// Upstream tokens written (more than `sequence` when tokens are coalesced).
+    /// Upstream deltas written (more than `sequence` when deltas are coalesced).
     tokens: u32,
+    /// The reasoning part of `tokens`.
+    reasoning_tokens: u32,
     /// Written tokens not yet reported in a `tokens` record.
     unreported: u32,
     /// The start of the attempt: the origin of `ttft_ms` and `duration_ms`.
@@ -140,6 +228,7 @@ impl<'a> TokenSink<'a> {
             pending: Coalescer::new(ctx.token_coalesce),
             sequence: 0,
             tokens: 0,
+            reasoning_tokens: 0,
             unreported: 0,
             started,
             first_token_at: None,
@@ -192,7 +281,7 @@ impl<'a> TokenSink<'a> {
         Ok(Fallback::Moved)
     }
 
-    /// True until a `token` event was written.
+    /// True until a content event was written.
     pub fn nothing_written(&self) -> bool {
         self.sequence == 0
     }
@@ -206,6 +295,11 @@ impl<'a> TokenSink<'a> {
     /// Upstream tokens written to the session stream.
     pub fn written_tokens(&self) -> u32 {
         self.tokens
+    }
+
+    /// Reasoning deltas written (the reasoning part of [`TokenSink::written_tokens`]).
+    pub fn written_reasoning_tokens(&self) -> u32 {
+        self.reasoning_tokens
     }
 
     /// Upstream tokens received: written plus buffered (what the token cap counts).
@@ -222,27 +316,57 @@ impl<'a> TokenSink<'a> {
         self.pending.flush_at
     }
 
-    /// Takes one token of answer text: writes it now, or buffers it for the window.
-    pub async fn push(&mut self, text: &str) -> Result<Write, StreamIoError> {
-        if self.pending.push(text, tokio::time::Instant::now()) {
+    /// Takes one delta of the answer: writes it now, or buffers it for the window. Buffered
+    /// content of another kind or call is written first.
+    pub async fn push(&mut self, content: Content) -> Result<Write, StreamIoError> {
+        if !self.pending.accepts(&content) {
+            let written = self.flush().await?;
+            if written != Write::Accepted {
+                return Ok(written);
+            }
+        }
+        if self.pending.push(content, tokio::time::Instant::now()) {
             return self.flush().await;
         }
         Ok(Write::Accepted)
     }
 
-    /// Writes the buffered text as one `token` event (nothing when the buffer is empty). The
+    /// Writes the buffered content as one event (nothing when the buffer is empty). The
     /// `tokens` record of tokens written *earlier* rides along concurrently on the same
     /// connection (fred pipelines commands issued together), so a token costs one round trip;
     /// the record never counts the token it travels with, which could still be fenced off.
     pub async fn flush(&mut self) -> Result<Write, StreamIoError> {
-        let Some((content, tokens)) = self.pending.take() else {
+        let Some((kind, text, tokens)) = self.pending.take() else {
             return Ok(Write::Accepted);
         };
-        let event = SessionEvent::Token {
-            request_id: self.job.request_id,
-            sequence: self.sequence + 1,
-            content,
-            timestamp: stream_schema::now_millis(),
+        let (request_id, sequence, timestamp) = (
+            self.job.request_id,
+            self.sequence + 1,
+            stream_schema::now_millis(),
+        );
+        let reasoning = kind == Kind::Reasoning;
+        let event = match kind {
+            Kind::Text => SessionEvent::Token {
+                request_id,
+                sequence,
+                content: text,
+                timestamp,
+            },
+            Kind::Reasoning => SessionEvent::Reasoning {
+                request_id,
+                sequence,
+                content: text,
+                timestamp,
+            },
+            Kind::ToolCall { index, id, name } => SessionEvent::ToolCall {
+                request_id,
+                sequence,
+                index,
+                id,
+                name,
+                arguments: text,
+                timestamp,
+            },
         };
         let client = self.ctx.redis.next();
         let append = self
@@ -267,6 +391,9 @@ impl<'a> TokenSink<'a> {
         }
         self.sequence += 1;
         self.tokens = self.tokens.saturating_add(tokens);
+        if reasoning {
+            self.reasoning_tokens = self.reasoning_tokens.saturating_add(tokens);
+        }
         self.unreported += tokens;
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
@@ -380,12 +507,25 @@ mod tests {
         base + Duration::from_millis(ms)
     }
 
+    fn text(t: &str) -> Content {
+        Content::Text(t.to_owned())
+    }
+
+    fn fragment(index: u32, opens: Option<(&str, &str)>, arguments: &str) -> Content {
+        Content::ToolCall {
+            index,
+            id: opens.map(|(id, _)| id.to_owned()),
+            name: opens.map(|(_, name)| name.to_owned()),
+            arguments: arguments.to_owned(),
+        }
+    }
+
     #[test]
     fn without_a_window_every_token_is_written_at_once() {
         let mut pending = Coalescer::new(Duration::ZERO);
         let now = tokio::time::Instant::now();
-        assert!(pending.push("a", now));
-        assert_eq!(pending.take(), Some(("a".to_owned(), 1)));
+        assert!(pending.push(text("a"), now));
+        assert_eq!(pending.take(), Some((Kind::Text, "a".to_owned(), 1)));
         assert_eq!(pending.take(), None);
     }
 
@@ -393,13 +533,13 @@ mod tests {
     fn the_window_opens_with_its_first_token_and_is_not_pushed_back() {
         let mut pending = Coalescer::new(Duration::from_millis(20));
         let base = tokio::time::Instant::now();
-        assert!(!pending.push("a", base));
-        assert!(!pending.push("b", at(base, 15)));
+        assert!(!pending.push(text("a"), base));
+        assert!(!pending.push(text("b"), at(base, 15)));
         assert_eq!(pending.flush_at, Some(at(base, 20)));
 
-        assert_eq!(pending.take(), Some(("ab".to_owned(), 2)));
+        assert_eq!(pending.take(), Some((Kind::Text, "ab".to_owned(), 2)));
         assert_eq!(pending.flush_at, None);
-        assert!(!pending.push("c", at(base, 30)));
+        assert!(!pending.push(text("c"), at(base, 30)));
         assert_eq!(pending.flush_at, Some(at(base, 50)));
     }
 
@@ -409,12 +549,54 @@ mod tests {
         let now = tokio::time::Instant::now();
         let chunk = "x".repeat(1024);
         let pushes = (0..16)
-            .map(|_| pending.push(&chunk, now))
+            .map(|_| pending.push(text(&chunk), now))
             .collect::<Vec<_>>();
         assert_eq!(pushes.iter().filter(|&&now| now).count(), 1);
         assert_eq!(pushes.last(), Some(&true));
-        let (text, tokens) = pending.take().unwrap_or_default();
+        let (kind, text, tokens) = pending.take().unwrap_or((Kind::Text, String::new(), 0));
+        assert_eq!(kind, Kind::Text);
         assert_eq!((text.len(), tokens), (MAX_COALESCED_BYTES, 16));
+    }
+
+    #[test]
+    fn only_the_same_kind_and_the_same_tool_call_merge() {
+        let mut pending = Coalescer::new(Duration::from_secs(60));
+        let now = tokio::time::Instant::now();
+        // A call's opening fragment begins a buffer; its later fragments join it.
+        assert!(pending.accepts(&fragment(0, Some(("call_a", "f")), "")));
+        pending.push(fragment(0, Some(("call_a", "f")), ""), now);
+        assert!(pending.accepts(&fragment(0, None, "{\"a\"")));
+        pending.push(fragment(0, None, "{\"a\""), now);
+        pending.push(fragment(0, None, ":1}"), now);
+        // Never across kinds, calls, or onto a fragment that opens (or re-opens) a call.
+        assert!(!pending.accepts(&text("hi")));
+        assert!(!pending.accepts(&Content::Reasoning("hm".to_owned())));
+        assert!(!pending.accepts(&fragment(1, None, "x")));
+        assert!(!pending.accepts(&fragment(0, Some(("call_b", "g")), "")));
+        assert!(!pending.accepts(&Content::ToolCall {
+            index: 0,
+            id: None,
+            name: Some("f".to_owned()),
+            arguments: String::new(),
+        }));
+        let kind = Kind::ToolCall {
+            index: 0,
+            id: Some("call_a".to_owned()),
+            name: Some("f".to_owned()),
+        };
+        assert_eq!(pending.take(), Some((kind, "{\"a\":1}".to_owned(), 3)));
+
+        // Reasoning merges with reasoning only; an empty buffer takes anything.
+        assert!(pending.accepts(&fragment(3, None, "x")));
+        pending.push(Content::Reasoning("think".to_owned()), now);
+        assert!(pending.accepts(&Content::Reasoning(" more".to_owned())));
+        assert!(!pending.accepts(&text("answer")));
+        assert!(!pending.accepts(&fragment(0, None, "x")));
+        // Text merges with text only.
+        pending.take();
+        pending.push(text("a"), now);
+        assert!(pending.accepts(&text("b")));
+        assert!(!pending.accepts(&fragment(0, None, "x")));
     }
 
     #[test]
@@ -433,7 +615,7 @@ mod tests {
 
         use stream_schema::record::FallbackSide;
 
-        use crate::sink::{Fallback, Terminal, TokenSink, Write};
+        use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
         use crate::worker::testing::{Env, job};
 
         #[tokio::test]
@@ -444,7 +626,10 @@ mod tests {
             let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
 
             for token in ["a", "b", "c"] {
-                assert_eq!(sink.push(token).await?, Write::Accepted);
+                assert_eq!(
+                    sink.push(Content::Text(token.to_owned())).await?,
+                    Write::Accepted
+                );
             }
             assert!(sink.flush_at().is_some());
             assert_eq!(
@@ -458,6 +643,7 @@ mod tests {
                 prompt_tokens: 2,
                 completion_tokens: 3,
                 source: UsageSource::Counted,
+                reasoning_tokens: None,
             };
             let complete = SessionEvent::Complete {
                 request_id: job.request_id,
@@ -492,6 +678,55 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn each_kind_and_each_tool_call_is_its_own_event_in_one_sequence()
+        -> anyhow::Result<()> {
+            let env = Env::start(Duration::from_secs(60)).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+            let call =
+                |index: u32, opens: Option<(&str, &str)>, arguments: &str| Content::ToolCall {
+                    index,
+                    id: opens.map(|(id, _)| id.to_owned()),
+                    name: opens.map(|(_, name)| name.to_owned()),
+                    arguments: arguments.to_owned(),
+                };
+            let deltas = [
+                Content::Reasoning("Let me".to_owned()),
+                Content::Reasoning(" think".to_owned()),
+                Content::Text("Sure".to_owned()),
+                call(0, Some(("call_a", "f")), ""),
+                call(0, None, "{\"x\""),
+                call(0, None, ":1}"),
+                call(1, Some(("call_b", "g")), "{"),
+                call(1, None, "}"),
+            ];
+            for delta in deltas {
+                assert_eq!(sink.push(delta).await?, Write::Accepted);
+            }
+            assert_eq!(sink.flush().await?, Write::Accepted);
+
+            let events = env.events(&job).await?;
+            let sequences: Vec<Option<u64>> =
+                events[1..].iter().map(SessionEvent::sequence).collect();
+            assert_eq!(sequences, [Some(1), Some(2), Some(3), Some(4)]);
+            assert!(
+                matches!(&events[1], SessionEvent::Reasoning { content, .. } if content == "Let me think")
+            );
+            assert!(matches!(&events[2], SessionEvent::Token { content, .. } if content == "Sure"));
+            assert!(
+                matches!(&events[3], SessionEvent::ToolCall { index: 0, id: Some(id), name: Some(name), arguments, .. }
+                if id == "call_a" && name == "f" && arguments == "{\"x\":1}")
+            );
+            assert!(
+                matches!(&events[4], SessionEvent::ToolCall { index: 1, id: Some(id), arguments, .. }
+                if id == "call_b" && arguments == "{}")
+            );
+            assert_eq!(sink.written_tokens(), 8);
+            Ok(())
+        }
+
+        #[tokio::test]
         async fn a_fenced_attempt_writes_neither_tokens_nor_records() -> anyhow::Result<()> {
             let env = Env::start(Duration::ZERO).await?;
             let job = job()?;
@@ -509,7 +744,10 @@ mod tests {
                 .await?;
             let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
 
-            assert_eq!(sink.push("late").await?, Write::Fenced);
+            assert_eq!(
+                sink.push(Content::Text("late".to_owned())).await?,
+                Write::Fenced
+            );
             sink.report_tokens().await?;
 
             assert_eq!(sink.written_tokens(), 0);
@@ -531,7 +769,10 @@ mod tests {
             let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
 
             assert_eq!(sink.fall_back(&claude).await?, Fallback::Moved);
-            assert_eq!(sink.push("hi").await?, Write::Accepted);
+            assert_eq!(
+                sink.push(Content::Text("hi".to_owned())).await?,
+                Write::Accepted
+            );
             sink.report_tokens().await?;
 
             let events = env.events(&job).await?;

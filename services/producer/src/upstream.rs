@@ -9,6 +9,13 @@
 //! plain tower service without retries, which also keeps what async-openai's error type drops,
 //! the `Retry-After` header of an error response.
 //!
+//! Chunks are read with async-openai's "bring your own type" stream (`create_stream_byot`)
+//! into [`StreamChunk`], not into its typed `CreateChatCompletionStreamResponse`: that type has
+//! no field for the reasoning deltas of OpenAI-compatible reasoning servers
+//! (`delta.reasoning_content`, `delta.reasoning`) and would drop them silently, and it refuses
+//! a chunk with a finish reason it does not know. async-openai still sends the request, parses
+//! the SSE and ends the stream at `[DONE]`.
+//!
 //! A model whose `provider` is `anthropic` is served by [`anthropic`] instead; [`Upstream`]
 //! dispatches, so the worker never knows which API it talks to.
 
@@ -29,7 +36,6 @@ use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
     ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-    CreateChatCompletionStreamResponse, FinishReason as OpenAiFinish,
 };
 use futures::{Stream, StreamExt};
 use service_kit::config::{ModelSettings, Provider};
@@ -46,19 +52,22 @@ pub enum Delta {
     /// Answer text (never empty).
     Text(String),
     /// A fragment of a tool call; fragments of one call share `index`, and `id`/`name` come
-    /// with its first fragment. Not forwarded to clients yet.
+    /// with its first fragment. Never empty: a fragment without id, name and arguments is
+    /// dropped.
     ToolCall {
         index: u32,
         id: Option<String>,
         name: Option<String>,
         arguments_fragment: String,
     },
-    /// Reasoning text of a reasoning model. No upstream produces it yet.
+    /// Reasoning text of a reasoning model (never empty).
     Reasoning(String),
     /// Token counts as the upstream reports them (the last chunk, with `include_usage`).
     Usage {
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// The reasoning part of `completion_tokens`, when reported.
+        reasoning_tokens: Option<u32>,
     },
     /// Why the model stopped. The stream may still carry a usage chunk after it.
     Finish(FinishReason),
@@ -339,41 +348,133 @@ impl Upstream {
         let request = build_request(model, job)?;
         let chunks = client
             .chat()
-            .create_stream(request)
+            .create_stream_byot::<_, StreamChunk>(request)
             .await
             .map_err(UpstreamError::from_openai)?;
         Ok(Box::pin(chunks.flat_map(|chunk| {
-            let deltas = match chunk {
-                Ok(chunk) => deltas(chunk).into_iter().map(Ok).collect(),
-                Err(error) => vec![Err(UpstreamError::from_stream(error))],
+            let deltas = match chunk.map_err(UpstreamError::from_stream).and_then(deltas) {
+                Ok(deltas) => deltas.into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(error)],
             };
             futures::stream::iter(deltas)
         })))
     }
 }
 
+/// One `chat.completion.chunk`: only what the producer reads, every part optional, so that
+/// OpenAI-compatible servers that leave fields out (or add their own) still parse.
+#[derive(Debug, Default, serde::Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<StreamUsage>,
+    /// An in-stream error object (`{"error": {"message": …}}`) instead of a chunk.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: StreamDelta,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct StreamDelta {
+    #[serde(default)]
+    content: Option<String>,
+    /// Reasoning as DeepSeek, vLLM (older releases) and others send it.
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    /// Reasoning as OpenRouter, Ollama and newer vLLM releases send it.
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallChunk>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ToolCallChunk {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionChunk>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FunctionChunk {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct StreamUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CompletionTokensDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u32>,
+}
+
 /// The deltas of one chunk, in the order the producer applies them: usage, then the first
-/// choice's finish reason, text and tool-call fragments. Empty text is dropped.
-fn deltas(chunk: CreateChatCompletionStreamResponse) -> Vec<Delta> {
+/// choice's finish reason, reasoning, text and tool-call fragments. Empty text and reasoning,
+/// and tool-call fragments that carry nothing, are dropped; an in-stream error object is the
+/// stream's failure.
+fn deltas(chunk: StreamChunk) -> Result<Vec<Delta>, UpstreamError> {
+    if let Some(error) = chunk.error {
+        let message = error["message"]
+            .as_str()
+            .map_or_else(|| error.to_string(), str::to_owned);
+        return Err(UpstreamError::Stream(truncate(message)));
+    }
     let mut out = Vec::new();
     if let Some(usage) = chunk.usage {
         out.push(Delta::Usage {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
+            reasoning_tokens: usage
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens),
         });
     }
     for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
         if let Some(reason) = choice.finish_reason {
-            out.push(Delta::Finish(map_finish(reason)));
+            out.push(Delta::Finish(map_finish(&reason)));
         }
-        if let Some(content) = choice.delta.content.filter(|c| !c.is_empty()) {
+        let delta = choice.delta;
+        // A server that sends both spellings sends the same text twice: take one.
+        if let Some(reasoning) = delta
+            .reasoning_content
+            .filter(|r| !r.is_empty())
+            .or(delta.reasoning.filter(|r| !r.is_empty()))
+        {
+            out.push(Delta::Reasoning(reasoning));
+        }
+        if let Some(content) = delta.content.filter(|c| !c.is_empty()) {
             out.push(Delta::Text(content));
         }
-        for call in choice.delta.tool_calls.unwrap_or_default() {
+        for call in delta.tool_calls.unwrap_or_default() {
             let (name, arguments) = match call.function {
                 Some(function) => (function.name, function.arguments.unwrap_or_default()),
                 None => (None, String::new()),
             };
+            if call.id.is_none() && name.is_none() && arguments.is_empty() {
+                continue;
+            }
             out.push(Delta::ToolCall {
                 index: call.index,
                 id: call.id,
@@ -382,16 +483,17 @@ fn deltas(chunk: CreateChatCompletionStreamResponse) -> Vec<Delta> {
             });
         }
     }
-    out
+    Ok(out)
 }
 
-fn map_finish(reason: OpenAiFinish) -> FinishReason {
+/// OpenAI's finish reasons; a value it does not document (some compatible servers send their
+/// own, e.g. `eos`) is a normal stop.
+fn map_finish(reason: &str) -> FinishReason {
     match reason {
-        OpenAiFinish::Length => FinishReason::Length,
-        OpenAiFinish::ContentFilter => FinishReason::ContentFilter,
-        OpenAiFinish::Stop | OpenAiFinish::ToolCalls | OpenAiFinish::FunctionCall => {
-            FinishReason::Stop
-        }
+        "length" => FinishReason::Length,
+        "content_filter" => FinishReason::ContentFilter,
+        "tool_calls" => FinishReason::ToolCalls,
+        _ => FinishReason::Stop,
     }
 }
 
@@ -557,7 +659,7 @@ mod tests {
         assert!(long.len() <= MAX_ERROR_TEXT + '…'.len_utf8());
     }
 
-    fn chunk(json: serde_json::Value) -> anyhow::Result<CreateChatCompletionStreamResponse> {
+    fn chunk(json: serde_json::Value) -> anyhow::Result<StreamChunk> {
         let base = serde_json::json!({
             "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
         });
@@ -568,9 +670,13 @@ mod tests {
         Ok(serde_json::from_value(merged)?)
     }
 
+    fn deltas_of(json: serde_json::Value) -> anyhow::Result<Vec<Delta>> {
+        Ok(deltas(chunk(json)?)?)
+    }
+
     #[test]
     fn a_chunk_becomes_deltas_of_its_first_choice_only() -> anyhow::Result<()> {
-        let deltas = deltas(chunk(serde_json::json!({
+        let deltas = deltas_of(serde_json::json!({
             "choices": [
                 {"index": 1, "delta": {"content": "other"}, "finish_reason": null},
                 {"index": 0, "delta": {"role": "assistant", "content": "Hi",
@@ -579,15 +685,16 @@ mod tests {
                  "finish_reason": "tool_calls"},
             ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
-        }))?);
+        }))?;
         assert_eq!(
             deltas,
             vec![
                 Delta::Usage {
                     prompt_tokens: 3,
-                    completion_tokens: 5
+                    completion_tokens: 5,
+                    reasoning_tokens: None,
                 },
-                Delta::Finish(FinishReason::Stop),
+                Delta::Finish(FinishReason::ToolCalls),
                 Delta::Text("Hi".to_owned()),
                 Delta::ToolCall {
                     index: 0,
@@ -601,16 +708,106 @@ mod tests {
     }
 
     #[test]
+    fn tool_call_fragments_keep_index_id_and_name_exactly() -> anyhow::Result<()> {
+        let deltas = deltas_of(serde_json::json!({
+            "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 1, "id": "call_b", "type": "function",
+                    "function": {"name": "lookup", "arguments": ""}},
+                {"index": 0, "function": {"arguments": "\"x\": \"é\""}},
+                {"index": 2, "function": {"arguments": ""}},
+            ]}, "finish_reason": null}],
+        }))?;
+        assert_eq!(
+            deltas,
+            vec![
+                Delta::ToolCall {
+                    index: 1,
+                    id: Some("call_b".to_owned()),
+                    name: Some("lookup".to_owned()),
+                    arguments_fragment: String::new(),
+                },
+                Delta::ToolCall {
+                    index: 0,
+                    id: None,
+                    name: None,
+                    arguments_fragment: "\"x\": \"é\"".to_owned(),
+                },
+            ],
+            "an empty fragment of nothing is dropped"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn reasoning_comes_from_either_spelling_and_its_tokens_from_usage() -> anyhow::Result<()> {
+        let delta = |body: serde_json::Value| {
+            deltas_of(serde_json::json!({
+                "choices": [{"index": 0, "delta": body, "finish_reason": null}],
+            }))
+        };
+        assert_eq!(
+            delta(serde_json::json!({"reasoning_content": "Hmm", "content": ""}))?,
+            vec![Delta::Reasoning("Hmm".to_owned())]
+        );
+        assert_eq!(
+            delta(serde_json::json!({"reasoning": "So", "content": "A"}))?,
+            vec![
+                Delta::Reasoning("So".to_owned()),
+                Delta::Text("A".to_owned())
+            ]
+        );
+        assert_eq!(
+            delta(serde_json::json!({"reasoning_content": "Same", "reasoning": "Same"}))?,
+            vec![Delta::Reasoning("Same".to_owned())],
+            "sent in both spellings, taken once"
+        );
+        assert!(delta(serde_json::json!({"reasoning_content": null, "reasoning": ""}))?.is_empty());
+        let usage = deltas_of(serde_json::json!({
+            "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 50, "total_tokens": 53,
+                "completion_tokens_details": {"reasoning_tokens": 32}},
+        }))?;
+        assert_eq!(
+            usage,
+            vec![Delta::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 50,
+                reasoning_tokens: Some(32),
+            }]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_in_stream_error_object_fails_the_stream() -> anyhow::Result<()> {
+        let error = deltas(chunk(serde_json::json!({
+            "error": {"message": "overloaded", "type": "server_error"},
+        }))?);
+        assert!(
+            matches!(&error, Err(UpstreamError::Stream(message)) if message == "overloaded"),
+            "{error:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn empty_text_and_role_only_chunks_carry_no_delta() -> anyhow::Result<()> {
-        let role_only = chunk(serde_json::json!({
+        let role_only = serde_json::json!({
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                 "finish_reason": null}],
-        }))?;
-        assert!(deltas(role_only).is_empty());
-        let length = chunk(serde_json::json!({
+        });
+        assert!(deltas_of(role_only)?.is_empty());
+        let length = serde_json::json!({
             "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
-        }))?;
-        assert_eq!(deltas(length), vec![Delta::Finish(FinishReason::Length)]);
+        });
+        assert_eq!(
+            deltas_of(length)?,
+            vec![Delta::Finish(FinishReason::Length)]
+        );
+        let unknown = serde_json::json!({
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "eos"}],
+        });
+        assert_eq!(deltas_of(unknown)?, vec![Delta::Finish(FinishReason::Stop)]);
         Ok(())
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::sink::{Fallback, Terminal, TokenSink, Write};
+use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
 use crate::upstream::{Delta, DeltaStream, Policy, Registry, Upstream, UpstreamError};
 
 /// How often a worker checks the cancel key while no token arrives (tokens check it for free).
@@ -443,7 +443,7 @@ impl<'a> Attempt<'a> {
             .record(try_started.elapsed().as_secs_f64());
 
         let mut finish: Option<FinishReason> = None;
-        let mut usage: Option<(u32, u32)> = None;
+        let mut usage: Option<Usage> = None;
         let mut last_delta_at = tokio::time::Instant::now();
         let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
         cancel_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -480,23 +480,39 @@ impl<'a> Attempt<'a> {
                 }
                 Step::Delta(delta) => {
                     last_delta_at = tokio::time::Instant::now();
-                    let text = match delta {
-                        Delta::Text(text) => text,
+                    let content = match delta {
+                        Delta::Text(text) => Content::Text(text),
+                        Delta::Reasoning(text) => Content::Reasoning(text),
+                        Delta::ToolCall {
+                            index,
+                            id,
+                            name,
+                            arguments_fragment,
+                        } => Content::ToolCall {
+                            index,
+                            id,
+                            name,
+                            arguments: arguments_fragment,
+                        },
                         Delta::Usage {
                             prompt_tokens,
                             completion_tokens,
+                            reasoning_tokens,
                         } => {
-                            usage = Some((prompt_tokens, completion_tokens));
+                            usage = Some(Usage {
+                                prompt_tokens,
+                                completion_tokens,
+                                source: UsageSource::Upstream,
+                                reasoning_tokens,
+                            });
                             continue;
                         }
                         Delta::Finish(reason) => {
                             finish = Some(reason);
                             continue;
                         }
-                        // Not part of the event contract yet: received, not forwarded.
-                        Delta::ToolCall { .. } | Delta::Reasoning(_) => continue,
                     };
-                    let written = run.sink.push(&text).await?;
+                    let written = run.sink.push(content).await?;
                     if let Some(end) = self.refused(run, written).await? {
                         return Ok(TryEnd::Ended(end));
                     }
@@ -612,19 +628,17 @@ impl<'a> Attempt<'a> {
         &self,
         run: &mut Run<'_>,
         reason: FinishReason,
-        upstream_usage: Option<(u32, u32)>,
+        upstream_usage: Option<Usage>,
     ) -> Result<AttemptEnd, StreamIoError> {
         let job = self.job;
         let usage = match upstream_usage {
-            Some((prompt, completion)) if reason != FinishReason::Cancelled => Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                source: UsageSource::Upstream,
-            },
+            Some(usage) if reason != FinishReason::Cancelled => usage,
             _ => Usage {
                 prompt_tokens: estimate_prompt_tokens(job),
                 completion_tokens: run.sink.written_tokens(),
                 source: UsageSource::Counted,
+                reasoning_tokens: Some(run.sink.written_reasoning_tokens())
+                    .filter(|&reasoning| reasoning > 0),
             },
         };
         let event = SessionEvent::Complete {
@@ -656,6 +670,7 @@ impl<'a> Attempt<'a> {
             prompt_tokens: 0,
             completion_tokens: run.sink.written_tokens(),
             source: UsageSource::Counted,
+            reasoning_tokens: None,
         };
         self.terminal(run, &event, Outcome::Failed(code), usage)
             .await

@@ -113,7 +113,7 @@ async fn stream_in_redis(stack: &Stack, session: &str) -> anyhow::Result<Vec<Ses
 }
 
 /// Index in `stack.producers` of the producer whose consumer holds the only pending job.
-async fn job_holder(stack: &Stack) -> anyhow::Result<usize> {
+pub(crate) async fn job_holder(stack: &Stack) -> anyhow::Result<usize> {
     let redis = stack.redis_client().await?;
     wait_until(TIMEOUT, POLL, || {
         let redis = redis.clone();

@@ -35,6 +35,11 @@ const FIELD_NAMES: &[&str] = &[
     "msg",
     "retry",
     "ts",
+    "rt",
+    "idx",
+    "call",
+    "name",
+    "args",
     "msgs",
     "max_tokens",
     "temperature",
@@ -64,6 +69,9 @@ const VALUE_WORDS: &[&str] = &[
     "restart",
     "complete",
     "error",
+    "tool_call",
+    "reasoning",
+    "tool_calls",
     "tokens",
     "finish",
     "stop",
@@ -154,6 +162,34 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                 timestamp,
             }
         ),
+        (
+            (request_id(), any::<u64>(), any::<u32>()),
+            prop::option::of(any::<String>()),
+            prop::option::of(any::<String>()),
+            any::<String>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |((request_id, sequence, index), id, name, arguments, timestamp)| {
+                    SessionEvent::ToolCall {
+                        request_id,
+                        sequence,
+                        index,
+                        id,
+                        name,
+                        arguments,
+                        timestamp,
+                    }
+                }
+            ),
+        (request_id(), any::<u64>(), any::<String>(), any::<u64>()).prop_map(
+            |(request_id, sequence, content, timestamp)| SessionEvent::Reasoning {
+                request_id,
+                sequence,
+                content,
+                timestamp,
+            }
+        ),
         (request_id(), any::<u32>(), any::<String>(), any::<u64>()).prop_map(
             |(request_id, attempt, reason, timestamp)| SessionEvent::Restart {
                 request_id,
@@ -166,12 +202,18 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
         (
             request_id(),
             one_of(FinishReason::ALL),
-            any::<(u32, u32)>(),
+            (any::<(u32, u32)>(), prop::option::of(any::<u32>())),
             one_of(UsageSource::ALL),
             any::<u64>()
         )
             .prop_map(
-                |(request_id, finish_reason, (prompt, completion), source, timestamp)| {
+                |(
+                    request_id,
+                    finish_reason,
+                    ((prompt, completion), reasoning),
+                    source,
+                    timestamp,
+                )| {
                     SessionEvent::Complete {
                         request_id,
                         finish_reason,
@@ -179,6 +221,7 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                             prompt_tokens: prompt,
                             completion_tokens: completion,
                             source,
+                            reasoning_tokens: reasoning,
                         },
                         timestamp,
                     }

@@ -306,6 +306,8 @@ impl Decoder {
                     Some(Delta::Usage {
                         prompt_tokens,
                         completion_tokens: usage.output_tokens?,
+                        // Anthropic counts thinking in `output_tokens` without a breakdown.
+                        reasoning_tokens: None,
                     })
                 })
             }
@@ -380,7 +382,8 @@ fn finish_reason(stop_reason: Option<&str>) -> FinishReason {
     match stop_reason {
         Some("max_tokens" | "model_context_window_exceeded") => FinishReason::Length,
         Some("refusal") => FinishReason::ContentFilter,
-        // `end_turn`, `stop_sequence`, `tool_use` (the answer is its tool calls), `pause_turn`.
+        Some("tool_use") => FinishReason::ToolCalls,
+        // `end_turn`, `stop_sequence`, `pause_turn`.
         _ => FinishReason::Stop,
     }
 }
@@ -451,7 +454,8 @@ data: {"type": "message_stop"}
                 Ok(Delta::Text("!".to_owned())),
                 Ok(Delta::Usage {
                     prompt_tokens: 25,
-                    completion_tokens: 15
+                    completion_tokens: 15,
+                    reasoning_tokens: None,
                 }),
                 Ok(Delta::Finish(FinishReason::Stop)),
             ]
@@ -534,9 +538,10 @@ data: {"type":"message_stop"}
                 Ok(tool(1, None, None, "{}")),
                 Ok(Delta::Usage {
                     prompt_tokens: 472,
-                    completion_tokens: 89
+                    completion_tokens: 89,
+                    reasoning_tokens: None,
                 }),
-                Ok(Delta::Finish(FinishReason::Stop)),
+                Ok(Delta::Finish(FinishReason::ToolCalls)),
             ]
         );
     }
@@ -585,7 +590,8 @@ data: {"type": "message_stop"}
                 Ok(Delta::Text("27 * 453 = 12,231".to_owned())),
                 Ok(Delta::Usage {
                     prompt_tokens: 15,
-                    completion_tokens: 100
+                    completion_tokens: 100,
+                    reasoning_tokens: None,
                 }),
                 Ok(Delta::Finish(FinishReason::Length)),
             ]
