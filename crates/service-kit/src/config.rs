@@ -292,10 +292,14 @@ pub struct ApiKeyEntry {
 pub struct LimitsSettings {
     /// Largest accepted request body.
     pub max_body_bytes: usize,
-    /// Largest prompt (sum of message contents).
+    /// Largest prompt: the bytes of every message's text, image URLs, tool calls and ids.
     pub max_prompt_bytes: usize,
     /// Most messages in one request.
     pub max_messages: usize,
+    /// Most `tools` in one request (OpenAI accepts 128).
+    pub max_tools: usize,
+    /// Largest `tools` list, in bytes of its JSON (names, descriptions, parameter schemas).
+    pub max_tools_bytes: usize,
     /// Largest `maxTokens` a client may ask for.
     pub max_tokens_cap: u32,
     /// Length of the rate-limit window in seconds (a minute; tests shorten it).
@@ -355,6 +359,8 @@ impl Default for LimitsSettings {
             max_body_bytes: 1024 * 1024,
             max_prompt_bytes: 256 * 1024,
             max_messages: 256,
+            max_tools: 128,
+            max_tools_bytes: 256 * 1024,
             max_tokens_cap: 32_768,
             window_secs: 60,
             requests_per_window: 0,
@@ -719,6 +725,9 @@ impl Settings {
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             url::Url::parse(endpoint)
                 .map_err(|e| invalid("telemetry.otlp_endpoint", format!("not a URL: {e}")))?;
+        }
+        if self.limits.max_tools == 0 {
+            return Err(invalid("limits.max_tools", "must be at least 1"));
         }
         if self.limits.window_secs == 0 {
             return Err(invalid("limits.window_secs", "must be at least 1"));

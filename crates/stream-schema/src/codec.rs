@@ -137,8 +137,12 @@ pub(crate) fn version_field_for(version: Version) -> (&'static str, String) {
 }
 
 /// Maps a `FromStr` for snake_case enums with a fixed set of names.
+///
+/// The names are matched as `tt`, not `literal`: a `literal` fragment reaches derive macros
+/// wrapped in an invisible group, which utoipa's parser skips, so `/openapi.json` listed the
+/// Rust variant names (`Stop`) instead of the wire names (`stop`).
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:tt),* $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]

@@ -12,6 +12,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod job;
 pub mod keys;
+pub mod message;
 pub mod record;
 #[cfg(feature = "utoipa")]
 mod schema;
@@ -22,8 +23,9 @@ pub use connection::ConnectionInfo;
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
-pub use job::{ChatMessage, Job, RequestMeta, Reservation, Role};
+pub use job::{Job, RequestMeta, Reservation};
 pub use keys::RedisKey;
+pub use message::{ChatMessage, ChatOptions, Role};
 pub use record::{EventRecord, Outcome};
 
 /// Milliseconds since the Unix epoch, the `timestamp` of every event.

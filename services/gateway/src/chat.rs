@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use stream_io::requests::StoredMeta;
 use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
+use stream_schema::message::{ResponseFormat, Stop, Tool, ToolChoice};
 use stream_schema::{
-    ChatMessage, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent, SessionId,
+    ChatMessage, ChatOptions, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent,
+    SessionId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -20,7 +22,9 @@ use crate::limits::Admission;
 use crate::state::{AppState, SharedState};
 use crate::stream_token::Scope;
 
-/// A chat to start: one prompt (or a conversation) for one model in one session.
+/// A chat to start: one prompt (or a conversation) for one model in one session. Field names
+/// are camelCase; the OpenAI spellings (`tool_choice`, `response_format`, `top_p`,
+/// `max_tokens`) are accepted too, and message objects keep OpenAI's field names.
 // Every field is an `Option` so that a missing one is reported by name (`400`) rather than as a
 // generic JSON error; the `#[schema]` attributes say what is required.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -40,14 +44,42 @@ pub(crate) struct StartChatBody {
     /// One user message. Give either `prompt` or `messages`, not both, and not only
     /// whitespace (`400 invalid_request`).
     prompt: Option<String>,
-    /// The conversation, instead of `prompt`.
-    #[schema(min_items = 1)]
-    messages: Option<Vec<ChatMessage>>,
+    /// The conversation, instead of `prompt`, in OpenAI's shape: roles `system`, `user`,
+    /// `assistant` (with `tool_calls`) and `tool` (with `tool_call_id`); content a string or
+    /// parts (`text`, `image_url` in user messages), passed through as given. An unknown role
+    /// or part, a `tool` message without `tool_call_id`, or a message without content is
+    /// `400 invalid_request` naming the message (`messages[2]: …`).
+    #[schema(min_items = 1, value_type = Option<Vec<ChatMessage>>)]
+    messages: Option<Vec<serde_json::Value>>,
     /// Upper bound on generated tokens: 1 to `limits.max_tokens_cap` (32768 by default).
     #[schema(minimum = 1)]
+    #[serde(alias = "max_tokens")]
     max_tokens: Option<u32>,
     #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f32>,
+    /// Functions the model may call (at most `limits.max_tools`, 128 by default, else `400`;
+    /// at most `limits.max_tools_bytes` of JSON, else `413`). Names are 1-64 characters of
+    /// `[A-Za-z0-9_-]`, distinct. The calls stream as `tool_call` events.
+    #[schema(value_type = Option<Vec<Tool>>)]
+    tools: Option<Vec<serde_json::Value>>,
+    /// `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function": {"name": …}}`
+    /// naming one of `tools`.
+    #[schema(value_type = Option<ToolChoice>)]
+    #[serde(alias = "tool_choice")]
+    tool_choice: Option<serde_json::Value>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name": …, "schema": {…}, "strict": true}}`.
+    #[schema(value_type = Option<ResponseFormat>)]
+    #[serde(alias = "response_format")]
+    response_format: Option<serde_json::Value>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    #[serde(alias = "top_p")]
+    top_p: Option<f32>,
+    /// Up to 4 sequences where the model stops: a string or a list.
+    #[schema(value_type = Option<Stop>)]
+    stop: Option<serde_json::Value>,
+    /// Best-effort determinism, for upstreams that support it.
+    seed: Option<i64>,
 }
 
 /// A start request that passed validation: every value is safe to use in keys and jobs.
@@ -58,6 +90,15 @@ pub struct StartChat {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    pub options: ChatOptions,
+}
+
+/// Reads one part of the body that was kept as JSON so that its error names where it is.
+fn typed<T: serde::de::DeserializeOwned>(
+    what: &str,
+    value: serde_json::Value,
+) -> Result<T, ApiError> {
+    serde_json::from_value(value).map_err(|e| ApiError::InvalidRequest(format!("{what}: {e}")))
 }
 
 impl StartChat {
@@ -96,27 +137,35 @@ impl StartChat {
                     "give either prompt or messages, not both".to_owned(),
                 ));
             }
-            (Some(prompt), None) => vec![ChatMessage {
-                role: Role::User,
-                content: prompt,
-            }],
-            (None, Some(messages)) => messages,
+            (Some(prompt), None) => vec![ChatMessage::text(Role::User, prompt)],
+            (None, Some(messages)) => {
+                // Counted before they are read: a huge list is refused without the work.
+                if messages.len() > limits.max_messages {
+                    return Err(ApiError::PayloadTooLarge(format!(
+                        "at most {} messages",
+                        limits.max_messages
+                    )));
+                }
+                let mut typed_messages = Vec::with_capacity(messages.len());
+                for (i, message) in messages.into_iter().enumerate() {
+                    let message: ChatMessage = typed(&format!("messages[{i}]"), message)?;
+                    message
+                        .check()
+                        .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}]: {e}")))?;
+                    typed_messages.push(message);
+                }
+                typed_messages
+            }
             (None, None) => {
                 return Err(ApiError::InvalidRequest(
                     "prompt or messages is required".to_owned(),
                 ));
             }
         };
-        if messages.is_empty() || messages.iter().all(|m| m.content.trim().is_empty()) {
+        if messages.iter().all(ChatMessage::is_blank) {
             return Err(ApiError::InvalidRequest("the prompt is empty".to_owned()));
         }
-        if messages.len() > limits.max_messages {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "at most {} messages",
-                limits.max_messages
-            )));
-        }
-        let prompt_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+        let prompt_bytes: usize = messages.iter().map(ChatMessage::size).sum();
         if prompt_bytes > limits.max_prompt_bytes {
             return Err(ApiError::PayloadTooLarge(format!(
                 "the prompt is over {} bytes",
@@ -138,14 +187,64 @@ impl StartChat {
                 "temperature must be between 0 and 2".to_owned(),
             ));
         }
+        let options = ChatOptions {
+            tools: tools(body.tools, limits)?,
+            tool_choice: body
+                .tool_choice
+                .map(|choice| typed::<ToolChoice>("tool_choice", choice))
+                .transpose()?,
+            response_format: body
+                .response_format
+                .map(|format| typed::<ResponseFormat>("response_format", format))
+                .transpose()?,
+            top_p: body.top_p,
+            stop: body
+                .stop
+                .map(|stop| typed::<Stop>("stop", stop))
+                .transpose()?
+                .map(Stop::into_vec)
+                .unwrap_or_default(),
+            seed: body.seed,
+        };
+        options
+            .check()
+            .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
         Ok(Self {
             session_id,
             model_id,
             messages,
             max_tokens: body.max_tokens,
             temperature: body.temperature,
+            options,
         })
     }
+}
+
+/// The request's tools within `limits.max_tools` (`400`, as chat APIs answer) and
+/// `limits.max_tools_bytes` of JSON (`413`, like every other size limit).
+fn tools(
+    tools: Option<Vec<serde_json::Value>>,
+    limits: &service_kit::config::LimitsSettings,
+) -> Result<Vec<Tool>, ApiError> {
+    let tools = tools.unwrap_or_default();
+    if tools.len() > limits.max_tools {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {} tools",
+            limits.max_tools
+        )));
+    }
+    let bytes: usize = tools.iter().map(|tool| tool.to_string().len()).sum();
+    if bytes > limits.max_tools_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the tools are over {} bytes",
+            limits.max_tools_bytes
+        )));
+    }
+    tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, tool)| typed(&format!("tools[{i}]"), tool))
+        .collect()
 }
 
 fn truncate(text: &str, max: usize) -> String {
@@ -206,15 +305,18 @@ pub(crate) struct StartChatResponse {
                     parameters(("sessionId" = "$response.body#/sessionId")))),
             )),
         (status = 400, description = "`invalid_json` (malformed JSON), `invalid_request` (wrong \
-            field types, no or empty prompt, both prompt and messages, maxTokens or temperature \
-            out of range) or `invalid_session_id`", body = ErrorBody),
+            field types, no or empty prompt, both prompt and messages, an unknown role or \
+            content part, a tool message without tool_call_id, more than `limits.max_tools` \
+            tools, an invalid or duplicate tool name, a toolChoice naming no declared tool, \
+            maxTokens, temperature or topP out of range, more than 4 stop sequences) or \
+            `invalid_session_id`", body = ErrorBody),
         crate::error::ApiKeyRefused,
         (status = 404, description = "`unknown_model`: modelId is not configured",
             body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`: the Idempotency-Key was used with \
             another body, or its first start is still running", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: body, prompt or message count over \
-            the configured limits", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: body, prompt, message count or tools \
+            size over the configured limits", body = ErrorBody),
         (status = 429, description = "`rate_limited`: over a request or token limit of the API \
             key or session", body = ErrorBody, headers(
             ("Retry-After" = u64, description = "Seconds until a retry can be admitted"))),
@@ -394,6 +496,7 @@ async fn enqueue(
         messages: chat.messages,
         max_tokens: chat.max_tokens,
         temperature: chat.temperature,
+        options: chat.options,
         enqueued_at: now,
         traceparent: service_kit::telemetry::current_traceparent(),
         token_cap: reservation

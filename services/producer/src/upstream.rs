@@ -32,15 +32,12 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
-use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-};
 use futures::{Stream, StreamExt};
 use service_kit::config::{ModelSettings, Provider};
-use stream_schema::{ChatMessage, ErrorCode, FinishReason, Job, ModelId, Role};
+use stream_schema::{ErrorCode, FinishReason, Job, ModelId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+mod request;
 
 /// Longest upstream error text carried into an `error` event (bodies can be whole HTML pages).
 const MAX_ERROR_TEXT: usize = 300;
@@ -345,7 +342,7 @@ impl Upstream {
             Api::OpenAi { client, model } => (client, model),
             Api::Anthropic(messages) => return messages.open(job).await,
         };
-        let request = build_request(model, job)?;
+        let request = request::build(model, job)?;
         let chunks = client
             .chat()
             .create_stream_byot::<_, StreamChunk>(request)
@@ -555,49 +552,6 @@ impl Registry {
             .get(model)
             .ok_or_else(|| UpstreamError::UnknownModel(model.to_owned()))
     }
-}
-
-fn to_openai(message: &ChatMessage) -> ChatCompletionRequestMessage {
-    let content = message.content.clone();
-    match message.role {
-        Role::System => ChatCompletionRequestSystemMessage {
-            content: content.into(),
-            name: None,
-        }
-        .into(),
-        Role::User => ChatCompletionRequestUserMessage {
-            content: content.into(),
-            name: None,
-        }
-        .into(),
-        Role::Assistant => ChatCompletionRequestAssistantMessage {
-            content: Some(content.into()),
-            ..Default::default()
-        }
-        .into(),
-    }
-}
-
-fn build_request(model: &str, job: &Job) -> Result<CreateChatCompletionRequest, UpstreamError> {
-    let mut args = CreateChatCompletionRequestArgs::default();
-    args.model(model)
-        .messages(job.messages.iter().map(to_openai).collect::<Vec<_>>())
-        .stream(true)
-        // Always ask for usage; when the upstream ignores it the producer counts tokens.
-        .stream_options(ChatCompletionStreamOptions {
-            include_usage: Some(true),
-            ..Default::default()
-        });
-    if let Some(max_tokens) = job.max_tokens {
-        // `max_tokens` (not `max_completion_tokens`): it is what most OpenAI-compatible
-        // servers read.
-        args.max_tokens(max_tokens);
-    }
-    if let Some(temperature) = job.temperature {
-        args.temperature(temperature);
-    }
-    args.build()
-        .map_err(|e| UpstreamError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

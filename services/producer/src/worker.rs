@@ -737,7 +737,7 @@ fn estimate_prompt_tokens(job: &Job) -> u32 {
     let words: usize = job
         .messages
         .iter()
-        .map(|m| m.content.split_whitespace().count())
+        .map(|m| m.text_content().split_whitespace().count())
         .sum();
     u32::try_from(words).unwrap_or(u32::MAX)
 }
@@ -852,12 +852,10 @@ pub(crate) mod testing {
             request_id: RequestId::new(),
             session_id: stream_schema::SessionId::parse("session-1")?,
             model_id: ModelId::parse("mock")?,
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: "hello there".to_owned(),
-            }],
+            messages: vec![ChatMessage::text(Role::User, "hello there")],
             max_tokens: None,
             temperature: None,
+            options: stream_schema::ChatOptions::default(),
             enqueued_at: 1,
             traceparent: None,
             token_cap: None,

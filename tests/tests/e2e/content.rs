@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use fred::prelude::*;
 use mock_llm::scenario::{Scenario, Shape};
-use serde_json::Value;
+use serde_json::{Value, json};
 use service_kit::config::ProducerSettings;
 use test_support::SseEvent;
 
@@ -292,4 +293,89 @@ fn short_leases(producer: &mut ProducerSettings) {
     producer.lease_ms = 1500;
     producer.lease_renew_ms = 300;
     producer.reclaim_interval_ms = 250;
+}
+
+#[tokio::test]
+async fn a_chat_with_tools_gets_a_call_then_answers_the_tool_result() -> anyhow::Result<()> {
+    let stack = Stack::start(options()).await?;
+    let tools = json!([{"type": "function", "function": {"name": "find_flight",
+        "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]);
+    let ask = json!([{"role": "user", "content": "Find me a flight to Oslo"}]);
+
+    let (status, started) = stack
+        .post_start(
+            0,
+            &json!({"sessionId": "tool-loop", "modelId": "mock", "messages": ask,
+                "tools": tools, "toolChoice": "auto"}),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{started}");
+    let events = payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
+
+    // mock-llm calls the first declared tool when the request has tools: the tools reached it.
+    let calls = rebuild(&events);
+    let call = calls.get(&0).cloned().unwrap_or_default();
+    assert_eq!(call.name, "find_flight", "{events:?}");
+    assert_eq!(
+        events.last().cloned().unwrap_or_default()["finishReason"],
+        "tool_calls"
+    );
+
+    // The application runs the tool and sends the result back: the model answers in text.
+    let mut conversation = ask.as_array().cloned().unwrap_or_default();
+    conversation.push(json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}]}));
+    conversation.push(json!({"role": "tool", "tool_call_id": call.id, "content": "SK 4711"}));
+    let (status, started) = stack
+        .post_start(
+            0,
+            &json!({"sessionId": "tool-loop", "modelId": "mock", "messages": conversation,
+                "tools": tools}),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{started}");
+    let events = payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
+    assert!(rebuild(&events).is_empty());
+    assert!(!text_of(&events).is_empty());
+    assert_eq!(
+        events.last().cloned().unwrap_or_default()["finishReason"],
+        "stop"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_chat_input_is_a_400_with_the_spec_error_body_and_writes_nothing() -> anyhow::Result<()>
+{
+    let stack = Stack::start(options().with_settings(|s| s.limits.max_tools = 2)).await?;
+    let redis = stack.redis_client().await?;
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name}});
+    let cases = [
+        json!({"messages": [{"role": "robot", "content": "beep"}]}),
+        json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "tool", "content": "42"}]}),
+        json!({"prompt": "hi", "tools": [tool("a"), tool("b"), tool("c")]}),
+    ];
+    for (i, fields) in cases.into_iter().enumerate() {
+        let session = format!("bad-{i}");
+        let mut body = json!({"sessionId": session, "modelId": "mock"});
+        if let (Some(body), Some(fields)) = (body.as_object_mut(), fields.as_object()) {
+            body.extend(fields.clone());
+        }
+
+        let (status, answer) = stack.post_start(0, &body).await?;
+
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+        let keys: Vec<String> = redis
+            .scan_page("0", format!("*{session}*"), Some(1000), None)
+            .await
+            .map(|(_, keys): (String, Vec<String>)| keys)?;
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+    let queued: u64 = redis.xlen("llm:requests").await?;
+    assert_eq!(queued, 0, "a refused start queued a job");
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! OpenAI-format one, with the same retry rules; a model that keeps failing before its first
 //! token hands the request to its fallback, and the stream and analytics say who served it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -119,6 +120,69 @@ async fn an_anthropic_upstream_streams_the_same_events_as_an_openai_one() -> any
     let complete = capped.last().cloned().unwrap_or_default();
     assert_eq!(complete["finishReason"], "length", "{complete}");
     assert_eq!(complete["usage"]["completionTokens"], 4);
+    Ok(())
+}
+
+/// What a client rebuilds from a stream: answer text, reasoning, and each tool call by index
+/// (`id`, `name`, concatenated `arguments`).
+fn rebuilt(events: &[Value]) -> (String, String, BTreeMap<u64, (String, String, String)>) {
+    let mut reasoning = String::new();
+    let mut calls: BTreeMap<u64, (String, String, String)> = BTreeMap::new();
+    for event in events {
+        match event["type"].as_str() {
+            Some("reasoning") => reasoning.push_str(event["content"].as_str().unwrap_or_default()),
+            Some("tool_call") => {
+                let call = calls
+                    .entry(event["index"].as_u64().unwrap_or(u64::MAX))
+                    .or_default();
+                if let Some(id) = event["id"].as_str() {
+                    call.0 = id.to_owned();
+                }
+                if let Some(name) = event["name"].as_str() {
+                    call.1 = name.to_owned();
+                }
+                call.2
+                    .push_str(event["arguments"].as_str().unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+    (text_of(events), reasoning, calls)
+}
+
+#[tokio::test]
+async fn tool_calls_and_reasoning_from_anthropic_rebuild_like_openais() -> anyhow::Result<()> {
+    let stack = start().await?;
+    // Tools declared in the request reach both APIs in their own shape; the mock calls them.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Plan a trip [[mock reasoning=4 tools=2 arg_chunk=3]]"}],
+        "tools": [{"type": "function", "function": {"name": "book_flight",
+            "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}],
+    });
+    let openai = chat(&stack, "tools_openai", "mock", body.clone()).await?;
+    let anthropic = chat(&stack, "tools_anthropic", "claude", body).await?;
+
+    let (text, reasoning, calls) = rebuilt(&anthropic);
+    assert_eq!(
+        (text.clone(), reasoning.clone(), calls.clone()),
+        rebuilt(&openai)
+    );
+    assert!(text.is_empty(), "{text}");
+    assert!(!reasoning.is_empty());
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls.values().all(|(id, name, arguments)| !id.is_empty()
+        && name == "book_flight"
+        && serde_json::from_str::<Value>(arguments).is_ok()));
+    let (a, o) = (
+        anthropic.last().cloned().unwrap_or_default(),
+        openai.last().cloned().unwrap_or_default(),
+    );
+    assert_eq!(a["finishReason"], "tool_calls", "{a}");
+    assert_eq!(o["finishReason"], "tool_calls", "{o}");
+    assert_eq!(
+        a["usage"]["completionTokens"],
+        o["usage"]["completionTokens"]
+    );
     Ok(())
 }
 

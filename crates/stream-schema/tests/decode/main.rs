@@ -10,10 +10,11 @@ use std::fmt::Debug;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use stream_schema::job::{RequestMeta, Reservation};
+use stream_schema::message::{FunctionDefinition, Tool, ToolType};
 use stream_schema::record::Outcome;
 use stream_schema::{
-    ChatMessage, DeadLetter, EntryId, ErrorCode, EventRecord, FinishReason, Job, ModelId,
-    RequestId, Role, SessionEvent, SessionId, Usage, UsageSource,
+    ChatMessage, ChatOptions, DeadLetter, EntryId, ErrorCode, EventRecord, FinishReason, Job,
+    ModelId, RequestId, Role, SessionEvent, SessionId, Usage, UsageSource,
 };
 
 /// Every field name any entry type uses, so arbitrary maps hit real fields often.
@@ -43,6 +44,12 @@ const FIELD_NAMES: &[&str] = &[
     "msgs",
     "max_tokens",
     "temperature",
+    "tools",
+    "tool_choice",
+    "rfmt",
+    "top_p",
+    "stop",
+    "seed",
     "start",
     "key",
     "qwin",
@@ -247,8 +254,39 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
 }
 
 fn job() -> impl Strategy<Value = Job> {
-    let message = (one_of(Role::ALL), any::<String>())
-        .prop_map(|(role, content)| ChatMessage { role, content });
+    let message = (
+        one_of(Role::ALL),
+        any::<String>(),
+        prop::option::of("[a-z_]{1,8}"),
+    )
+        .prop_map(|(role, content, call_id)| ChatMessage {
+            tool_call_id: call_id,
+            ..ChatMessage::text(role, content)
+        });
+    let tool = ("[A-Za-z0-9_-]{1,64}", prop::option::of(any::<String>())).prop_map(
+        |(name, description)| Tool {
+            kind: ToolType::Function,
+            function: FunctionDefinition {
+                name,
+                description,
+                parameters: Some(serde_json::json!({"type": "object"})),
+                strict: None,
+            },
+        },
+    );
+    let options = (
+        prop::collection::vec(tool, 0..3),
+        prop::option::of(any::<f32>().prop_filter("not NaN", |t| !t.is_nan())),
+        prop::collection::vec(any::<String>(), 0..3),
+        prop::option::of(any::<i64>()),
+    )
+        .prop_map(|(tools, top_p, stop, seed)| ChatOptions {
+            tools,
+            top_p,
+            stop,
+            seed,
+            ..ChatOptions::default()
+        });
     (
         (request_id(), session_id(), model_id()),
         prop::collection::vec(message, 0..5),
@@ -257,6 +295,7 @@ fn job() -> impl Strategy<Value = Job> {
         prop::option::of(any::<f32>().prop_filter("not NaN", |t| !t.is_nan())),
         (any::<u64>(), prop::option::of(any::<u32>())),
         traceparent(),
+        options,
     )
         .prop_map(
             |(
@@ -266,6 +305,7 @@ fn job() -> impl Strategy<Value = Job> {
                 temperature,
                 (at, cap),
                 tp,
+                options,
             )| {
                 Job {
                     request_id,
@@ -274,6 +314,7 @@ fn job() -> impl Strategy<Value = Job> {
                     messages,
                     max_tokens,
                     temperature,
+                    options,
                     enqueued_at: at,
                     traceparent: tp,
                     token_cap: cap,

@@ -132,3 +132,69 @@ fn the_serving_model_fields_are_documented() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn the_document_describes_tool_calls_reasoning_and_the_chat_request_fields() -> anyhow::Result<()> {
+    let app = TestApp::start()?;
+    let doc: serde_json::Value = app.block_on(async {
+        anyhow::Ok(
+            app.http
+                .get(app.url("/openapi.json"))
+                .send()
+                .await?
+                .json()
+                .await?,
+        )
+    })?;
+    let schemas = &doc["components"]["schemas"];
+    let events = schemas["SessionEvent"]["oneOf"]
+        .as_array()
+        .ok_or_else(|| anyhow!("SessionEvent is not a oneOf: {}", schemas["SessionEvent"]))?;
+    let event = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["properties"]["type"]["enum"][0] == kind)
+            .cloned()
+            .ok_or_else(|| anyhow!("no `{kind}` event documented"))
+    };
+    let tool_call = event("tool_call")?;
+    for field in ["sequence", "index", "id", "name", "arguments"] {
+        ensure!(
+            tool_call["properties"].get(field).is_some(),
+            "tool_call lacks {field}"
+        );
+    }
+    ensure!(event("reasoning")?["properties"].get("content").is_some());
+    let finish = schemas["FinishReason"].to_string();
+    ensure!(finish.contains("tool_calls"), "{finish}");
+    ensure!(
+        schemas["Usage"]["properties"]
+            .get("reasoningTokens")
+            .is_some()
+    );
+    let body = &schemas["StartChatBody"]["properties"];
+    for field in [
+        "messages",
+        "tools",
+        "toolChoice",
+        "responseFormat",
+        "topP",
+        "stop",
+        "seed",
+        "maxTokens",
+    ] {
+        ensure!(body.get(field).is_some(), "StartChatBody lacks {field}");
+    }
+    let roles = schemas["Role"].to_string();
+    ensure!(roles.contains("\"tool\""), "{roles}");
+    for schema in [
+        "ChatMessage",
+        "Tool",
+        "ToolChoice",
+        "ResponseFormat",
+        "ContentPart",
+    ] {
+        ensure!(schemas.get(schema).is_some(), "{schema} is not documented");
+    }
+    Ok(())
+}

@@ -17,7 +17,10 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use service_kit::config::ModelSettings;
-use stream_schema::{FinishReason, Job, Role};
+use stream_schema::message::{
+    ContentPart, MessageContent, ResponseFormat, ToolChoice, ToolChoiceMode,
+};
+use stream_schema::{ChatMessage, FinishReason, Job, Role};
 
 use super::{Delta, DeltaStream, UpstreamError, error_message, truncate};
 
@@ -91,31 +94,64 @@ impl Messages {
     }
 }
 
-/// The Messages request of a job: system messages become the top-level `system` text, the rest
-/// the conversation; `max_tokens` is required by the API.
+/// The Messages request of a job. OpenAI's shapes become Anthropic's: system messages the
+/// top-level `system`; content parts text and image blocks; an assistant's `tool_calls`
+/// `tool_use` blocks; `tool` messages `tool_result` blocks of a user turn (consecutive results
+/// share one turn, as Anthropic requires); `tools` with their JSON schema as `input_schema`;
+/// `tool_choice` `required` as `any`; `stop` as `stop_sequences`. `max_tokens` is required by
+/// the API. `seed` has no Anthropic equivalent and is left out; a JSON `response_format`
+/// cannot be expressed, so such a request is refused rather than answered in another form.
 fn request_body(
     model: &str,
     default_max_tokens: u32,
     job: &Job,
 ) -> Result<serde_json::Value, UpstreamError> {
-    let system: Vec<&str> = job
+    let system: Vec<String> = job
         .messages
         .iter()
         .filter(|m| m.role == Role::System)
-        .map(|m| m.content.as_str())
+        .map(ChatMessage::text_content)
         .collect();
-    let messages: Vec<serde_json::Value> = job
-        .messages
-        .iter()
-        .filter_map(|m| {
-            let role = match m.role {
-                Role::System => return None,
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            Some(json!({"role": role, "content": m.content}))
-        })
-        .collect();
+    let mut messages: Vec<serde_json::Value> = Vec::new();
+    for message in job.messages.iter().filter(|m| m.role != Role::System) {
+        match message.role {
+            Role::System => {}
+            Role::User => messages.push(json!({"role": "user", "content": content(message)})),
+            Role::Assistant => {
+                let mut blocks = match content(message) {
+                    serde_json::Value::String(text) if text.is_empty() => Vec::new(),
+                    serde_json::Value::String(text) => vec![json!({"type": "text", "text": text})],
+                    serde_json::Value::Array(blocks) => blocks,
+                    _ => Vec::new(),
+                };
+                for call in &message.tool_calls {
+                    blocks.push(json!({
+                        "type": "tool_use",
+                        "id": call.id,
+                        "name": call.function.name,
+                        "input": tool_input(&call.function.arguments)?,
+                    }));
+                }
+                messages.push(json!({"role": "assistant", "content": blocks}));
+            }
+            Role::Tool => {
+                let result = json!({
+                    "type": "tool_result",
+                    "tool_use_id": message.tool_call_id.clone().unwrap_or_default(),
+                    "content": message.text_content(),
+                });
+                // Results of one turn's calls go back together, in one user turn.
+                match messages.last_mut() {
+                    Some(last) if is_tool_results(last) => {
+                        if let Some(blocks) = last["content"].as_array_mut() {
+                            blocks.push(result);
+                        }
+                    }
+                    _ => messages.push(json!({"role": "user", "content": [result]})),
+                }
+            }
+        }
+    }
     if messages.is_empty() {
         return Err(UpstreamError::Invalid(
             "an Anthropic request needs at least one user or assistant message".to_owned(),
@@ -133,7 +169,98 @@ fn request_body(
     if let Some(temperature) = job.temperature {
         body["temperature"] = json!(temperature);
     }
+    let options = &job.options;
+    if let Some(top_p) = options.top_p {
+        body["top_p"] = json!(top_p);
+    }
+    if !options.stop.is_empty() {
+        body["stop_sequences"] = json!(options.stop);
+    }
+    if !options.tools.is_empty() {
+        let tools: Vec<serde_json::Value> = options
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut out = json!({
+                    "name": tool.function.name,
+                    "input_schema": tool
+                        .function
+                        .parameters
+                        .clone()
+                        .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                });
+                if let Some(description) = &tool.function.description {
+                    out["description"] = json!(description);
+                }
+                out
+            })
+            .collect();
+        body["tools"] = json!(tools);
+    }
+    if let Some(choice) = &options.tool_choice {
+        body["tool_choice"] = match choice {
+            ToolChoice::Mode(ToolChoiceMode::None) => json!({"type": "none"}),
+            ToolChoice::Mode(ToolChoiceMode::Auto) => json!({"type": "auto"}),
+            ToolChoice::Mode(ToolChoiceMode::Required) => json!({"type": "any"}),
+            ToolChoice::Function(named) => json!({"type": "tool", "name": named.function.name}),
+        };
+    }
+    match &options.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(_) => {
+            return Err(UpstreamError::Invalid(
+                "response_format json_object / json_schema has no Anthropic Messages equivalent"
+                    .to_owned(),
+            ));
+        }
+    }
     Ok(body)
+}
+
+/// A message's content for Anthropic: its string, or its parts as text and image blocks.
+fn content(message: &ChatMessage) -> serde_json::Value {
+    match &message.content {
+        None => json!(""),
+        Some(MessageContent::Text(text)) => json!(text),
+        Some(MessageContent::Parts(parts)) => json!(
+            parts
+                .iter()
+                .map(|part| match part {
+                    ContentPart::Text { text } => json!({"type": "text", "text": text}),
+                    ContentPart::ImageUrl { image_url } => image(&image_url.url),
+                })
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// An image block: a `data:` URL as base64 source, anything else as a URL source.
+fn image(url: &str) -> serde_json::Value {
+    let data = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"));
+    match data {
+        Some((media_type, data)) => json!({"type": "image", "source": {
+            "type": "base64", "media_type": media_type, "data": data}}),
+        None => json!({"type": "image", "source": {"type": "url", "url": url}}),
+    }
+}
+
+/// A call's arguments as the `input` object Anthropic wants (empty arguments are `{}`).
+fn tool_input(arguments: &str) -> Result<serde_json::Value, UpstreamError> {
+    if arguments.trim().is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_str(arguments).map_err(|e| {
+        UpstreamError::Invalid(format!("tool call arguments are not a JSON object: {e}"))
+    })
+}
+
+fn is_tool_results(message: &serde_json::Value) -> bool {
+    message["role"] == "user"
+        && message["content"]
+            .as_array()
+            .is_some_and(|blocks| blocks.iter().all(|b| b["type"] == "tool_result"))
 }
 
 /// The `data:` object of an Anthropic stream event; its `type` repeats the SSE event name.
@@ -391,7 +518,7 @@ fn finish_reason(stop_reason: Option<&str>) -> FinishReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stream_schema::ChatMessage;
+    use stream_schema::ChatOptions;
 
     /// Runs recorded stream text through the same SSE parser and mapping as a live stream,
     /// cut into small chunks so events span reads.
@@ -633,18 +760,9 @@ data: {"type": "message_stop"}
     fn system_messages_go_to_system_and_max_tokens_is_always_set() -> anyhow::Result<()> {
         let mut job = crate::worker::testing::job()?;
         job.messages = vec![
-            ChatMessage {
-                role: Role::System,
-                content: "Be brief.".to_owned(),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: "Hi".to_owned(),
-            },
-            ChatMessage {
-                role: Role::Assistant,
-                content: "Hello".to_owned(),
-            },
+            ChatMessage::text(Role::System, "Be brief."),
+            ChatMessage::text(Role::User, "Hi"),
+            ChatMessage::text(Role::Assistant, "Hello"),
         ];
         let body = request_body("claude", 512, &job)?;
         assert_eq!(body["system"], "Be brief.");
@@ -652,10 +770,72 @@ data: {"type": "message_stop"}
         assert_eq!(body["stream"], true);
         assert_eq!(
             body["messages"],
-            json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+            json!([{"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}])
         );
         job.max_tokens = Some(7);
         assert_eq!(request_body("claude", 512, &job)?["max_tokens"], 7);
+        Ok(())
+    }
+
+    #[test]
+    fn tool_calls_results_tools_and_images_take_anthropics_shapes() -> anyhow::Result<()> {
+        let mut job = crate::worker::testing::job()?;
+        let messages = json!([
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is here?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]},
+            {"role": "assistant", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "look", "arguments": "{\"at\":1}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "look", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "a dog"},
+        ]);
+        job.messages = serde_json::from_value(messages)?;
+        job.options = ChatOptions {
+            tools: serde_json::from_value(json!([{"type": "function", "function": {
+                "name": "look", "description": "Look",
+                "parameters": {"type": "object", "properties": {"at": {"type": "integer"}}}}}]))?,
+            tool_choice: Some(ToolChoice::Mode(ToolChoiceMode::Required)),
+            stop: vec!["END".to_owned()],
+            top_p: Some(0.5),
+            ..ChatOptions::default()
+        };
+        let body = request_body("claude", 512, &job)?;
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is here?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+                    {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "call_1", "name": "look", "input": {"at": 1}},
+                    {"type": "tool_use", "id": "call_2", "name": "look", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"},
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": "a dog"}]},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "look", "description": "Look", "input_schema":
+                {"type": "object", "properties": {"at": {"type": "integer"}}}}])
+        );
+        assert_eq!(body["tool_choice"], json!({"type": "any"}));
+        assert_eq!(body["stop_sequences"], json!(["END"]));
+        assert_eq!(body["top_p"], 0.5);
+
+        job.options = ChatOptions {
+            response_format: Some(ResponseFormat::JsonObject),
+            ..ChatOptions::default()
+        };
+        assert!(matches!(
+            request_body("claude", 512, &job),
+            Err(UpstreamError::Invalid(_))
+        ));
         Ok(())
     }
 }
