@@ -43,9 +43,8 @@ bench-quick: ## Short benchmark (< 2 min once built): bench/results/quick/quick.
 bench-peers: ## Full benchmark with a LiteLLM proxy side by side: bench/results/peers.*
 	@scripts/bench.sh --peers
 
-bench-memory: ## RSS per chat of each service after warm-up (fails over the margin): bench/results/memory-soak/
-	cargo build --release --bins
-	@scripts/memory-soak.py --bins $(CARGO_TARGET_DIR)/release
+bench-memory: ## 30-min soak, 200 streams: RSS of each service and Redis memory flat after warm-up (fails over the margin): bench/results/soak.md
+	@scripts/bench.sh --soak
 
 clean-logs: ## Remove logs of `make run` and of test-spawned processes
 	rm -rf .run/logs "$(CARGO_TARGET_DIR)/test-logs"

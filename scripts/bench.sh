@@ -8,6 +8,8 @@
 #   (none)   full matrix, 3 repeats        → bench/results/bench.md (+ .json, -latency.svg, -throughput.svg)
 #   --quick  small matrix, 1 repeat        → bench/results/quick/quick.md (not committed)
 #   --peers  full matrix + LiteLLM proxy   → bench/results/peers.md
+#   --soak   memory soak (`make bench-memory`; 200 streams, 30 min) → bench/results/soak.md
+#            (+ .json, .svg); exits non-zero when a service or Redis grows past the margin
 # Extra arguments go to the binary (e.g. --repeats 1, --out FILE.md). The committed report's
 # hand-written analysis (bench/results/notes.md) belongs to that run only; it is added with
 #   bench --render bench/results/peers.json --idle-from bench/results/idle.json \
@@ -30,6 +32,7 @@ peers=0
 case "${1:-}" in
     --quick) args+=(--quick); shift ;;
     --peers) args+=(--peers); peers=1; shift ;;
+    --soak) args+=(--soak); shift ;;
 esac
 args+=("$@")
 

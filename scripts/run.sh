@@ -252,7 +252,7 @@ addr = "127.0.0.1:$processor_port"
 addr = "127.0.0.1:$mock_port"
 
 [auth]
-api_keys = [{ id = "dev", sha256 = "$api_key_sha256" }]
+api_keys = [{ id = "dev", sha256 = "$api_key_sha256", role = "admin" }]
 stream_token_secret = "$stream_token_secret"
 
 [models.mock]

@@ -42,12 +42,16 @@ pub struct Load {
 /// Shared between the chat loops and the runner that samples them.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Chats the gateway accepted (`POST /api/chat/start` answered 2xx).
+    pub started: AtomicU64,
     /// Tokens received, whenever.
     pub tokens: AtomicU64,
     /// Chats that ended with their terminal event.
     pub chats: AtomicU64,
     /// Failed chats (HTTP errors, error events, broken streams).
     pub errors: AtomicU64,
+    /// Chats with a gap over [`STALL_GAP`] between two of their tokens, while recording.
+    pub stalled: AtomicU64,
     /// Tokens without a readable stamp (would mean a path altered the content).
     pub unstamped: AtomicU64,
     /// Set by the runner during the measurement window: only then are samples kept.
@@ -186,9 +190,17 @@ pub async fn chat_loop(
     }
 }
 
+/// A gap between two tokens of one chat longer than this counts the chat as stalled (pacing
+/// is at most 50 ms per token in every scenario).
+pub const STALL_GAP: Duration = Duration::from_secs(1);
+
 /// Times the tokens of one chat.
 struct ChatClock {
     started: Instant,
+    /// When the previous token arrived.
+    last: Option<Instant>,
+    /// Whether this chat was already counted as stalled.
+    stalled: bool,
     /// Whether the chat started inside the window (its TTFT counts).
     record_ttft: bool,
     tokens: u64,
@@ -198,6 +210,8 @@ impl ChatClock {
     fn start(counters: &Counters) -> Self {
         Self {
             started: Instant::now(),
+            last: None,
+            stalled: false,
             record_ttft: counters.recording.load(Ordering::Relaxed),
             tokens: 0,
         }
@@ -221,6 +235,14 @@ impl ChatClock {
                 .push(micros(received.duration_since(self.started)));
         }
         let recording = counters.recording.load(Ordering::Relaxed);
+        if let Some(last) = self.last.replace(received)
+            && !self.stalled
+            && recording
+            && received.duration_since(last) > STALL_GAP
+        {
+            self.stalled = true;
+            counters.stalled.fetch_add(1, Ordering::Relaxed);
+        }
         let stamps = stamps(content);
         if stamps.is_empty() {
             counters.unstamped.fetch_add(1, Ordering::Relaxed);
@@ -332,6 +354,7 @@ async fn bridge_chat(
         bail!("chat start answered {status}: {}", response.text().await?);
     }
     let started: StartResponse = response.json().await.context("chat start body")?;
+    counters.started.fetch_add(1, Ordering::Relaxed);
     let response = http
         .get(format!("{gateway}{}", started.stream_url))
         .send()

@@ -9,6 +9,7 @@ mod plot;
 mod probe;
 mod report;
 mod run;
+mod soak;
 mod stack;
 mod stats;
 
@@ -37,6 +38,8 @@ struct Options {
     render: Option<PathBuf>,
     /// With `--render`: take the idle-client figures from this other run's data instead.
     idle_from: Option<PathBuf>,
+    /// `--soak`: the memory soak instead of the matrix.
+    soak: Option<soak::SoakOptions>,
 }
 
 /// The command line (`bench --help`); every flag that `scripts/bench.sh` passes.
@@ -81,6 +84,32 @@ struct Args {
     /// With --render: take the idle-client figures from this other run's data.
     #[arg(long, value_name = "FILE.json")]
     idle_from: Option<PathBuf>,
+    /// The memory soak instead of the matrix: a steady load for --minutes, RSS of every
+    /// service and Redis memory sampled; fails when one grows past --margin-pct after the
+    /// warm-up [report: bench/results/soak.md].
+    #[arg(long)]
+    soak: bool,
+    /// Soak: length of the run in minutes.
+    #[arg(long, default_value_t = 30.0, requires = "soak")]
+    minutes: f64,
+    /// Soak: minutes of warm-up before the series are judged.
+    #[arg(long, default_value_t = 5.0, requires = "soak")]
+    warmup_minutes: f64,
+    /// Soak: concurrent streams.
+    #[arg(long, default_value_t = 200, requires = "soak")]
+    streams: usize,
+    /// Soak: tokens per chat.
+    #[arg(long, default_value_t = 100, requires = "soak")]
+    tokens: usize,
+    /// Soak: mock-llm's delay per token, ms.
+    #[arg(long, default_value_t = 20, requires = "soak")]
+    delay_ms: u64,
+    /// Soak: allowed growth of each series after warm-up, percent.
+    #[arg(long, default_value_t = 10.0, requires = "soak")]
+    margin_pct: f64,
+    /// Soak: keep both processors alive (by default the second is killed halfway).
+    #[arg(long, requires = "soak")]
+    no_kill: bool,
 }
 
 /// The bench has no settings file of its own: it writes one for the stack it starts.
@@ -97,7 +126,19 @@ fn parse_count(value: &str) -> Result<usize, String> {
 /// exits 2.
 fn parse_args() -> Options {
     let args = <Args as clap::Parser>::parse();
+    let soak = args.soak.then(|| soak::SoakOptions {
+        minutes: args.minutes,
+        warmup_minutes: args.warmup_minutes,
+        streams: args.streams.max(1),
+        tokens_per_chat: args.tokens.max(2),
+        delay_ms: args.delay_ms,
+        margin_pct: args.margin_pct,
+        kill_processor: !args.no_kill,
+    });
     let out = args.out.unwrap_or_else(|| {
+        if soak.is_some() {
+            return soak::default_out();
+        }
         PathBuf::from(match (args.quick, args.peers) {
             (true, _) => "bench/results/quick/quick.md",
             (false, true) => "bench/results/peers.md",
@@ -120,6 +161,7 @@ fn parse_args() -> Options {
             .map(|steps| steps.into_iter().filter(|&n| n > 0).collect()),
         render: args.render,
         idle_from: args.idle_from,
+        soak,
     }
 }
 
@@ -150,7 +192,7 @@ fn matrix(quick: bool) -> Vec<Scenario> {
             scenario(report::ONE_STREAM, 1, 20, 500, 1, 6),
             scenario("100x50", 100, 20, 500, 2, 5),
             scenario(report::MANY, 1000, 50, 200, 3, 5),
-            scenario("max-100", 100, 0, 500, 2, 5),
+            scenario(report::UNPACED, 100, 0, 500, 2, 5),
         ];
     }
     vec![
@@ -162,8 +204,9 @@ fn matrix(quick: bool) -> Vec<Scenario> {
         scenario(report::MID, 200, 20, 500, 3, 10),
         scenario(report::MANY, 1000, 50, 200, 4, 10),
         scenario("1000x50", 1000, 20, 500, 4, 10),
+        scenario(report::COMPARISON, 512, 20, 64, 3, 10),
         scenario("max-10", 10, 0, 500, 2, 8),
-        scenario("max-100", 100, 0, 500, 2, 8),
+        scenario(report::UNPACED, 100, 0, 500, 2, 8),
         scenario("max-1000", 1000, 0, 500, 3, 8),
     ]
 }
@@ -206,6 +249,18 @@ async fn main() -> anyhow::Result<()> {
     let begun = Instant::now();
     let repo = std::env::current_dir().context("reading the current directory")?;
     let machine = probe::Machine::describe(&repo);
+    if let Some(soak_options) = options.soak {
+        let data = soak::run(soak_options, machine, command_line()).await?;
+        soak::write(&data, &options.out)?;
+        announce(&options.out);
+        if !data.passed() {
+            bail!(
+                "memory grew past the margin after warm-up, or the counters are not exact; see {}",
+                options.out.display()
+            );
+        }
+        return Ok(());
+    }
     let load_before = probe::load_average();
     let started = probe::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"], None);
     eprintln!("bench: load average {load_before}; starting the stack");
@@ -320,10 +375,7 @@ async fn main() -> anyhow::Result<()> {
             (false, true) => "full, with LiteLLM".to_owned(),
             (false, false) => "full".to_owned(),
         },
-        command: std::iter::once("bench".to_owned())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" "),
+        command: command_line(),
         started,
         duration_secs: begun.elapsed().as_secs_f64(),
         load_before,
@@ -344,6 +396,14 @@ async fn main() -> anyhow::Result<()> {
     report::write(&data, &options.out, notes.as_deref())?;
     announce(&options.out);
     Ok(())
+}
+
+/// How this run was invoked, for the report.
+fn command_line() -> String {
+    std::iter::once("bench".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[expect(

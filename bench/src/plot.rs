@@ -165,6 +165,86 @@ where
     Ok(())
 }
 
+/// One curve of a time series: a label and (minutes, value) points.
+pub struct Curve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A panel of curves over linear time (minutes since the start), with a shaded warm-up.
+pub struct TimePanel {
+    pub title: String,
+    pub y_label: String,
+    pub curves: Vec<Curve>,
+    /// Minutes of warm-up, drawn as a vertical line.
+    pub warmup_min: f64,
+}
+
+const CURVE_COLOURS: [RGBColor; 5] = [
+    RGBColor(200, 30, 45),
+    RGBColor(30, 90, 200),
+    RGBColor(40, 150, 60),
+    RGBColor(150, 80, 180),
+    RGBColor(110, 110, 110),
+];
+
+/// Draws time-series `panels` side by side into one SVG file.
+pub fn draw_time_series(path: &Path, panels: &[TimePanel]) -> anyhow::Result<()> {
+    let width = 640 * u32::try_from(panels.len().max(1)).unwrap_or(1);
+    let root = SVGBackend::new(path, (width, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (panel, area) in panels.iter().zip(&areas) {
+        let points = || panel.curves.iter().flat_map(|c| c.points.iter());
+        let x1 = points().map(|p| p.0).fold(1.0_f64, f64::max);
+        let y1 = points()
+            .map(|p| p.1)
+            .filter(|y| y.is_finite())
+            .fold(1.0_f64, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..x1, 0.0..y1)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("minutes")
+            .y_desc(panel.y_label.as_str())
+            .y_label_formatter(&|y| format!("{y:.1}"))
+            .draw()
+            .map_err(plot_error)?;
+        for (i, curve) in panel.curves.iter().enumerate() {
+            let stroke = CURVE_COLOURS[i % CURVE_COLOURS.len()].stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(curve.points.iter().copied(), stroke))
+                .map_err(plot_error)?
+                .label(curve.label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], stroke));
+        }
+        let style = BLACK.mix(0.4).stroke_width(1);
+        chart
+            .draw_series(LineSeries::new(
+                vec![(panel.warmup_min, 0.0), (panel.warmup_min, y1)],
+                style,
+            ))
+            .map_err(plot_error)?
+            .label("end of warm-up")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(plot_error)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
 fn plot_error(error: impl std::fmt::Debug) -> anyhow::Error {
     anyhow!("plotting failed: {error:?}")
 }

@@ -227,6 +227,12 @@ pub struct Machine {
     pub rustc: String,
     pub redis: String,
     pub git_rev: String,
+    /// The full commit hash the binaries were built from (`unknown` outside a git checkout).
+    #[serde(default)]
+    pub git_commit: String,
+    /// Uncommitted changes in the tree at run time: the figures then belong to no commit.
+    #[serde(default)]
+    pub tree_dirty: bool,
 }
 
 impl Machine {
@@ -255,8 +261,22 @@ impl Machine {
                 &["describe", "--always", "--dirty", "--abbrev=12"],
                 Some(repo),
             ),
+            git_commit: command_line("git", &["rev-parse", "HEAD"], Some(repo)),
+            tree_dirty: tree_is_dirty(repo),
         }
     }
+}
+
+/// Whether `git status` lists any change; outside a git checkout the tree counts as dirty
+/// (nothing ties the figures to a commit there either).
+fn tree_is_dirty(repo: &Path) -> bool {
+    std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(repo)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_none_or(|o| !o.stdout.is_empty())
 }
 
 /// First line of a command's output, or `unknown`.

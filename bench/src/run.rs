@@ -89,6 +89,9 @@ pub struct Measurement {
     pub gateway_redis_connections: Option<usize>,
     pub chats: u64,
     pub errors: u64,
+    /// Chats of the window with a gap over `client::STALL_GAP` between two tokens.
+    #[serde(default)]
+    pub stalled: u64,
     pub unstamped: u64,
     /// Whether the load drained before the next measurement (else it was cut short).
     pub drained: bool,
@@ -304,6 +307,7 @@ impl Runner<'_> {
             gateway_redis_connections,
             chats: counters.chats.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
+            stalled: counters.stalled.load(Ordering::Relaxed),
             unstamped: counters.unstamped.load(Ordering::Relaxed),
             drained,
         })

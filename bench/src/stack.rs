@@ -37,6 +37,15 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(1, |_| {}).await
+    }
+
+    /// As [`Stack::start`], with `processors` processors (consumers `processor-0`, …) and
+    /// `adjust` applied to the bench settings last.
+    pub async fn start_with(
+        processors: usize,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Self> {
         let redis = RedisServer::start()
             .await
             .context("starting redis-server")?;
@@ -51,11 +60,13 @@ impl Stack {
         settings.telemetry.log_level = "warn".to_owned();
         // Above the largest number of concurrent streams in the matrix.
         settings.producer.concurrency = 2048;
+        adjust(&mut settings);
         let bridge = test_support::Stack::start(StackOptions {
             settings,
             api_keys: vec![("bench".to_owned(), API_KEY.to_owned())],
             redis: RedisSource::Existing(StackRedis::Single(redis)),
             ready_timeout: READY_TIMEOUT,
+            processors,
             ..StackOptions::default()
         })
         .await?;
@@ -68,7 +79,7 @@ impl Stack {
         })
     }
 
-    // The launcher started exactly one of each (`StackOptions::default()`), so index 0 exists.
+    // The launcher starts at least one of each, so index 0 exists.
     pub fn gateway(&self) -> &Service {
         &self.bridge.gateways[0]
     }

@@ -247,6 +247,9 @@ pub struct AuthSettings {
     pub previous_stream_token_kid: String,
     /// Lifetime of a stream token.
     pub stream_token_ttl_secs: u64,
+    /// How often each gateway checks the key store in Redis (keys added or revoked while
+    /// running); a revocation takes effect on every replica within about this long.
+    pub key_refresh_ms: u64,
 }
 
 impl Default for AuthSettings {
@@ -260,6 +263,7 @@ impl Default for AuthSettings {
             previous_stream_token_secret: None,
             previous_stream_token_kid: "k0".to_owned(),
             stream_token_ttl_secs: 3_600,
+            key_refresh_ms: 1_000,
         }
     }
 }
@@ -279,11 +283,17 @@ fn serialize_secret<S: serde::Serializer>(
 }
 
 /// One accepted API key, by the hash of its value.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
     pub id: String,
     pub sha256: String,
+    /// The tenant whose sessions the key sees (1-64 of A-Z a-z 0-9 - _); `default` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// `chat` (the default) or `admin` (every tenant's analytics, key management).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// `[limits]`: input bounds the gateway enforces.
@@ -704,6 +714,12 @@ impl Settings {
             check_api_key_entry(key)
                 .map_err(|reason| invalid(format!("auth.api_keys[{index}]"), reason))?;
         }
+        if !(50..=5_000).contains(&self.auth.key_refresh_ms) {
+            return Err(invalid(
+                "auth.key_refresh_ms",
+                "must be between 50 and 5000 (revocations must reach every replica in 5 s)",
+            ));
+        }
         for (key, kid) in [
             ("auth.stream_token_kid", &self.auth.stream_token_kid),
             (
@@ -841,6 +857,13 @@ pub fn check_api_key_entry(entry: &ApiKeyEntry) -> Result<(), String> {
     if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err("sha256 must be 64 hex digits (sha256sum of the key)".to_owned());
     }
+    if let Some(tenant) = &entry.tenant {
+        stream_schema::TenantId::parse(tenant).map_err(|e| format!("tenant {e}"))?;
+    }
+    if let Some(role) = &entry.role {
+        role.parse::<stream_schema::KeyRole>()
+            .map_err(|_| "role must be chat or admin".to_owned())?;
+    }
     Ok(())
 }
 
@@ -977,6 +1000,30 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("auth.api_keys[0]"), "{err}");
+    }
+
+    #[test]
+    fn key_tenants_and_roles_are_checked_and_named() -> Result<(), ConfigError> {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let settings = load_toml(&format!(
+            "[auth]\napi_keys = [{{ id = \"a\", sha256 = \"{hash}\", tenant = \"acme\", role = \"admin\" }}]\n"
+        ))?;
+        assert_eq!(settings.auth.api_keys[0].tenant.as_deref(), Some("acme"));
+        for bad in ["tenant = \"a/b\"", "tenant = \"\"", "role = \"root\""] {
+            let err = load_toml(&format!(
+                "[auth]\napi_keys = [{{ id = \"a\", sha256 = \"{hash}\", {bad} }}]\n"
+            ))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(err.contains("auth.api_keys[0]"), "{bad}: {err}");
+        }
+        let err = load_toml("[auth]\nkey_refresh_ms = 10000\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.key_refresh_ms"), "{err}");
+        Ok(())
     }
 
     #[test]

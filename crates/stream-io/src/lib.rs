@@ -1,6 +1,6 @@
 //! Redis stream IO on `fred`, in terms of the `stream-schema` types: parsing stream replies,
 //! range reads, consumer-group helpers, the fenced session-stream writes, and one owner module
-//! per Redis structure that two services share (`requests`, `quotas`, `cancel`,
+//! per Redis structure that two services share (`api_keys`, `requests`, `quotas`, `cancel`,
 //! `idempotency`, `connections`, `session`, `records` for event records and dead letters).
 //!
 //! **Invariant**: services talk to shared keys only through these modules (the services'
@@ -10,6 +10,7 @@
 //! [`session::SessionScripts`], whose scripts check the request's owner attempt atomically, so
 //! one request never interleaves two attempts.
 
+pub mod api_keys;
 pub mod cancel;
 pub mod connections;
 pub mod entry;

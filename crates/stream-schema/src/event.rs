@@ -40,6 +40,8 @@ string_enum! {
         JobFailed = "job_failed",
         /// A bug or an unexpected state; never caused by the client.
         Internal = "internal",
+        /// The API key behind the stream was revoked: the stream ends and must not be retried.
+        Unauthorized = "unauthorized",
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::ids::{ModelId, RequestId, SessionId};
+use crate::ids::{ModelId, RequestId, SessionId, TenantId};
 
 /// Consumer group of producers on the job stream.
 pub const PRODUCER_GROUP: &str = "llm:producers";
@@ -112,6 +112,40 @@ impl RedisKey {
     /// sum all shards.
     pub fn model_stats(shard: u16, model: &ModelId) -> Self {
         Self(format!("llm:stats:{{{shard}}}:model:{model}"))
+    }
+
+    /// `llm:stats:{<shard>}:tenant:<tenant>:model:<modelId>`: one shard's part of a model's
+    /// counters within one tenant (the tenant of the record's session), what a non-admin key's
+    /// `GET /api/analytics/models` reads.
+    pub fn tenant_model_stats(shard: u16, tenant: &TenantId, model: &ModelId) -> Self {
+        Self(format!(
+            "llm:stats:{{{shard}}}:tenant:{tenant}:model:{model}"
+        ))
+    }
+
+    /// `llm:stats:{<shard>}:m:<unixMinute>:tenant:<tenant>:model:<modelId>`: a tenant's model
+    /// counters of one minute.
+    pub fn tenant_model_stats_minute(
+        shard: u16,
+        tenant: &TenantId,
+        model: &ModelId,
+        minute: u64,
+    ) -> Self {
+        Self(format!(
+            "llm:stats:{{{shard}}}:m:{minute}:tenant:{tenant}:model:{model}"
+        ))
+    }
+
+    /// `llm:keys:{auth}`: API keys added while running, key id → `StoredApiKey` JSON (also
+    /// revocations of configured keys). Every gateway reloads it when `api_keys_version` moves.
+    pub fn api_keys() -> Self {
+        Self("llm:keys:{auth}".to_owned())
+    }
+
+    /// `llm:keys:{auth}:version`: bumped by every change of `api_keys` (same slot, same
+    /// script), so a gateway polls one small string instead of the whole hash.
+    pub fn api_keys_version() -> Self {
+        Self("llm:keys:{auth}:version".to_owned())
     }
 
     /// `llm:stats:{<shard>}:key:<keyId>`: one shard's part of an API key's counters (records

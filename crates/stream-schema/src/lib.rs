@@ -4,6 +4,7 @@
 //! **Invariant**: only this crate knows Redis field names and key layouts; every other crate
 //! goes through these types.
 
+pub mod api_key;
 pub mod codec;
 pub mod connection;
 pub mod dead_letter;
@@ -18,11 +19,12 @@ pub mod record;
 mod schema;
 pub mod stats;
 
+pub use api_key::{KeyRole, StoredApiKey};
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
 pub use connection::ConnectionInfo;
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
-pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId};
+pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId, TenantId};
 pub use job::{Job, RequestMeta, Reservation};
 pub use keys::RedisKey;
 pub use message::{ChatMessage, ChatOptions, Role};

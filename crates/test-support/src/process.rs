@@ -57,13 +57,15 @@ impl ServiceProcess {
             .with_context(|| format!("creating log file {}", provisional.display()))?;
         let stderr = stdout.try_clone().context("duplicating log file handle")?;
 
-        let child = Command::new(binary)
+        let mut child = command_dying_with_parent(binary);
+        child
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        let child = child
             .spawn()
             .with_context(|| format!("spawning {name} ({})", binary.display()))?;
         let pid = child
@@ -267,6 +269,26 @@ fn log_dir() -> PathBuf {
         Some(deps.parent()?.parent()?.join("test-logs"))
     });
     from_exe.unwrap_or_else(|| std::env::temp_dir().join("llm-bridge-test-logs"))
+}
+
+/// A command for `binary` that receives SIGKILL when the thread that spawned it dies.
+///
+/// `kill_on_drop` only runs when the test unwinds; a test process killed by a signal (a
+/// nextest timeout, a Ctrl-C) would leave its services behind, and a service reconnects
+/// forever: a later test whose Redis gets the same free port would find an orphaned producer
+/// or processor of an earlier run in its consumer groups. The kernel ties the child to the
+/// spawning *thread*, here the test's runtime thread, which lives as long as the test.
+/// util-linux's `setpriv` sets the signal and then execs `binary` (same pid, so signals the
+/// harness sends still reach the service); without `setpriv` the command runs `binary` as is.
+pub fn command_dying_with_parent(binary: &Path) -> Command {
+    match find_on_path("setpriv") {
+        Ok(setpriv) => {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "KILL", "--"]).arg(binary);
+            command
+        }
+        Err(_) => Command::new(binary),
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::process::{find_on_path, free_port, kill_and_reap, tail_lines};
+use crate::process::{
+    command_dying_with_parent, find_on_path, free_port, kill_and_reap, tail_lines,
+};
 
 /// How long a freshly spawned node may take to answer PING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -300,7 +302,8 @@ async fn spawn_ready(
     let stderr_path = dir.join(format!("redis-{port}.stderr"));
     let stderr = std::fs::File::create(&stderr_path)
         .with_context(|| format!("creating {}", stderr_path.display()))?;
-    let mut child = Command::new(binary)
+    let mut command = command_dying_with_parent(binary);
+    command
         .arg("--port")
         .arg(port.to_string())
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -313,7 +316,8 @@ async fn spawn_ready(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    let mut child = command
         .spawn()
         .with_context(|| format!("spawning {}", binary.display()))?;
 

@@ -296,6 +296,7 @@ impl Stack {
             settings.auth.api_keys.push(ApiKeyEntry {
                 id: id.clone(),
                 sha256: sha256_hex(key),
+                ..ApiKeyEntry::default()
             });
         }
         let config_dir = tempfile::tempdir().context("creating a dir for the config files")?;
@@ -524,6 +525,7 @@ mod tests {
         settings.auth.api_keys.push(ApiKeyEntry {
             id: "test".to_owned(),
             sha256: sha256_hex("sk-test"),
+            ..ApiKeyEntry::default()
         });
         settings.limits.keys.insert(
             "test".to_owned(),

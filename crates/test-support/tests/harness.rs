@@ -10,7 +10,7 @@ use test_support::{
     RedisCluster, RedisServer, ServiceProcess, SseClient, find_on_path, wait_for_http_ok,
     wait_until,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +88,62 @@ async fn service_process_is_stopped_resumed_and_killed_by_signal() -> anyhow::Re
     // The pid may be reused once reaped: signalling must now be refused.
     assert!(process.sigterm().is_err());
     Ok(())
+}
+
+/// Set in the copy of this test binary that plays the test process to be killed.
+const ORPHAN_PARENT_ENV: &str = "HARNESS_TEST_ORPHAN_PARENT";
+
+/// A test process killed by a signal never runs `kill_on_drop`: its services must still die,
+/// or they reconnect forever to whatever Redis a later test starts on the same port.
+#[tokio::test]
+async fn a_service_dies_with_the_test_process_that_spawned_it() -> anyhow::Result<()> {
+    const NAME: &str = "a_service_dies_with_the_test_process_that_spawned_it";
+    if std::env::var_os(ORPHAN_PARENT_ENV).is_some() {
+        // The parent role: spawn a service, say its pid, wait to be killed.
+        let sleep = find_on_path("sleep")?;
+        let process = ServiceProcess::spawn("orphan", &sleep, &["60".to_owned()], &[])?;
+        #[expect(
+            clippy::print_stdout,
+            reason = "the parent role tells the test its child's pid on stdout"
+        )]
+        {
+            println!("orphan-pid={}", process.pid());
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return Ok(());
+    }
+    let mut parent = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", NAME, "--nocapture"])
+        .env(ORPHAN_PARENT_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = parent.stdout.take().context("parent stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let pid: u32 = tokio::time::timeout(TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(pid) = line.strip_prefix("orphan-pid=") {
+                return Ok(pid.trim().parse()?);
+            }
+        }
+        bail!("the parent exited without spawning")
+    })
+    .await
+    .context("the parent never said its child's pid")??;
+
+    parent.kill().await?;
+    // Dead means gone, or a zombie until init reaps it.
+    wait_until(TIMEOUT, Duration::from_millis(20), || async move {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_name = stat.rsplit_once(')')?.1.to_owned();
+                after_name.split_whitespace().next().map(str::to_owned)
+            });
+        Ok(matches!(state.as_deref(), None | Some("Z" | "X")).then_some(()))
+    })
+    .await
+    .context("the killed test's child is still running")
 }
 
 #[tokio::test]

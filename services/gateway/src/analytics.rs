@@ -1,6 +1,10 @@
 //! `GET /api/analytics/sessions/{sessionId}`, `GET /api/analytics/models` and
 //! `GET /api/analytics/key`: the counters the processor keeps, as camelCase JSON.
 //!
+//! Per tenant: a session id names the caller's tenant's session, and the models' counters are
+//! the caller's tenant's. An admin key reads the global model counters, and any tenant's with
+//! `?tenant=`.
+//!
 //! Every answer has `totals` (since the counters' TTL began) and `window` (the last
 //! `?minutes=` minutes, default 15, at most `processor.window_retention_secs`), built by summing
 //! stats hashes: a session's live in one shard, a model's and a key's are spread over every
@@ -14,10 +18,10 @@ use fred::prelude::*;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use stream_schema::stats::{Counters, Histogram};
-use stream_schema::{ModelId, RedisKey, SessionId};
+use stream_schema::{ModelId, RedisKey, SessionId, TenantId};
 use utoipa::ToSchema;
 
-use crate::auth::KeyId;
+use crate::auth::{Caller, KeyId};
 use crate::error::ApiError;
 use crate::state::{AppState, SharedState};
 
@@ -27,6 +31,8 @@ const DEFAULT_WINDOW_MINUTES: u64 = 15;
 #[derive(Debug, Deserialize)]
 struct WindowQuery {
     minutes: Option<u64>,
+    /// Admin keys only: another tenant's counters.
+    tenant: Option<String>,
 }
 
 /// p50 and p95 of one latency, in ms; `null` without samples.
@@ -125,6 +131,7 @@ trait Scope: Sync {
 
 struct SessionScope(SessionId);
 struct ModelScope(ModelId);
+struct TenantModelScope(TenantId, ModelId);
 struct KeyScope(String);
 
 impl Scope for SessionScope {
@@ -142,6 +149,15 @@ impl Scope for ModelScope {
     }
     fn minute(&self, shard: u16, minute: u64) -> RedisKey {
         RedisKey::model_stats_minute(shard, &self.0, minute)
+    }
+}
+
+impl Scope for TenantModelScope {
+    fn totals(&self, shard: u16) -> RedisKey {
+        RedisKey::tenant_model_stats(shard, &self.0, &self.1)
+    }
+    fn minute(&self, shard: u16, minute: u64) -> RedisKey {
+        RedisKey::tenant_model_stats_minute(shard, &self.0, &self.1, minute)
     }
 }
 
@@ -206,6 +222,23 @@ fn window_minutes(req: &HttpRequest, state: &AppState) -> Result<u64, ApiError> 
     Ok(minutes)
 }
 
+/// Whose counters the caller reads: `Some(tenant)`, or `None` for the global ones (an admin
+/// without `?tenant=`). A non-admin key reads its own tenant's only: naming another tenant is
+/// `403`, the same whether that tenant exists or not.
+fn tenant_of(req: &HttpRequest, caller: &Caller) -> Result<Option<TenantId>, ApiError> {
+    let query = web::Query::<WindowQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
+    let Some(raw) = &query.tenant else {
+        return Ok((!caller.is_admin()).then(|| caller.tenant.clone()));
+    };
+    let tenant =
+        TenantId::parse(raw).map_err(|e| ApiError::InvalidRequest(format!("tenant {e}")))?;
+    if tenant != caller.tenant {
+        caller.require_admin()?;
+    }
+    Ok(Some(tenant))
+}
+
 fn all_shards(state: &AppState) -> Vec<u16> {
     (0..state.settings.streams.event_shards.max(1)).collect()
 }
@@ -215,24 +248,31 @@ fn all_shards(state: &AppState) -> Vec<u16> {
     operation_id = "sessionAnalytics",
     params(("sessionId" = String, Path, description = "1-128 of A-Z a-z 0-9 _ . : -"),
         ("minutes" = Option<u64>, Query, description = "Window length in minutes (default 15, at \
-            most the retention)")),
+            most the retention)"),
+        ("tenant" = Option<String>, Query, description = "Admin keys: the session of this \
+            tenant (default: the key's own)")),
     responses(
-        (status = 200, description = "The session's counters", body = SessionAnalytics),
+        (status = 200, description = "The counters of the caller's tenant's session (all zero \
+            for a session it never used)", body = SessionAnalytics),
         (status = 400, description = "`invalid_session_id`, or `invalid_request`: `minutes` is not a whole number of \
             minutes within the retention", body = crate::error::ErrorBody),
         crate::error::ApiKeyRefused,
+        (status = 403, description = "`forbidden`: `tenant` names another tenant and the key \
+            is not an admin", body = crate::error::ErrorBody),
         crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]
 pub async fn session(
     state: web::Data<SharedState>,
-    _key: KeyId,
+    caller: Caller,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
+    let client = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let minutes = window_minutes(&req, &state)?;
+    let tenant = tenant_of(&req, &caller)?.unwrap_or_else(|| caller.tenant.clone());
+    let session = SessionId::scoped(&tenant, &client);
     // Every record of a session goes to one shard, and so do its counters.
     let shard = stream_schema::keys::event_shard_of(&session, state.settings.streams.event_shards);
     let report = report(
@@ -243,7 +283,7 @@ pub async fn session(
     )
     .await?;
     Ok(HttpResponse::Ok().json(SessionAnalytics {
-        session_id: session.to_string(),
+        session_id: client.to_string(),
         report,
     }))
 }
@@ -259,28 +299,39 @@ pub struct ModelReport {
 #[utoipa::path(
     get, path = "/api/analytics/models", tag = "analytics", operation_id = "modelAnalytics",
     params(("minutes" = Option<u64>, Query, description = "Window length in minutes (default 15, at \
-            most the retention)")),
+            most the retention)"),
+        ("tenant" = Option<String>, Query, description = "Admin keys: this tenant's counters \
+            (without it an admin reads the global ones; other keys always read their own \
+            tenant's)")),
     responses(
-        (status = 200, description = "Counters of every configured model", body = ModelsAnalytics),
+        (status = 200, description = "Counters of every configured model, of the caller's \
+            tenant (an admin: global, or `tenant`'s)", body = ModelsAnalytics),
         (status = 400, description = "`invalid_request`: `minutes` is not a whole number of \
             minutes within the retention", body = crate::error::ErrorBody),
         crate::error::ApiKeyRefused,
+        (status = 403, description = "`forbidden`: `tenant` names another tenant and the key \
+            is not an admin", body = crate::error::ErrorBody),
         crate::error::RedisUnavailable,
     ),
     security(("bearer" = [])),
 )]
 pub async fn models(
     state: web::Data<SharedState>,
-    _key: KeyId,
+    caller: Caller,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let minutes = window_minutes(&req, &state)?;
+    let tenant = tenant_of(&req, &caller)?;
     let shards = all_shards(&state);
     let client = state.client();
     let reports = join_all(state.models.iter().map(|(id, model)| {
-        let shards = &shards;
+        let (shards, tenant) = (&shards, &tenant);
         async move {
-            let report = report(client, &ModelScope(model.clone()), shards, minutes).await?;
+            let scope: Box<dyn Scope + Send> = match tenant {
+                Some(tenant) => Box::new(TenantModelScope(tenant.clone(), model.clone())),
+                None => Box::new(ModelScope(model.clone())),
+            };
+            let report = report(client, scope.as_ref(), shards, minutes).await?;
             Ok::<_, ApiError>(ModelReport {
                 model_id: id.clone(),
                 report,
@@ -291,6 +342,7 @@ pub async fn models(
     .into_iter()
     .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(ModelsAnalytics {
+        tenant: tenant.map(|t| t.to_string()),
         window_minutes: minutes,
         models: reports,
     }))
@@ -342,6 +394,9 @@ pub struct SessionAnalytics {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelsAnalytics {
+    /// Whose counters these are; absent for the global ones (admin keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
     window_minutes: u64,
     models: Vec<ModelReport>,
 }

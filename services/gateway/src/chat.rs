@@ -10,12 +10,12 @@ use stream_schema::job::RequestMeta;
 use stream_schema::message::{ResponseFormat, Stop, Tool, ToolChoice};
 use stream_schema::{
     ChatMessage, ChatOptions, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent,
-    SessionId,
+    SessionId, TenantId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
 
-use crate::auth::KeyId;
+use crate::auth::{Caller, KeyId};
 use crate::error::{ApiError, ErrorBody};
 use crate::idempotency::{self, Idempotency};
 use crate::limits::Admission;
@@ -326,7 +326,7 @@ pub(crate) struct StartChatResponse {
 )]
 pub async fn start(
     state: web::Data<SharedState>,
-    key: Result<KeyId, ApiError>,
+    key: Result<Caller, ApiError>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -365,15 +365,20 @@ enum Counted {
 
 async fn start_chat(
     state: &AppState,
-    key: Result<KeyId, ApiError>,
+    caller: Result<Caller, ApiError>,
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Started, Counted> {
-    let key = key.map_err(Counted::Yes)?;
+    let caller = caller.map_err(Counted::Yes)?;
+    let key = caller.key.clone();
     let body = read_body(payload, state.settings.limits.max_body_bytes)
         .await
         .map_err(Counted::No)?;
-    let chat = StartChat::parse(&body, state).map_err(Counted::Yes)?;
+    let mut chat = StartChat::parse(&body, state).map_err(Counted::Yes)?;
+    // From here on the session is the tenant's: every key, job and record holds the stored
+    // id; the client sees its own id in the response and the `start` event.
+    let client_session = chat.session_id.clone();
+    chat.session_id = caller.session(&client_session);
     let span = tracing::info_span!(
         "chat.start",
         session_id = %chat.session_id,
@@ -396,9 +401,15 @@ async fn start_chat(
     };
     let result = match admit(state, &chat, &key).instrument(span.clone()).await {
         Ok(reservation) => {
-            enqueue(state, chat, key, reservation)
-                .instrument(span)
-                .await
+            enqueue(
+                state,
+                chat,
+                key,
+                (&caller.tenant, client_session),
+                reservation,
+            )
+            .instrument(span)
+            .await
         }
         Err(error) => Err(error),
     };
@@ -457,12 +468,16 @@ async fn admit(
     }
 }
 
+/// `chat.session_id` is the stored id; `client` is the caller's tenant and its own id of the
+/// session, what the response and the `start` event show.
 async fn enqueue(
     state: &AppState,
     chat: StartChat,
     key: KeyId,
+    client: (&TenantId, SessionId),
     reservation: Option<Reservation>,
 ) -> Result<StartChatResponse, ApiError> {
+    let (tenant, client_session) = client;
     let request_id = RequestId::new();
     let now = stream_schema::now_millis();
     let retention = state.retention();
@@ -471,7 +486,7 @@ async fn enqueue(
 
     let start = SessionEvent::Start {
         request_id,
-        session_id: chat.session_id.clone(),
+        session_id: client_session.clone(),
         model_id: chat.model_id.clone(),
         attempt: 1,
         timestamp: now,
@@ -536,20 +551,19 @@ async fn enqueue(
         "chat started"
     );
     let stream_token = state.stream_tokens.issue(
-        &chat.session_id,
+        tenant,
+        &client_session,
         Scope::Request(request_id),
         &key.0,
         now / 1000,
     );
     // Tokens are URL-safe (base64url, digits, ids of [A-Za-z0-9_-], '.'): no escaping needed.
-    let stream_url = format!(
-        "/api/sse/stream/{}?requestId={request_id}&token={stream_token}",
-        chat.session_id
-    );
+    let stream_url =
+        format!("/api/sse/stream/{client_session}?requestId={request_id}&token={stream_token}");
     Ok(StartChatResponse {
         request_id,
         connection_id: crate::connections::new_connection_id(),
-        session_id: chat.session_id,
+        session_id: client_session,
         model_id: chat.model_id,
         status: "connected",
         stream_url,
@@ -582,7 +596,8 @@ pub(crate) struct CancelResponse {
     status: &'static str,
 }
 
-/// Asks the producer to stop a request (only the API key that started it may).
+/// Asks the producer to stop a request (only the API key that started it may: key ids are
+/// unique across tenants, so another tenant's request answers exactly as an unknown one).
 #[utoipa::path(
     post, path = "/api/chat/{requestId}/cancel", tag = "chat", operation_id = "cancelChat",
     params(("requestId" = String, Path, description = "The `requestId` of a start response")),

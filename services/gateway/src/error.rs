@@ -50,6 +50,9 @@ pub enum ApiError {
     /// An `Idempotency-Key` reused with another body, or while its first start runs.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// The resource exists already (an API key id that is taken).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -76,6 +79,7 @@ impl ApiError {
         "method_not_allowed",
         "payload_too_large",
         "idempotency_conflict",
+        "conflict",
         "unauthorized",
         "forbidden",
         "rate_limited",
@@ -93,6 +97,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::IdempotencyConflict(_) => "idempotency_conflict",
+            Self::Conflict(_) => "conflict",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
@@ -134,7 +139,7 @@ impl ResponseError for ApiError {
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::IdempotencyConflict(_) => StatusCode::CONFLICT,
+            Self::IdempotencyConflict(_) | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -182,6 +187,7 @@ mod tests {
             ApiError::MethodNotAllowed(vec!["GET"]),
             ApiError::PayloadTooLarge(String::new()),
             ApiError::IdempotencyConflict(String::new()),
+            ApiError::Conflict(String::new()),
             ApiError::Unauthorized(String::new()),
             ApiError::Forbidden(String::new()),
             ApiError::RateLimited {
@@ -201,6 +207,7 @@ mod tests {
                 | ApiError::MethodNotAllowed(_)
                 | ApiError::PayloadTooLarge(_)
                 | ApiError::IdempotencyConflict(_)
+                | ApiError::Conflict(_)
                 | ApiError::Unauthorized(_)
                 | ApiError::Forbidden(_)
                 | ApiError::RateLimited { .. }

@@ -1,5 +1,6 @@
 //! The gateway: chat start, SSE delivery through the multiplexed reader, cancel, the demo page.
 
+pub mod admin;
 pub mod analytics;
 pub mod auth;
 pub mod chat;
@@ -73,6 +74,19 @@ impl Application {
             .collect::<Result<_, _>>()
             .context("model ids")?;
         let (api_keys, stream_tokens) = security(&settings)?;
+        let api_keys = Arc::new(api_keys);
+        // Keys added or revoked through the API: every replica follows the store.
+        let (keys_loop, keys_client, keys_shutdown) =
+            (api_keys.clone(), redis.next().clone(), shutdown.clone());
+        let key_refresh = Duration::from_millis(settings.auth.key_refresh_ms);
+        lifecycle.supervise(&ops, "keys", RestartPolicy::default(), move |flag| {
+            keys_loop.clone().refresh(
+                keys_client.clone(),
+                key_refresh,
+                keys_shutdown.clone(),
+                flag,
+            )
+        });
         let listener = TcpListener::bind(&settings.gateway.addr)
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
         let port = listener.local_addr()?.port();
@@ -177,14 +191,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/api/sessions/{sessionId}/connections",
             web::get().to(sessions::connections),
-        );
+        )
+        .route("/api/admin/keys", web::post().to(admin::create))
+        .route("/api/admin/keys", web::get().to(admin::list))
+        .route("/api/admin/keys/{keyId}", web::delete().to(admin::revoke));
 }
 
 /// CORS for the configured origins only; with none configured the middleware adds nothing
 /// and browsers keep the same-origin policy.
 fn cors(origins: &[String]) -> actix_cors::Cors {
     let mut cors = actix_cors::Cors::default()
-        .allowed_methods(["GET", "POST"])
+        .allowed_methods(["GET", "POST", "DELETE"])
         .allowed_headers([
             "Authorization",
             "Content-Type",

@@ -7,7 +7,7 @@ use serde::Serialize;
 use stream_schema::{ConnectionInfo, SessionId};
 use utoipa::ToSchema;
 
-use crate::auth::KeyId;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::SharedState;
 use crate::stream_token::Scope;
@@ -24,7 +24,8 @@ pub(crate) struct SessionTokenResponse {
 }
 
 /// `POST /api/sessions/{sessionId}/stream-token`: a token that opens any stream of the session
-/// (a watcher of a whole session, a second tab).
+/// (a watcher of a whole session, a second tab). The session is the caller's tenant's: a
+/// session id names no other tenant's session, so minting is safe by construction.
 #[utoipa::path(
     post, path = "/api/sessions/{sessionId}/stream-token", tag = "sessions",
     operation_id = "issueSessionStreamToken",
@@ -38,14 +39,15 @@ pub(crate) struct SessionTokenResponse {
 )]
 pub async fn stream_token(
     state: web::Data<SharedState>,
-    key: KeyId,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
     let now = stream_schema::now_millis() / 1000;
-    let token = state
-        .stream_tokens
-        .issue(&session, Scope::Session, &key.0, now);
+    let token =
+        state
+            .stream_tokens
+            .issue(&caller.tenant, &session, Scope::Session, &caller.key.0, now);
     Ok(HttpResponse::Ok().json(SessionTokenResponse {
         stream_url: format!("/api/sse/stream/{session}?token={token}"),
         session_id: session,
@@ -62,7 +64,7 @@ pub(crate) struct SessionConnections {
     connections: Vec<ConnectionInfo>,
 }
 
-/// The open SSE connections of a session, across every gateway replica.
+/// The open SSE connections of a session of the caller's tenant, across every gateway replica.
 #[utoipa::path(
     get, path = "/api/sessions/{sessionId}/connections", tag = "sessions",
     operation_id = "listSessionConnections",
@@ -78,11 +80,18 @@ pub(crate) struct SessionConnections {
 )]
 pub async fn connections(
     state: web::Data<SharedState>,
-    _key: KeyId,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let session = SessionId::parse(&path).map_err(|e| ApiError::InvalidSessionId(e.to_string()))?;
-    let connections = state.connections.for_session(&session).await?;
+    let mut connections = state
+        .connections
+        .for_session(&caller.session(&session))
+        .await?;
+    // The view holds stored ids; the caller knows the session by its own.
+    for connection in &mut connections {
+        connection.session_id = connection.session_id.client_id();
+    }
     Ok(HttpResponse::Ok().json(SessionConnections {
         session_id: session,
         connections,

@@ -22,7 +22,8 @@ pub struct AppState {
     pub connections: Connections,
     /// Configured model ids (the allow-list of `modelId`).
     pub models: BTreeMap<String, ModelId>,
-    pub api_keys: ApiKeys,
+    /// Shared with the key refresh loop, which swaps the active keys inside.
+    pub api_keys: Arc<ApiKeys>,
     pub limiter: crate::limits::RateLimiter,
     pub stream_tokens: StreamTokens,
     /// Cancelled on shutdown: open SSE streams end cleanly.

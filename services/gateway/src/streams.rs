@@ -22,7 +22,7 @@ use crate::connections::ConnectionGuard;
 use crate::error::{ApiError, ErrorBody};
 use crate::hub::{Closed, Frame, HubMessage, Subscription};
 use crate::state::SharedState;
-use crate::stream_token::TokenError;
+use crate::stream_token::{Claims, TokenError};
 
 /// Entries per `XRANGE` page while catching up.
 const CATCH_UP_PAGE: u64 = 256;
@@ -39,11 +39,14 @@ struct Plan {
 /// session (path), the request (`requestId`) and the resume position (`Last-Event-ID` or
 /// `lastEventId`), parsed in that order (`400` on the first malformed one), then the stream
 /// token checked against them (`401`/`403`). A handler that takes it reads only what the token
-/// grants.
+/// grants: `session` is the stored id of the path's session in the token's tenant.
 pub struct StreamAccess {
     pub session: SessionId,
     pub request: Option<RequestId>,
     pub resume: Option<EntryId>,
+    /// The API key whose token opened the stream (`None` only with anonymous access): the
+    /// stream ends when that key is revoked.
+    pub key_id: Option<String>,
 }
 
 impl actix_web::FromRequest for StreamAccess {
@@ -75,11 +78,19 @@ impl StreamAccess {
             .transpose()
             .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
         let resume = resume_id(req, &query)?;
-        authorize(state, req, &query, &session, request.as_ref())?;
+        let claims = authorize(state, req, &query, &session, request.as_ref())?;
+        let (session, key_id) = match claims {
+            Some(claims) => (
+                SessionId::scoped(&claims.tenant, &session),
+                Some(claims.key_id),
+            ),
+            None => (session, None),
+        };
         Ok(Self {
             session,
             request,
             resume,
+            key_id,
         })
     }
 }
@@ -130,7 +141,8 @@ fn resume_id(
         (status = 200, description = "An endless or request-long event stream. Each message is \
             `id: <stream entry id>` and `data: <SessionEvent JSON>` (no `event:` field), plus \
             `: ping` comments when idle. An `error` event with code `history_lost` (and no \
-            `id:`) means the events after the resume id are gone.",
+            `id:`) means the events after the resume id are gone; one with code `unauthorized` \
+            (not retryable) that the token's API key was revoked.",
             content_type = "text/event-stream", body = String, headers(
                 ("Cache-Control" = String, description = "`no-cache`"),
                 ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer"),
@@ -139,8 +151,9 @@ fn resume_id(
             or Last-Event-ID malformed)", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no stream token, or not a valid one \
             (malformed, expired, bad signature, another session)", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a valid token for another request, or its \
-            API key was revoked", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a valid token for another request (or a \
+            request's token without `requestId`: it opens that request only), or its API key \
+            was revoked", body = ErrorBody),
         (status = 404, description = "`not_found`: no such request in this session",
             body = ErrorBody),
         crate::error::RedisUnavailable,
@@ -155,6 +168,7 @@ pub async fn stream(
         session,
         request,
         resume,
+        key_id,
     } = access;
     let client = state.client();
 
@@ -210,6 +224,7 @@ pub async fn stream(
             body: body_tx,
             guard,
             request,
+            key_id,
         };
         let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
         if let Some(traceparent) = parent_trace {
@@ -262,21 +277,22 @@ async fn history_lost(client: &Client, plans: &[Plan]) -> Result<bool, ApiError>
 }
 
 /// Checks the stream token (`token` query or `Authorization: Bearer`): 401 when it is not a
-/// valid token, 403 when it is valid for another request or its API key was revoked.
+/// valid token, 403 when it is valid for another request (or the session-wide stream) or its
+/// API key was revoked or moved to another tenant. `None`: anonymous access, no token.
 fn authorize(
     state: &SharedState,
     req: &HttpRequest,
     query: &HashMap<String, String>,
     session: &SessionId,
     request: Option<&RequestId>,
-) -> Result<(), ApiError> {
+) -> Result<Option<Claims>, ApiError> {
     let token = query
         .get("token")
         .cloned()
         .or_else(|| crate::auth::bearer(req));
     let Some(token) = token else {
         if state.api_keys.allows_anonymous() {
-            return Ok(());
+            return Ok(None);
         }
         return Err(ApiError::Unauthorized(
             "a stream token is required (token query or Authorization: Bearer)".to_owned(),
@@ -284,7 +300,14 @@ fn authorize(
     };
     let now = stream_schema::now_millis() / 1000;
     match state.stream_tokens.verify(&token, session, request, now) {
-        Ok(claims) if state.api_keys.has_id(&claims.key_id) => Ok(()),
+        Ok(claims)
+            if state
+                .api_keys
+                .caller_of(&claims.key_id)
+                .is_some_and(|caller| caller.tenant == claims.tenant) =>
+        {
+            Ok(Some(claims))
+        }
         Ok(_) => Err(ApiError::Forbidden(
             "the API key of this token was revoked".to_owned(),
         )),
@@ -308,6 +331,8 @@ enum End {
     Stalled,
     Shutdown,
     Closed(Closed),
+    /// The API key of the stream's token was revoked.
+    Revoked,
 }
 
 struct Delivery {
@@ -315,6 +340,8 @@ struct Delivery {
     body: mpsc::Sender<Bytes>,
     guard: ConnectionGuard,
     request: Option<RequestId>,
+    /// The key whose token opened the stream; see `StreamAccess::key_id`.
+    key_id: Option<String>,
 }
 
 impl Delivery {
@@ -341,6 +368,13 @@ impl Delivery {
                 tracing::debug!(connection_id = %self.guard.connection_id, "sse client stalled");
                 None
             }
+            End::Revoked => Some(SessionEvent::Error {
+                request_id,
+                code: ErrorCode::Unauthorized,
+                message: "the API key of this stream was revoked".to_owned(),
+                retryable: false,
+                timestamp: stream_schema::now_millis(),
+            }),
             End::Finished | End::ClientGone | End::Shutdown => None,
         };
         if let Some(event) = closing {
@@ -464,6 +498,9 @@ impl Delivery {
             feeds.push((subscription, last));
         }
 
+        let keys = self.state.clone();
+        let revoked = revocation(&keys, self.key_id.clone());
+        tokio::pin!(revoked);
         let keepalive = Duration::from_secs(self.state.settings.gateway.keepalive_secs.max(1));
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -479,6 +516,7 @@ impl Delivery {
                 }
                 () = self.body.closed() => return End::ClientGone,
                 () = self.state.shutdown.cancelled() => return End::Shutdown,
+                () = &mut revoked => return End::Revoked,
             };
             match message {
                 Some(HubMessage::Frame(frame)) => {
@@ -496,6 +534,23 @@ impl Delivery {
                 Some(HubMessage::Closed(reason)) => return End::Closed(reason),
                 None => return End::Closed(Closed::Unavailable),
             }
+        }
+    }
+}
+
+/// Resolves when `key_id` stops being an active key (never for an anonymous stream): the
+/// gateway's key refresh announces every change of the keys.
+async fn revocation(state: &SharedState, key_id: Option<String>) {
+    let Some(key_id) = key_id else {
+        return std::future::pending().await;
+    };
+    let mut changes = state.api_keys.changes();
+    loop {
+        if !state.api_keys.has_id(&key_id) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

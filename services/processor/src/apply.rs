@@ -4,8 +4,9 @@
 //! is applied by a script that first checks the shard's ledger of applied entry ids and records
 //! the id in the same atomic step. The ledger and every counter hash a record touches carry the
 //! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
-//! updates them all: the totals of the session, the model and the API key, and the same three
-//! for the record's minute. What the hashes hold (field names, deltas, histogram buckets) is
+//! updates them all: the totals of the session, the model, the model within the session's
+//! tenant and the API key, and the same four for the record's minute. The tenant comes from the
+//! session's stored id (`SessionId::tenant`), so records need no tenant field. What the hashes hold (field names, deltas, histogram buckets) is
 //! defined once in `stream_schema::stats`, which the gateway reads with.
 //!
 //! The ledger only has to remember an id while the entry can still be delivered again, that is
@@ -98,6 +99,7 @@ impl Applier {
         now_ms: u64,
     ) -> Invocation {
         let (session, model, timestamp) = scope(record);
+        let tenant = session.tenant();
         let key_id = key_id.filter(|_| stats::counts_per_key(record));
         let totals_ttl = self.retention.totals_secs.max(1);
         let per_session = stats::counts_per_session(record);
@@ -108,7 +110,8 @@ impl Applier {
             ttls.push(totals_ttl);
         }
         keys.push(RedisKey::model_stats(shard, model).to_string());
-        ttls.push(totals_ttl);
+        keys.push(RedisKey::tenant_model_stats(shard, &tenant, model).to_string());
+        ttls.extend([totals_ttl, totals_ttl]);
         if let Some(key_id) = key_id {
             keys.push(RedisKey::key_stats(shard, key_id).to_string());
             ttls.push(totals_ttl);
@@ -127,7 +130,10 @@ impl Applier {
                 ttls.push(ttl);
             }
             keys.push(RedisKey::model_stats_minute(shard, model, minute).to_string());
-            ttls.push(ttl);
+            keys.push(
+                RedisKey::tenant_model_stats_minute(shard, &tenant, model, minute).to_string(),
+            );
+            ttls.extend([ttl, ttl]);
             if let Some(key_id) = key_id {
                 keys.push(RedisKey::key_stats_minute(shard, key_id, minute).to_string());
                 ttls.push(ttl);
@@ -212,9 +218,13 @@ mod tests {
     }
 
     fn started(timestamp: u64) -> Result<EventRecord, stream_schema::IdError> {
+        started_in("s", timestamp)
+    }
+
+    fn started_in(session: &str, timestamp: u64) -> Result<EventRecord, stream_schema::IdError> {
         Ok(EventRecord::Started {
             request_id: RequestId::new(),
-            session_id: SessionId::parse("s")?,
+            session_id: SessionId::parse_stored(session)?,
             model_id: ModelId::parse("m")?,
             attempt: 1,
             timestamp,
@@ -233,20 +243,39 @@ mod tests {
                 "llm:stats:{2}:applied",
                 "llm:stats:{2}:session:s",
                 "llm:stats:{2}:model:m",
+                "llm:stats:{2}:tenant:default:model:m",
                 "llm:stats:{2}:key:team",
                 "llm:stats:{2}:m:60:session:s",
                 "llm:stats:{2}:m:60:model:m",
+                "llm:stats:{2}:m:60:tenant:default:model:m",
                 "llm:stats:{2}:m:60:key:team",
             ]
         );
-        // id, now, ledger ms, 3 totals TTLs, 3 minute TTLs (minute ends in 30 s, + 2 h).
+        // id, now, ledger ms, 4 totals TTLs, 4 minute TTLs (minute ends in 30 s, + 2 h).
         assert_eq!(
             call.args,
             [
-                "5-0", "3630000", "10000", "100", "100", "100", "7230", "7230", "7230", "requests",
-                "1"
+                "5-0", "3630000", "10000", "100", "100", "100", "100", "7230", "7230", "7230",
+                "7230", "requests", "1"
             ]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_tenants_record_counts_for_its_tenants_model() -> Result<(), Box<dyn std::error::Error>> {
+        let now = 3_600_000;
+        let record = started_in("acme/s", now)?;
+        let call = applier().invocation(1, EntryId::parse("5-0")?, &record, None, now);
+        assert!(
+            call.keys
+                .contains(&"llm:stats:{1}:tenant:acme:model:m".to_owned())
+        );
+        assert!(
+            call.keys
+                .contains(&"llm:stats:{1}:session:acme/s".to_owned())
+        );
+        assert!(!call.keys.iter().any(|k| k.contains("tenant:default")));
         Ok(())
     }
 
@@ -262,7 +291,7 @@ mod tests {
             timestamp: now,
         };
         let call = applier().invocation(0, EntryId::parse("1-0")?, &tokens, Some("team"), now);
-        assert_eq!(call.keys.len(), 5);
+        assert_eq!(call.keys.len(), 7);
         assert!(call.keys.iter().all(|k| !k.contains(":key:")));
 
         let old = now - 3 * 3_600_000;
@@ -278,7 +307,7 @@ mod tests {
             timestamp: old,
         };
         let call = applier().invocation(0, EntryId::parse("1-1")?, &finished, None, now);
-        assert_eq!(call.keys.len(), 3);
+        assert_eq!(call.keys.len(), 4);
         assert!(call.keys.iter().all(|k| !k.contains(":m:")));
         Ok(())
     }
@@ -307,10 +336,13 @@ mod tests {
             [
                 "llm:stats:{2}:applied",
                 "llm:stats:{2}:model:m",
+                "llm:stats:{2}:tenant:default:model:m",
                 "llm:stats:{2}:m:60:model:m",
+                "llm:stats:{2}:m:60:tenant:default:model:m",
             ]
         );
-        assert_eq!(to.args[5..], ["requests", "1", "fallback_served", "1"]);
+        // id, now, ledger ms, then one TTL per hash: the deltas follow.
+        assert_eq!(to.args[7..], ["requests", "1", "fallback_served", "1"]);
         let from = applier().invocation(
             2,
             EntryId::parse("5-1")?,
@@ -318,7 +350,7 @@ mod tests {
             None,
             now,
         );
-        assert_eq!(from.args[5..], ["fell_back", "1"]);
+        assert_eq!(from.args[7..], ["fell_back", "1"]);
         Ok(())
     }
 

@@ -514,7 +514,6 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
     // Act: freeze processor-0 until it is caught holding records it read but has not acked,
     // then SIGKILL it there (a frozen process cannot ack, so the kill lands mid-batch).
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             anyhow::ensure!(
@@ -522,13 +521,19 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
                 "processor-0 never held pending records"
             );
             stack.processors[0].process.sigstop()?;
-            let orphaned = pending_with(&redis, "processor-0").await?;
-            if orphaned > 0 {
-                stack.processors[0].process.sigkill()?;
-                return Ok::<usize, anyhow::Error>(orphaned);
+            // Frozen inside its blocking read, Redis still hands it the next entries (they
+            // enter its pending list): wait a moment for that rather than racing its ack.
+            let frozen_until = tokio::time::Instant::now() + Duration::from_millis(300);
+            while tokio::time::Instant::now() < frozen_until {
+                let orphaned = pending_with(&redis, "processor-0").await?;
+                if orphaned > 0 {
+                    stack.processors[0].process.sigkill()?;
+                    return Ok::<usize, anyhow::Error>(orphaned);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             stack.processors[0].process.sigcont()?;
-            tokio::time::sleep(Duration::from_millis(3)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let (observed, orphaned) = tokio::try_join!(load, killer)?;

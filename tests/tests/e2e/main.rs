@@ -14,4 +14,5 @@ mod producer;
 mod providers;
 mod security;
 mod stack;
+mod tenants;
 mod traces;

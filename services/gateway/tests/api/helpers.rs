@@ -66,6 +66,7 @@ impl TestApp {
             settings.auth.api_keys = vec![ApiKeyEntry {
                 id: KEY_ID.to_owned(),
                 sha256: gateway::auth::hash_key(API_KEY),
+                ..ApiKeyEntry::default()
             }];
             settings.auth.stream_token_secret = Some(SECRET.to_owned().into());
             settings.limits.max_body_bytes = MAX_BODY_BYTES;

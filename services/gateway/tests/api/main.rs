@@ -12,3 +12,4 @@ mod sessions;
 mod shipped_configs;
 mod sse;
 mod start;
+mod tenants;

@@ -12,6 +12,7 @@ fn concrete(template: &str) -> String {
         .map(|segment| match segment {
             "{sessionId}" => "user_123",
             "{requestId}" => "01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f",
+            "{keyId}" => "team-a",
             other => other,
         })
         .collect::<Vec<_>>()

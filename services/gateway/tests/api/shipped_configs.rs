@@ -39,6 +39,7 @@ fn shipped_settings(file: &str, redis_url: &str) -> anyhow::Result<Settings> {
     settings.auth.api_keys = vec![ApiKeyEntry {
         id: KEY_ID.to_owned(),
         sha256: gateway::auth::hash_key(API_KEY),
+        ..ApiKeyEntry::default()
     }];
     settings.auth.stream_token_secret = Some("shipped-config-secret".to_owned().into());
     Ok(settings)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, ensure};
 use gateway::stream_token::{Scope, TokenError};
 use proptest::prelude::*;
-use stream_schema::{EntryId, RequestId, SessionId};
+use stream_schema::{EntryId, RequestId, SessionId, TenantId};
 
 use crate::helpers::{API_KEY, Answer, KEY_ID, Tally, TestApp, content_type, encode, now_secs};
 use crate::sessions::{leaves_the_route, raw_session_id};
@@ -136,23 +136,57 @@ fn token_text(
     let tokens = &app.tokens;
     Some(match choice {
         TokenChoice::None => return None,
-        TokenChoice::Session => tokens.issue(session, Scope::Session, KEY_ID, now),
-        TokenChoice::Request => tokens.issue(session, Scope::Request(request), KEY_ID, now),
-        TokenChoice::OtherRequest => {
-            tokens.issue(session, Scope::Request(RequestId::new()), KEY_ID, now)
-        }
+        TokenChoice::Session => tokens.issue(
+            &TenantId::default_tenant(),
+            session,
+            Scope::Session,
+            KEY_ID,
+            now,
+        ),
+        TokenChoice::Request => tokens.issue(
+            &TenantId::default_tenant(),
+            session,
+            Scope::Request(request),
+            KEY_ID,
+            now,
+        ),
+        TokenChoice::OtherRequest => tokens.issue(
+            &TenantId::default_tenant(),
+            session,
+            Scope::Request(RequestId::new()),
+            KEY_ID,
+            now,
+        ),
         TokenChoice::OtherSession => {
             let other = if session.as_str() == "other" {
                 "another"
             } else {
                 "other"
             };
-            tokens.issue(&SessionId::parse(other).ok()?, Scope::Session, KEY_ID, now)
+            tokens.issue(
+                &TenantId::default_tenant(),
+                &SessionId::parse(other).ok()?,
+                Scope::Session,
+                KEY_ID,
+                now,
+            )
         }
-        TokenChoice::Expired => tokens.issue(session, Scope::Session, KEY_ID, now - 7_200),
+        TokenChoice::Expired => tokens.issue(
+            &TenantId::default_tenant(),
+            session,
+            Scope::Session,
+            KEY_ID,
+            now - 7_200,
+        ),
         TokenChoice::Tampered(index) => {
             let mut chars: Vec<char> = tokens
-                .issue(session, Scope::Session, KEY_ID, now)
+                .issue(
+                    &TenantId::default_tenant(),
+                    session,
+                    Scope::Session,
+                    KEY_ID,
+                    now,
+                )
                 .chars()
                 .collect();
             let at = index.index(chars.len());
