@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Validates deploy/ and k8s/ offline (`make k8s-validate`, and a step of `make test`): hadolint
-# on deploy/Dockerfile, every overlay rendered with `kubectl kustomize` and each object checked
+# Validates deploy/ and k8s/ offline (`make k8s-validate`, and a step of `make test`): the
+# Prometheus alert rules checked and unit-tested with promtool (deploy/monitoring/alerts.test.yml),
+# hadolint on deploy/Dockerfile, every overlay rendered with `kubectl kustomize` and each object checked
 # against the Kubernetes JSON schemas (kubernetes-validate, strict), then
 # scripts/check_manifests.py for what schemas cannot express (probes, limits, securityContext,
 # grace periods against the config, compose/Dockerfile consistency, placeholder-only secrets).
@@ -14,6 +15,10 @@
 #   K8S_VERSIONS="1.30.0 1.37.0"  Kubernetes versions to validate against (oldest supported:
 #                                1.30, for the preStop sleep action; the newest the pinned schemas know)
 #   BRIDGE_DEPLOY_VENV=DIR       where the venv lives
+#   BRIDGE_PROMTOOL_DIR=DIR      where promtool is unpacked when it is not on PATH (default
+#                                $HOME/.cache/llm-bridge/promtool): taken from Debian's
+#                                `prometheus` package with `apt-get download` (no root, nothing
+#                                installed or started), the only source allowed here
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -78,6 +83,40 @@ py="$VENV/bin/python"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+# promtool: on PATH, or unpacked from the Debian package into a cache (not installed: the
+# package would also install and, under systemd, start a Prometheus server).
+PROMTOOL_DIR=${BRIDGE_PROMTOOL_DIR:-$HOME/.cache/llm-bridge/promtool}
+if command -v promtool >/dev/null 2>&1; then
+    promtool=$(command -v promtool)
+elif [ -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    promtool="$PROMTOOL_DIR/usr/bin/promtool"
+else
+    command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 ||
+        fail "promtool is not on PATH and this is not a Debian/Ubuntu machine" \
+            "install promtool (it comes with Prometheus) and run again"
+    say "unpacking promtool from Debian's prometheus package into $PROMTOOL_DIR"
+    if ! (cd "$tmp" && apt-get download prometheus >"$tmp/apt.log" 2>&1); then
+        fail "apt-get download prometheus failed (promtool comes from that package):" \
+            "$(tail -n 5 "$tmp/apt.log")" \
+            "run apt-get update first, or install promtool yourself (apt-get install -y prometheus)"
+    fi
+    rm -rf "$PROMTOOL_DIR"
+    mkdir -p "$PROMTOOL_DIR"
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$PROMTOOL_DIR" ||
+        fail "cannot unpack the prometheus package into $PROMTOOL_DIR"
+    [ -x "$PROMTOOL_DIR/usr/bin/promtool" ] ||
+        fail "the prometheus package has no usr/bin/promtool"
+    promtool="$PROMTOOL_DIR/usr/bin/promtool"
+fi
+
+# --- Alert rules ----------------------------------------------------------------------------
+
+say "promtool check rules + test rules deploy/monitoring/alerts.yml"
+"$promtool" check rules deploy/monitoring/alerts.yml >"$tmp/promtool.log" 2>&1 ||
+    fail "promtool check rules found problems in deploy/monitoring/alerts.yml:" "$(cat "$tmp/promtool.log")"
+"$promtool" test rules deploy/monitoring/alerts.test.yml >"$tmp/promtool.log" 2>&1 ||
+    fail "the alert rules' unit tests (deploy/monitoring/alerts.test.yml) failed:" "$(cat "$tmp/promtool.log")"
+
 # --- Dockerfile -----------------------------------------------------------------------------
 
 say "hadolint deploy/Dockerfile"
@@ -119,4 +158,4 @@ done
     --secret-example k8s/base/secret.example.yaml ||
     fail "scripts/check_manifests.py found problems (listed above)"
 
-say "ok: Dockerfile, ${#rendered[@]} overlays against Kubernetes ${K8S_VERSIONS// /, }, compose, secret example"
+say "ok: alert rules, Dockerfile, ${#rendered[@]} overlays against Kubernetes ${K8S_VERSIONS// /, }, compose, secret example"

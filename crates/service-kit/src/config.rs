@@ -475,13 +475,15 @@ pub struct GatewaySettings {
     pub reader_batch: u64,
     /// How long the multiplexed reader blocks in one `XREAD`.
     pub reader_block_ms: u64,
-    /// How often the gateway renews its connections in the shared (Redis) connection view.
+    /// How often the gateway renews its one liveness key in the shared (Redis) connection view
+    /// (and writes the event counts of connections that sent events; idle ones cost nothing).
     pub connection_heartbeat_secs: u64,
-    /// A connection not renewed for this long disappears from the shared view (its gateway
-    /// died). Must exceed the heartbeat interval.
+    /// The liveness key's TTL: a gateway that stops renewing it (it died) has its connections
+    /// leave the shared view after this long. Must exceed the heartbeat interval.
     pub connection_ttl_secs: u64,
-    /// Redis Cluster only: pause between read rounds of the multiplexed reader that found
-    /// nothing new (a single node uses a blocking read and needs no pause).
+    /// Redis Cluster only: the multiplexed reader reads a stream when its writes announce
+    /// themselves (sharded Pub/Sub), and reads every followed stream at least this often, the
+    /// safety net for a lost announcement (a single node uses a blocking read instead).
     pub cluster_poll_ms: u64,
     /// Browser origins allowed to call the API cross-origin (CORS), e.g.
     /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
@@ -499,7 +501,7 @@ impl Default for GatewaySettings {
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
             connection_ttl_secs: 15,
-            cluster_poll_ms: 5,
+            cluster_poll_ms: 1_000,
             cors_allowed_origins: Vec::new(),
         }
     }

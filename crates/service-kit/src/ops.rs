@@ -142,6 +142,31 @@ impl OpsState {
         }
     }
 
+    /// What `/readyz` answers: whether Redis answers a `PING`, and the loops not running.
+    async fn readiness(&self) -> (bool, Vec<String>) {
+        (self.redis_reachable().await, self.stopped_loops())
+    }
+
+    /// Sets the readiness gauges to what `/readyz` would answer now: `service_ready` (1 or 0),
+    /// `redis_connected` (services with Redis) and `loop_running{loop}`. Alerts need them as
+    /// metrics: a scrape succeeds (`up` is 1) whether or not the service is ready, and traffic
+    /// counters move only while clients call.
+    async fn export_readiness(&self) {
+        let (redis, stopped) = self.readiness().await;
+        metrics::gauge!("service_ready").set(f64::from(u8::from(redis && stopped.is_empty())));
+        if self.redis.is_some() {
+            metrics::gauge!("redis_connected").set(f64::from(u8::from(redis)));
+        }
+        let names: Vec<String> = match self.loops.lock() {
+            Ok(loops) => loops.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for name in names {
+            let running = !stopped.contains(&name);
+            metrics::gauge!("loop_running", "loop" => name).set(f64::from(u8::from(running)));
+        }
+    }
+
     async fn redis_reachable(&self) -> bool {
         let Some(redis) = &self.redis else {
             return true;
@@ -196,8 +221,7 @@ pub async fn healthz() -> HttpResponse {
     ),
 ))]
 pub async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
-    let redis = state.redis_reachable().await;
-    let stopped = state.stopped_loops();
+    let (redis, stopped) = state.readiness().await;
     let ready = redis && stopped.is_empty();
     let body = Readiness {
         status: if ready { "ready" } else { "unavailable" },
@@ -220,6 +244,7 @@ pub async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
     )),
 ))]
 pub async fn metrics_text(state: web::Data<OpsState>) -> HttpResponse {
+    state.export_readiness().await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -14,8 +14,10 @@ use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent, SessionId};
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;
 
-/// KEYS: stream, owner. ARGV: ttl, fields…
+/// KEYS: stream, owner. ARGV: ttl, wake channel ('' for none), fields…
 /// Sets the owner to attempt 1 and appends the `start` event; both expire after `ttl`.
+/// Every script that appends to a session stream also publishes to its wake channel when one
+/// is given (cluster mode, see [`SessionScripts::with_wake_ups`]).
 ///
 /// Retention is by age, never by count, and only here: the entries removed are older than two
 /// TTLs by Redis's clock. A request shorter than its TTL (the stream itself would expire under a
@@ -41,8 +43,9 @@ if cutoff > 0 then
     redis.call('XDEL', KEYS[1], unpack(ids))
   end
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], '1') end
 return id
 ";
 
@@ -51,34 +54,36 @@ return id
 pub use stream_schema::keys::OWNER_DONE;
 
 /// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, owner-done
-/// value, fields…
+/// value, wake channel, fields…
 /// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
 /// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
 /// of the stream and the owner key.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
 if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
+if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], '1') end
 return {1, id}
 ";
 
-/// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, fields…
+/// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, wake channel, fields…
 /// Moves the owner from `expected` to `new` and appends the event, or returns {0, current}.
 /// A non-zero `expire_secs` (a terminal event) refreshes the expiry of both keys.
 const TAKE_OVER: &str = r"
 local current = redis.call('GET', KEYS[2])
 if current ~= ARGV[1] then return {0, current or ''} end
 redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
 if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
+if ARGV[4] ~= '' then redis.call('SPUBLISH', ARGV[4], '1') end
 return {1, id}
 ";
 
@@ -129,6 +134,8 @@ pub struct SessionScripts {
     start: Script,
     append: Script,
     take_over: Script,
+    /// Whether every append also publishes to the stream's wake channel.
+    wake_ups: bool,
 }
 
 impl Default for SessionScripts {
@@ -137,11 +144,31 @@ impl Default for SessionScripts {
             start: Script::from_lua(START),
             append: Script::from_lua(APPEND),
             take_over: Script::from_lua(TAKE_OVER),
+            wake_ups: false,
         }
     }
 }
 
 impl SessionScripts {
+    /// With `on`, every append also publishes to the stream's wake channel
+    /// (`RedisKey::wake_channel`), one `SPUBLISH` inside the same script. For Redis Cluster,
+    /// where the gateways' readers cannot block on streams of many slots and wait for these
+    /// instead; a single node needs none.
+    pub fn with_wake_ups(on: bool) -> Self {
+        Self {
+            wake_ups: on,
+            ..Self::default()
+        }
+    }
+
+    fn wake(&self, stream: &RedisKey) -> String {
+        if self.wake_ups {
+            stream.wake_channel()
+        } else {
+            String::new()
+        }
+    }
+
     /// Appends a request's `start` event and makes attempt 1 its owner.
     pub async fn start(
         &self,
@@ -151,7 +178,7 @@ impl SessionScripts {
         event: &SessionEvent,
         retention: Retention,
     ) -> Result<EntryId, StreamIoError> {
-        let mut args = vec![retention.ttl_secs.to_string()];
+        let mut args = vec![retention.ttl_secs.to_string(), self.wake(stream)];
         args.extend(flatten(event.encode()));
         let reply = run_script(
             client,
@@ -181,6 +208,7 @@ impl SessionScripts {
             flag(event.is_terminal()),
             target.retention.ttl_secs.to_string(),
             OWNER_DONE.to_owned(),
+            self.wake(&target.stream),
         ];
         args.extend(flatten(event.encode()));
         let reply = run_script(client, &self.append, target.keys(), args).await?;
@@ -237,7 +265,12 @@ impl SessionScripts {
         expire_secs: u64,
         event: &SessionEvent,
     ) -> Result<TakeOver, StreamIoError> {
-        let mut args = vec![expected.to_string(), next, expire_secs.to_string()];
+        let mut args = vec![
+            expected.to_string(),
+            next,
+            expire_secs.to_string(),
+            self.wake(&target.stream),
+        ];
         args.extend(flatten(event.encode()));
         let keys = vec![target.stream.to_string(), target.owner.to_string()];
         let reply = run_script(client, &self.take_over, keys, args).await?;

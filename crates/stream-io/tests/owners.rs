@@ -8,8 +8,8 @@ use stream_io::requests::{self, StoredMeta};
 use stream_io::{cancel, connections, groups};
 use stream_schema::keys::PRODUCER_GROUP;
 use stream_schema::{
-    ChatMessage, ConnectionInfo, EntryId, Job, ModelId, RedisKey, RequestId, RequestMeta,
-    Reservation, Role, SessionId,
+    ChatMessage, ConnectionInfo, EntryId, GatewayId, Job, ModelId, RedisKey, RequestId,
+    RequestMeta, Reservation, Role, SessionId,
 };
 use test_support::RedisServer;
 
@@ -225,40 +225,84 @@ async fn an_idempotency_claim_is_seen_recorded_and_released() -> anyhow::Result<
 }
 
 #[tokio::test]
-async fn the_connection_view_lists_live_connections_and_prunes_expired_ones() -> anyhow::Result<()>
-{
+async fn the_connection_view_lists_connections_of_live_gateways_only() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let client = redis.client().await?;
     let session = SessionId::parse("s")?;
-    let info = |id: &str, since: u64| ConnectionInfo {
+    let (alive, dead) = (
+        GatewayId::from_stored("gw-a"),
+        GatewayId::from_stored("gw-b"),
+    );
+    let info = |id: &str, gateway: &GatewayId, since: u64| ConnectionInfo {
         connection_id: id.to_owned(),
         session_id: session.clone(),
         request_id: None,
-        gateway_id: "gw".to_owned(),
+        gateway_id: gateway.to_string(),
         connected_since: since,
         events_sent: 0,
     };
-    connections::publish(&client, &[info("b", 2), info("a", 1)], 10_000, 60).await?;
-    connections::publish(&client, &[info("c", 3)], 20_000, 60).await?;
+    connections::announce(&client, &alive, 60_000, 1).await?;
+    connections::announce(&client, &dead, 60_000, 1).await?;
+    connections::write(
+        &client,
+        &alive,
+        &[info("b", &alive, 2), info("a", &alive, 1)],
+    )
+    .await?;
+    connections::write(&client, &dead, &[info("c", &dead, 3)]).await?;
+    assert_eq!(
+        connections::list(&client, &session).await?,
+        vec![
+            info("a", &alive, 1),
+            info("b", &alive, 2),
+            info("c", &dead, 3)
+        ]
+    );
+    connections::remove(&client, &alive, &session, "b").await?;
+    assert_eq!(
+        connections::list(&client, &session).await?,
+        vec![info("a", &alive, 1), info("c", &dead, 3)]
+    );
+    assert!(connections::renew(&client, &alive, 60_000).await?);
 
+    // The dead gateway's liveness key lapses: its entry is no longer listed, and is deleted.
+    let _: i64 = client.del(RedisKey::gateway_alive(&dead).as_str()).await?;
+    assert!(!connections::renew(&client, &dead, 60_000).await?);
     assert_eq!(
-        connections::list(&client, &session, 5_000).await?,
-        vec![info("a", 1), info("b", 2), info("c", 3)]
-    );
-    connections::remove(&client, &session, "c").await?;
-    assert_eq!(
-        connections::list(&client, &session, 5_000).await?,
-        vec![info("a", 1), info("b", 2)]
-    );
-    // Past their expiry, a and b are gone, from the details too.
-    assert!(
-        connections::list(&client, &session, 15_000)
-            .await?
-            .is_empty()
+        connections::list(&client, &session).await?,
+        vec![info("a", &alive, 1)]
     );
     let details: u64 = client
         .hlen(RedisKey::connection_info(&session).as_str())
         .await?;
-    assert_eq!(details, 0);
+    assert_eq!(details, 1);
+
+    // A sweep removes a dead gateway's entries from sessions nobody lists.
+    let other = SessionId::parse("t")?;
+    connections::announce(&client, &dead, 60_000, 1).await?;
+    connections::write(
+        &client,
+        &dead,
+        &[ConnectionInfo {
+            session_id: other.clone(),
+            ..info("d", &dead, 4)
+        }],
+    )
+    .await?;
+    let _: i64 = client.del(RedisKey::gateway_alive(&dead).as_str()).await?;
+    assert_eq!(connections::sweep(&client).await?, 1);
+    let left: u64 = client
+        .hlen(RedisKey::connection_info(&other).as_str())
+        .await?;
+    assert_eq!(left, 0);
+    let index: u64 = client
+        .exists(RedisKey::gateway_connections(&dead).as_str())
+        .await?;
+    assert_eq!(index, 0);
+    assert_eq!(connections::sweep(&client).await?, 0);
+
+    // A gateway that leaves takes its entries along.
+    connections::leave(&client, &alive).await?;
+    assert!(connections::list(&client, &session).await?.is_empty());
     Ok(())
 }

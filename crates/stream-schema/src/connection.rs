@@ -1,5 +1,8 @@
 //! The shared connection view: one JSON document per open SSE connection in
-//! `llm:conninfo:{session}` (field = connection id), listed through `llm:conns:{session}`.
+//! `llm:conninfo:{session}` (field = connection id), written by the gateway that serves it and
+//! valid while that gateway's liveness key `llm:gateway:{id}` exists.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +21,94 @@ pub struct ConnectionInfo {
     pub gateway_id: String,
     /// Unix ms.
     pub connected_since: u64,
-    /// As of the last heartbeat when read from the shared view.
+    /// Exact when listed by the gateway that serves it; from another gateway, as of the
+    /// serving gateway's last renewal (only connections that sent events are rewritten).
     pub events_sent: u64,
+}
+
+/// The id of one SSE connection: `sse_` and 32 lowercase hex digits. The start answer names
+/// one in `connectionId` and carries it in its `streamUrl`, so the connection opened with that
+/// URL is listed under it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ConnectionId(String);
+
+impl ConnectionId {
+    const PREFIX: &'static str = "sse_";
+
+    /// A fresh, time-ordered id, unique across gateways.
+    pub fn new() -> Self {
+        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::now_v7().simple()))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, crate::IdError> {
+        let valid = raw.strip_prefix(Self::PREFIX).is_some_and(|hex| {
+            hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(crate::IdError::Charset {
+                allowed: "sse_ followed by 32 lowercase hex digits",
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ConnectionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One gateway process in the shared connection view. Unique per start (a random suffix), so a
+/// restarted gateway never revives the entries of its previous life; only characters that are
+/// safe inside a key's `{…}` hash tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    /// `<name>-<8 random hex digits>`.
+    pub fn unique(name: &str) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Self::from_stored(&format!("{name}-{}", &suffix[..8]))
+    }
+
+    /// The gateway named in a stored connection document. A name with characters no
+    /// [`GatewayId::unique`] produces maps to a key no gateway renews: it reads as dead.
+    pub fn from_stored(raw: &str) -> Self {
+        Self(
+            raw.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl ConnectionInfo {
@@ -52,5 +141,29 @@ mod tests {
         assert_eq!(ConnectionInfo::decode(&info.encode()), Some(info));
         assert_eq!(ConnectionInfo::decode("{}"), None);
         Ok(())
+    }
+
+    #[test]
+    fn connection_ids_parse_only_what_new_makes() {
+        let id = ConnectionId::new();
+        assert_eq!(ConnectionId::parse(id.as_str()), Ok(id));
+        for bad in [
+            "",
+            "sse_",
+            "sse_XYZ",
+            "abc_0123456789abcdef0123456789abcdef",
+            "sse_0123",
+        ] {
+            assert!(ConnectionId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn gateway_ids_are_unique_and_safe_in_a_hash_tag() {
+        let a = GatewayId::unique("gateway-host-1");
+        let b = GatewayId::unique("gateway-host-1");
+        assert_ne!(a, b);
+        assert!(a.as_str().starts_with("gateway-host-1-"));
+        assert_eq!(GatewayId::from_stored("g{1}").as_str(), "g_1_");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::connection::GatewayId;
 use crate::ids::{ModelId, RequestId, SessionId, TenantId};
 
 /// Consumer group of producers on the job stream.
@@ -17,6 +18,9 @@ pub const OWNER_DONE: &str = "done";
 /// The value of a flag key whose presence is all that counts: a cancel request
 /// (`RedisKey::cancel`) and a settled-quota marker (`RedisKey::quota_reconciled`).
 pub const FLAG_SET: &str = "1";
+
+/// What a stream's wake channel adds in front of the stream key.
+const WAKE_PREFIX: &str = "llm:wake:";
 
 /// The name of a Redis key. Built only by the constructors below, from validated ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,15 +94,31 @@ impl RedisKey {
         Self(format!("llm:quota:{{key:{key_id}}}:done:{request}"))
     }
 
-    /// `llm:conns:{<sessionId>}`: live SSE connection ids of a session across all gateways,
-    /// scored by the Unix ms at which they expire unless their gateway renews them.
-    pub fn connections(session: &SessionId) -> Self {
-        Self(format!("llm:conns:{{{session}}}"))
-    }
-
-    /// `llm:conninfo:{<sessionId>}`: connection id → JSON details of each live connection.
+    /// `llm:conninfo:{<sessionId>}`: connection id → JSON details (`ConnectionInfo`) of each
+    /// open SSE connection of a session, across all gateways. Written once when a connection
+    /// opens and removed when it closes; an entry counts only while its gateway's
+    /// [`RedisKey::gateway_alive`] exists.
     pub fn connection_info(session: &SessionId) -> Self {
         Self(format!("llm:conninfo:{{{session}}}"))
+    }
+
+    /// `llm:gateway:{<gatewayId>}`: a gateway's liveness key, one per gateway, renewed with a
+    /// TTL (`gateway.connection_ttl_secs`). Gone means the gateway died: its connections leave
+    /// the view.
+    pub fn gateway_alive(gateway: &GatewayId) -> Self {
+        Self(format!("llm:gateway:{{{gateway}}}"))
+    }
+
+    /// `llm:gateway:{<gatewayId>}:conns`: connection id → session id of each connection a
+    /// gateway listed, so a dead gateway's entries can be found and removed.
+    pub fn gateway_connections(gateway: &GatewayId) -> Self {
+        Self(format!("llm:gateway:{{{gateway}}}:conns"))
+    }
+
+    /// `llm:gateways`: gateway id → Unix ms it announced itself; the list a sweep walks to
+    /// find dead gateways.
+    pub fn gateways() -> Self {
+        Self("llm:gateways".to_owned())
     }
 
     /// `llm:stats:{<shard>}:session:<sessionId>`: per-session counters. They live in the slot
@@ -185,6 +205,24 @@ impl RedisKey {
     /// (its exactly-once ledger).
     pub fn applied_ledger(shard: u16) -> Self {
         Self(format!("llm:stats:{{{shard}}}:applied"))
+    }
+
+    /// `llm:wake:<this key>`: the sharded Pub/Sub channel (`SPUBLISH`) on which, on a Redis
+    /// Cluster, every write to this session stream announces itself, so a gateway's reader
+    /// reads when there is something to read instead of polling. It carries the stream's hash
+    /// tag: the same slot as the stream, so the writing script may publish to it.
+    pub fn wake_channel(&self) -> String {
+        Self::wake_channel_of(&self.0)
+    }
+
+    /// [`RedisKey::wake_channel`] of a stream key held as text (the reader's table).
+    pub fn wake_channel_of(stream: &str) -> String {
+        format!("{WAKE_PREFIX}{stream}")
+    }
+
+    /// The stream key a wake channel belongs to; `None` for any other channel.
+    pub fn stream_of_wake_channel(channel: &str) -> Option<&str> {
+        channel.strip_prefix(WAKE_PREFIX)
     }
 
     pub fn as_str(&self) -> &str {

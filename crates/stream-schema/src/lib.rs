@@ -7,6 +7,7 @@
 pub mod api_key;
 pub mod codec;
 pub mod connection;
+pub mod cursor;
 pub mod dead_letter;
 pub mod event;
 pub mod idempotency;
@@ -21,7 +22,8 @@ pub mod stats;
 
 pub use api_key::{KeyRole, StoredApiKey};
 pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
-pub use connection::ConnectionInfo;
+pub use connection::{ConnectionId, ConnectionInfo, GatewayId};
+pub use cursor::SessionCursor;
 pub use dead_letter::DeadLetter;
 pub use event::{ErrorCode, FinishReason, SessionEvent, Usage, UsageSource};
 pub use ids::{EntryId, IdError, ModelId, RequestId, SessionId, TenantId};

@@ -392,7 +392,8 @@ impl Stack {
             .unwrap_or_else(|| "http://127.0.0.1:0".to_owned())
     }
 
-    fn gateway_url(&self, index: usize) -> anyhow::Result<String> {
+    /// `http://127.0.0.1:<port>` of gateway `index`.
+    pub fn gateway_url(&self, index: usize) -> anyhow::Result<String> {
         self.gateways
             .get(index)
             .map(Service::url)

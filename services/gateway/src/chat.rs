@@ -9,8 +9,8 @@ use stream_io::session::RequestStreams;
 use stream_schema::job::RequestMeta;
 use stream_schema::message::{ResponseFormat, Stop, Tool, ToolChoice};
 use stream_schema::{
-    ChatMessage, ChatOptions, ErrorCode, Job, ModelId, RequestId, Reservation, Role, SessionEvent,
-    SessionId, TenantId,
+    ChatMessage, ChatOptions, ConnectionId, ErrorCode, Job, ModelId, RequestId, Reservation, Role,
+    SessionEvent, SessionId, TenantId,
 };
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -270,8 +270,12 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StartChatResponse {
     request_id: RequestId,
-    /// An id for the client's SSE connection (`sse_…`), for logs and support.
-    connection_id: String,
+    /// The id of the SSE connection opened with `streamUrl` (which carries it): that
+    /// connection is listed under it in `GET /api/sessions/{sessionId}/connections`. A second
+    /// connection with the same URL while the first is open gets a fresh id; a reconnect after
+    /// it closed gets this one back.
+    #[schema(value_type = String, example = "sse_01936f0e8d2a7c3b9f001a2b3c4d5e6f")]
+    connection_id: ConnectionId,
     session_id: SessionId,
     model_id: ModelId,
     /// Always `connected`.
@@ -558,11 +562,13 @@ async fn enqueue(
         now / 1000,
     );
     // Tokens are URL-safe (base64url, digits, ids of [A-Za-z0-9_-], '.'): no escaping needed.
-    let stream_url =
-        format!("/api/sse/stream/{client_session}?requestId={request_id}&token={stream_token}");
+    let connection_id = ConnectionId::new();
+    let stream_url = format!(
+        "/api/sse/stream/{client_session}?requestId={request_id}&connectionId={connection_id}&token={stream_token}"
+    );
     Ok(StartChatResponse {
         request_id,
-        connection_id: crate::connections::new_connection_id(),
+        connection_id,
         session_id: client_session,
         model_id: chat.model_id,
         status: "connected",

@@ -2,8 +2,10 @@
 //!
 //! Each gateway keeps its own connections in memory (registered when a stream opens, removed
 //! by a guard the moment its delivery task ends) and mirrors them into a shared view in Redis
-//! (`llm:conns:{session}` scored by expiry, details in `llm:conninfo:{session}`), renewed by a
-//! heartbeat. A gateway that dies stops renewing, so its connections vanish after the TTL.
+//! (`stream_io::connections`): an entry is written once when a connection opens and removed
+//! when it closes, and the gateway renews one liveness key for all of them. An idle
+//! connection costs Redis nothing; a gateway that dies stops renewing, and readers ignore (and
+//! delete) its entries once its key has expired.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use service_kit::lifecycle::Lifecycle;
 use stream_io::StreamIoError;
-use stream_schema::{RequestId, SessionId};
+use stream_io::connections::Claim;
+use stream_schema::{ConnectionId, GatewayId, RequestId, SessionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -22,8 +25,10 @@ pub use stream_schema::ConnectionInfo;
 
 struct Live {
     info: ConnectionInfo,
-    /// Incremented by the connection's delivery task, read by listings and heartbeats.
+    /// Incremented by the connection's delivery task, read by listings and the view writer.
     events_sent: Arc<AtomicU64>,
+    /// The count last written to the shared view; written and read by the view writer.
+    published_events: u64,
 }
 
 impl Live {
@@ -35,24 +40,40 @@ impl Live {
     }
 }
 
+/// Connection id → live connection of this gateway. Written on open/close, read by listings
+/// and the view writer.
+type LiveTable = Arc<Mutex<HashMap<String, Live>>>;
+
+fn lock(live: &LiveTable) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+    live.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How the view is kept in Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSettings {
+    /// How often the liveness key is renewed (and changed event counts written).
+    pub renew_every: Duration,
+    /// The liveness key's TTL: how long a dead gateway's connections stay listed.
+    pub ttl: Duration,
+}
+
 #[derive(Clone)]
 pub struct Connections {
-    /// Connection id → live connection of this gateway. Written on open/close, read by
-    /// listings and the heartbeat.
-    live: Arc<Mutex<HashMap<String, Live>>>,
-    gateway_id: Arc<str>,
+    live: LiveTable,
+    gateway_id: GatewayId,
     /// Reads of the shared view; `None` in unit tests.
     redis: Option<Pool>,
     /// Writes to the shared view, applied in order by one task: a removal can never be
-    /// overtaken by an earlier registration or heartbeat (which would list a closed
-    /// connection until its TTL).
+    /// overtaken by an earlier registration (which would list a closed connection for as long
+    /// as its gateway lives).
     view: Option<mpsc::UnboundedSender<ViewOp>>,
 }
 
 /// One change to the shared view.
 enum ViewOp {
-    Publish(Vec<ConnectionInfo>),
-    Remove(SessionId, String),
+    Open(ConnectionInfo),
+    Close(SessionId, String),
 }
 
 /// Removes its connection (here and in the shared view) when dropped.
@@ -60,12 +81,30 @@ pub struct ConnectionGuard {
     pub connection_id: String,
     pub events_sent: Arc<AtomicU64>,
     session_id: SessionId,
-    registry: Connections,
+    info: ConnectionInfo,
+    /// `None` once forgotten: the id belongs to another connection.
+    registry: Option<Connections>,
+}
+
+impl ConnectionGuard {
+    /// Drops the connection from this gateway's table only: its id turned out to be another
+    /// connection's, whose entry in the shared view must stay.
+    fn forget(&mut self) {
+        if let Some(registry) = self.registry.take()
+            && registry
+                .with(|live| live.remove(&self.connection_id))
+                .is_some()
+        {
+            metrics::gauge!("gateway_sse_connections").decrement(1.0);
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.registry.remove(&self.session_id, &self.connection_id);
+        if let Some(registry) = self.registry.take() {
+            registry.remove(&self.session_id, &self.connection_id);
+        }
     }
 }
 
@@ -77,68 +116,125 @@ impl Connections {
     /// Must be called inside a Tokio runtime when `redis` is given: it starts the view writer,
     /// tracked by `lifecycle` so shutdown waits for the last removals to be written.
     pub fn new(
-        gateway_id: String,
+        gateway_id: GatewayId,
         redis: Option<Pool>,
-        ttl: Duration,
+        settings: ViewSettings,
         lifecycle: &Lifecycle,
     ) -> Self {
+        let live = LiveTable::default();
         let view = redis.clone().map(|pool| {
             let (tx, rx) = mpsc::unbounded_channel();
-            lifecycle.spawn(write_view_in_order(
+            let writer = ViewWriter {
                 pool,
-                rx,
-                ttl,
-                lifecycle.shutdown().clone(),
-            ));
+                gateway: gateway_id.clone(),
+                live: live.clone(),
+                settings,
+                announced: false,
+            };
+            lifecycle.spawn(writer.run(rx, lifecycle.shutdown().clone()));
             tx
         });
         Self {
-            live: Arc::default(),
-            gateway_id: gateway_id.into(),
+            live,
+            gateway_id,
             redis,
             view,
         }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Live>) -> T) -> T {
-        let mut live = self
-            .live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut live)
+        f(&mut lock(&self.live))
     }
 
-    pub fn register(
+    /// Registers a new connection. It takes the id it `requested` (the `connectionId` of its
+    /// start answer, carried in the stream URL) unless another open connection holds it, here
+    /// or on a live gateway (a second tab with the same URL); then it gets a fresh one. A
+    /// reconnect with the same URL gets the id back once its old connection has closed.
+    pub async fn register(
         &self,
         session_id: SessionId,
         request_id: Option<RequestId>,
-    ) -> ConnectionGuard {
-        let connection_id = new_connection_id();
+        requested: Option<ConnectionId>,
+    ) -> Result<ConnectionGuard, StreamIoError> {
+        if let Some(id) = requested
+            && let Some(mut guard) = self.insert(&session_id, request_id, id)
+        {
+            // If this future is dropped while claiming, the guard's drop removes the claim.
+            if self.claimed(&guard.info).await? {
+                self.opened(&guard.info);
+                return Ok(guard);
+            }
+            guard.forget();
+        }
+        loop {
+            if let Some(guard) = self.insert(&session_id, request_id, ConnectionId::new()) {
+                self.opened(&guard.info);
+                return Ok(guard);
+            }
+        }
+    }
+
+    /// Adds a connection to this gateway's table unless its id is taken here.
+    fn insert(
+        &self,
+        session_id: &SessionId,
+        request_id: Option<RequestId>,
+        connection_id: ConnectionId,
+    ) -> Option<ConnectionGuard> {
         let events_sent = Arc::new(AtomicU64::new(0));
         let info = ConnectionInfo {
-            connection_id: connection_id.clone(),
+            connection_id: connection_id.to_string(),
             session_id: session_id.clone(),
             request_id,
             gateway_id: self.gateway_id.to_string(),
             connected_since: now_ms(),
             events_sent: 0,
         };
-        self.publish(vec![info.clone()]);
-        self.with(|live| {
-            live.insert(
-                connection_id.clone(),
-                Live {
-                    info,
+        let inserted = self.with(|live| match live.entry(info.connection_id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Live {
+                    info: info.clone(),
                     events_sent: events_sent.clone(),
-                },
-            )
+                    published_events: 0,
+                });
+                true
+            }
         });
-        metrics::gauge!("gateway_sse_connections").increment(1.0);
-        ConnectionGuard {
-            connection_id,
+        if inserted {
+            metrics::gauge!("gateway_sse_connections").increment(1.0);
+        }
+        inserted.then(|| ConnectionGuard {
+            connection_id: info.connection_id.clone(),
             events_sent,
-            session_id,
-            registry: self.clone(),
+            session_id: session_id.clone(),
+            info,
+            registry: Some(self.clone()),
+        })
+    }
+
+    /// Whether the shared view lets this connection keep its requested id: it was free, or
+    /// its holder is gone (this gateway's own closed connection whose removal is still queued,
+    /// or a dead gateway's).
+    async fn claimed(&self, info: &ConnectionInfo) -> Result<bool, StreamIoError> {
+        let Some(redis) = &self.redis else {
+            return Ok(true);
+        };
+        match stream_io::connections::claim(redis.next(), info).await? {
+            Claim::Claimed => Ok(true),
+            Claim::Taken(holder) if holder.gateway_id == self.gateway_id.as_str() => Ok(true),
+            Claim::Taken(holder) => Ok(!stream_io::connections::is_alive(
+                redis.next(),
+                &GatewayId::from_stored(&holder.gateway_id),
+            )
+            .await?),
+        }
+    }
+
+    /// The connection keeps its id: written to the shared view.
+    fn opened(&self, info: &ConnectionInfo) {
+        if let Some(view) = &self.view {
+            let _ = view.send(ViewOp::Open(info.clone()));
         }
     }
 
@@ -147,31 +243,7 @@ impl Connections {
             metrics::gauge!("gateway_sse_connections").decrement(1.0);
         }
         if let Some(view) = &self.view {
-            let _ = view.send(ViewOp::Remove(session_id.clone(), connection_id.to_owned()));
-        }
-    }
-
-    /// Writes (or renews) connections in the shared view, in the background.
-    fn publish(&self, infos: Vec<ConnectionInfo>) {
-        if let Some(view) = &self.view
-            && !infos.is_empty()
-        {
-            let _ = view.send(ViewOp::Publish(infos));
-        }
-    }
-
-    /// Renews this gateway's connections every `interval` until shutdown.
-    pub async fn heartbeat(self, interval: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
-            let infos: Vec<ConnectionInfo> =
-                self.with(|live| live.values().map(Live::snapshot).collect());
-            self.publish(infos);
+            let _ = view.send(ViewOp::Close(session_id.clone(), connection_id.to_owned()));
         }
     }
 
@@ -188,8 +260,9 @@ impl Connections {
         })
     }
 
-    /// Every gateway's live connections of a session, from the shared view. Entries whose
-    /// gateway stopped renewing them are dropped here.
+    /// Every gateway's live connections of a session: this gateway's from memory (exact, even
+    /// while a write to the view is in flight), the others' from the shared view, where entries
+    /// of dead gateways are dropped.
     pub async fn for_session(
         &self,
         session_id: &SessionId,
@@ -197,7 +270,11 @@ impl Connections {
         let Some(redis) = &self.redis else {
             return Ok(self.local_for_session(session_id));
         };
-        stream_io::connections::list(redis.next(), session_id, now_ms()).await
+        let mut list = stream_io::connections::list(redis.next(), session_id).await?;
+        list.retain(|c| c.gateway_id != self.gateway_id.as_str());
+        list.extend(self.local_for_session(session_id));
+        list.sort_by_key(|c| c.connected_since);
+        Ok(list)
     }
 
     pub fn count(&self) -> usize {
@@ -205,33 +282,117 @@ impl Connections {
     }
 }
 
-/// The view writer: applies changes in the order they were made; the entries expire by
-/// themselves after the TTL when a write fails.
-async fn write_view_in_order(
+/// Renewals between two sweeps for dead gateways' leftovers.
+const SWEEP_EVERY: u32 = 12;
+
+/// How long the view writer waits for more removals after shutdown.
+const VIEW_QUIET: Duration = Duration::from_secs(1);
+
+/// The one task that writes this gateway's part of the view, in order.
+struct ViewWriter {
     pool: Pool,
-    mut ops: mpsc::UnboundedReceiver<ViewOp>,
-    ttl: Duration,
-    shutdown: CancellationToken,
-) {
-    let ttl_secs = ttl.as_secs();
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let op = tokio::select! {
-            op = ops.recv() => op,
-            // After shutdown it keeps writing while streams end (their removals), and stops once
-            // nothing came for a while: a `Connections` handle that outlives the server must not
-            // keep shutdown waiting.
-            () = quiet_after(&shutdown) => None,
-        };
-        let Some(op) = op else { break };
-        let result = match op {
-            ViewOp::Publish(infos) => write_view(&pool, &infos, now_ms() + ttl_ms, ttl_secs).await,
-            ViewOp::Remove(session_id, connection_id) => {
-                remove_from_view(&pool, &session_id, &connection_id).await
+    gateway: GatewayId,
+    live: LiveTable,
+    settings: ViewSettings,
+    /// Whether the liveness key is known to exist; false until the first announce succeeds.
+    announced: bool,
+}
+
+impl ViewWriter {
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.settings.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<ViewOp>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
+        loop {
+            tokio::select! {
+                op = ops.recv() => {
+                    let Some(op) = op else { break };
+                    if let Err(error) = self.apply(op).await {
+                        tracing::debug!(%error, "cannot update the shared connection view");
+                    }
+                }
+                _ = tick.tick(), if !shutdown.is_cancelled() => {
+                    if let Err(error) = self.renew(ticks % SWEEP_EVERY == SWEEP_EVERY - 1).await {
+                        tracing::debug!(%error, "cannot renew the shared connection view");
+                    }
+                    ticks = ticks.wrapping_add(1);
+                }
+                // After shutdown it keeps writing while streams end (their removals), and stops
+                // once nothing came for a while: a `Connections` handle that outlives the server
+                // must not keep shutdown waiting.
+                () = quiet_after(&shutdown) => break,
             }
-        };
-        if let Err(error) = result {
-            tracing::debug!(%error, "cannot update the shared connection view");
+        }
+        if let Err(error) = stream_io::connections::leave(self.pool.next(), &self.gateway).await {
+            tracing::debug!(%error, "cannot remove this gateway from the connection view");
+        }
+    }
+
+    async fn apply(&mut self, op: ViewOp) -> Result<(), StreamIoError> {
+        let client = self.pool.next();
+        match op {
+            ViewOp::Open(info) => {
+                if !self.announced {
+                    // The connections already open are written by `announce` itself.
+                    return self.announce().await;
+                }
+                stream_io::connections::write(client, &self.gateway, &[info]).await
+            }
+            ViewOp::Close(session, connection_id) => {
+                stream_io::connections::remove(client, &self.gateway, &session, &connection_id)
+                    .await
+            }
+        }
+    }
+
+    /// Writes the liveness key and every open connection: at start, and whenever the key was
+    /// found missing (readers may have deleted the entries meanwhile).
+    async fn announce(&mut self) -> Result<(), StreamIoError> {
+        let client = self.pool.next();
+        stream_io::connections::announce(client, &self.gateway, self.ttl_ms(), now_ms()).await?;
+        let all: Vec<ConnectionInfo> = lock(&self.live).values().map(Live::snapshot).collect();
+        stream_io::connections::write(client, &self.gateway, &all).await?;
+        self.mark_published(&all);
+        self.announced = true;
+        Ok(())
+    }
+
+    /// One round: the liveness key, then the event counts that changed (connections that sent
+    /// nothing cost nothing), and now and then a sweep for dead gateways.
+    async fn renew(&mut self, sweep: bool) -> Result<(), StreamIoError> {
+        let client = self.pool.next();
+        let renewed = self.announced
+            && stream_io::connections::renew(client, &self.gateway, self.ttl_ms()).await?;
+        if !renewed {
+            self.announced = false;
+            return self.announce().await;
+        }
+        let changed: Vec<ConnectionInfo> = lock(&self.live)
+            .values()
+            .filter(|c| c.events_sent.load(Ordering::Relaxed) != c.published_events)
+            .map(Live::snapshot)
+            .collect();
+        stream_io::connections::write(client, &self.gateway, &changed).await?;
+        self.mark_published(&changed);
+        if sweep {
+            let removed = stream_io::connections::sweep(client).await?;
+            if removed > 0 {
+                tracing::info!(removed, "removed dead gateways from the connection view");
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_published(&self, infos: &[ConnectionInfo]) {
+        let mut live = lock(&self.live);
+        for info in infos {
+            if let Some(c) = live.get_mut(&info.connection_id) {
+                c.published_events = info.events_sent;
+            }
         }
     }
 }
@@ -242,42 +403,21 @@ async fn quiet_after(shutdown: &CancellationToken) {
     tokio::time::sleep(VIEW_QUIET).await;
 }
 
-/// How long the view writer waits for more removals after shutdown.
-const VIEW_QUIET: Duration = Duration::from_secs(1);
-
-async fn remove_from_view(
-    pool: &Pool,
-    session_id: &SessionId,
-    connection_id: &str,
-) -> Result<(), StreamIoError> {
-    stream_io::connections::remove(pool.next(), session_id, connection_id).await
-}
-
-async fn write_view(
-    redis: &Pool,
-    infos: &[ConnectionInfo],
-    expiry: u64,
-    ttl_secs: u64,
-) -> Result<(), StreamIoError> {
-    stream_io::connections::publish(redis.next(), infos, expiry, ttl_secs).await
-}
-
-/// `sse_<uuid>`: unique across gateway replicas.
-pub fn new_connection_id() -> String {
-    format!("sse_{}", uuid::Uuid::now_v7().simple())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_dropped_guard_removes_its_connection() -> Result<(), stream_schema::IdError> {
+    const VIEW: ViewSettings = ViewSettings {
+        renew_every: Duration::from_secs(5),
+        ttl: Duration::from_secs(15),
+    };
+
+    #[tokio::test]
+    async fn a_dropped_guard_removes_its_connection() -> anyhow::Result<()> {
         let lifecycle = Lifecycle::new(CancellationToken::new());
-        let connections =
-            Connections::new("gw".to_owned(), None, Duration::from_secs(15), &lifecycle);
+        let connections = Connections::new(GatewayId::from_stored("gw"), None, VIEW, &lifecycle);
         let session = SessionId::parse("s")?;
-        let guard = connections.register(session.clone(), None);
+        let guard = connections.register(session.clone(), None, None).await?;
         guard.events_sent.fetch_add(3, Ordering::Relaxed);
         let listed = connections.local_for_session(&session);
         assert_eq!(listed.len(), 1);
@@ -285,6 +425,31 @@ mod tests {
         assert_eq!(listed[0].gateway_id, "gw");
         drop(guard);
         assert!(connections.local_for_session(&session).is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_requested_id_is_taken_once() -> anyhow::Result<()> {
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let connections = Connections::new(GatewayId::from_stored("gw"), None, VIEW, &lifecycle);
+        let session = SessionId::parse("s")?;
+        let id = ConnectionId::new();
+        let first = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_eq!(first.connection_id, id.as_str());
+        // A second tab with the same URL while the first is open: a fresh id.
+        let second = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_ne!(second.connection_id, id.as_str());
+        // A reconnect after the first closed: the id again.
+        drop(first);
+        let again = connections
+            .register(session.clone(), None, Some(id.clone()))
+            .await?;
+        assert_eq!(again.connection_id, id.as_str());
+        assert_eq!(connections.count(), 2);
         Ok(())
     }
 }

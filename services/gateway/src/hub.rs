@@ -11,7 +11,7 @@
 //! cursor it reads with `XRANGE` ([`Subscription::catch_up_to`]). Delivery drops ids it has
 //! already sent, so neither a gap nor a duplicate can appear at the seam.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -77,7 +77,7 @@ pub struct HubSettings {
     /// Redis Cluster: streams of different sessions live in different slots, and one `XREAD`
     /// may not span slots (see [`Hub::run_cluster`]).
     pub cluster: bool,
-    /// Cluster mode: pause between read rounds that found nothing.
+    /// Cluster mode: a full read round at least this often, whatever was announced.
     pub cluster_poll_ms: u64,
 }
 
@@ -281,9 +281,17 @@ impl Hub {
     }
 
     /// The reader loop. `reader` is a client of its own: its connection blocks in `XREAD`.
-    pub async fn run(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
-        if self.shared.settings.cluster {
-            return self.run_cluster(reader, shutdown, flag).await;
+    /// On a Redis Cluster, `wake` (another client of its own) follows the streams' wake
+    /// channels ([`Hub::run_cluster`]).
+    pub async fn run(
+        self,
+        reader: Client,
+        wake: Option<Client>,
+        shutdown: CancellationToken,
+        flag: LoopFlag,
+    ) {
+        if let Some(wake) = wake.filter(|_| self.shared.settings.cluster) {
+            return self.run_cluster(reader, wake, shutdown, flag).await;
         }
         let settings = self.shared.settings;
         // Longest a read may take before the connection is presumed dead.
@@ -371,75 +379,221 @@ impl Hub {
     /// The reader loop on a Redis Cluster.
     ///
     /// A blocking `XREAD` can only cover keys of one slot, and sessions spread over all slots,
-    /// so blocking per slot would need a connection per active slot. Instead each round groups
-    /// the keys by slot and sends one non-blocking `XREAD` per group, all at once (fred sends
-    /// them to each node pipelined on its one connection); a round that finds nothing waits
-    /// `cluster_poll_ms` (or a new key) before the next. The cost is per active slot, never per
-    /// client, and nothing at all without subscribers.
-    pub async fn run_cluster(self, reader: Client, shutdown: CancellationToken, flag: LoopFlag) {
+    /// so blocking per slot would need a connection per active slot. Instead every write to a
+    /// session stream also publishes to the stream's wake channel (`SPUBLISH` inside the
+    /// writing script, in the stream's slot), and this loop follows the wake channel of every
+    /// stream in its table on `wake`, a client of its own (`SSUBSCRIBE`, one per new stream,
+    /// sent before the stream is first read so no write can go unannounced). It reads only
+    /// the streams that were announced, one non-blocking `XREAD` per slot, all at once; with
+    /// nothing announced it reads nothing. A full round every `cluster_poll_ms` (and after the
+    /// wake client reconnects or falls behind) is the safety net for a lost announcement. The
+    /// cost is per write and per active stream, never per client, and idle streams cost one
+    /// round per `cluster_poll_ms`.
+    pub async fn run_cluster(
+        self,
+        reader: Client,
+        wake: Client,
+        shutdown: CancellationToken,
+        flag: LoopFlag,
+    ) {
         let settings = self.shared.settings;
-        let idle = Duration::from_millis(settings.cluster_poll_ms.max(1));
+        let mut messages = wake.message_rx();
+        let mut reconnects = wake.reconnect_rx();
+        let mut sweep =
+            tokio::time::interval(Duration::from_millis(settings.cluster_poll_ms.max(1)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::default();
+        // Stream keys whose wake channel `wake` follows.
+        let mut followed: HashSet<String> = HashSet::new();
+        // What the next round reads: announced or new streams, or all of them.
+        let mut due: HashSet<String> = HashSet::new();
+        let mut read_all = true;
         while !shutdown.is_cancelled() {
             let (keys, ids) = self.snapshot();
             if keys.is_empty() {
+                unfollow(&wake, followed.drain().collect()).await;
                 if !self.idle(&reader, &shutdown, &flag).await {
                     break;
                 }
+                read_all = true;
                 continue;
             }
-            let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
-            for (key, id) in keys.into_iter().zip(ids) {
-                let slot = fred::util::redis_keyslot(key.as_bytes());
-                let group = groups.entry(slot).or_default();
-                group.0.push(key);
-                group.1.push(id);
+            match follow(&wake, &keys, &mut followed).await {
+                Ok(added) => due.extend(added),
+                Err(error) => {
+                    followed.clear();
+                    if !self
+                        .read_failed(&error, &mut backoff, &shutdown, &flag)
+                        .await
+                    {
+                        break;
+                    }
+                    continue;
+                }
             }
-            let reads = groups.into_values().map(|(keys, ids)| {
-                reader.xread::<Value, _, _>(Some(settings.batch), None, keys, ids)
-            });
-            let round =
-                tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(reads))
-                    .await;
-            let mut replies = Vec::new();
-            let mut failure = None;
-            match round {
-                Err(_) => failure = Some("read round timed out".to_owned()),
-                Ok(results) => {
-                    for result in results {
-                        match result
-                            .map_err(|e| e.to_string())
-                            .and_then(|v| stream_io::parse_xread(v).map_err(|e| e.to_string()))
+            let cursors: Vec<(String, String)> = keys
+                .into_iter()
+                .zip(ids)
+                .filter(|(key, _)| read_all || due.contains(key))
+                .collect();
+            read_all = false;
+            due.clear();
+            if !cursors.is_empty() {
+                match read_round(&reader, settings.batch, cursors).await {
+                    Ok(replies) => {
+                        backoff.reset();
+                        flag.set(true);
+                        // A stream that filled its batch has more: read it again at once.
+                        due.extend(
+                            replies
+                                .iter()
+                                .filter(|(_, entries)| entries.len() as u64 >= settings.batch)
+                                .map(|(key, _)| key.clone()),
+                        );
+                        self.dispatch(replies);
+                    }
+                    Err(error) => {
+                        if !self
+                            .read_failed(&error, &mut backoff, &shutdown, &flag)
+                            .await
                         {
-                            Ok(parsed) => replies.extend(parsed),
-                            Err(error) => failure = Some(error),
+                            break;
                         }
+                        continue;
                     }
                 }
-            }
-            if let Some(error) = failure {
-                if !self
-                    .read_failed(&error, &mut backoff, &shutdown, &flag)
-                    .await
-                {
-                    break;
+                if !due.is_empty() {
+                    continue;
                 }
-                continue;
             }
-            backoff.reset();
-            flag.set(true);
-            let found = replies.iter().any(|(_, entries)| !entries.is_empty());
-            self.dispatch(replies);
-            if !found {
-                tokio::select! {
-                    () = self.shared.wake.notified() => {}
-                    () = tokio::time::sleep(idle) => {}
-                    () = shutdown.cancelled() => break,
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Ok(message) => {
+                        due.extend(announced(&message));
+                        // Take every announcement already queued: one round serves them all.
+                        loop {
+                            match messages.try_recv() {
+                                Ok(message) => due.extend(announced(&message)),
+                                Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                                Err(_) => {
+                                    read_all = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // Announcements were dropped (or the client is gone): read everything.
+                    Err(_) => read_all = true,
+                },
+                // Subscriptions of a reconnected connection are gone: follow again, read all.
+                _ = reconnects.recv() => {
+                    followed.clear();
+                    read_all = true;
                 }
+                () = self.shared.wake.notified() => {}
+                _ = sweep.tick() => read_all = true,
+                () = shutdown.cancelled() => break,
             }
         }
+        unfollow(&wake, followed.drain().collect()).await;
         flag.set(false);
     }
+}
+
+/// The stream key an announcement on a wake channel names.
+fn announced(message: &fred::types::Message) -> Option<String> {
+    RedisKey::stream_of_wake_channel(&message.channel).map(str::to_owned)
+}
+
+/// Follows the wake channel of each of `keys` not followed yet (one `SSUBSCRIBE` each: the
+/// channels live in different slots) and stops following the keys that left the table.
+/// Returns the newly followed keys, which must be read once now.
+async fn follow(
+    wake: &Client,
+    keys: &[String],
+    followed: &mut HashSet<String>,
+) -> Result<Vec<String>, String> {
+    let current: HashSet<&String> = keys.iter().collect();
+    let gone: Vec<String> = followed
+        .iter()
+        .filter(|key| !current.contains(key))
+        .cloned()
+        .collect();
+    for key in &gone {
+        followed.remove(key);
+    }
+    unfollow(wake, gone).await;
+    let added: Vec<String> = keys
+        .iter()
+        .filter(|key| !followed.contains(*key))
+        .cloned()
+        .collect();
+    if added.is_empty() {
+        return Ok(added);
+    }
+    let subscribes = added
+        .iter()
+        .map(|key| wake.ssubscribe(RedisKey::wake_channel_of(key)));
+    let results = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::future::join_all(subscribes),
+    )
+    .await
+    .map_err(|_| "following wake channels timed out".to_owned())?;
+    for result in results {
+        result.map_err(|e| format!("following a wake channel: {e}"))?;
+    }
+    followed.extend(added.iter().cloned());
+    Ok(added)
+}
+
+/// Stops following the wake channels of `keys`. Best effort: an announcement that still
+/// arrives for a key no longer in the table is ignored.
+async fn unfollow(wake: &Client, keys: Vec<String>) {
+    if keys.is_empty() {
+        return;
+    }
+    let unsubscribes = keys
+        .iter()
+        .map(|key| wake.sunsubscribe(RedisKey::wake_channel_of(key)));
+    let done = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::future::join_all(unsubscribes),
+    )
+    .await;
+    if let Ok(results) = done {
+        for error in results.into_iter().filter_map(Result::err) {
+            tracing::debug!(%error, "unfollowing a wake channel failed");
+        }
+    }
+}
+
+/// One non-blocking `XREAD` per slot over `cursors` (key, last id), all at once (fred
+/// pipelines them per node).
+async fn read_round(
+    reader: &Client,
+    batch: u64,
+    cursors: Vec<(String, String)>,
+) -> Result<Vec<(String, Vec<stream_io::Entry>)>, String> {
+    let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
+    for (key, id) in cursors {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let group = groups.entry(slot).or_default();
+        group.0.push(key);
+        group.1.push(id);
+    }
+    let reads = groups
+        .into_values()
+        .map(|(keys, ids)| reader.xread::<Value, _, _>(Some(batch), None, keys, ids));
+    let results = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(reads))
+        .await
+        .map_err(|_| "read round timed out".to_owned())?;
+    let mut replies = Vec::new();
+    for result in results {
+        let value = result.map_err(|e| e.to_string())?;
+        replies.extend(stream_io::parse_xread(value).map_err(|e| e.to_string())?);
+    }
+    Ok(replies)
 }
 
 /// Interrupts the blocked read so it is re-issued with the new key set. `CLIENT UNBLOCK` may

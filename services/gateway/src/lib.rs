@@ -26,10 +26,10 @@ use service_kit::Settings;
 use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
 use service_kit::supervisor::RestartPolicy;
-use stream_schema::ModelId;
+use stream_schema::{GatewayId, ModelId};
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::Connections;
+use crate::connections::{Connections, ViewSettings};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubSettings};
 use crate::state::{AppState, SharedState};
@@ -51,6 +51,15 @@ impl Application {
             service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
         service_kit::redis::start(&reader, &settings.redis).await;
 
+        // Cluster mode: the reader waits for the streams' wake-ups on a client of its own.
+        let wake = if settings.redis.is_cluster() {
+            let wake =
+                service_kit::redis::blocking_client(&settings.redis).context("redis wake-ups")?;
+            service_kit::redis::start(&wake, &settings.redis).await;
+            Some(wake)
+        } else {
+            None
+        };
         let ops = OpsState::new(redis.clone(), metrics);
         let hub = Hub::new(HubSettings {
             batch: settings.gateway.reader_batch,
@@ -64,7 +73,7 @@ impl Application {
         lifecycle.supervise(&ops, "reader", RestartPolicy::default(), move |flag| {
             loop_hub
                 .clone()
-                .run(reader.clone(), loop_shutdown.clone(), flag)
+                .run(reader.clone(), wake.clone(), loop_shutdown.clone(), flag)
         });
 
         let models = settings
@@ -91,22 +100,22 @@ impl Application {
             .with_context(|| format!("binding gateway.addr {}", settings.gateway.addr))?;
         let port = listener.local_addr()?.port();
         let connections = Connections::new(
-            service_kit::consumer_name("", "gateway"),
+            GatewayId::unique(&service_kit::consumer_name("", "gateway")),
             Some(redis.clone()),
-            Duration::from_secs(settings.gateway.connection_ttl_secs),
+            ViewSettings {
+                renew_every: Duration::from_secs(settings.gateway.connection_heartbeat_secs.max(1)),
+                ttl: Duration::from_secs(settings.gateway.connection_ttl_secs),
+            },
             &lifecycle,
         );
         lifecycle.spawn(service_kit::redis::observe(redis.clone(), shutdown.clone()));
         // Without it every delivered token's lag sample stays in memory (issue #20).
         lifecycle.spawn(ops.metrics_upkeep(shutdown.clone()));
-        lifecycle.spawn(connections.clone().heartbeat(
-            Duration::from_secs(settings.gateway.connection_heartbeat_secs),
-            shutdown.clone(),
-        ));
+        let cluster = settings.redis.is_cluster();
         let state: SharedState = Arc::new(AppState {
             settings,
             redis,
-            scripts: stream_io::session::SessionScripts::default(),
+            scripts: stream_io::session::SessionScripts::with_wake_ups(cluster),
             hub,
             connections,
             models,
@@ -152,7 +161,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` is cancelled, then drains connections and waits for every
-    /// tracked task: the reader, SSE deliveries, the heartbeat and the connection-view writer.
+    /// tracked task: the reader, SSE deliveries and the connection-view writer.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let shutdown = self.lifecycle.shutdown().clone();

@@ -70,7 +70,8 @@ pub(crate) struct SessionConnections {
     operation_id = "listSessionConnections",
     params(("sessionId" = SessionId, Path)),
     responses(
-        (status = 200, description = "Live connections (renewed by heartbeats)",
+        (status = 200, description = "Open connections on live gateways: a closed one leaves \
+            at once, a dead gateway's after `gateway.connection_ttl_secs`",
             body = SessionConnections),
         (status = 400, description = "`invalid_session_id`", body = ErrorBody),
         crate::error::ApiKeyRefused,

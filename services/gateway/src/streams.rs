@@ -14,7 +14,10 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use fred::prelude::Client;
 use stream_io::session::{Trimmed, entry_exists, last_entry_id, range_after, trimmed};
-use stream_schema::{EntryId, ErrorCode, RedisKey, RequestId, SessionEvent, SessionId};
+use stream_schema::{
+    ConnectionId, EntryId, ErrorCode, ModelId, RedisKey, RequestId, SessionCursor, SessionEvent,
+    SessionId,
+};
 use tokio::sync::mpsc;
 
 use crate::chat::request_meta;
@@ -32,7 +35,17 @@ const BODY_FRAMES: usize = 16;
 /// Where one stream of the connection starts.
 struct Plan {
     key: RedisKey,
+    model: ModelId,
     after: EntryId,
+}
+
+/// Where a client resumes (`Last-Event-ID` or `lastEventId`).
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// After this entry id: every request-scoped stream, and a session-wide one over one model.
+    Entry(EntryId),
+    /// A session-wide stream over several models: after each model stream's own position.
+    Cursor(SessionCursor),
 }
 
 /// An authorized reader of `GET /api/sse/stream/{sessionId}`, as a handler argument: the
@@ -43,10 +56,12 @@ struct Plan {
 pub struct StreamAccess {
     pub session: SessionId,
     pub request: Option<RequestId>,
-    pub resume: Option<EntryId>,
+    pub resume: Option<Resume>,
     /// The API key whose token opened the stream (`None` only with anonymous access): the
     /// stream ends when that key is revoked.
     pub key_id: Option<String>,
+    /// The `connectionId` query: the id the start answer named for this connection.
+    pub connection: Option<ConnectionId>,
 }
 
 impl actix_web::FromRequest for StreamAccess {
@@ -78,6 +93,13 @@ impl StreamAccess {
             .transpose()
             .map_err(|_| ApiError::InvalidRequest("requestId is not a request id".to_owned()))?;
         let resume = resume_id(req, &query)?;
+        let connection = query
+            .get("connectionId")
+            .map(|raw| ConnectionId::parse(raw))
+            .transpose()
+            .map_err(|_| {
+                ApiError::InvalidRequest("connectionId is not a connection id".to_owned())
+            })?;
         let claims = authorize(state, req, &query, &session, request.as_ref())?;
         let (session, key_id) = match claims {
             Some(claims) => (
@@ -91,6 +113,7 @@ impl StreamAccess {
             request,
             resume,
             key_id,
+            connection,
         })
     }
 }
@@ -104,7 +127,7 @@ fn parse_query(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
 fn resume_id(
     req: &HttpRequest,
     query: &HashMap<String, String>,
-) -> Result<Option<EntryId>, ApiError> {
+) -> Result<Option<Resume>, ApiError> {
     let header = req
         .headers()
         .get("Last-Event-ID")
@@ -114,9 +137,18 @@ fn resume_id(
     match header.or_else(|| query.get("lastEventId").cloned()) {
         None => Ok(None),
         Some(raw) if raw.is_empty() => Ok(None),
-        Some(raw) => EntryId::parse(&raw).map(Some).map_err(|_| {
-            ApiError::InvalidRequest("Last-Event-ID is not a stream entry id".to_owned())
-        }),
+        Some(raw) if SessionCursor::looks_like(&raw) => SessionCursor::parse(&raw)
+            .map(|cursor| Some(Resume::Cursor(cursor)))
+            .map_err(|_| {
+                ApiError::InvalidRequest(
+                    "Last-Event-ID is not a session cursor (model=id,…)".to_owned(),
+                )
+            }),
+        Some(raw) => EntryId::parse(&raw)
+            .map(|id| Some(Resume::Entry(id)))
+            .map_err(|_| {
+                ApiError::InvalidRequest("Last-Event-ID is not a stream entry id".to_owned())
+            }),
     }
 }
 
@@ -129,26 +161,37 @@ fn resume_id(
             from its `start` (late join); the response ends after its `complete` or `error`. \
             Without it: every request of the session from now on, and the response does not \
             end."),
+        ("connectionId" = Option<String>, Query, nullable = false,
+            pattern = r"^sse_[0-9a-f]{32}$",
+            description = "The `connectionId` of the start answer (its `streamUrl` carries \
+            it): this connection is listed under it, unless another open connection holds it \
+            (then it gets a fresh id)."),
         ("lastEventId" = Option<String>, Query, nullable = false,
-            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?|[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19}(,[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19})*)?$",
             description = "Resume after this event id, for clients that cannot set \
-            `Last-Event-ID`; the header wins when both are given."),
+            `Last-Event-ID`; the header wins when both are given. An entry id, or on a \
+            session-wide stream over several models the cursor its events carry \
+            (`model=id,…`)."),
         ("Last-Event-ID" = Option<String>, Header, nullable = false,
-            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$",
-            description = "Resume after this event id (what EventSource sends on reconnect)."),
+            pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?|[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19}(,[A-Za-z0-9_.:-]{1,64}=[0-9]{1,19}-[0-9]{1,19})*)?$",
+            description = "Resume after this event id (what EventSource sends on reconnect): \
+            an entry id, or a session cursor (`model=id,…`)."),
     ),
     responses(
         (status = 200, description = "An endless or request-long event stream. Each message is \
             `id: <stream entry id>` and `data: <SessionEvent JSON>` (no `event:` field), plus \
-            `: ping` comments when idle. An `error` event with code `history_lost` (and no \
-            `id:`) means the events after the resume id are gone; one with code `unauthorized` \
-            (not retryable) that the token's API key was revoked.",
+            `: ping` comments when idle. On a session-wide stream over several models, `id:` \
+            is a cursor instead: `<modelId>=<entry id>` of each model stream, joined by `,` (a \
+            model not named: none seen yet); resuming with it is exact across the models. An \
+            `error` event with code `history_lost` (and no `id:`) means the events after the \
+            resume id are gone; one with code `unauthorized` (not retryable) that the token's API \
+            key was revoked.",
             content_type = "text/event-stream", body = String, headers(
                 ("Cache-Control" = String, description = "`no-cache`"),
                 ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer"),
             )),
-        (status = 400, description = "`invalid_session_id`, or `invalid_request` (requestId \
-            or Last-Event-ID malformed)", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`, or `invalid_request` (requestId, \
+            connectionId or Last-Event-ID malformed)", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no stream token, or not a valid one \
             (malformed, expired, bad signature, another session)", body = ErrorBody),
         (status = 403, description = "`forbidden`: a valid token for another request (or a \
@@ -169,6 +212,7 @@ pub async fn stream(
         request,
         resume,
         key_id,
+        connection,
     } = access;
     let client = state.client();
 
@@ -183,30 +227,48 @@ pub async fn stream(
                     ApiError::NotFound("unknown requestId for this session".to_owned())
                 })?;
             parent_trace.clone_from(&meta.traceparent);
+            let from_start = meta.start_entry.predecessor();
+            let after = match &resume {
+                None => from_start,
+                Some(Resume::Entry(id)) => *id,
+                Some(Resume::Cursor(cursor)) => match cursor.position(&meta.model_id) {
+                    EntryId::ZERO => from_start,
+                    id => id,
+                },
+            };
             plans.push(Plan {
                 key: RedisKey::session(&meta.session_id, &meta.model_id),
-                after: resume.unwrap_or(meta.start_entry.predecessor()),
+                model: meta.model_id.clone(),
+                after,
             });
         }
         None => {
             for model in state.models.values() {
                 let key = RedisKey::session(&session, model);
-                let after = match resume {
-                    Some(id) => id,
+                let after = match &resume {
+                    Some(Resume::Entry(id)) => *id,
+                    Some(Resume::Cursor(cursor)) => cursor.position(model),
                     None => last_entry_id(client, &key).await?.unwrap_or(EntryId::ZERO),
                 };
-                plans.push(Plan { key, after });
+                plans.push(Plan {
+                    key,
+                    model: model.clone(),
+                    after,
+                });
             }
         }
     }
 
-    let history_lost = match resume {
+    let history_lost = match &resume {
         Some(_) => history_lost(client, &plans).await?,
         None => false,
     };
 
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
-    let guard = state.connections.register(session.clone(), request);
+    let guard = state
+        .connections
+        .register(session.clone(), request, connection)
+        .await?;
     tracing::debug!(connection_id = %guard.connection_id, session_id = %session, "sse connected");
     if history_lost {
         let event = SessionEvent::Error {
@@ -219,12 +281,21 @@ pub async fn stream(
         let _ = body_tx.try_send(unnumbered(&event));
         drop(guard);
     } else {
+        // Several model streams in one response: each event's `id:` is the cursor over all.
+        let cursor = (request.is_none() && plans.len() > 1).then(|| {
+            let mut cursor = SessionCursor::default();
+            for plan in &plans {
+                cursor.advance(&plan.model, plan.after);
+            }
+            cursor
+        });
         let delivery = Delivery {
             state: state.get_ref().clone(),
             body: body_tx,
             guard,
             request,
             key_id,
+            cursor,
         };
         let span = tracing::info_span!("sse.deliver", session_id = %session, request_id = ?request);
         if let Some(traceparent) = parent_trace {
@@ -342,6 +413,17 @@ struct Delivery {
     request: Option<RequestId>,
     /// The key whose token opened the stream; see `StreamAccess::key_id`.
     key_id: Option<String>,
+    /// A session-wide stream over several models: where the client stands in each, sent as
+    /// every event's `id:` instead of the entry id.
+    cursor: Option<SessionCursor>,
+}
+
+/// One model stream the connection follows live.
+struct Feed {
+    subscription: Subscription,
+    model: ModelId,
+    /// Last id delivered (or skipped) of this stream.
+    last: EntryId,
 }
 
 impl Delivery {
@@ -401,8 +483,14 @@ impl Delivery {
         }
     }
 
-    /// Sends a frame unless already sent or filtered; tells whether the request ended.
-    async fn offer(&mut self, last: &mut EntryId, frame: &Frame) -> Result<bool, End> {
+    /// Sends a frame of `model`'s stream unless already sent or filtered; tells whether the
+    /// request ended.
+    async fn offer(
+        &mut self,
+        model: &ModelId,
+        last: &mut EntryId,
+        frame: &Frame,
+    ) -> Result<bool, End> {
         if frame.id <= *last {
             return Ok(false);
         }
@@ -410,7 +498,14 @@ impl Delivery {
         if self.request.is_some_and(|r| r != frame.event.request_id()) {
             return Ok(false);
         }
-        self.send(frame.bytes.clone()).await?;
+        let bytes = match &mut self.cursor {
+            None => frame.bytes.clone(),
+            Some(cursor) => {
+                cursor.advance(model, frame.id);
+                with_id(&cursor.to_string(), &frame.bytes)
+            }
+        };
+        self.send(bytes).await?;
         self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("gateway_events_delivered_total").increment(1);
         if let SessionEvent::Token { timestamp, .. } = frame.event.as_ref() {
@@ -428,6 +523,7 @@ impl Delivery {
     async fn catch_up(
         &mut self,
         key: &RedisKey,
+        model: &ModelId,
         last: &mut EntryId,
         until: Option<EntryId>,
     ) -> Result<bool, End> {
@@ -457,7 +553,10 @@ impl Delivery {
                         continue;
                     }
                 };
-                if self.offer(last, &Frame::new(entry.id, event)).await? {
+                if self
+                    .offer(model, last, &Frame::new(entry.id, event))
+                    .await?
+                {
                     return Ok(true);
                 }
             }
@@ -478,7 +577,7 @@ impl Delivery {
             let mut last = plan.after;
             // History first, straight from Redis, before joining the live feed: a client far
             // behind would otherwise pile live entries up in its queue while it catches up.
-            match self.catch_up(&plan.key, &mut last, None).await {
+            match self.catch_up(&plan.key, &plan.model, &mut last, None).await {
                 Ok(true) => return End::Finished,
                 Ok(false) => {}
                 Err(end) => return end,
@@ -487,7 +586,7 @@ impl Delivery {
             // What arrived between the read above and the subscription.
             if subscription.catch_up_to.is_some() {
                 match self
-                    .catch_up(&plan.key, &mut last, subscription.catch_up_to)
+                    .catch_up(&plan.key, &plan.model, &mut last, subscription.catch_up_to)
                     .await
                 {
                     Ok(true) => return End::Finished,
@@ -495,7 +594,11 @@ impl Delivery {
                     Err(end) => return end,
                 }
             }
-            feeds.push((subscription, last));
+            feeds.push(Feed {
+                subscription,
+                model: plan.model,
+                last,
+            });
         }
 
         let keys = self.state.clone();
@@ -520,11 +623,11 @@ impl Delivery {
             };
             match message {
                 Some(HubMessage::Frame(frame)) => {
-                    let (subscription, last) = &mut feeds[index];
-                    subscription.consumed(&frame);
-                    let mut cursor = *last;
-                    let finished = self.offer(&mut cursor, &frame).await;
-                    feeds[index].1 = cursor;
+                    let feed = &mut feeds[index];
+                    feed.subscription.consumed(&frame);
+                    let (model, mut last) = (feed.model.clone(), feed.last);
+                    let finished = self.offer(&model, &mut last, &frame).await;
+                    feeds[index].last = last;
                     match finished {
                         Ok(true) => return End::Finished,
                         Ok(false) => {}
@@ -555,14 +658,29 @@ async fn revocation(state: &SharedState, key_id: Option<String>) {
     }
 }
 
+/// A frame's bytes with another `id:` line: the hub encodes each frame once with its entry id,
+/// and a connection that sends cursors swaps only that line.
+fn with_id(id: &str, frame: &Bytes) -> Bytes {
+    let data = frame
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(&frame[..], |newline| &frame[newline + 1..]);
+    let mut bytes = Vec::with_capacity(id.len() + 5 + data.len());
+    bytes.extend_from_slice(b"id: ");
+    bytes.extend_from_slice(id.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(data);
+    Bytes::from(bytes)
+}
+
 /// The next hub message of any of the connection's subscriptions, with its index.
-async fn next_message(feeds: &mut [(Subscription, EntryId)]) -> (usize, Option<HubMessage>) {
-    if let [(only, _)] = feeds {
-        return (0, only.rx.recv().await);
+async fn next_message(feeds: &mut [Feed]) -> (usize, Option<HubMessage>) {
+    if let [only] = feeds {
+        return (0, only.subscription.rx.recv().await);
     }
     futures::future::poll_fn(|cx| {
-        for (index, (subscription, _)) in feeds.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(message) = subscription.rx.poll_recv(cx) {
+        for (index, feed) in feeds.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(message) = feed.subscription.rx.poll_recv(cx) {
                 return std::task::Poll::Ready((index, message));
             }
         }

@@ -768,3 +768,31 @@ async fn a_request_with_tools_gets_a_call_of_its_first_tool_until_a_tool_answere
     assert!(text["choices"][0]["message"]["tool_calls"].is_null());
     Ok(())
 }
+
+#[tokio::test]
+async fn faults_count_every_chunk_of_a_tool_call_answer() -> anyhow::Result<()> {
+    let app = spawn_app()?;
+    let body = serde_json::json!({
+        "model": "mock", "stream": true,
+        "messages": [{"role": "user", "content": "Break mid-call [[mock reasoning=2 tools=1 error_after=6]]"}],
+    });
+
+    let text = app.post_raw(body).await?.text().await?;
+
+    let frames: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    // The role chunk, 2 reasoning chunks, the call's opening, 3 argument fragments, the error.
+    assert_eq!(frames.len(), 8, "{frames:?}");
+    assert!(frames[7].contains("\"error\""), "{}", frames[7]);
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| f.contains("\"arguments\""))
+            .count(),
+        4
+    );
+    assert!(!text.contains("[DONE]"));
+    Ok(())
+}

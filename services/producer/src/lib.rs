@@ -64,7 +64,8 @@ impl Application {
         let producer = &settings.producer;
         let ctx = Arc::new(WorkerContext {
             redis: redis.clone(),
-            scripts: SessionScripts::default(),
+            // Cluster mode: every append wakes the gateways' readers (see the gateway's hub).
+            scripts: SessionScripts::with_wake_ups(settings.redis.is_cluster()),
             upstreams,
             retention: Retention {
                 ttl_secs: settings.streams.session_ttl_secs,

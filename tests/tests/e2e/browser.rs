@@ -103,6 +103,9 @@ async fn scenarios(stack: &Stack, browser: &Browser, proxy: &NetworkLink) -> any
     streams_the_full_text(browser)
         .await
         .context("scenario: a prompt streams its full text")?;
+    shows_reasoning_and_tool_calls(browser)
+        .await
+        .context("scenario: reasoning and tool calls are shown")?;
     shows_an_upstream_error(browser)
         .await
         .context("scenario: an upstream error is shown")?;
@@ -298,6 +301,48 @@ async fn streams_the_full_text(browser: &Browser) -> anyhow::Result<()> {
             .is_some_and(|s| s.contains("40 tokens")),
         "{figures}"
     );
+    Ok(())
+}
+
+/// Reasoning collapsed above the answer, each tool call's name and arguments below it.
+const READ_CONTENT: &str = r#"
+const a = document.querySelector('article.exchange[data-request-id="' + arguments[0] + '"]');
+const r = a.querySelector('details.reasoning');
+return {
+  reasoningShown: !r.hidden, reasoningOpen: r.open,
+  reasoning: r.querySelector('.thought').textContent,
+  calls: [...a.querySelectorAll('.tools .tool-call')].map((c) =>
+    [c.querySelector('.tool-name').textContent, c.querySelector('pre').textContent]),
+};"#;
+
+async fn shows_reasoning_and_tool_calls(browser: &Browser) -> anyhow::Result<()> {
+    use mock_llm::scenario::{Scenario, Shape};
+    let prompt = "Plan a trip [[mock reasoning=6 tokens=3 tools=2 delay_ms=5]]";
+    let request = send(browser, prompt).await?;
+    let done = wait_state(browser, &request, "complete").await?;
+    let planned = Scenario::plan(
+        &mock_llm::text::prompt_text([prompt]),
+        0,
+        &Shape {
+            text_tokens: 3,
+            reasoning: 6,
+            tool_calls: 2,
+            ..Shape::default()
+        },
+    );
+    ensure!(text(&done) == planned.text.concat(), "{done}");
+    let shown = browser.eval(READ_CONTENT, json!([request])).await?;
+    ensure!(
+        shown["reasoningShown"] == true && shown["reasoningOpen"] == false,
+        "reasoning is not shown collapsed: {shown}"
+    );
+    ensure!(shown["reasoning"] == planned.reasoning.concat(), "{shown}");
+    let calls: Vec<Value> = planned
+        .tool_calls
+        .iter()
+        .map(|c| json!([c.name, c.arguments]))
+        .collect();
+    ensure!(shown["calls"] == json!(calls), "{shown}");
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use fred::prelude::*;
 use serde_json::json;
 use test_support::{SseClient, wait_until};
 
@@ -220,5 +221,60 @@ async fn rate_limits_and_counters_hold_on_a_cluster() -> anyhow::Result<()> {
     .await?;
     assert_eq!(stats.get("requests"), Some(&4));
     assert_eq!(stats.get("tokens_streamed"), Some(&12));
+    Ok(())
+}
+
+/// `XREAD` calls on every node of the stack's cluster so far.
+async fn xreads(stack: &Stack) -> anyhow::Result<u64> {
+    let test_support::StackRedis::Cluster(cluster) = &stack.redis else {
+        anyhow::bail!("not a cluster stack");
+    };
+    let mut calls = 0;
+    for port in cluster.ports() {
+        let node = test_support::connect_client(&format!("redis://127.0.0.1:{port}")).await?;
+        let info: String = node.info(Some(fred::types::InfoKind::CommandStats)).await?;
+        calls += info
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_xread:"))
+            .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(calls)
+}
+
+#[tokio::test]
+async fn an_idle_cluster_gateway_costs_almost_nothing_and_tokens_come_on_wake_ups()
+-> anyhow::Result<()> {
+    let stack = Stack::start(on_cluster(options().with_settings(|s| {
+        // Only announcements can bring tokens promptly: the safety round is a minute away.
+        s.gateway.cluster_poll_ms = 60_000;
+        s.mock_llm.token_delay_ms = 2;
+    })))
+    .await?;
+    // Idle watchers on twenty sessions, spread over slots and nodes.
+    let mut watchers = Vec::new();
+    for i in 0..20 {
+        let url = stack.session_stream(&format!("quiet-{i}")).await?;
+        watchers.push(stack.open(0, &url, &[]).await?);
+    }
+    let before = xreads(&stack).await?;
+    // A measurement window, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = xreads(&stack).await?.saturating_sub(before);
+    // Polling every 5 ms (before wake-ups) cost 6,629 reads in this window; the announcements
+    // leave nothing to read.
+    assert!(idle <= 20, "{idle} XREADs in 3 s with 20 idle streams");
+
+    // A chat on a watched session: every token arrives, on announcements alone.
+    let began = std::time::Instant::now();
+    let prompt = "wake me [[mock tokens=60]]";
+    stack.start_chat("quiet-7", prompt).await?;
+    let events = watchers[7]
+        .collect_until(TIMEOUT, |e| e.data.contains("\"complete\""))
+        .await?;
+    let took = began.elapsed();
+    assert_eq!(text_of(&payloads(&events)?), expected_text(prompt, 60));
+    assert!(took < Duration::from_secs(5), "the answer took {took:?}");
     Ok(())
 }

@@ -379,3 +379,43 @@ async fn bad_chat_input_is_a_400_with_the_spec_error_body_and_writes_nothing() -
     assert_eq!(queued, 0, "a refused start queued a job");
     Ok(())
 }
+
+#[tokio::test]
+async fn analytics_count_reasoning_and_tool_call_fragments_as_streamed_tokens() -> anyhow::Result<()>
+{
+    let stack = Stack::start(options()).await?;
+    let prompt = "Count me [[mock reasoning=4 tokens=3 tools=2]]";
+
+    let url = start(&stack, "counted", prompt).await?;
+    let events = payloads(&stack.read_all(&url).await?)?;
+
+    // Without coalescing, every content event is one upstream delta.
+    let streamed = events.iter().filter(|e| e["sequence"].is_u64()).count() as u64;
+    let complete = events.last().cloned().unwrap_or_default();
+    let totals = test_support::wait_until(TIMEOUT, std::time::Duration::from_millis(100), || {
+        let stack = &stack;
+        async move {
+            let body: Value = stack
+                .http
+                .get(format!(
+                    "{}/api/analytics/sessions/counted",
+                    stack.gateway()
+                ))
+                .bearer_auth(crate::stack::API_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let totals = body["totals"].clone();
+            Ok((totals["finished"] == 1).then_some(totals))
+        }
+    })
+    .await?;
+    assert_eq!(totals["tokensStreamed"], streamed, "{totals}");
+    assert_eq!(totals["finishes"]["tool_calls"], 1, "{totals}");
+    assert_eq!(
+        totals["completionTokens"], complete["usage"]["completionTokens"],
+        "{totals}"
+    );
+    Ok(())
+}

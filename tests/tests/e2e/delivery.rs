@@ -671,3 +671,98 @@ async fn clients_that_drop_and_resume_at_random_see_every_token_once() -> anyhow
     let _ = json!(null);
     Ok(())
 }
+
+/// A deterministic pseudo-random sequence (xorshift64*), so a failing run can be replayed.
+struct Draws(u64);
+
+impl Draws {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % below.max(1)
+    }
+}
+
+#[tokio::test]
+async fn a_session_followed_across_two_models_resumes_exactly_after_random_drops()
+-> anyhow::Result<()> {
+    let stack = Stack::start(options().with_settings(|s| s.mock_llm.token_delay_ms = 1)).await?;
+    let watch = stack.session_stream("two-models").await?;
+    let mut connection = stack.open(0, &watch, &[]).await?;
+    // Three requests on each model at once: the two streams' entry ids interleave.
+    let tokens = 120;
+    let mut requests = HashMap::new();
+    for i in 0..6 {
+        let model = if i % 2 == 0 { "mock" } else { "gpt-4" };
+        let prompt = format!("interleaved {i} [[mock tokens={tokens}]]");
+        let (status, started) = stack
+            .post_start(
+                0,
+                &json!({"sessionId": "two-models", "modelId": model, "prompt": prompt}),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "{status} {started}");
+        requests.insert(str_field(&started, "requestId")?.to_owned(), prompt);
+    }
+
+    let mut draws = Draws(0x5eed_1234_abcd_0001);
+    let mut seen: Vec<Value> = Vec::new();
+    let mut completes = 0;
+    let mut drops = 0;
+    let mut last_id = String::new();
+    while completes < requests.len() {
+        // Take a few events, then drop the connection and resume from the last id.
+        for _ in 0..1 + draws.next(40) {
+            let Some(event) = connection.next_event(LONG).await? else {
+                break;
+            };
+            let payload = event.json()?;
+            anyhow::ensure!(payload["type"] != "error", "{payload}");
+            last_id = event
+                .id
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("an event without id: {payload}"))?;
+            if payload["type"] == "complete" {
+                completes += 1;
+            }
+            seen.push(payload);
+            if completes == requests.len() {
+                break;
+            }
+        }
+        drops += 1;
+        connection = stack
+            .open(0, &watch, &[("Last-Event-ID", last_id.as_str())])
+            .await?;
+    }
+    assert!(drops > 10, "only {drops} drops");
+    assert!(
+        last_id.contains("mock=") && last_id.contains("gpt-4="),
+        "{last_id}"
+    );
+    // Every request whole, once: its start, every token in order, its complete.
+    for (request_id, prompt) in &requests {
+        let own: Vec<&Value> = seen
+            .iter()
+            .filter(|e| e["requestId"] == request_id.as_str())
+            .collect();
+        let kinds: Vec<&str> = own.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(kinds.first(), Some(&"start"), "{request_id}: {kinds:?}");
+        assert_eq!(kinds.last(), Some(&"complete"), "{request_id}: {kinds:?}");
+        let sequences: Vec<u64> = own
+            .iter()
+            .filter(|e| e["type"] == "token")
+            .filter_map(|e| e["sequence"].as_u64())
+            .collect();
+        assert_eq!(
+            sequences,
+            (1..=tokens).collect::<Vec<_>>(),
+            "{request_id}: lost or repeated tokens after {drops} drops"
+        );
+        let owned: Vec<Value> = own.into_iter().cloned().collect();
+        assert_eq!(text_of(&owned), expected_text(prompt, tokens as usize));
+        assert_eq!(kinds.len(), tokens as usize + 2, "{request_id}: {kinds:?}");
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod browser;
 mod chat_flow;
 mod cli;
 mod cluster;
+mod connection_view;
 mod content;
 mod delivery;
 mod limits;

@@ -52,6 +52,26 @@ async fn every_service_reports(stack: &Stack, status: u16, within: Duration) -> 
     Ok(())
 }
 
+/// Every service's `/metrics` has `service_ready` and `redis_connected` at `value`.
+async fn readiness_gauges_read(stack: &Stack, value: f64) -> anyhow::Result<()> {
+    for service in [
+        &stack.gateways[0],
+        &stack.producers[0],
+        &stack.processors[0],
+    ] {
+        let metrics = scrape(stack, service.url()).await?;
+        for gauge in ["service_ready", "redis_connected"] {
+            assert_eq!(
+                sample(&metrics, gauge),
+                Some(value),
+                "{gauge} of {}",
+                service.process.name()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn scrape(stack: &Stack, url: String) -> anyhow::Result<String> {
     Ok(stack
         .http
@@ -203,8 +223,10 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["error"]["code"], "unavailable");
 
-    // Every service says it is not ready.
+    // Every service says it is not ready, and its metrics say so too (what the alerts read:
+    // a scrape still succeeds, and no traffic is needed).
     every_service_reports(&stack, 503, Duration::from_secs(10)).await?;
+    readiness_gauges_read(&stack, 0.0).await?;
 
     // The open stream ends (with a retryable error event, or just closes) so the client resumes.
     let rest = client.collect_to_end(Duration::from_secs(15)).await?;
@@ -220,6 +242,7 @@ async fn redis_down_fails_fast_and_everything_recovers_without_a_restart() -> an
 
     // Recovery by themselves: ready again, a new chat works end to end.
     every_service_reports(&stack, 200, Duration::from_secs(20)).await?;
+    readiness_gauges_read(&stack, 1.0).await?;
     let after_prompt = "after the outage [[mock tokens=8]]";
     let after = stack.start_chat("recovered", after_prompt).await?;
     let after_events = payloads(&stack.read_all(str_field(&after, "streamUrl")?).await?)?;
