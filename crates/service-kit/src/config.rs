@@ -137,11 +137,26 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-/// `[models.<id>]`: one OpenAI-compatible upstream.
+/// Which wire API a model's upstream speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// OpenAI Chat Completions (`POST {base_url}/chat/completions`): OpenAI and every
+    /// OpenAI-compatible server (vLLM, Ollama, LiteLLM, mock-llm).
+    #[default]
+    OpenAi,
+    /// Anthropic Messages (`POST {base_url}/messages`, `x-api-key`, `anthropic-version`).
+    Anthropic,
+}
+
+/// `[models.<id>]`: one upstream model.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSettings {
-    /// OpenAI-compatible API base, e.g. `http://127.0.0.1:8090/v1` or `https://api.openai.com/v1`.
+    /// The API the upstream speaks: `openai` (the default) or `anthropic`.
+    pub provider: Provider,
+    /// API base, e.g. `http://127.0.0.1:8090/v1`, `https://api.openai.com/v1` or
+    /// `https://api.anthropic.com/v1`.
     pub base_url: String,
     /// The model name sent upstream.
     pub upstream_model: String,
@@ -168,11 +183,22 @@ pub struct ModelSettings {
     /// Longest delay between two tries. A `Retry-After` longer than this is not waited for: the
     /// request ends at once with a retryable error instead of holding a concurrency permit.
     pub retry_max_ms: u64,
+    /// Models (ids of this table) that serve a request this model cannot: when a request fails
+    /// before its first token with a retryable error and its retries are spent, it moves to the
+    /// next model of this list, in order. Only this model's list is followed (not the
+    /// fallbacks' own lists).
+    pub fallbacks: Vec<String>,
+    /// `max_tokens` sent when the request says no `maxTokens` and the API requires one
+    /// (Anthropic).
+    pub default_max_tokens: u32,
+    /// The `anthropic-version` header of an `anthropic` model.
+    pub anthropic_version: String,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
         Self {
+            provider: Provider::OpenAi,
             base_url: String::new(),
             upstream_model: String::new(),
             api_key_env: None,
@@ -184,6 +210,9 @@ impl Default for ModelSettings {
             max_retries: 3,
             retry_base_ms: 250,
             retry_max_ms: 10_000,
+            fallbacks: Vec::new(),
+            default_max_tokens: 4_096,
+            anthropic_version: "2023-06-01".to_owned(),
         }
     }
 }
@@ -768,6 +797,20 @@ impl Settings {
                     "must not exceed retry_max_ms",
                 ));
             }
+            if model.default_max_tokens == 0 {
+                return Err(invalid(
+                    format!("models.{id}.default_max_tokens"),
+                    "must be at least 1",
+                ));
+            }
+            if model.provider == Provider::Anthropic && model.anthropic_version.is_empty() {
+                return Err(invalid(
+                    format!("models.{id}.anthropic_version"),
+                    "missing required value",
+                ));
+            }
+            check_fallbacks(id, &model.fallbacks, &self.models)
+                .map_err(|reason| invalid(format!("models.{id}.fallbacks"), reason))?;
         }
         if self.gateway.connection_ttl_secs <= self.gateway.connection_heartbeat_secs {
             return Err(invalid(
@@ -780,6 +823,26 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A fallback list names configured models, never its own model, each at most once.
+fn check_fallbacks(
+    id: &str,
+    fallbacks: &[String],
+    models: &BTreeMap<String, ModelSettings>,
+) -> Result<(), String> {
+    for (index, fallback) in fallbacks.iter().enumerate() {
+        if fallback == id {
+            return Err(format!("`{fallback}` falls back to itself"));
+        }
+        if !models.contains_key(fallback) {
+            return Err(format!("`{fallback}` is not a configured model"));
+        }
+        if fallbacks[..index].contains(fallback) {
+            return Err(format!("`{fallback}` is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 /// An API key entry is an id of `[A-Za-z0-9_-]` and a 64-digit hex SHA-256.
@@ -984,6 +1047,68 @@ mod tests {
         assert_eq!(model.idle_timeout_ms, 700);
         assert_eq!(model.max_concurrency, 2);
         assert_eq!(model.retry_base_ms, ModelSettings::default().retry_base_ms);
+        Ok(())
+    }
+
+    const TWO_MODELS: &str = "[models.a]\nbase_url = \"http://x/v1\"\nupstream_model = \"a\"\n\
+        [models.b]\nbase_url = \"http://x/v1\"\nupstream_model = \"b\"\n";
+
+    fn load_error(text: &str) -> String {
+        load_toml(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_anthropic_model_with_fallbacks_loads() -> Result<(), ConfigError> {
+        let settings = load_toml(&format!(
+            "{TWO_MODELS}[models.c]\nprovider = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1\"\n\
+             upstream_model = \"claude\"\nfallbacks = [\"a\", \"b\"]\n"
+        ))?;
+        let model = &settings.models["c"];
+        assert_eq!(model.provider, Provider::Anthropic);
+        assert_eq!(model.fallbacks, ["a", "b"]);
+        assert_eq!(model.anthropic_version, "2023-06-01");
+        assert_eq!(settings.models["a"].provider, Provider::OpenAi);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_provider_is_named() {
+        let err = load_error(&format!("{TWO_MODELS}provider = \"gemini\"\n"));
+        assert!(err.contains("gemini"), "{err}");
+    }
+
+    #[test]
+    fn a_fallback_to_an_unknown_model_is_named() {
+        let err = load_error(&format!("{TWO_MODELS}fallbacks = [\"c\"]\n"));
+        assert!(err.contains("models.b.fallbacks"), "{err}");
+        assert!(err.contains("`c` is not a configured model"), "{err}");
+    }
+
+    #[test]
+    fn a_model_falling_back_to_itself_is_named() {
+        let err = load_error(&format!("{TWO_MODELS}fallbacks = [\"a\", \"b\"]\n"));
+        assert!(err.contains("models.b.fallbacks"), "{err}");
+        assert!(err.contains("itself"), "{err}");
+    }
+
+    #[test]
+    fn a_fallback_listed_twice_is_named() {
+        let err = load_error(&format!("{TWO_MODELS}fallbacks = [\"a\", \"a\"]\n"));
+        assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn models_may_fall_back_to_each_other() -> Result<(), ConfigError> {
+        // Each list is followed alone, so a → b and b → a never loop.
+        let text = TWO_MODELS.replace(
+            "upstream_model = \"a\"\n",
+            "upstream_model = \"a\"\nfallbacks = [\"b\"]\n",
+        );
+        let settings = load_toml(&format!("{text}fallbacks = [\"a\"]\n"))?;
+        assert_eq!(settings.models["a"].fallbacks, ["b"]);
         Ok(())
     }
 

@@ -70,11 +70,7 @@ pub async fn dead_letter(
 }
 
 fn session_of(record: &EventRecord) -> &SessionId {
-    match record {
-        EventRecord::Started { session_id, .. }
-        | EventRecord::Tokens { session_id, .. }
-        | EventRecord::Finished { session_id, .. } => session_id,
-    }
+    record.session_id()
 }
 
 fn parse_id(raw: &str) -> Result<EntryId, StreamIoError> {

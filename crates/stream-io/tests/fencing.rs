@@ -60,6 +60,7 @@ async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::
         request_id,
         attempt: 2,
         reason: "producer_lost".to_owned(),
+        served_by: None,
         timestamp: 2,
     };
     assert!(matches!(

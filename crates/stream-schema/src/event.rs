@@ -116,12 +116,18 @@ pub enum SessionEvent {
         content: String,
         timestamp: u64,
     },
-    /// A new producer took over: the client drops the partial text of the earlier attempt.
+    /// A new attempt began: the client drops the partial text of the earlier attempt. A
+    /// producer took over a lost request (`reason: "producer_lost"`), or the request moved to
+    /// the next model of its fallback chain before its first token (`reason: "fallback"`).
     #[serde(rename_all = "camelCase")]
     Restart {
         request_id: RequestId,
         attempt: u32,
         reason: String,
+        /// The model that serves the request from this attempt on (the `modelId` of `start`
+        /// unless the request fell back). Absent in entries written before it existed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        served_by: Option<ModelId>,
         timestamp: u64,
     },
     #[serde(rename_all = "camelCase")]
@@ -149,6 +155,7 @@ const F_ATTEMPT: &str = "attempt";
 const F_SEQ: &str = "seq";
 const F_CONTENT: &str = "content";
 const F_REASON: &str = "reason";
+const F_SERVED_BY: &str = "served";
 const F_FINISH: &str = "finish";
 const F_PROMPT_TOKENS: &str = "pt";
 const F_COMPLETION_TOKENS: &str = "ct";
@@ -287,11 +294,15 @@ impl SessionEvent {
             Self::Restart {
                 attempt,
                 reason,
+                served_by,
                 timestamp,
                 ..
             } => {
                 f.push((F_ATTEMPT, attempt.to_string()));
                 f.push((F_REASON, reason.clone()));
+                if let Some(model) = served_by {
+                    f.push((F_SERVED_BY, model.to_string()));
+                }
                 f.push((F_TIMESTAMP, timestamp.to_string()));
             }
             Self::Complete {
@@ -363,6 +374,7 @@ impl SessionEvent {
                 request_id,
                 attempt: parsed(src, F_ATTEMPT)?,
                 reason: required(src, F_REASON)?.to_owned(),
+                served_by: optional_parsed(src, F_SERVED_BY)?,
                 timestamp,
             }),
             "complete" => Ok(Self::Complete {
@@ -416,6 +428,14 @@ mod tests {
                 request_id,
                 attempt: 2,
                 reason: "producer_lost".to_owned(),
+                served_by: None,
+                timestamp: 3,
+            },
+            SessionEvent::Restart {
+                request_id,
+                attempt: 3,
+                reason: "fallback".to_owned(),
+                served_by: Some(ModelId::parse("claude")?),
                 timestamp: 3,
             },
             SessionEvent::Complete {
@@ -491,27 +511,31 @@ mod tests {
         assert_eq!(start["sessionId"], "user_123");
         assert_eq!(start["modelId"], "gpt-4");
         assert_eq!(start["attempt"], 1);
-        let complete: serde_json::Value = serde_json::from_str(&events[3].to_json())?;
+        let restart: serde_json::Value = serde_json::from_str(&events[2].to_json())?;
+        assert!(restart.get("servedBy").is_none(), "{restart}");
+        let fallback: serde_json::Value = serde_json::from_str(&events[3].to_json())?;
+        assert_eq!(fallback["servedBy"], "claude");
+        let complete: serde_json::Value = serde_json::from_str(&events[4].to_json())?;
         assert_eq!(complete["finishReason"], "stop");
         assert_eq!(complete["usage"]["promptTokens"], 9);
         assert_eq!(complete["usage"]["completionTokens"], 412);
-        let error: serde_json::Value = serde_json::from_str(&events[4].to_json())?;
+        let error: serde_json::Value = serde_json::from_str(&events[5].to_json())?;
         assert_eq!(error["code"], "upstream_error");
         assert_eq!(error["retryable"], true);
         assert!(complete["usage"].get("reasoningTokens").is_none());
 
-        let first: serde_json::Value = serde_json::from_str(&events[5].to_json())?;
+        let first: serde_json::Value = serde_json::from_str(&events[6].to_json())?;
         assert_eq!(first["type"], "tool_call");
         assert_eq!(first["index"], 1);
         assert_eq!(first["id"], "call_1");
         assert_eq!(first["name"], "get_weather");
         assert_eq!(first["arguments"], "{\"ci");
-        let later: serde_json::Value = serde_json::from_str(&events[6].to_json())?;
+        let later: serde_json::Value = serde_json::from_str(&events[7].to_json())?;
         assert!(later.get("id").is_none() && later.get("name").is_none());
-        let reasoning: serde_json::Value = serde_json::from_str(&events[7].to_json())?;
+        let reasoning: serde_json::Value = serde_json::from_str(&events[8].to_json())?;
         assert_eq!(reasoning["type"], "reasoning");
         assert_eq!(reasoning["sequence"], 4);
-        let tool_calls: serde_json::Value = serde_json::from_str(&events[8].to_json())?;
+        let tool_calls: serde_json::Value = serde_json::from_str(&events[9].to_json())?;
         assert_eq!(tool_calls["finishReason"], "tool_calls");
         assert_eq!(tool_calls["usage"]["reasoningTokens"], 12);
         Ok(())
@@ -530,11 +554,11 @@ mod tests {
         };
         let events = samples()?;
         let versions: Vec<String> = events.iter().map(version).collect();
-        assert_eq!(versions, ["1", "1", "1", "1", "1", "2", "2", "2", "2"]);
+        assert_eq!(versions, ["1", "1", "1", "1", "1", "1", "2", "2", "2", "2"]);
         // A complete event written by the previous release (no `rt`) still decodes.
-        let mut old = as_owned(events[3].encode());
+        let mut old = as_owned(events[4].encode());
         old.retain(|(k, _)| k != "rt");
-        assert_eq!(SessionEvent::decode(&old)?, events[3]);
+        assert_eq!(SessionEvent::decode(&old)?, events[4]);
         Ok(())
     }
 

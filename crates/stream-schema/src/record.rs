@@ -3,7 +3,7 @@
 
 use crate::codec::{
     DecodeError, FieldSource, Fields, Version, check_version, optional_parsed, parsed, required,
-    version_field_for,
+    string_enum, version_field_for,
 };
 use crate::event::{ErrorCode, FinishReason};
 use crate::ids::{ModelId, RequestId, SessionId};
@@ -13,6 +13,16 @@ use crate::ids::{ModelId, RequestId, SessionId};
 pub enum Outcome {
     Completed(FinishReason),
     Failed(ErrorCode),
+}
+
+string_enum! {
+    /// Which end of a fallback a [`EventRecord::FellBack`] record counts.
+    pub enum FallbackSide {
+        /// The model that could not serve the request.
+        From = "from",
+        /// The model the request moved to.
+        To = "to",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +58,16 @@ pub enum EventRecord {
         duration_ms: u64,
         timestamp: u64,
     },
+    /// The request moved along its fallback chain before its first token: written once for
+    /// the model it left (`From`) and once for the model it moved to (`To`). It counts for that
+    /// model only (the session and the API key still have one request).
+    FellBack {
+        request_id: RequestId,
+        session_id: SessionId,
+        model_id: ModelId,
+        side: FallbackSide,
+        timestamp: u64,
+    },
 }
 
 const F_KIND: &str = "k";
@@ -63,68 +83,79 @@ const F_COMPLETION_TOKENS: &str = "ct";
 const F_TTFT: &str = "ttft";
 const F_DURATION: &str = "dur";
 const F_TIMESTAMP: &str = "ts";
+const F_SIDE: &str = "side";
 
 impl EventRecord {
     pub fn request_id(&self) -> RequestId {
         match self {
             Self::Started { request_id, .. }
             | Self::Tokens { request_id, .. }
-            | Self::Finished { request_id, .. } => *request_id,
+            | Self::Finished { request_id, .. }
+            | Self::FellBack { request_id, .. } => *request_id,
         }
     }
 
-    /// The record's kind as written in field `k`: `start`, `tokens` or `finish`.
+    /// The record's kind as written in field `k`: `start`, `tokens`, `finish` or `fallback`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Started { .. } => "start",
             Self::Tokens { .. } => "tokens",
             Self::Finished { .. } => "finish",
+            Self::FellBack { .. } => "fallback",
+        }
+    }
+
+    /// The session of the record's request.
+    pub fn session_id(&self) -> &SessionId {
+        match self {
+            Self::Started { session_id, .. }
+            | Self::Tokens { session_id, .. }
+            | Self::Finished { session_id, .. }
+            | Self::FellBack { session_id, .. } => session_id,
+        }
+    }
+
+    /// The model the record counts for.
+    pub fn model_id(&self) -> &ModelId {
+        match self {
+            Self::Started { model_id, .. }
+            | Self::Tokens { model_id, .. }
+            | Self::Finished { model_id, .. }
+            | Self::FellBack { model_id, .. } => model_id,
+        }
+    }
+
+    /// When the record was written (Unix ms).
+    pub fn timestamp(&self) -> u64 {
+        match self {
+            Self::Started { timestamp, .. }
+            | Self::Tokens { timestamp, .. }
+            | Self::Finished { timestamp, .. }
+            | Self::FellBack { timestamp, .. } => *timestamp,
         }
     }
 
     /// The oldest schema version whose readers understand this record: the `tool_calls`
-    /// finish reason needs version 2.
+    /// finish reason and the `fallback` kind need version 2.
     fn version(&self) -> Version {
         match self {
             Self::Finished {
                 outcome: Outcome::Completed(FinishReason::ToolCalls),
                 ..
-            } => Version::V2,
+            }
+            | Self::FellBack { .. } => Version::V2,
             _ => Version::V1,
         }
     }
 
     pub fn encode(&self) -> Fields {
-        let (request_id, session_id, model_id, timestamp) = match self {
-            Self::Started {
-                request_id,
-                session_id,
-                model_id,
-                timestamp,
-                ..
-            }
-            | Self::Tokens {
-                request_id,
-                session_id,
-                model_id,
-                timestamp,
-                ..
-            }
-            | Self::Finished {
-                request_id,
-                session_id,
-                model_id,
-                timestamp,
-                ..
-            } => (request_id, session_id, model_id, timestamp),
-        };
         let mut f = vec![
             version_field_for(self.version()),
             (F_KIND, self.kind().to_owned()),
-            (F_REQUEST, request_id.to_string()),
-            (F_SESSION, session_id.to_string()),
-            (F_MODEL, model_id.to_string()),
-            (F_TIMESTAMP, timestamp.to_string()),
+            (F_REQUEST, self.request_id().to_string()),
+            (F_SESSION, self.session_id().to_string()),
+            (F_MODEL, self.model_id().to_string()),
+            (F_TIMESTAMP, self.timestamp().to_string()),
         ];
         match self {
             Self::Started { attempt, .. } => f.push((F_ATTEMPT, attempt.to_string())),
@@ -148,6 +179,7 @@ impl EventRecord {
                 }
                 f.push((F_DURATION, duration_ms.to_string()));
             }
+            Self::FellBack { side, .. } => f.push((F_SIDE, side.as_str().to_owned())),
         }
         f
     }
@@ -196,6 +228,13 @@ impl EventRecord {
                     timestamp,
                 })
             }
+            "fallback" => Ok(Self::FellBack {
+                request_id,
+                session_id,
+                model_id,
+                side: parsed(src, F_SIDE)?,
+                timestamp,
+            }),
             other => Err(DecodeError::UnknownType(other.to_owned())),
         }
     }
@@ -235,6 +274,13 @@ mod tests {
                 ttft_ms: Some(6),
                 duration_ms: 7,
                 timestamp: 8,
+            },
+            EventRecord::FellBack {
+                request_id,
+                session_id: session_id.clone(),
+                model_id: model_id.clone(),
+                side: FallbackSide::To,
+                timestamp: 11,
             },
             EventRecord::Finished {
                 request_id,

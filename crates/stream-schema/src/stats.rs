@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 
 use crate::event::FinishReason;
-use crate::record::{EventRecord, Outcome};
+use crate::record::{EventRecord, FallbackSide, Outcome};
 
 /// Field names of the stats hashes (totals and per-minute buckets share them).
 pub mod field {
@@ -40,6 +40,11 @@ pub mod field {
     pub const REQUESTS: &str = "requests";
     /// Later attempts started (a producer took over a lost request).
     pub const RESTARTS: &str = "restarts";
+    /// Per model: requests it could not serve that moved to the next model of its fallback
+    /// chain (before their first token).
+    pub const FELL_BACK: &str = "fell_back";
+    /// Per model: requests it took over as a fallback of another model (also in `requests`).
+    pub const FALLBACK_SERVED: &str = "fallback_served";
     /// Tokens written to session streams.
     pub const TOKENS_STREAMED: &str = "tokens_streamed";
     pub const PROMPT_TOKENS: &str = "prompt_tokens";
@@ -143,6 +148,12 @@ pub fn counts_per_key(record: &EventRecord) -> bool {
     )
 }
 
+/// Whether a record counts for its session. A fallback counts for its models only: the
+/// session still has one request.
+pub fn counts_per_session(record: &EventRecord) -> bool {
+    !matches!(record, EventRecord::FellBack { .. })
+}
+
 /// Key id used when a request's metadata (and so its API key) is gone.
 pub const UNKNOWN_KEY: &str = "unknown";
 
@@ -208,6 +219,10 @@ pub fn deltas(record: &EventRecord) -> Vec<(String, i64)> {
             }
             d
         }
+        EventRecord::FellBack { side, .. } => match side {
+            FallbackSide::From => vec![(FELL_BACK.to_owned(), 1)],
+            FallbackSide::To => vec![(REQUESTS.to_owned(), 1), (FALLBACK_SERVED.to_owned(), 1)],
+        },
     }
 }
 
@@ -295,6 +310,8 @@ impl Histogram {
 pub struct Counters {
     pub requests: u64,
     pub restarts: u64,
+    pub fell_back: u64,
+    pub fallback_served: u64,
     pub tokens_streamed: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -322,6 +339,8 @@ impl Counters {
         let slot = match name {
             REQUESTS => &mut self.requests,
             RESTARTS => &mut self.restarts,
+            FELL_BACK => &mut self.fell_back,
+            FALLBACK_SERVED => &mut self.fallback_served,
             TOKENS_STREAMED => &mut self.tokens_streamed,
             PROMPT_TOKENS => &mut self.prompt_tokens,
             COMPLETION_TOKENS => &mut self.completion_tokens,
@@ -372,6 +391,8 @@ impl Counters {
     pub fn merge(&mut self, other: &Counters) {
         self.requests += other.requests;
         self.restarts += other.restarts;
+        self.fell_back += other.fell_back;
+        self.fallback_served += other.fallback_served;
         self.tokens_streamed += other.tokens_streamed;
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;

@@ -65,6 +65,12 @@ fn round(value: f64) -> f64 {
 pub struct Summary {
     requests: u64,
     restarts: u64,
+    /// Per model: requests this model could not serve that moved to the next model of its
+    /// fallback chain (0 for sessions and keys).
+    fell_back: u64,
+    /// Per model: requests this model served as a fallback of another one (also counted in
+    /// its `requests`; 0 for sessions and keys).
+    fallback_served: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
     /// Tokens written to session streams (not counted per API key).
@@ -86,6 +92,8 @@ impl From<&Counters> for Summary {
         Self {
             requests: c.requests,
             restarts: c.restarts,
+            fell_back: c.fell_back,
+            fallback_served: c.fallback_served,
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,
             tokens_streamed: c.tokens_streamed,

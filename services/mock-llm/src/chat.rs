@@ -143,21 +143,84 @@ pub async fn chat_completions(
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| "mock".to_owned());
 
-    let mut directives = Directives::default();
-    directives
-        .apply_model(&model)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let contents: Vec<String> = request
         .messages
         .iter()
         .map(|m| m.content.as_ref().map(Content::text).unwrap_or_default())
         .collect();
-    for content in &contents {
+    let cap = [request.max_completion_tokens, request.max_tokens]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|cap| usize::try_from(cap).unwrap_or(usize::MAX));
+    let (tool_names, request_wants_call) = request.tools();
+    let planned = plan_answer(
+        &state,
+        &Request {
+            model: &model,
+            contents: &contents,
+            cap,
+            tool_names,
+            wants_call: request_wants_call,
+        },
+    )?;
+    let include_usage = !planned.no_usage
+        && request
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+    let answer = Answer {
+        id: state.completion_id(),
+        model,
+        created: openai::unix_time().as_secs(),
+        plan: planned.plan,
+        include_usage,
+        no_usage: planned.no_usage,
+    };
+
+    if request.stream.unwrap_or(false) {
+        Ok(openai::stream_response(answer, &state))
+    } else {
+        openai::whole_response(answer).await
+    }
+}
+
+/// What the planner needs of a request, whatever its wire format.
+pub struct Request<'a> {
+    /// The model name (its `mock:k=v,…` directives apply first).
+    pub model: &'a str,
+    /// Every message's text, in order (a system prompt first).
+    pub contents: &'a [String],
+    /// `max_tokens`: caps the answer text.
+    pub cap: Option<usize>,
+    /// Names of the declared tools (or the one the request forces), used in turn.
+    pub tool_names: Vec<String>,
+    /// Whether the request itself asks for a tool call.
+    pub wants_call: bool,
+}
+
+/// A planned answer, and whether usage is suppressed.
+pub struct Planned {
+    pub plan: Plan,
+    /// `no_usage`: never any usage.
+    pub no_usage: bool,
+}
+
+/// The answer to a request, from its directives: an injected status fails here; otherwise
+/// the scenario (text, reasoning, tool calls), its delay and its in-stream fault. Shared by
+/// every wire format, so each tells the same answer.
+pub fn plan_answer(state: &AppState, request: &Request<'_>) -> Result<Planned, ApiError> {
+    let mut directives = Directives::default();
+    directives
+        .apply_model(request.model)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    for content in request.contents {
         directives
             .apply_content(content)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
-    let prompt = text::prompt_text(&contents);
+    let prompt = text::prompt_text(request.contents);
 
     // `fail_times` turns a fault off after the first N identical requests (retries succeed).
     let fault_fires = match directives.fail_times {
@@ -173,56 +236,34 @@ pub async fn chat_completions(
     }
 
     let settings = &state.settings;
-    let (tool_names, request_wants_call) = request.tools();
-    let tool_calls = directives.tools.unwrap_or(usize::from(request_wants_call));
+    let tool_calls = directives.tools.unwrap_or(usize::from(request.wants_call));
     // An answer with tool calls has no text unless `tokens=` asks for some.
     let wanted = match (directives.tokens, tool_calls) {
         (Some(tokens), _) => tokens,
         (None, 0) => settings.default_tokens,
         (None, _) => 0,
     };
-    let cap = [request.max_completion_tokens, request.max_tokens]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|cap| usize::try_from(cap).unwrap_or(usize::MAX));
     // `max_tokens` caps the text; reasoning and tool calls are planned whole.
-    let (count, truncated) = match cap {
+    let (count, truncated) = match request.cap {
         Some(cap) if cap < wanted => (cap, true),
         _ => (wanted, false),
     };
     let seed = directives.seed.unwrap_or(settings.seed);
-    let include_usage = !directives.no_usage
-        && request
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
     let shape = Shape {
         text_tokens: count,
         truncated,
         reasoning: directives.reasoning.unwrap_or(0),
         tool_calls,
-        tool_names,
+        tool_names: request.tool_names.clone(),
         arg_chunk: directives.arg_chunk.unwrap_or(DEFAULT_ARG_CHUNK),
     };
-    let answer = Answer {
-        id: state.completion_id(),
-        model,
-        created: openai::unix_time().as_secs(),
+    Ok(Planned {
         plan: Plan {
             scenario: Scenario::plan(&prompt, seed, &shape),
             delay: Duration::from_millis(directives.delay_ms.unwrap_or(settings.token_delay_ms)),
             stamp: directives.stamp,
             fault: directives.mid_stream_fault().filter(|_| fault_fires),
         },
-        include_usage,
         no_usage: directives.no_usage,
-    };
-
-    if request.stream.unwrap_or(false) {
-        Ok(openai::stream_response(answer, &state))
-    } else {
-        openai::whole_response(answer).await
-    }
+    })
 }

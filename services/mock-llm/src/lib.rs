@@ -2,7 +2,8 @@
 //! configurable token delay and injectable faults; the default upstream for development,
 //! tests and benchmarks.
 //!
-//! Endpoints: `POST /v1/chat/completions` (streaming and not), `GET /v1/models`,
+//! Endpoints: `POST /v1/chat/completions` (streaming and not), `POST /v1/messages`
+//! (Anthropic's Messages API, streaming and not), `GET /v1/models`,
 //! `GET /_mock/stats`, `GET /healthz`, `GET /metrics`. The text a request gets is described in [`text`], the
 //! faults and shapes (tool calls, reasoning) it can ask for in [`directive`], the whole planned
 //! answer in [`scenario`].
@@ -11,6 +12,7 @@ pub mod directive;
 pub mod scenario;
 pub mod text;
 
+mod anthropic;
 mod chat;
 mod error;
 mod openai;
@@ -64,6 +66,7 @@ impl Application {
                     "/v1/chat/completions",
                     web::post().to(chat::chat_completions),
                 )
+                .route("/v1/messages", web::post().to(anthropic::messages))
                 .route("/_mock/stats", web::get().to(stats_handler))
                 .default_service(web::to(not_found))
         })

@@ -75,26 +75,7 @@ pub struct Invocation {
 }
 
 fn scope(record: &EventRecord) -> (&SessionId, &ModelId, u64) {
-    match record {
-        EventRecord::Started {
-            session_id,
-            model_id,
-            timestamp,
-            ..
-        }
-        | EventRecord::Tokens {
-            session_id,
-            model_id,
-            timestamp,
-            ..
-        }
-        | EventRecord::Finished {
-            session_id,
-            model_id,
-            timestamp,
-            ..
-        } => (session_id, model_id, *timestamp),
-    }
+    (record.session_id(), record.model_id(), record.timestamp())
 }
 
 impl Applier {
@@ -121,13 +102,16 @@ impl Applier {
         let tenant = session.tenant();
         let key_id = key_id.filter(|_| stats::counts_per_key(record));
         let totals_ttl = self.retention.totals_secs.max(1);
-        let mut keys = vec![
-            RedisKey::applied_ledger(shard).to_string(),
-            RedisKey::session_stats(shard, session).to_string(),
-            RedisKey::model_stats(shard, model).to_string(),
-            RedisKey::tenant_model_stats(shard, &tenant, model).to_string(),
-        ];
-        let mut ttls = vec![totals_ttl, totals_ttl, totals_ttl];
+        let per_session = stats::counts_per_session(record);
+        let mut keys = vec![RedisKey::applied_ledger(shard).to_string()];
+        let mut ttls = Vec::new();
+        if per_session {
+            keys.push(RedisKey::session_stats(shard, session).to_string());
+            ttls.push(totals_ttl);
+        }
+        keys.push(RedisKey::model_stats(shard, model).to_string());
+        keys.push(RedisKey::tenant_model_stats(shard, &tenant, model).to_string());
+        ttls.extend([totals_ttl, totals_ttl]);
         if let Some(key_id) = key_id {
             keys.push(RedisKey::key_stats(shard, key_id).to_string());
             ttls.push(totals_ttl);
@@ -141,12 +125,15 @@ impl Applier {
         let now_secs = now_ms / 1000;
         if expires_at > now_secs {
             let ttl = expires_at - now_secs;
-            keys.push(RedisKey::session_stats_minute(shard, session, minute).to_string());
+            if per_session {
+                keys.push(RedisKey::session_stats_minute(shard, session, minute).to_string());
+                ttls.push(ttl);
+            }
             keys.push(RedisKey::model_stats_minute(shard, model, minute).to_string());
             keys.push(
                 RedisKey::tenant_model_stats_minute(shard, &tenant, model, minute).to_string(),
             );
-            ttls.extend([ttl, ttl, ttl]);
+            ttls.extend([ttl, ttl]);
             if let Some(key_id) = key_id {
                 keys.push(RedisKey::key_stats_minute(shard, key_id, minute).to_string());
                 ttls.push(ttl);
@@ -219,6 +206,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stream_schema::record::FallbackSide;
     use stream_schema::{RequestId, record::Outcome};
 
     fn applier() -> Applier {
@@ -321,6 +309,48 @@ mod tests {
         let call = applier().invocation(0, EntryId::parse("1-1")?, &finished, None, now);
         assert_eq!(call.keys.len(), 4);
         assert!(call.keys.iter().all(|k| !k.contains(":m:")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_fallback_counts_for_its_model_only() -> Result<(), Box<dyn std::error::Error>> {
+        let now = 3_600_000 + 30_000;
+        let record = |side| -> Result<EventRecord, Box<dyn std::error::Error>> {
+            Ok(EventRecord::FellBack {
+                request_id: RequestId::new(),
+                session_id: SessionId::parse("s")?,
+                model_id: ModelId::parse("m")?,
+                side,
+                timestamp: now,
+            })
+        };
+        let to = applier().invocation(
+            2,
+            EntryId::parse("5-0")?,
+            &record(FallbackSide::To)?,
+            Some("team"),
+            now,
+        );
+        assert_eq!(
+            to.keys,
+            [
+                "llm:stats:{2}:applied",
+                "llm:stats:{2}:model:m",
+                "llm:stats:{2}:tenant:default:model:m",
+                "llm:stats:{2}:m:60:model:m",
+                "llm:stats:{2}:m:60:tenant:default:model:m",
+            ]
+        );
+        // id, now, ledger ms, then one TTL per hash: the deltas follow.
+        assert_eq!(to.args[7..], ["requests", "1", "fallback_served", "1"]);
+        let from = applier().invocation(
+            2,
+            EntryId::parse("5-1")?,
+            &record(FallbackSide::From)?,
+            None,
+            now,
+        );
+        assert_eq!(from.args[7..], ["fell_back", "1"]);
         Ok(())
     }
 

@@ -152,6 +152,8 @@ impl Recovery<'_> {
             request_id: job.request_id,
             attempt: current + 1,
             reason: RESTART_REASON.to_owned(),
+            // A new attempt starts from the requested model, the head of its fallback chain.
+            served_by: Some(job.model_id.clone()),
             timestamp: stream_schema::now_millis(),
         };
         Ok(

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use stream_io::StreamIoError;
 use stream_io::records::EventLog;
-use stream_io::session::{AppendOutcome, RequestStreams};
-use stream_schema::record::Outcome;
-use stream_schema::{EventRecord, Job, SessionEvent, Usage};
+use stream_io::session::{AppendOutcome, RequestStreams, TakeOver};
+use stream_schema::record::{FallbackSide, Outcome};
+use stream_schema::{EventRecord, Job, ModelId, SessionEvent, Usage};
 
 use crate::worker::{WorkerContext, millis};
 
@@ -50,6 +50,18 @@ pub enum Write {
 pub enum Terminal {
     /// The terminal event and the `finish` record are written; `duration` is the attempt's.
     Written { duration: Duration },
+    /// Another attempt owns the request: nothing was written.
+    Fenced,
+}
+
+/// The `reason` of the `restart` that moves a request to its next fallback model.
+pub const FALLBACK_REASON: &str = "fallback";
+
+/// How a move to a fallback model went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The `restart` is written: the sink now writes as the next attempt, for the new model.
+    Moved,
     /// Another attempt owns the request: nothing was written.
     Fenced,
 }
@@ -178,7 +190,11 @@ impl Coalescer {
 pub struct TokenSink<'a> {
     ctx: &'a WorkerContext,
     job: &'a Job,
+    /// The attempt this sink writes as; a fallback moves it on by one.
     attempt: u32,
+    /// The model serving the request, whose analytics the records count in: the job's model
+    /// until a fallback.
+    served: ModelId,
     streams: RequestStreams,
     events: EventLog,
     pending: Coalescer,
@@ -201,6 +217,7 @@ impl<'a> TokenSink<'a> {
             ctx,
             job,
             attempt,
+            served: job.model_id.clone(),
             streams: RequestStreams::new(
                 &job.session_id,
                 &job.model_id,
@@ -216,6 +233,52 @@ impl<'a> TokenSink<'a> {
             started,
             first_token_at: None,
         }
+    }
+
+    /// The attempt the sink writes as.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The model serving the request.
+    pub fn served(&self) -> &ModelId {
+        &self.served
+    }
+
+    /// Moves the request to model `to` before its first token: appends a `restart` of the
+    /// next attempt that says `servedBy: to` (fenced: only if this attempt still owns the
+    /// request), then the two `fallback` records. Later writes are the new attempt's and
+    /// count for `to`.
+    pub async fn fall_back(&mut self, to: &ModelId) -> Result<Fallback, StreamIoError> {
+        let next = self.attempt.saturating_add(1);
+        let restart = SessionEvent::Restart {
+            request_id: self.job.request_id,
+            attempt: next,
+            reason: FALLBACK_REASON.to_owned(),
+            served_by: Some(to.clone()),
+            timestamp: stream_schema::now_millis(),
+        };
+        let taken = self
+            .ctx
+            .scripts
+            .take_over(self.ctx.redis.next(), &self.streams, self.attempt, &restart)
+            .await?;
+        if !matches!(taken, TakeOver::Taken(_)) {
+            return Ok(Fallback::Fenced);
+        }
+        self.attempt = next;
+        let from = std::mem::replace(&mut self.served, to.clone());
+        for (model_id, side) in [(from, FallbackSide::From), (to.clone(), FallbackSide::To)] {
+            self.record(&EventRecord::FellBack {
+                request_id: self.job.request_id,
+                session_id: self.job.session_id.clone(),
+                model_id,
+                side,
+                timestamp: stream_schema::now_millis(),
+            })
+            .await?;
+        }
+        Ok(Fallback::Moved)
     }
 
     /// True until a content event was written.
@@ -393,7 +456,7 @@ impl<'a> TokenSink<'a> {
         self.record(&EventRecord::Finished {
             request_id: job.request_id,
             session_id: job.session_id.clone(),
-            model_id: job.model_id.clone(),
+            model_id: self.served.clone(),
             outcome,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
@@ -411,7 +474,7 @@ impl<'a> TokenSink<'a> {
         EventRecord::Tokens {
             request_id: self.job.request_id,
             session_id: self.job.session_id.clone(),
-            model_id: self.job.model_id.clone(),
+            model_id: self.served.clone(),
             count,
             timestamp: stream_schema::now_millis(),
         }
@@ -550,7 +613,9 @@ mod tests {
             EventRecord, FinishReason, SessionEvent, Usage, UsageSource, record::Outcome,
         };
 
-        use crate::sink::{Content, Terminal, TokenSink, Write};
+        use stream_schema::record::FallbackSide;
+
+        use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
         use crate::worker::testing::{Env, job};
 
         #[tokio::test]
@@ -670,6 +735,7 @@ mod tests {
                 request_id: job.request_id,
                 attempt: 2,
                 reason: "test".to_owned(),
+                served_by: None,
                 timestamp: 1,
             };
             env.ctx
@@ -691,6 +757,79 @@ mod tests {
                 "`start` and `restart` only"
             );
             assert!(env.records(&job).await?.is_empty());
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_fallback_restarts_as_the_next_attempt_for_the_new_model() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let claude = stream_schema::ModelId::parse("claude")?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+
+            assert_eq!(sink.fall_back(&claude).await?, Fallback::Moved);
+            assert_eq!(
+                sink.push(Content::Text("hi".to_owned())).await?,
+                Write::Accepted
+            );
+            sink.report_tokens().await?;
+
+            let events = env.events(&job).await?;
+            assert!(
+                matches!(
+                    &events[1],
+                    SessionEvent::Restart { attempt: 2, reason, served_by: Some(model), .. }
+                        if reason == "fallback" && *model == claude
+                ),
+                "{events:?}"
+            );
+            assert!(matches!(events[2], SessionEvent::Token { sequence: 1, .. }));
+            let records = env.records(&job).await?;
+            let sides: Vec<_> = records
+                .iter()
+                .filter_map(|r| match r {
+                    EventRecord::FellBack { model_id, side, .. } => {
+                        Some((model_id.to_string(), *side))
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                sides,
+                [
+                    ("mock".to_owned(), FallbackSide::From),
+                    ("claude".to_owned(), FallbackSide::To)
+                ]
+            );
+            assert!(
+                matches!(records.last(), Some(EventRecord::Tokens { model_id, count: 1, .. }) if *model_id == claude),
+                "{records:?}"
+            );
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_fallback_of_a_fenced_attempt_writes_nothing() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let mut stale = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+            let mut current = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+            let claude = stream_schema::ModelId::parse("claude")?;
+            assert_eq!(current.fall_back(&claude).await?, Fallback::Moved);
+
+            assert_eq!(stale.fall_back(&claude).await?, Fallback::Fenced);
+            assert_eq!(
+                env.events(&job).await?.len(),
+                2,
+                "`start` and one `restart`"
+            );
+            assert_eq!(
+                env.records(&job).await?.len(),
+                2,
+                "the first fallback's records"
+            );
             Ok(())
         }
     }

@@ -15,6 +15,11 @@
 //! (`delta.reasoning_content`, `delta.reasoning`) and would drop them silently, and it refuses
 //! a chunk with a finish reason it does not know. async-openai still sends the request, parses
 //! the SSE and ends the stream at `[DONE]`.
+//!
+//! A model whose `provider` is `anthropic` is served by [`anthropic`] instead; [`Upstream`]
+//! dispatches, so the worker never knows which API it talks to.
+
+mod anthropic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -28,8 +33,8 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
 use futures::{Stream, StreamExt};
-use service_kit::config::ModelSettings;
-use stream_schema::{ErrorCode, FinishReason, Job};
+use service_kit::config::{ModelSettings, Provider};
+use stream_schema::{ErrorCode, FinishReason, Job, ModelId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod request;
@@ -302,14 +307,24 @@ impl Policy {
     }
 }
 
+/// The client of one model, by the API it speaks.
+enum Api {
+    OpenAi {
+        client: Client<OpenAIConfig>,
+        model: String,
+    },
+    Anthropic(anthropic::Messages),
+}
+
 /// One configured model.
 pub struct Upstream {
-    client: Client<OpenAIConfig>,
-    model: String,
+    api: Api,
     pub policy: Policy,
     /// `models.<id>.max_concurrency` permits; `None` when unlimited. Held by a worker for the
     /// whole upstream call.
     limit: Option<Arc<Semaphore>>,
+    /// `models.<id>.fallbacks`: where a request this model cannot serve goes next, in order.
+    pub fallbacks: Vec<ModelId>,
 }
 
 impl Upstream {
@@ -323,9 +338,12 @@ impl Upstream {
 
     /// Sends the request once and returns the open stream of deltas.
     pub async fn open(&self, job: &Job) -> Result<DeltaStream, UpstreamError> {
-        let request = request::build(&self.model, job)?;
-        let chunks = self
-            .client
+        let (client, model) = match &self.api {
+            Api::OpenAi { client, model } => (client, model),
+            Api::Anthropic(messages) => return messages.open(job).await,
+        };
+        let request = request::build(model, job)?;
+        let chunks = client
             .chat()
             .create_stream_byot::<_, StreamChunk>(request)
             .await
@@ -492,22 +510,37 @@ impl Registry {
                 .as_deref()
                 .and_then(|name| std::env::var(name).ok())
                 .unwrap_or_default();
-            let config = OpenAIConfig::new()
-                .with_api_base(settings.base_url.trim_end_matches('/'))
-                .with_api_key(key);
             let http = reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
                 .timeout(Duration::from_secs(settings.request_timeout_secs))
                 .build()?;
-            let client = Client::with_config(config).with_http_service(UpstreamHttp { http });
+            let api = match settings.provider {
+                Provider::OpenAi => {
+                    let config = OpenAIConfig::new()
+                        .with_api_base(settings.base_url.trim_end_matches('/'))
+                        .with_api_key(key);
+                    Api::OpenAi {
+                        client: Client::with_config(config)
+                            .with_http_service(UpstreamHttp { http }),
+                        model: settings.upstream_model.clone(),
+                    }
+                }
+                Provider::Anthropic => {
+                    Api::Anthropic(anthropic::Messages::new(settings, http, key))
+                }
+            };
             built.insert(
                 id.clone(),
                 Upstream {
-                    client,
-                    model: settings.upstream_model.clone(),
+                    api,
                     policy: Policy::from_settings(settings),
                     limit: (settings.max_concurrency > 0)
                         .then(|| Arc::new(Semaphore::new(settings.max_concurrency))),
+                    fallbacks: settings
+                        .fallbacks
+                        .iter()
+                        .map(|id| ModelId::parse(id))
+                        .collect::<Result<_, _>>()?,
                 },
             );
         }

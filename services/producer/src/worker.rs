@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::sink::{Content, Terminal, TokenSink, Write};
+use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
 use crate::upstream::{Delta, DeltaStream, Policy, Registry, Upstream, UpstreamError};
 
 /// How often a worker checks the cancel key while no token arrives (tokens check it for free).
@@ -156,6 +156,14 @@ enum TryEnd {
     Failed(UpstreamError),
 }
 
+/// How serving the request from one model ended.
+enum Served {
+    /// The attempt ended (terminal event written, fenced, or abandoned).
+    Ended(AttemptEnd),
+    /// The model failed, its retries spent (or not allowed): fall back, or fail.
+    Failed(UpstreamError),
+}
+
 /// What an attempt accumulates besides its writes (those are counted by its sink).
 struct Run<'a> {
     sink: TokenSink<'a>,
@@ -283,22 +291,67 @@ impl<'a> Attempt<'a> {
     }
 
     async fn generate(&self, run: &mut Run<'_>) -> Result<AttemptEnd, StreamIoError> {
-        let job = self.job;
         run.sink.record_started().await?;
-        let upstream = match self.ctx.upstreams.get(job.model_id.as_str()) {
+        let mut upstream = match self.ctx.upstreams.get(self.job.model_id.as_str()) {
             Ok(upstream) => upstream,
             Err(error) => return self.fail(run, &error).await,
         };
+        // Only the requested model's chain is followed, never a fallback's own.
+        let mut fallbacks = upstream.fallbacks.iter();
+        loop {
+            let error = match self.serve(upstream, run).await? {
+                Served::Ended(end) => return Ok(end),
+                Served::Failed(error) => error,
+            };
+            // Before the first token, a retryable failure that outlived this model's retries
+            // moves the request to the next model of its chain; after it, never.
+            let next = match (run.sink.nothing_written() && error.retryable())
+                .then(|| fallbacks.next())
+                .flatten()
+            {
+                Some(next) => next,
+                None => return self.fail(run, &error).await,
+            };
+            let next_upstream = match self.ctx.upstreams.get(next.as_str()) {
+                Ok(next_upstream) => next_upstream,
+                Err(unknown) => return self.fail(run, &unknown).await,
+            };
+            tracing::warn!(
+                request_id = %self.job.request_id,
+                from = %run.sink.served(),
+                to = %next,
+                %error,
+                "upstream failed before the first token; falling back"
+            );
+            metrics::counter!(
+                "producer_fallbacks_total",
+                "from" => run.sink.served().to_string(),
+                "to" => next.to_string()
+            )
+            .increment(1);
+            match run.sink.fall_back(next).await? {
+                Fallback::Moved => upstream = next_upstream,
+                Fallback::Fenced => return Ok(self.fenced()),
+            }
+        }
+    }
+
+    /// Serves the request from one model: its concurrency permit, then tries with retries
+    /// and backoff before the first token. Ends the attempt, or says how the model failed.
+    async fn serve(&self, upstream: &Upstream, run: &mut Run<'_>) -> Result<Served, StreamIoError> {
+        let job = self.job;
         let _permit = match self.interruptible(upstream.concurrency_permit()).await? {
             Wait::Ready(permit) => permit,
-            Wait::Interrupted(interrupt) => return self.interrupted(run, interrupt).await,
+            Wait::Interrupted(interrupt) => {
+                return Ok(Served::Ended(self.interrupted(run, interrupt).await?));
+            }
         };
 
         let mut retries = 0_u32;
         loop {
             let call = tracing::info_span!(
                 "llm.call",
-                model_id = %job.model_id,
+                model_id = %run.sink.served(),
                 retry = retries,
                 ttft_ms = Empty,
                 tokens = Empty,
@@ -322,7 +375,7 @@ impl<'a> Attempt<'a> {
                 call.record("ttft_ms", millis(first.duration_since(call_started)));
             }
             let error = match ended {
-                TryEnd::Ended(end) => return Ok(end),
+                TryEnd::Ended(end) => return Ok(Served::Ended(end)),
                 TryEnd::Failed(error) => {
                     call.record("error_kind", error.kind());
                     error
@@ -333,7 +386,7 @@ impl<'a> Attempt<'a> {
                 && error.retried_before_first_token()
                 && retries < policy.max_retries)
             {
-                return self.fail(run, &error).await;
+                return Ok(Served::Failed(error));
             }
             retries += 1;
             let delay = policy.backoff(retries);
@@ -341,7 +394,7 @@ impl<'a> Attempt<'a> {
                 // Waiting longer than `retry_max` would hold a permit (and the client) for it:
                 // tell the client instead; `retryable` says it may come back later.
                 Some(asked) if asked > policy.retry_max => {
-                    return self.fail(run, &error).await;
+                    return Ok(Served::Failed(error));
                 }
                 Some(asked) => delay.max(asked),
                 None => delay,
@@ -359,7 +412,7 @@ impl<'a> Attempt<'a> {
             if let Wait::Interrupted(interrupt) =
                 self.interruptible(tokio::time::sleep(delay)).await?
             {
-                return self.interrupted(run, interrupt).await;
+                return Ok(Served::Ended(self.interrupted(run, interrupt).await?));
             }
         }
     }
@@ -649,7 +702,8 @@ impl<'a> Attempt<'a> {
         tracing::info!(
             request_id = %job.request_id,
             session_id = %job.session_id,
-            attempt = self.attempt,
+            attempt = run.sink.attempt(),
+            served_by = %run.sink.served(),
             outcome = label,
             tokens = run.sink.written_tokens(),
             "request finished"

@@ -13,6 +13,7 @@ mod limits;
 mod observability;
 mod openai_sdk;
 mod producer;
+mod providers;
 mod security;
 mod stack;
 mod tenants;

@@ -202,6 +202,7 @@ fn session_event() -> impl Strategy<Value = SessionEvent> {
                 request_id,
                 attempt,
                 reason,
+                served_by: None,
                 timestamp,
             }
         ),

@@ -115,6 +115,26 @@ fn another_method_on_a_documented_path_is_405_with_allow() -> anyhow::Result<()>
     })
 }
 
+/// The fields that tell which model served a request are in the document clients generate
+/// from: `servedBy` on the `restart` event, `fellBack` / `fallbackServed` in the analytics.
+#[test]
+fn the_serving_model_fields_are_documented() -> anyhow::Result<()> {
+    let app = TestApp::start()?;
+    app.block_on(async {
+        let doc = app
+            .http
+            .get(app.url("/openapi.json"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        for field in ["servedBy", "fellBack", "fallbackServed"] {
+            ensure!(doc.contains(&format!("\"{field}\"")), "{field} missing");
+        }
+        Ok(())
+    })
+}
+
 #[test]
 fn the_document_describes_tool_calls_reasoning_and_the_chat_request_fields() -> anyhow::Result<()> {
     let app = TestApp::start()?;
