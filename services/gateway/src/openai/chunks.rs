@@ -506,6 +506,7 @@ mod tests {
             request_id,
             attempt: 2,
             reason: "producer lost".to_owned(),
+            served_by: None,
             timestamp: 0,
         }
     }
