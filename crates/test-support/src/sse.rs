@@ -61,14 +61,24 @@ impl SseClient {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
-        let mut request = http.get(url).header("Accept", "text/event-stream");
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = tokio::time::timeout(CONNECT_TIMEOUT, request.send())
-            .await
-            .map_err(|_| anyhow!("GET {url}: no response headers within {CONNECT_TIMEOUT:?}"))?
-            .with_context(|| format!("GET {url}"))?;
+        let send = || {
+            let mut request = http.get(url).header("Accept", "text/event-stream");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            tokio::time::timeout(CONNECT_TIMEOUT, request.send())
+        };
+        let timed_out = || anyhow!("GET {url}: no response headers within {CONNECT_TIMEOUT:?}");
+        // Like EventSource, reconnect once after a network error before any response (on a
+        // loaded 2-core machine the server may drop a connection whose request head it read
+        // late); an HTTP status is an answer and is never retried.
+        let response = match send().await.map_err(|_| timed_out())? {
+            Err(error) if error.is_request() || error.is_connect() => send()
+                .await
+                .map_err(|_| timed_out())?
+                .with_context(|| format!("GET {url} (after a network error: {error})"))?,
+            other => other.with_context(|| format!("GET {url}"))?,
+        };
 
         let status = response.status();
         if status != StatusCode::OK {
