@@ -131,6 +131,14 @@ async fn a_service_dies_with_the_test_process_that_spawned_it() -> anyhow::Resul
     .await
     .context("the parent never said its child's pid")??;
 
+    // `setpriv` arms the signal just before it execs the service: kill the parent only once
+    // the child runs `sleep` (earlier, nothing would be armed yet, as in no real test).
+    wait_until(TIMEOUT, Duration::from_millis(10), || async move {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        Ok((comm.trim() == "sleep").then_some(()))
+    })
+    .await
+    .context("the child never ran its program")?;
     parent.kill().await?;
     // Dead means gone, or a zombie until init reaps it.
     wait_until(TIMEOUT, Duration::from_millis(20), || async move {
