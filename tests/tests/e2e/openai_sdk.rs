@@ -248,6 +248,19 @@ async fn another_tenants_or_an_unknown_completion_is_not_found() -> anyhow::Resu
     assert_eq!(other.0, 404);
     assert_eq!(other.1["error"]["type"], "invalid_request_error");
     assert_eq!(get("not-an-id".to_owned(), GLOBEX).await?.0, 404);
+    // A malformed query is a 400 in OpenAI's JSON shape, not the framework's plain text.
+    let malformed = http()?
+        .get(format!(
+            "{}/v1/chat/completions/{}/stream?include_usage=null",
+            stack.gateway(),
+            "chatcmpl-01936f0e-8d2a-7c3b-9f00-1a2b3c4d5e6f"
+        ))
+        .bearer_auth(ACME)
+        .send()
+        .await?;
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await?;
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     Ok(())
 }
 

@@ -432,8 +432,8 @@ pub struct ResumeQuery {
         (status = 200, description = "The chunks after `Last-Event-ID`, then live ones, as for \
             `POST /v1/chat/completions` with `stream: true`",
             content_type = "text/event-stream", body = String),
-        (status = 400, description = "`invalid_request`: Last-Event-ID is not a message id",
-            body = OpenAiErrorBody),
+        (status = 400, description = "`invalid_request`: Last-Event-ID is not a message id, \
+            or the query is malformed", body = OpenAiErrorBody),
         (status = 401, description = "`unauthorized`: missing or invalid API key",
             body = OpenAiErrorBody),
         (status = 404, description = "`not_found`: no such completion for this tenant, or its \
@@ -448,9 +448,11 @@ pub async fn resume(
     caller: Result<Caller, ApiError>,
     req: HttpRequest,
     path: web::Path<String>,
-    query: web::Query<ResumeQuery>,
 ) -> Result<HttpResponse, OpenAiError> {
     let caller = caller?;
+    // Parsed here, not by the `web::Query` extractor, whose refusal is plain text.
+    let query = web::Query::<ResumeQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
     let unknown = || ApiError::NotFound("unknown completion id".to_owned());
     let request_id = path
         .strip_prefix(ID_PREFIX)
