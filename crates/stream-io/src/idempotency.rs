@@ -3,8 +3,10 @@
 //! response once it succeeded. Hashing the header and comparing bodies is the caller's policy.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use stream_schema::RedisKey;
 use stream_schema::idempotency::{F_BODY, F_RESPONSE};
 
@@ -39,17 +41,59 @@ pub async fn claim(
     remember_secs: u64,
 ) -> Result<ClaimOutcome, StreamIoError> {
     let key = RedisKey::idempotency(key_id, idempotency_key_sha256);
-    let claimed: bool = client.hsetnx(key.as_str(), F_BODY, body_digest).await?;
-    if claimed {
-        let ttl = i64::try_from(remember_secs).unwrap_or(i64::MAX);
-        let _: () = client.expire(key.as_str(), ttl, None).await?;
+    let ttl = remember_secs.max(1).to_string();
+    let reply: Value = CLAIM
+        .evalsha_with_reload(
+            client,
+            vec![key.to_string()],
+            vec![F_BODY.to_owned(), body_digest.to_owned(), ttl],
+        )
+        .await?;
+    if reply.as_i64() == Some(1) {
         return Ok(ClaimOutcome::Claimed(IdempotencyClaim { key }));
     }
-    let mut seen: HashMap<String, String> = client.hgetall(key.as_str()).await?;
+    let mut seen = field_map(reply)?;
     Ok(ClaimOutcome::Seen {
         body_digest: seen.remove(F_BODY),
         response: seen.remove(F_RESPONSE),
     })
+}
+
+/// Claims the record and sets its expiry in one step (a gateway that died between a separate
+/// `HSETNX` and `EXPIRE` would leave a record that never expires and blocks its key forever);
+/// a taken record answers its fields instead.
+const CLAIM_LUA: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return redis.call('HGETALL', KEYS[1])
+";
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(CLAIM_LUA));
+
+/// The `HGETALL` reply (field, value, field, value…) as a map.
+fn field_map(reply: Value) -> Result<HashMap<String, String>, StreamIoError> {
+    let Value::Array(items) = reply else {
+        return Err(StreamIoError::Protocol(format!(
+            "idempotency claim answered {reply:?}"
+        )));
+    };
+    let mut items = items.into_iter();
+    let mut map = HashMap::new();
+    while let (Some(field), Some(value)) = (items.next(), items.next()) {
+        match (field.into_string(), value.into_string()) {
+            (Some(field), Some(value)) => {
+                map.insert(field, value);
+            }
+            _ => {
+                return Err(StreamIoError::Protocol(
+                    "idempotency record with a non-string field".to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(map)
 }
 
 impl IdempotencyClaim {

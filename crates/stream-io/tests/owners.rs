@@ -194,6 +194,11 @@ async fn an_idempotency_claim_is_seen_recorded_and_released() -> anyhow::Result<
     else {
         anyhow::bail!("a fresh key is claimed");
     };
+    // The claim expires on its own (set in the same step as the claim).
+    let ttl: i64 = client
+        .ttl(RedisKey::idempotency("k", "idem").as_str())
+        .await?;
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
     let seen = |expected_response: Option<&str>| {
         let client = &client;
         let expected_response = expected_response.map(str::to_owned);
