@@ -134,6 +134,11 @@ pub async fn run(
         // judged span: session streams by age (2 × TTL), shards and jobs by length, analytics
         // windows by age.
         settings.streams.session_ttl_secs = 60;
+        // A request must end within the session TTL (the settings refuse otherwise); soak
+        // chats take about a second.
+        for model in settings.models.values_mut() {
+            model.request_timeout_secs = 30;
+        }
         settings.streams.events_maxlen = 20_000;
         settings.streams.requests_maxlen = 10_000;
         settings.processor.window_retention_secs = 300;

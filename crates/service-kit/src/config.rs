@@ -791,6 +791,14 @@ impl Settings {
                     return Err(invalid(format!("models.{id}.{key}"), "must be at least 1"));
                 }
             }
+            // The session stream's expiry is set when a request starts and ends; a request
+            // that outlived it would lose its stream (and its client's history) mid-answer.
+            if model.request_timeout_secs >= self.streams.session_ttl_secs {
+                return Err(invalid(
+                    format!("models.{id}.request_timeout_secs"),
+                    "must be shorter than streams.session_ttl_secs",
+                ));
+            }
             if model.retry_base_ms > model.retry_max_ms {
                 return Err(invalid(
                     format!("models.{id}.retry_base_ms"),
@@ -1035,6 +1043,15 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("producer.lease_renew_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_request_that_could_outlive_its_session_stream_is_named() {
+        let err = load_error(
+            "[streams]\nsession_ttl_secs = 600\n[models.m]\nbase_url = \"http://x/v1\"\nupstream_model = \"m\"\nrequest_timeout_secs = 600\n",
+        );
+        assert!(err.contains("models.m.request_timeout_secs"), "{err}");
+        assert!(err.contains("streams.session_ttl_secs"), "{err}");
     }
 
     #[test]
