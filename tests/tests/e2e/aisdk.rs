@@ -2,7 +2,7 @@
 //! package (installed by `scripts/sdk-clients.sh`): its transport sends a message and reads
 //! text, reasoning and tool calls; reconnects mid-answer and gets the whole answer once; finds
 //! nothing to resume after the end; a stop ends the stream with `abort`. And the one source of
-//! truth: a chat started through one API is watched through the other.
+//! truth: a chat started through one API (native, OpenAI, AI SDK) is watched through another.
 
 use std::path::PathBuf;
 
@@ -184,7 +184,7 @@ async fn the_ai_sdk_transport_reads_resumes_and_stops_answers() -> anyhow::Resul
 }
 
 #[tokio::test]
-async fn a_chat_started_through_either_api_is_watched_through_the_other() -> anyhow::Result<()> {
+async fn a_chat_started_through_any_api_is_watched_through_the_others() -> anyhow::Result<()> {
     let stack = Stack::start(options()).await?;
     let http = http()?;
 
@@ -210,6 +210,32 @@ async fn a_chat_started_through_either_api_is_watched_through_the_other() -> any
     let text = expected_text(TEXT_PROMPT, 20);
     assert_eq!(text_of(&native), text);
     assert_eq!(text_deltas(&parts), text);
+
+    // Started through /v1/chat/completions (streaming), watched through the native endpoint.
+    let response = http
+        .post(format!("{}/v1/chat/completions", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .header("X-Session-Id", "via-openai")
+        .json(&json!({"model": "mock", "stream": true,
+            "messages": [{"role": "user", "content": TEXT_PROMPT}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let completion = response
+        .headers()
+        .get("X-Completion-Id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let request_id = completion
+        .strip_prefix("chatcmpl-")
+        .ok_or_else(|| anyhow::anyhow!("completion id {completion:?}"))?;
+    let url = format!(
+        "{}&requestId={request_id}",
+        stack.session_stream("via-openai").await?
+    );
+    assert_eq!(text_of(&payloads(&stack.read_all(&url).await?)?), text);
+    drop(response);
 
     // Started natively, watched through /api/chat/{id}/stream while it runs.
     let started = stack.start_chat("via-native", SLOW_PROMPT).await?;

@@ -14,6 +14,11 @@
 //! text, another tool call id, or an answer that ends shorter), the stream ends with an error
 //! chunk (`type: server_error`, `code: stream_restarted`), which the SDKs raise.
 //!
+//! Model: every chunk names the model the client asked for, also after a fallback moved the
+//! request to another model (`restart` with `servedBy`). OpenAI's `model` is the model that
+//! answered, but a client that asked for `gpt-4` and sees another id mid-stream cannot tell a
+//! fallback from a bug; the serving model is in the native `start`/`restart` events.
+//!
 //! Resume: the view's state depends on every earlier entry of the request, so a resumed stream
 //! feeds the request's entries from its `start` and only writes the messages after the resume
 //! position (`Position`).
@@ -729,6 +734,32 @@ mod tests {
         }
         assert!(Position::parse("x").is_none());
         assert!(Position::parse("5-0:x").is_none());
+    }
+
+    #[test]
+    fn chunks_name_the_requested_model_after_a_fallback() {
+        let r = rid();
+        let mut v = view(false);
+        let fallback = SessionEvent::Restart {
+            request_id: r,
+            attempt: 2,
+            reason: "fallback".to_owned(),
+            served_by: ModelId::parse("other").ok(),
+            timestamp: 0,
+        };
+        let out = run(
+            &mut v,
+            &[
+                start(r),
+                fallback,
+                token(r, 1, "Hi"),
+                complete(r, FinishReason::Stop),
+            ],
+        );
+        let models: Vec<Value> = payloads(&out).iter().map(|c| c["model"].clone()).collect();
+        assert_eq!(models, vec![json!("m"); 3]);
+        let completion = v.completion().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(completion["model"], "m");
     }
 
     #[test]
