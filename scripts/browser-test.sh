@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The demo page in a real browser: headless Chromium, driven through ChromeDriver by the e2e
-# test `browser::` (tests/tests/e2e/browser.rs) against a whole stack it starts itself.
+# The demo pages in a real browser: headless Chromium, driven through ChromeDriver by the e2e
+# tests `browser::` (tests/tests/e2e/browser.rs) against a whole stack each starts itself.
 #
 # Installs Debian's chromium and chromium-driver when they are missing (as root, or via sudo),
-# builds the service binaries if needed, then runs the test, which is #[ignore]d in the plain
+# builds the service binaries if needed, then runs the tests, which are #[ignore]d in the plain
 # test run because it needs the browser. A screenshot lands in tests/artifacts/demo-page.png.
 #
 # Usage: scripts/browser-test.sh [--update-screenshot]

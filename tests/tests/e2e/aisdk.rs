@@ -6,12 +6,15 @@
 
 use std::path::PathBuf;
 
-use futures::StreamExt;
 use mock_llm::scenario::{Scenario, Shape};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::stack::{API_KEY, Stack, TIMEOUT, expected_text, options, payloads, str_field, text_of};
+use fred::prelude::*;
+
+use crate::stack::{
+    API_KEY, Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
+};
 
 const TEXT_PROMPT: &str = "Tell me about the sea";
 const TOOLS_PROMPT: &str =
@@ -67,46 +70,75 @@ fn http() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().no_proxy().build()?)
 }
 
-/// The parts of a UI message stream, to its `[DONE]` (as the string "DONE").
-async fn read_parts(response: reqwest::Response) -> anyhow::Result<Vec<Value>> {
-    anyhow::ensure!(
-        response
-            .headers()
-            .get("x-vercel-ai-ui-message-stream")
-            .is_some_and(|v| v == "v1"),
-        "not a UI message stream: {:?}",
-        response.headers()
-    );
-    let mut body = response.bytes_stream();
-    let mut buffer = String::new();
-    let mut parts = Vec::new();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            for line in block.lines() {
-                match line.strip_prefix("data: ") {
-                    Some("[DONE]") => {
-                        parts.push(json!("DONE"));
-                        return Ok(parts);
+/// A UI message stream being read: its parts so far (`[DONE]` as the string "DONE").
+struct Parts {
+    response: reqwest::Response,
+    buffer: String,
+    parts: Vec<Value>,
+}
+
+impl Parts {
+    fn new(response: reqwest::Response) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            response
+                .headers()
+                .get("x-vercel-ai-ui-message-stream")
+                .is_some_and(|v| v == "v1"),
+            "not a UI message stream: {:?}",
+            response.headers()
+        );
+        Ok(Self {
+            response,
+            buffer: String::new(),
+            parts: Vec::new(),
+        })
+    }
+
+    /// Reads until `[DONE]`, or until `count` parts arrived.
+    async fn read(&mut self, count: Option<usize>) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                for line in block.lines() {
+                    match line.strip_prefix("data: ") {
+                        Some("[DONE]") => {
+                            self.parts.push(json!("DONE"));
+                            return Ok(());
+                        }
+                        Some(data) => self.parts.push(serde_json::from_str(data)?),
+                        None => {}
                     }
-                    Some(data) => parts.push(serde_json::from_str(data)?),
-                    None => {}
+                }
+                if count.is_some_and(|count| self.parts.len() >= count) {
+                    return Ok(());
                 }
             }
-        }
-        match tokio::time::timeout_at(deadline, body.next()).await {
-            Err(_) => anyhow::bail!("no [DONE] within {TIMEOUT:?}; got {parts:?}"),
-            Ok(None) => anyhow::bail!("the stream ended without [DONE]: {parts:?}"),
-            Ok(Some(chunk)) => buffer.push_str(std::str::from_utf8(&chunk?)?),
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Err(_) => anyhow::bail!("no [DONE] within {TIMEOUT:?}; got {:?}", self.parts),
+                Ok(Ok(None)) => anyhow::bail!("the stream ended without [DONE]: {:?}", self.parts),
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(std::str::from_utf8(&chunk)?),
+                Ok(Err(error)) => return Err(error.into()),
+            }
         }
     }
 }
 
+/// The parts of a UI message stream, to its `[DONE]`.
+async fn read_parts(response: reqwest::Response) -> anyhow::Result<Vec<Value>> {
+    let mut parts = Parts::new(response)?;
+    parts.read(None).await?;
+    Ok(parts.parts)
+}
+
 fn text_deltas(parts: &[Value]) -> String {
+    deltas(parts, "text-delta")
+}
+
+fn deltas(parts: &[Value], kind: &str) -> String {
     parts
         .iter()
-        .filter(|p| p["type"] == "text-delta")
+        .filter(|p| p["type"] == kind)
         .filter_map(|p| p["delta"].as_str())
         .collect()
 }
@@ -301,5 +333,89 @@ async fn another_tenant_sees_no_running_answer() -> anyhow::Result<()> {
     assert_eq!(text_deltas(&read_parts(own).await?), slow_text());
     let unauthorized = http.get(format!("{url}/stream")).send().await?;
     assert_eq!(unauthorized.status(), 401);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_producer_failover_mid_answer_shows_nothing_twice() -> anyhow::Result<()> {
+    let stack = Stack::start(
+        StackOptions {
+            producers: 2,
+            ..options()
+        }
+        .with_settings(|s| {
+            s.producer.lease_ms = 1500;
+            s.producer.lease_renew_ms = 300;
+            s.producer.reclaim_interval_ms = 250;
+        }),
+    )
+    .await?;
+    let prompt = "Survive a crash [[mock reasoning=4 tokens=6 tools=2 arg_chunk=1 delay_ms=10]]";
+    let response = http()?
+        .post(format!("{}/api/chat", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"id": "crash-ui", "model": "mock",
+            "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": prompt}]}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let mut parts = Parts::new(response)?;
+    // Into the tool calls (reasoning, text, then arguments one character at a time).
+    parts.read(Some(20)).await?;
+    let holder = crate::producer::job_holder(&stack).await?;
+    stack.producers[holder].process.sigkill()?;
+    // The same connection goes on through the takeover.
+    parts.read(None).await?;
+    let parts = parts.parts;
+
+    let redis = stack.redis_client().await?;
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis
+        .xrange("llm:stream:{crash-ui}:mock", "-", "+", None)
+        .await?;
+    assert!(
+        entries
+            .iter()
+            .any(|(_, fields)| fields.get("type").map(String::as_str) == Some("restart")),
+        "no restart was recorded"
+    );
+    let planned = scenario(
+        prompt,
+        &Shape {
+            text_tokens: 6,
+            reasoning: 4,
+            tool_calls: 2,
+            arg_chunk: 1,
+            ..Shape::default()
+        },
+    );
+    assert_eq!(text_deltas(&parts), planned.text.concat());
+    assert_eq!(
+        deltas(&parts, "reasoning-delta"),
+        planned.reasoning.concat()
+    );
+    let calls: Vec<Value> = planned
+        .tool_calls
+        .iter()
+        .map(|c| {
+            json!([
+                c.id,
+                c.name,
+                serde_json::from_str::<Value>(&c.arguments).unwrap_or_default()
+            ])
+        })
+        .collect();
+    let available: Vec<Value> = parts
+        .iter()
+        .filter(|p| p["type"] == "tool-input-available")
+        .map(|p| json!([p["toolCallId"], p["toolName"], p["input"]]))
+        .collect();
+    assert_eq!(available, calls);
+    let starts = parts
+        .iter()
+        .filter(|p| p["type"] == "tool-input-start")
+        .count();
+    assert_eq!(starts, planned.tool_calls.len(), "each call opened once");
+    let n = parts.len();
+    assert_eq!(parts[n - 2]["type"], "finish", "{parts:?}");
     Ok(())
 }

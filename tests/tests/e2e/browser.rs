@@ -1,5 +1,6 @@
-//! The demo page (`GET /`) in headless Chromium against a whole running stack: a person's
-//! clicks and keystrokes through WebDriver, assertions on what the page shows.
+//! The demo page (`GET /`), and the AI SDK page (`GET /aisdk-demo`) across a reload, in
+//! headless Chromium against a whole running stack: a person's clicks and keystrokes through
+//! WebDriver, assertions on what the page shows.
 //!
 //! Needs Chromium and ChromeDriver, so it is `#[ignore]`d in the plain test run;
 //! `scripts/browser-test.sh` (a step of `make test`) installs them when missing and runs it.
