@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The demo page in a real browser: headless Chromium, driven through ChromeDriver by the e2e
-# test `browser::` (tests/tests/e2e/browser.rs) against a whole stack it starts itself.
+# The demo pages in a real browser: headless Chromium, driven through ChromeDriver by the e2e
+# tests `browser::` (tests/tests/e2e/browser.rs) against a whole stack each starts itself.
 #
 # Installs Debian's chromium and chromium-driver when they are missing (as root, or via sudo),
-# builds the service binaries if needed, then runs the test, which is #[ignore]d in the plain
+# builds the service binaries if needed, then runs the tests, which are #[ignore]d in the plain
 # test run because it needs the browser. A screenshot lands in tests/artifacts/demo-page.png.
 #
 # Usage: scripts/browser-test.sh [--update-screenshot]
@@ -94,7 +94,6 @@ cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run -p e2e --run-ignored only --no-fail-fast -E 'test(/^browser::/)'
 else
-    cargo test -p e2e --test e2e -- --ignored --exact \
-        browser::the_demo_page_streams_stops_resumes_and_follows_in_chromium
+    cargo test -p e2e --test e2e -- --ignored browser::
 fi
 say "screenshot: tests/artifacts/demo-page.png"

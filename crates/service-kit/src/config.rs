@@ -488,6 +488,11 @@ pub struct GatewaySettings {
     /// Browser origins allowed to call the API cross-origin (CORS), e.g.
     /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
     pub cors_allowed_origins: Vec<String>,
+    /// A non-streaming `POST /v1/chat/completions` waits at most this long for its request to
+    /// end, then answers `504` with an OpenAI error (`code: timeout`); the request keeps
+    /// running and can still be read with `GET /v1/chat/completions/{id}/stream`. Below the
+    /// OpenAI SDKs' own 600 s default, so the client gets this answer rather than its timeout.
+    pub completion_timeout_secs: u64,
 }
 
 impl Default for GatewaySettings {
@@ -503,6 +508,7 @@ impl Default for GatewaySettings {
             connection_ttl_secs: 15,
             cluster_poll_ms: 1_000,
             cors_allowed_origins: Vec::new(),
+            completion_timeout_secs: 540,
         }
     }
 }
@@ -680,6 +686,12 @@ impl Settings {
                     "must be between 1 and {MAX_COMMAND_TIMEOUT_MS}: API calls promise a 503 \
                      within 2 s when Redis is unreachable"
                 ),
+            ));
+        }
+        if self.gateway.completion_timeout_secs == 0 {
+            return Err(invalid(
+                "gateway.completion_timeout_secs",
+                "must be at least 1",
             ));
         }
         if self.gateway.sse_write_timeout_ms == 0 {

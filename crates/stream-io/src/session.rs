@@ -401,6 +401,40 @@ pub async fn last_entry_id(
     Ok(parse_entries(reply)?.first().map(|e| e.id))
 }
 
+/// The request of a session that is still answering, if any: of the newest entry of each of
+/// the session's model streams (`models`), the request whose owner key still names an attempt
+/// (not [`OWNER_DONE`](stream_schema::keys::OWNER_DONE), not expired), the newest such one
+/// first. A chat front end asks this after a reload to resume the answer it was showing; a
+/// session runs one request at a time in practice, and a running request's entries are the
+/// newest of its stream.
+pub async fn active_request<'a>(
+    client: &Client,
+    session: &SessionId,
+    models: impl IntoIterator<Item = &'a stream_schema::ModelId>,
+) -> Result<Option<RequestId>, StreamIoError> {
+    let mut newest: Option<(EntryId, RequestId)> = None;
+    for model in models {
+        let key = RedisKey::session(session, model);
+        let reply: Value = client.xrevrange(key.as_str(), "+", "-", Some(1)).await?;
+        let Some(entry) = parse_entries(reply)?.into_iter().next() else {
+            continue;
+        };
+        // An entry this version cannot read belongs to no request it could deliver.
+        let Ok(event) = SessionEvent::decode(&entry.fields) else {
+            continue;
+        };
+        let request = event.request_id();
+        if newest.is_some_and(|(id, _)| id >= entry.id) {
+            continue;
+        }
+        let owner = RedisKey::owner(session, &request);
+        if matches!(owner_state(client, &owner).await?, OwnerState::Attempt(_)) {
+            newest = Some((entry.id, request));
+        }
+    }
+    Ok(newest.map(|(_, request)| request))
+}
+
 /// What a stream has lost, for an exact `history_lost`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trimmed {

@@ -1,6 +1,7 @@
 //! The session-stream and lease scripts against a real redis-server: an attempt that lost the
 //! request writes nothing, the end fences everyone, renewing a lease never steals a job back,
-//! and retention trims by age only, with an exact record of what it trimmed.
+//! retention trims by age only, with an exact record of what it trimmed, and a session's running
+//! request is found from the newest entries of its streams.
 
 use fred::prelude::*;
 use stream_io::groups::{self, LeaseScript};
@@ -278,5 +279,80 @@ async fn appends_never_trim_a_running_request() -> anyhow::Result<()> {
         trimmed(&client, &streams.stream).await?,
         Trimmed::UpTo(EntryId::ZERO)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_active_request_is_the_running_one_of_the_newest_entries() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let session = SessionId::parse("chat")?;
+    let (a, b) = (ModelId::parse("a")?, ModelId::parse("b")?);
+    let models = [a.clone(), b.clone()];
+    let active = || stream_io::session::active_request(&client, &session, models.iter());
+    assert_eq!(active().await?, None, "no streams");
+
+    let start = |request_id, model: &ModelId| {
+        let streams = RequestStreams::new(&session, model, &request_id, Retention { ttl_secs: 60 });
+        let event = SessionEvent::Start {
+            request_id,
+            session_id: session.clone(),
+            model_id: model.clone(),
+            attempt: 1,
+            timestamp: 1,
+        };
+        (streams, event)
+    };
+    let first = RequestId::new();
+    let (streams_a, event) = start(first, &a);
+    scripts
+        .start(
+            &client,
+            &streams_a.stream,
+            &streams_a.owner,
+            &event,
+            streams_a.retention,
+        )
+        .await?;
+    scripts
+        .append(&client, &streams_a, 1, &token(first, 1), true)
+        .await?;
+    assert_eq!(active().await?, Some(first));
+
+    // A newer request on the other model is the one a chat resumes.
+    let second = RequestId::new();
+    let (streams_b, event) = start(second, &b);
+    scripts
+        .start(
+            &client,
+            &streams_b.stream,
+            &streams_b.owner,
+            &event,
+            streams_b.retention,
+        )
+        .await?;
+    assert_eq!(active().await?, Some(second));
+
+    // Once it ended, the older one still runs.
+    let complete = |request_id| SessionEvent::Complete {
+        request_id,
+        finish_reason: FinishReason::Stop,
+        usage: Usage {
+            prompt_tokens: 1,
+            completion_tokens: 0,
+            source: UsageSource::Counted,
+            reasoning_tokens: None,
+        },
+        timestamp: 2,
+    };
+    scripts
+        .append(&client, &streams_b, 1, &complete(second), false)
+        .await?;
+    assert_eq!(active().await?, Some(first));
+    scripts
+        .append(&client, &streams_a, 1, &complete(first), false)
+        .await?;
+    assert_eq!(active().await?, None, "every request ended");
     Ok(())
 }

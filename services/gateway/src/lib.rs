@@ -1,6 +1,7 @@
 //! The gateway: chat start, SSE delivery through the multiplexed reader, cancel, the demo page.
 
 pub mod admin;
+pub mod aisdk;
 pub mod analytics;
 pub mod auth;
 pub mod chat;
@@ -12,6 +13,7 @@ pub mod limits;
 pub mod openai;
 pub mod openapi;
 pub mod page;
+mod prefix;
 pub mod sessions;
 pub mod state;
 pub mod stream_token;
@@ -180,6 +182,7 @@ impl Application {
 /// The API routes (ops endpoints are mounted by `service_kit::ops`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page::index))
+        .route("/aisdk-demo", web::get().to(page::aisdk))
         .route("/openapi.json", web::get().to(openapi::serve))
         .route("/api/models", web::get().to(chat::models))
         .route("/api/chat/start", web::post().to(chat::start))
@@ -193,6 +196,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(openai::routes::resume),
         )
         .route("/api/chat/{requestId}/cancel", web::post().to(chat::cancel))
+        .route("/api/chat", web::post().to(aisdk::routes::chat))
+        .route(
+            "/api/chat/{id}/stream",
+            web::get().to(aisdk::routes::resume),
+        )
+        .route("/api/chat/{id}/stop", web::post().to(aisdk::routes::stop))
         .route(
             "/api/sse/stream/{sessionId}",
             web::get().to(streams::stream),

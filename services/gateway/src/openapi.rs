@@ -35,6 +35,9 @@ use crate::{chat, page, sessions, streams};
         crate::openai::routes::completions,
         crate::openai::routes::resume,
         crate::openai::routes::models,
+        crate::aisdk::routes::chat,
+        crate::aisdk::routes::resume,
+        crate::aisdk::routes::stop,
         crate::analytics::session,
         crate::analytics::models,
         crate::analytics::own_key,
@@ -42,6 +45,7 @@ use crate::{chat, page, sessions, streams};
         crate::admin::list,
         crate::admin::revoke,
         page::index,
+        page::aisdk,
         serve,
         service_kit::ops::healthz,
         service_kit::ops::readyz,
@@ -61,8 +65,11 @@ use crate::{chat, page, sessions, streams};
         (name = "openai", description = "OpenAI Chat Completions over the same streams: point \
             an OpenAI SDK's base URL at `/v1`. Errors here are OpenAI's \
             `{\"error\": {\"message\", \"type\", \"code\"}}`"),
+        (name = "aisdk", description = "The AI SDK's UI message stream (v1) over the same \
+            streams: `useChat` with `DefaultChatTransport({ api: '<gateway>/api/chat' })` and \
+            `resume: true`. The chat id is the session"),
         (name = "ops", description = "Health, readiness, metrics and this document"),
-        (name = "page", description = "The demo chat page"),
+        (name = "page", description = "The demo chat pages"),
     ),
 )]
 pub struct ApiDoc;

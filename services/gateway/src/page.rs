@@ -13,8 +13,11 @@ use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
 const INDEX: &str = include_str!("../static/index.html");
+/// The chat page that speaks the AI SDK's UI message stream protocol (`/api/chat`).
+const AISDK: &str = include_str!("../static/aisdk.html");
 
 static CSP: LazyLock<String> = LazyLock::new(|| content_security_policy(INDEX));
+static AISDK_CSP: LazyLock<String> = LazyLock::new(|| content_security_policy(AISDK));
 
 /// The demo chat page.
 #[utoipa::path(
@@ -23,14 +26,29 @@ static CSP: LazyLock<String> = LazyLock::new(|| content_security_policy(INDEX));
         body = String)),
 )]
 pub async fn index() -> HttpResponse {
+    page(INDEX, &CSP)
+}
+
+/// A chat page on the AI SDK protocol: `POST /api/chat`, and on load
+/// `GET /api/chat/{id}/stream` to resume (the chat id kept in `localStorage`).
+#[utoipa::path(
+    get, path = "/aisdk-demo", tag = "page", operation_id = "aiSdkDemoPage",
+    responses((status = 200, description = "A chat page that speaks the AI SDK protocol",
+        content_type = "text/html", body = String)),
+)]
+pub async fn aisdk() -> HttpResponse {
+    page(AISDK, &AISDK_CSP)
+}
+
+fn page(html: &'static str, csp: &str) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header(("Cache-Control", "no-cache"))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("X-Frame-Options", "DENY"))
         .insert_header(("Referrer-Policy", "no-referrer"))
-        .insert_header(("Content-Security-Policy", CSP.as_str()))
-        .body(INDEX)
+        .insert_header(("Content-Security-Policy", csp))
+        .body(html)
 }
 
 /// The policy for `html`: its inline `<script>` and `<style>` blocks by hash, `fetch` and
@@ -81,22 +99,28 @@ mod tests {
     }
 
     #[test]
-    fn the_page_has_exactly_one_hashable_script_and_style() {
-        assert_eq!(inline_hashes(INDEX, "script").len(), 1);
-        assert_eq!(inline_hashes(INDEX, "style").len(), 1);
+    fn the_pages_have_exactly_one_hashable_script_and_style() {
+        for page in [INDEX, AISDK] {
+            one_script_and_style(page);
+        }
+    }
+
+    fn one_script_and_style(page: &str) {
+        assert_eq!(inline_hashes(page, "script").len(), 1);
+        assert_eq!(inline_hashes(page, "style").len(), 1);
         // Blocks with attributes or inline attributes would be blocked by the policy.
         assert_eq!(
-            INDEX.matches("<script").count(),
+            page.matches("<script").count(),
             1,
             "one <script>, no attributes"
         );
         assert_eq!(
-            INDEX.matches("<style").count(),
+            page.matches("<style").count(),
             1,
             "one <style>, no attributes"
         );
         assert!(
-            !INDEX.contains(" style=\""),
+            !page.contains(" style=\""),
             "style attributes are blocked by the CSP"
         );
         for handler in [
@@ -107,7 +131,7 @@ mod tests {
             " onchange=",
         ] {
             assert!(
-                !INDEX.contains(handler),
+                !page.contains(handler),
                 "{handler} attributes are blocked by the CSP"
             );
         }

@@ -1,5 +1,6 @@
-//! The demo page (`GET /`) in headless Chromium against a whole running stack: a person's
-//! clicks and keystrokes through WebDriver, assertions on what the page shows.
+//! The demo page (`GET /`), and the AI SDK page (`GET /aisdk-demo`) across a reload, in
+//! headless Chromium against a whole running stack: a person's clicks and keystrokes through
+//! WebDriver, assertions on what the page shows.
 //!
 //! Needs Chromium and ChromeDriver, so it is `#[ignore]`d in the plain test run;
 //! `scripts/browser-test.sh` (a step of `make test`) installs them when missing and runs it.
@@ -94,6 +95,85 @@ async fn the_demo_page_streams_stops_resumes_and_follows_in_chromium() -> anyhow
     let closed = browser.close().await;
     result?;
     closed
+}
+
+/// The AI SDK page (`/aisdk-demo`): a reload in the middle of an answer resumes it through
+/// `GET /api/chat/{id}/stream`, and the page ends with the full answer exactly once.
+#[tokio::test]
+#[ignore = "needs Chromium and ChromeDriver: run by scripts/browser-test.sh (a step of make test)"]
+async fn the_aisdk_page_resumes_an_answer_after_a_reload_in_chromium() -> anyhow::Result<()> {
+    let stack = Stack::start(options()).await?;
+    let browser = Browser::launch().await?;
+    let result = aisdk_reload(&stack, &browser).await;
+    if let Err(error) = &result {
+        let saved = save_screenshot(&browser, "aisdk-page-failure.png").await;
+        let gateway = stack.gateways[0].process.log_tail(20).await;
+        eprintln!(
+            "aisdk page test failed: {error:#}\nscreenshot: {saved:?}\ngateway log:\n{gateway}"
+        );
+    }
+    let closed = browser.close().await;
+    result?;
+    closed
+}
+
+/// The newest assistant answer on the AI SDK page: its text, state and how many answers show.
+const READ_AISDK_ANSWER: &str = r#"
+const all = document.querySelectorAll('#transcript article.assistant');
+const a = all[all.length - 1];
+if (!a) return null;
+return {
+  text: a.querySelector('.text').textContent,
+  state: a.dataset.state || 'stored',
+  answers: all.length,
+  users: document.querySelectorAll('#transcript article.user').length,
+};"#;
+
+async fn aisdk_reload(stack: &Stack, browser: &Browser) -> anyhow::Result<()> {
+    let url = format!("{}/aisdk-demo?chat=browser-aisdk", stack.gateway());
+    browser.goto(&url).await?;
+    browser.type_into("#api-key", API_KEY).await?;
+    let prompt = "Reload me mid-answer [[mock tokens=80 delay_ms=25]]";
+    browser.type_into("#prompt", prompt).await?;
+    browser.click("#send").await?;
+    let partial = browser
+        .wait_for(
+            "part of the answer",
+            PAGE_TIMEOUT,
+            &format!(
+                "const e = (() => {{ {READ_AISDK_ANSWER} }})(); \
+                 return e && e.state === 'streaming' && e.text.length >= 20 ? e : null"
+            ),
+            json!([]),
+        )
+        .await?;
+    // A reload: the page starts over, finds the running answer and replays it from its start.
+    browser.goto(&url).await?;
+    let done = browser
+        .wait_for(
+            "the resumed answer to finish",
+            PAGE_TIMEOUT,
+            &format!(
+                "const e = (() => {{ {READ_AISDK_ANSWER} }})(); \
+                 return e && e.state !== 'streaming' ? e : null"
+            ),
+            json!([]),
+        )
+        .await?;
+    let full = expected_text(prompt, 80);
+    let partial = partial["text"].as_str().unwrap_or_default();
+    ensure!(
+        partial.len() < full.len(),
+        "the reload came after the end: {partial:?}"
+    );
+    // `done` (not `stored`): the answer came from the resumed stream, not from localStorage.
+    ensure!(done["state"] == "done", "{done}");
+    ensure!(
+        done["text"] == full.as_str(),
+        "text after the reload: {done}"
+    );
+    ensure!(done["answers"] == 1 && done["users"] == 1, "{done}");
+    Ok(())
 }
 
 async fn scenarios(stack: &Stack, browser: &Browser, proxy: &NetworkLink) -> anyhow::Result<()> {

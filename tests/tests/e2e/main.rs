@@ -1,6 +1,7 @@
 //! End-to-end suite: each test starts its own redis-server and the real service binaries
 //! (build them first: `cargo build --workspace --bins`), then talks HTTP/SSE like a client.
 
+mod aisdk;
 mod analytics;
 mod browser;
 mod chat_flow;

@@ -264,6 +264,38 @@ async fn another_tenants_or_an_unknown_completion_is_not_found() -> anyhow::Resu
     Ok(())
 }
 
+#[tokio::test]
+async fn a_non_streaming_completion_that_runs_too_long_is_a_504_timeout() -> anyhow::Result<()> {
+    let stack =
+        Stack::start(options().with_settings(|s| s.gateway.completion_timeout_secs = 1)).await?;
+    let prompt = "Take all the time [[mock tokens=100 delay_ms=30]]";
+    let response = http()?
+        .post(format!("{}/v1/chat/completions", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": "mock", "messages": [{"role": "user", "content": prompt}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 504);
+    let completion = response
+        .headers()
+        .get("X-Completion-Id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    assert_eq!(body["error"]["type"], "server_error");
+    // The request kept running: its whole answer is still there to read.
+    let whole = resume(&stack, &completion, None).await?;
+    let shape = Shape {
+        text_tokens: 100,
+        ..Shape::default()
+    };
+    let text = Scenario::plan(&mock_llm::text::prompt_text([prompt]), 0, &shape).text;
+    assert_eq!(deltas(&whole).0, text.concat());
+    Ok(())
+}
+
 /// Where `scripts/sdk-clients.sh` put the SDKs (or where the environment says they are).
 fn sdk_paths() -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = std::env::var_os("HOME")

@@ -14,15 +14,21 @@
 //! text, another tool call id, or an answer that ends shorter), the stream ends with an error
 //! chunk (`type: server_error`, `code: stream_restarted`), which the SDKs raise.
 //!
+//! Model: every chunk names the model the client asked for, also after a fallback moved the
+//! request to another model (`restart` with `servedBy`). OpenAI's `model` is the model that
+//! answered, but a client that asked for `gpt-4` and sees another id mid-stream cannot tell a
+//! fallback from a bug; the serving model is in the native `start`/`restart` events.
+//!
 //! Resume: the view's state depends on every earlier entry of the request, so a resumed stream
 //! feeds the request's entries from its `start` and only writes the messages after the resume
 //! position (`Position`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::{Value, json};
 use stream_schema::{EntryId, ErrorCode, FinishReason, SessionEvent, Usage};
+
+use crate::prefix::{Diverged, SentPrefix};
 
 /// One SSE message position: message `part` of the messages of entry `entry`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,35 +61,6 @@ impl fmt::Display for Position {
     }
 }
 
-/// What the client was sent of one tool call.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct SentCall {
-    id: Option<String>,
-    name: Option<String>,
-    arguments: String,
-}
-
-/// Everything the client was sent, as it accumulates it.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Sent {
-    content: String,
-    reasoning: String,
-    calls: BTreeMap<u32, SentCall>,
-}
-
-/// How much of `Sent` the current attempt has produced so far (bytes per kind). In the first
-/// attempt these equal the sent lengths; after a `restart` they start again from zero.
-#[derive(Debug, Clone, Default)]
-struct Reproduced {
-    content: usize,
-    reasoning: usize,
-    calls: BTreeMap<u32, usize>,
-}
-
-/// The new attempt's output is not what the client already has.
-#[derive(Debug)]
-struct Diverged;
-
 /// How the request ended, for the `chat.completion` object.
 #[derive(Debug, Clone)]
 enum Outcome {
@@ -112,8 +89,7 @@ pub struct CompletionView {
     /// Messages up to this position were sent on an earlier connection.
     resume: Option<Position>,
     created: u64,
-    sent: Sent,
-    reproduced: Reproduced,
+    sent: SentPrefix,
     outcome: Option<Outcome>,
 }
 
@@ -165,30 +141,6 @@ fn diverged_json() -> Value {
     } })
 }
 
-/// Takes the attempt's next `fragment` of one kind: what of it to send (the part after what the
-/// client has), or `Diverged` when it contradicts what was sent.
-fn advance(sent: &mut String, reproduced: &mut usize, fragment: &str) -> Result<String, Diverged> {
-    let start = *reproduced;
-    *reproduced = start.saturating_add(fragment.len());
-    let have = sent.len();
-    let overlap = have.saturating_sub(start).min(fragment.len());
-    let expected = sent
-        .as_bytes()
-        .get(start..start + overlap)
-        .ok_or(Diverged)?;
-    if expected != fragment.as_bytes().get(..overlap).ok_or(Diverged)? {
-        return Err(Diverged);
-    }
-    let rest = fragment.get(overlap..).ok_or(Diverged)?;
-    sent.push_str(rest);
-    Ok(rest.to_owned())
-}
-
-/// `true` when both are known and differ.
-fn contradicts(sent: Option<&String>, new: Option<&String>) -> bool {
-    matches!((sent, new), (Some(a), Some(b)) if a != b)
-}
-
 impl CompletionView {
     pub fn new(id: String, model: String, include_usage: bool, resume: Option<Position>) -> Self {
         Self {
@@ -197,8 +149,7 @@ impl CompletionView {
             include_usage,
             resume,
             created: 0,
-            sent: Sent::default(),
-            reproduced: Reproduced::default(),
+            sent: SentPrefix::default(),
             outcome: None,
         }
     }
@@ -261,21 +212,13 @@ impl CompletionView {
                 ));
             }
             SessionEvent::Token { content, .. } => {
-                let rest = advance(
-                    &mut self.sent.content,
-                    &mut self.reproduced.content,
-                    content,
-                )?;
+                let rest = self.sent.text(content)?;
                 if !rest.is_empty() {
                     out.push(Some(self.chunk(json!({ "content": rest }), None)));
                 }
             }
             SessionEvent::Reasoning { content, .. } => {
-                let rest = advance(
-                    &mut self.sent.reasoning,
-                    &mut self.reproduced.reasoning,
-                    content,
-                )?;
+                let rest = self.sent.reasoning(content)?;
                 if !rest.is_empty() {
                     out.push(Some(self.chunk(json!({ "reasoning_content": rest }), None)));
                 }
@@ -293,13 +236,13 @@ impl CompletionView {
                     out.push(Some(self.chunk(json!({ "tool_calls": [delta] }), None)));
                 }
             }
-            SessionEvent::Restart { .. } => self.reproduced = Reproduced::default(),
+            SessionEvent::Restart { .. } => self.sent.restart(),
             SessionEvent::Complete {
                 finish_reason: reason,
                 usage,
                 ..
             } => {
-                self.check_complete()?;
+                self.sent.check_complete()?;
                 let reason = finish_reason(*reason);
                 out.push(Some(self.chunk(json!({}), Some(reason))));
                 out.push(self.include_usage.then(|| {
@@ -338,54 +281,27 @@ impl CompletionView {
         name: Option<&String>,
         arguments: &str,
     ) -> Result<Option<Value>, Diverged> {
-        let reproduced = self.reproduced.calls.entry(index).or_default();
-        match self.sent.calls.get_mut(&index) {
-            None => {
-                // New to the client: its first delta carries the id, type and name.
-                *reproduced = arguments.len();
-                let call = SentCall {
-                    id: id.cloned(),
-                    name: name.cloned(),
-                    arguments: arguments.to_owned(),
-                };
-                let mut function = json!({ "arguments": arguments });
-                let mut delta = json!({ "index": index, "type": "function" });
-                if let (Some(name), Some(object)) = (name, function.as_object_mut()) {
-                    object.insert("name".to_owned(), json!(name));
-                }
-                if let Some(object) = delta.as_object_mut() {
-                    if let Some(id) = id {
-                        object.insert("id".to_owned(), json!(id));
-                    }
-                    object.insert("function".to_owned(), function);
-                }
-                self.sent.calls.insert(index, call);
-                Ok(Some(delta))
-            }
-            Some(sent) => {
-                if contradicts(sent.id.as_ref(), id) || contradicts(sent.name.as_ref(), name) {
-                    return Err(Diverged);
-                }
-                let rest = advance(&mut sent.arguments, reproduced, arguments)?;
-                Ok((!rest.is_empty())
-                    .then(|| json!({ "index": index, "function": { "arguments": rest } })))
-            }
+        let Some(fragment) = self.sent.tool_call(index, id, name, arguments)? else {
+            return Ok(None);
+        };
+        if !fragment.first {
+            return Ok(Some(
+                json!({ "index": index, "function": { "arguments": fragment.arguments } }),
+            ));
         }
-    }
-
-    /// After a restart the finished attempt must have reproduced everything that was sent.
-    fn check_complete(&self) -> Result<(), Diverged> {
-        let calls_done = self.sent.calls.iter().all(|(index, call)| {
-            self.reproduced.calls.get(index).copied() == Some(call.arguments.len())
-        });
-        if self.reproduced.content == self.sent.content.len()
-            && self.reproduced.reasoning == self.sent.reasoning.len()
-            && calls_done
-        {
-            Ok(())
-        } else {
-            Err(Diverged)
+        // New to the client: its first delta carries the id, type and name.
+        let mut function = json!({ "arguments": fragment.arguments });
+        let mut delta = json!({ "index": index, "type": "function" });
+        if let (Some(name), Some(object)) = (name, function.as_object_mut()) {
+            object.insert("name".to_owned(), json!(name));
         }
+        if let Some(object) = delta.as_object_mut() {
+            if let Some(id) = id {
+                object.insert("id".to_owned(), json!(id));
+            }
+            object.insert("function".to_owned(), function);
+        }
+        Ok(Some(delta))
     }
 
     /// The `chat.completion` object (`Ok`) or the error object and its HTTP status (`Err`)
@@ -399,22 +315,25 @@ impl CompletionView {
             } => {
                 let mut message = json!({ "role": "assistant" });
                 let object = message.as_object_mut()?;
-                let has_calls = !self.sent.calls.is_empty();
+                let has_calls = !self.sent.calls().is_empty();
                 object.insert(
                     "content".to_owned(),
-                    if self.sent.content.is_empty() && has_calls {
+                    if self.sent.content().is_empty() && has_calls {
                         Value::Null
                     } else {
-                        json!(self.sent.content)
+                        json!(self.sent.content())
                     },
                 );
-                if !self.sent.reasoning.is_empty() {
-                    object.insert("reasoning_content".to_owned(), json!(self.sent.reasoning));
+                if !self.sent.reasoning_text().is_empty() {
+                    object.insert(
+                        "reasoning_content".to_owned(),
+                        json!(self.sent.reasoning_text()),
+                    );
                 }
                 if has_calls {
                     let calls: Vec<Value> = self
                         .sent
-                        .calls
+                        .calls()
                         .values()
                         .map(|call| {
                             json!({
@@ -446,6 +365,7 @@ impl CompletionView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use stream_schema::{ModelId, RequestId, SessionId, UsageSource};
 
     fn rid() -> RequestId {
@@ -814,6 +734,32 @@ mod tests {
         }
         assert!(Position::parse("x").is_none());
         assert!(Position::parse("5-0:x").is_none());
+    }
+
+    #[test]
+    fn chunks_name_the_requested_model_after_a_fallback() {
+        let r = rid();
+        let mut v = view(false);
+        let fallback = SessionEvent::Restart {
+            request_id: r,
+            attempt: 2,
+            reason: "fallback".to_owned(),
+            served_by: ModelId::parse("other").ok(),
+            timestamp: 0,
+        };
+        let out = run(
+            &mut v,
+            &[
+                start(r),
+                fallback,
+                token(r, 1, "Hi"),
+                complete(r, FinishReason::Stop),
+            ],
+        );
+        let models: Vec<Value> = payloads(&out).iter().map(|c| c["model"].clone()).collect();
+        assert_eq!(models, vec![json!("m"); 3]);
+        let completion = v.completion().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(completion["model"], "m");
     }
 
     #[test]

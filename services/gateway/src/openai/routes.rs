@@ -220,6 +220,10 @@ struct StartedIds {
             ("Retry-After" = u64, description = "Seconds until a retry can be admitted"))),
         (status = 500, description = "`stream: false` only: the request failed upstream",
             body = OpenAiErrorBody),
+        (status = 504, description = "`stream: false` only: `timeout`, the request did not \
+            end within `gateway.completion_timeout_secs`; it keeps running (read it with \
+            `GET /v1/chat/completions/{id}/stream`, the id in `X-Completion-Id`)",
+            body = OpenAiErrorBody),
         (status = 503, description = "`unavailable`: Redis is unreachable",
             body = OpenAiErrorBody),
     ),
@@ -274,16 +278,26 @@ pub async fn completions(
     )
     .await?;
     // The delivery runs while its body is held; the answer is the collected completion.
-    let outcome = done_rx.await;
+    let timeout = std::time::Duration::from_secs(state.settings.gateway.completion_timeout_secs);
+    let outcome = tokio::time::timeout(timeout, done_rx).await;
     drop(body);
     let mut response = match outcome {
-        Ok(Ok(completion)) => HttpResponse::Ok().json(completion),
-        Ok(Err((status, error))) => HttpResponse::build(
+        Ok(Ok(Ok(completion))) => HttpResponse::Ok().json(completion),
+        Ok(Ok(Err((status, error)))) => HttpResponse::build(
             actix_web::http::StatusCode::from_u16(status)
                 .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
         )
         .json(error),
-        Err(_) => return Err(ApiError::Unavailable.into()),
+        Ok(Err(_)) => return Err(ApiError::Unavailable.into()),
+        Err(_) => HttpResponse::GatewayTimeout().json(json!({ "error": {
+            "message": format!(
+                "the completion did not end within {} s; it keeps running: read it with \
+                 GET /v1/chat/completions/{completion_id}/stream",
+                timeout.as_secs()
+            ),
+            "type": "server_error",
+            "code": "timeout",
+        } })),
     };
     let headers = response.headers_mut();
     if let (Ok(id), Ok(session)) = (
