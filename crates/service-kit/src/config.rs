@@ -493,6 +493,9 @@ pub struct GatewaySettings {
     /// running and can still be read with `GET /v1/chat/completions/{id}/stream`. Below the
     /// OpenAI SDKs' own 600 s default, so the client gets this answer rather than its timeout.
     pub completion_timeout_secs: u64,
+    /// The model of a `POST /api/chat` (AI SDK) body without `model`. Unset: the first
+    /// configured model id in sorted order. Must name a configured model.
+    pub default_model: Option<String>,
 }
 
 impl Default for GatewaySettings {
@@ -509,6 +512,7 @@ impl Default for GatewaySettings {
             cluster_poll_ms: 1_000,
             cors_allowed_origins: Vec::new(),
             completion_timeout_secs: 540,
+            default_model: None,
         }
     }
 }
@@ -686,6 +690,14 @@ impl Settings {
                     "must be between 1 and {MAX_COMMAND_TIMEOUT_MS}: API calls promise a 503 \
                      within 2 s when Redis is unreachable"
                 ),
+            ));
+        }
+        if let Some(model) = &self.gateway.default_model
+            && !self.models.contains_key(model)
+        {
+            return Err(invalid(
+                "gateway.default_model",
+                format!("{model:?} is not a configured model"),
             ));
         }
         if self.gateway.completion_timeout_secs == 0 {
@@ -1055,6 +1067,15 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("producer.lease_renew_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_default_model_must_be_configured() -> Result<(), ConfigError> {
+        let err = load_error(&format!("[gateway]\ndefault_model = \"c\"\n{TWO_MODELS}"));
+        assert!(err.contains("gateway.default_model"), "{err}");
+        let settings = load_toml(&format!("[gateway]\ndefault_model = \"b\"\n{TWO_MODELS}"))?;
+        assert_eq!(settings.gateway.default_model.as_deref(), Some("b"));
+        Ok(())
     }
 
     #[test]

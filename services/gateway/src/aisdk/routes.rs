@@ -28,7 +28,7 @@ fn ui_stream_response() -> actix_web::HttpResponseBuilder {
 
 /// The body `useChat`'s default transport sends, for the API description. It is read as a
 /// `POST /api/chat/start` body after the mapping of `aisdk::messages`: `id` is the session,
-/// `model` (else the first configured model) the model; the other fields of the transport's
+/// `model` (else `gateway.default_model`, else the first configured model) the model; the other fields of the transport's
 /// `body` are ignored except the start options (`maxTokens`, `temperature`, `tools`,
 /// `toolChoice`, `responseFormat`, `topP`, `stop`, `seed`).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -48,7 +48,7 @@ pub(crate) struct UiChatBody {
     trigger: Option<String>,
     /// Ignored: the answer's message id is its request id.
     message_id: Option<String>,
-    /// A configured model id, else `404 unknown_model`; default: the first configured model.
+    /// A configured model id, else `404 unknown_model`; default: `gateway.default_model`, else the first configured model.
     model: Option<String>,
 }
 
@@ -96,7 +96,12 @@ pub async fn chat(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let key_id = caller.as_ref().ok().map(|caller| caller.key.0.clone());
-    let default_model = state.models.keys().next().cloned();
+    let default_model = state
+        .settings
+        .gateway
+        .default_model
+        .clone()
+        .or_else(|| state.models.keys().next().cloned());
     let json = start_counted(&state, caller, &req, payload, |body| {
         native_body(body, default_model.as_deref())
     })
