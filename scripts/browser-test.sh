@@ -3,8 +3,8 @@
 # tests `browser::` (tests/tests/e2e/browser.rs) against a whole stack each starts itself.
 #
 # Installs Debian's chromium and chromium-driver when they are missing (as root, or via sudo),
-# builds the service binaries if needed, then runs the tests, which are #[ignore]d in the plain
-# test run because it needs the browser. A screenshot lands in tests/artifacts/demo-page.png.
+# builds the service binaries and the useChat app (scripts/sdk-clients.sh) if needed, then
+# runs the tests, which are #[ignore]d in the plain test run because they need the browser. A screenshot lands in tests/artifacts/demo-page.png.
 #
 # Usage: scripts/browser-test.sh [--update-screenshot]
 #   --update-screenshot   also copy the screenshot to docs/demo-page.png (the README's picture)
@@ -88,6 +88,8 @@ fi
 export CHROMIUM=$chromium_bin CHROMEDRIVER=$driver_bin
 
 scripts/ensure-redis.sh
+# The useChat app the test `browser::the_usechat_app_...` serves (installed and bundled once).
+scripts/sdk-clients.sh >/dev/null
 # The test starts the real binaries; `make test` has built them already, so this is quick.
 cargo build --workspace --bins
 

@@ -1,4 +1,5 @@
-//! The demo page (`GET /`), and the AI SDK page (`GET /aisdk-demo`) across a reload, in
+//! The demo page (`GET /`), the AI SDK page (`GET /aisdk-demo`) across a reload, and the
+//! README's `useChat` snippet as a React app (tests/clients/usechat) from another origin, in
 //! headless Chromium against a whole running stack: a person's clicks and keystrokes through
 //! WebDriver, assertions on what the page shows.
 //!
@@ -10,6 +11,7 @@
 //! One browser and one stack go through the scenarios in order (each names itself in the error
 //! if it fails, and a failure leaves `tests/artifacts/demo-page-failure.png`).
 
+mod static_site;
 mod webdriver;
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ use test_support::wait_until;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use self::static_site::StaticSite;
 use self::webdriver::Browser;
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, expected_text, options};
 use service_kit::Settings;
@@ -173,6 +176,204 @@ async fn aisdk_reload(stack: &Stack, browser: &Browser) -> anyhow::Result<()> {
         "text after the reload: {done}"
     );
     ensure!(done["answers"] == 1 && done["users"] == 1, "{done}");
+    Ok(())
+}
+
+/// The README's `useChat` snippet as a React app (tests/clients/usechat, built by
+/// `scripts/sdk-clients.sh`), served from its own origin: `@ai-sdk/react`'s `useChat` with
+/// `resume: true` and `DefaultChatTransport` against the gateway, through CORS. A reload in the
+/// middle of an answer resumes it, a reload after the end finds nothing running (204), and the
+/// Stop button (`POST /api/chat/{id}/stop`) ends a running answer.
+#[tokio::test]
+#[ignore = "needs Chromium and ChromeDriver: run by scripts/browser-test.sh (a step of make test)"]
+async fn the_usechat_app_resumes_after_a_reload_and_stops_in_chromium() -> anyhow::Result<()> {
+    let site = StaticSite::serve(usechat_dir()?).await?;
+    let origin = site.origin();
+    let stack = Stack::start(options().with_settings(|s| {
+        s.gateway.cors_allowed_origins = vec![origin.clone()];
+    }))
+    .await?;
+    let browser = Browser::launch().await?;
+    let result = usechat(&stack, &browser, &site).await;
+    if let Err(error) = &result {
+        let saved = save_screenshot(&browser, "usechat-failure.png").await;
+        let shown = browser.eval(READ_USECHAT, json!([])).await;
+        let gateway = stack.gateways[0].process.log_tail(20).await;
+        eprintln!(
+            "useChat app test failed: {error:#}\nscreenshot: {saved:?}\npage: {shown:?}\n\
+             gateway log:\n{gateway}"
+        );
+    }
+    let closed = browser.close().await;
+    result?;
+    closed
+}
+
+/// The built app: `BRIDGE_USECHAT_DIR`, else where `scripts/sdk-clients.sh` puts it.
+fn usechat_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("BRIDGE_USECHAT_DIR").map_or_else(
+        || {
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".cache/llm-bridge/sdk-clients/usechat/dist"))
+                .unwrap_or_default()
+        },
+        PathBuf::from,
+    );
+    ensure!(
+        dir.join("app.js").exists() && dir.join("index.html").exists(),
+        "the useChat app is not built in {}: run scripts/sdk-clients.sh (make test does) or set \
+         BRIDGE_USECHAT_DIR",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// What the useChat app shows: `useChat`'s status, the messages' roles and text parts, the
+/// stop answer, an error, and the `GET /api/chat/{id}/stream` requests the page made (status).
+const READ_USECHAT: &str = r#"
+const status = document.getElementById('status');
+if (!status) return null;
+const messages = [...document.querySelectorAll('#transcript article')].map((a) => ({
+  role: a.className, text: a.querySelector('.text').textContent }));
+const stopped = document.getElementById('stopped');
+const error = document.getElementById('error');
+const resumes = performance.getEntriesByType('resource')
+  .filter((e) => /\/api\/chat\/[^/]+\/stream$/.test(e.name))
+  .map((e) => ({ status: e.responseStatus, done: e.responseEnd > 0 }));
+return {
+  status: status.dataset.status,
+  messages,
+  assistant: messages.filter((m) => m.role === 'assistant').map((m) => m.text),
+  users: messages.filter((m) => m.role === 'user').length,
+  stopped: stopped ? Number(stopped.dataset.status) : null,
+  error: error ? error.textContent : null,
+  resumes,
+};"#;
+
+async fn wait_usechat(browser: &Browser, what: &str, condition: &str) -> anyhow::Result<Value> {
+    browser
+        .wait_for(
+            what,
+            PAGE_TIMEOUT,
+            &format!(
+                "const e = (() => {{ {READ_USECHAT} }})(); return e && ({condition}) ? e : null"
+            ),
+            json!([]),
+        )
+        .await
+}
+
+async fn usechat(stack: &Stack, browser: &Browser, site: &StaticSite) -> anyhow::Result<()> {
+    let chat = "browser-usechat";
+    let url = format!(
+        "{}/?gateway={}&key={API_KEY}&chat={chat}&model=mock",
+        site.origin(),
+        stack.gateway()
+    );
+    // First load: `resume: true` asks for a running answer; there is none (204).
+    browser.goto(&url).await?;
+    let fresh = wait_usechat(
+        browser,
+        "the app's first resume to find nothing",
+        "e.status === 'ready' && e.resumes.length === 1 && e.resumes[0].done",
+    )
+    .await
+    .context("opening the app")?;
+    ensure!(
+        fresh["resumes"][0]["status"] == 204 && fresh["messages"] == json!([]),
+        "{fresh}"
+    );
+
+    // A slow answer, and a reload in its middle.
+    let prompt = "Resume me in useChat [[mock tokens=80 delay_ms=25]]";
+    browser.type_into("#prompt", prompt).await?;
+    browser.click("#send").await?;
+    let partial = wait_usechat(
+        browser,
+        "part of the answer",
+        "e.status === 'streaming' && e.users === 1 && e.assistant.length === 1 \
+         && e.assistant[0].length >= 20",
+    )
+    .await
+    .context("scenario: a prompt streams")?;
+    browser.goto(&url).await?;
+    let resumed = wait_usechat(
+        browser,
+        "the resumed answer to finish",
+        "e.status === 'ready' && e.assistant.length > 0",
+    )
+    .await
+    .context("scenario: a reload mid-answer resumes it")?;
+    let full = expected_text(prompt, 80);
+    let partial = partial["assistant"][0].as_str().unwrap_or_default();
+    ensure!(
+        partial.len() < full.len(),
+        "the reload came after the end: {partial:?}"
+    );
+    // The answer, whole and once. useChat keeps no history: after the reload it shows only the
+    // resumed answer, not the question (the app has to load earlier messages itself).
+    ensure!(
+        resumed["assistant"] == json!([full]) && resumed["users"] == 0,
+        "after the reload: {resumed}"
+    );
+    ensure!(
+        resumed["resumes"] == json!([{"status": 200, "done": true}]) && resumed["error"].is_null(),
+        "the resume request: {resumed}"
+    );
+
+    // A reload after the end: nothing runs any more, so nothing is shown.
+    browser.goto(&url).await?;
+    let after = wait_usechat(
+        browser,
+        "the resume after the end",
+        "e.status === 'ready' && e.resumes.length === 1 && e.resumes[0].done",
+    )
+    .await
+    .context("scenario: a reload after the end finds nothing running")?;
+    ensure!(
+        after["resumes"][0]["status"] == 204 && after["messages"] == json!([]),
+        "{after}"
+    );
+
+    // Stop ends a running answer for everyone: the stream ends (`abort`) with part of the text.
+    let long = "Stop me in useChat [[mock tokens=400 delay_ms=25]]";
+    browser.type_into("#prompt", long).await?;
+    browser.click("#send").await?;
+    wait_usechat(
+        browser,
+        "part of the long answer",
+        "e.status === 'streaming' && e.assistant.length === 1 && e.assistant[0].length >= 20",
+    )
+    .await
+    .context("scenario: a long answer streams")?;
+    browser.click("#stop").await?;
+    let stopped = wait_usechat(
+        browser,
+        "the stopped answer",
+        "e.stopped !== null && e.status !== 'streaming' && e.status !== 'submitted'",
+    )
+    .await
+    .context("scenario: Stop ends the answer")?;
+    let whole = expected_text(long, 400);
+    let shown = stopped["assistant"][0].as_str().unwrap_or_default();
+    ensure!(stopped["stopped"] == 202, "stop answered: {stopped}");
+    ensure!(
+        !shown.is_empty() && shown.len() < whole.len() && whole.starts_with(shown),
+        "the stopped answer: {stopped}"
+    );
+    // Nothing runs any more: the gateway has no answer to resume.
+    let running = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .get(format!("{}/api/chat/{chat}/stream", stack.gateway()))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .status();
+    ensure!(
+        running == 204,
+        "GET /api/chat/{chat}/stream after Stop: {running}"
+    );
     Ok(())
 }
 
