@@ -29,7 +29,7 @@ function App() {
     transport: new DefaultChatTransport({
       api,
       headers, // sent on the reconnect too
-      body: { model }, // optional: else gateway.default_model
+      body: { model }, // optional, e.g. "gpt-4": else gateway.default_model
     }),
   });
   const [input, setInput] = useState("");
