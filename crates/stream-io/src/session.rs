@@ -4,7 +4,8 @@
 //! request's owner key (`llm:owner:{session}:request`, same slot as the stream) and appends only
 //! when they match. A producer that lost its job to another one therefore cannot add a single
 //! entry once the new owner has taken over. The same script reports a cancel request, so
-//! observing a cancel costs no extra command while tokens flow.
+//! observing a cancel costs no extra command while tokens flow, and takes a batch of events
+//! (one entry each) for the price of one owner read.
 
 use fred::prelude::*;
 use fred::types::Value;
@@ -54,21 +55,31 @@ return id
 pub use stream_schema::keys::OWNER_DONE;
 
 /// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, owner-done
-/// value, wake channel, fields…
-/// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
-/// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
-/// of the stream and the owner key.
+/// value, wake channel, event count, then per event its field count and fields…
+/// Returns {0} when fenced off, {2} when cancelled, {1, id…} (one id per event) when written.
+/// A batch is all or nothing: the owner and the cancel flag are read once, in one `MGET` (same
+/// slot), before the first `XADD`, and nothing else runs in between. A terminal last event also
+/// marks the owner `done` (fencing off every attempt, this one included) and refreshes the
+/// expiry of the stream and the owner key; content appends touch no expiry (`START` set it, the
+/// terminal append refreshes it), so a token costs one `XADD` plus its share of the batch's
+/// `EVALSHA` and `MGET`.
 const APPEND: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
+local state = redis.call('MGET', KEYS[2], KEYS[3])
+if state[1] ~= ARGV[1] then return {0} end
+if ARGV[2] == '1' and state[2] then return {2} end
+local reply = {1}
+local at = 8
+for e = 1, tonumber(ARGV[7]) do
+  local n = tonumber(ARGV[at])
+  reply[e + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, at + 1, at + n))
+  at = at + n + 1
+end
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL')
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], '1') end
-return {1, id}
+return reply
 ";
 
 /// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, wake channel, fields…
@@ -94,6 +105,10 @@ pub struct Retention {
     /// older than twice this are trimmed when a request starts.
     pub ttl_secs: u64,
 }
+
+/// Events one append script call takes at most: a script blocks Redis while it runs, so one
+/// call stays short (callers batch fewer: the producer's batch holds 128).
+pub const MAX_BATCH_EVENTS: usize = 256;
 
 /// What a fenced append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,16 +216,57 @@ impl SessionScripts {
         event: &SessionEvent,
         check_cancel: bool,
     ) -> Result<AppendOutcome, StreamIoError> {
+        self.append_batch(
+            client,
+            target,
+            attempt,
+            std::slice::from_ref(event),
+            check_cancel,
+        )
+        .await
+    }
+
+    /// Appends `events` in order, one stream entry each, in one fenced script call: all of
+    /// them if `attempt` still owns the request (and, with `check_cancel`, the request was not
+    /// cancelled), none otherwise. Only the last event may be terminal; it then marks the
+    /// request done and refreshes the expiry. `Written` carries the last entry's id. At most
+    /// [`MAX_BATCH_EVENTS`] events per call (Lua's `unpack` takes a few thousand arguments).
+    pub async fn append_batch(
+        &self,
+        client: &Client,
+        target: &RequestStreams,
+        attempt: u32,
+        events: &[SessionEvent],
+        check_cancel: bool,
+    ) -> Result<AppendOutcome, StreamIoError> {
+        let Some(last) = events.last() else {
+            return Err(StreamIoError::Protocol("an empty append".to_owned()));
+        };
+        if events.len() > MAX_BATCH_EVENTS
+            || events[..events.len() - 1]
+                .iter()
+                .any(SessionEvent::is_terminal)
+        {
+            return Err(StreamIoError::Protocol(format!(
+                "a batch of {} events, or a terminal event before its end",
+                events.len()
+            )));
+        }
         let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
         let mut args = vec![
             attempt.to_string(),
             flag(check_cancel),
-            flag(event.is_terminal()),
+            flag(last.is_terminal()),
             target.retention.ttl_secs.to_string(),
             OWNER_DONE.to_owned(),
             self.wake(&target.stream),
+            events.len().to_string(),
         ];
-        args.extend(flatten(event.encode()));
+        for event in events {
+            let fields = event.encode();
+            args.push((fields.len() * 2).to_string());
+            args.extend(flatten(fields));
+        }
         let reply = run_script(client, &self.append, target.keys(), args).await?;
         let mut parts = reply.into_array().into_iter();
         match parts.next().and_then(|v| v.as_i64()) {
@@ -218,7 +274,7 @@ impl SessionScripts {
             Some(2) => Ok(AppendOutcome::Cancelled),
             Some(1) => {
                 let id = parts
-                    .next()
+                    .last()
                     .ok_or_else(|| StreamIoError::Protocol("append without id".to_owned()))?;
                 Ok(AppendOutcome::Written(entry_id(id)?))
             }
