@@ -82,6 +82,54 @@ if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], '1') end
 return reply
 ";
 
+/// `APPEND` for several requests at once (a single node only: the keys span slots).
+/// KEYS: per request stream, owner, cancel. ARGV: owner-done value, request count, then per
+/// request attempt, check_cancel, terminal, expire_secs, wake channel, event count, and per
+/// event its field count and fields…
+/// Returns per request {0, ''} when fenced off, {2, ''} when cancelled, {1, last id} when
+/// written: each request's batch exactly as `APPEND` would, with one `MGET` for the owners and
+/// cancel flags of all of them. The caller never puts two batches of one owner key in a call
+/// (the state is read once, before any write).
+const APPEND_MANY: &str = r"
+local n = tonumber(ARGV[2])
+local keys = {}
+for i = 1, n do
+  keys[2 * i - 1] = KEYS[3 * i - 1]
+  keys[2 * i] = KEYS[3 * i]
+end
+local state = redis.call('MGET', unpack(keys))
+local reply = {}
+local at = 3
+for i = 1, n do
+  local attempt, check, terminal, ttl, wake = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local count = tonumber(ARGV[at + 5])
+  at = at + 6
+  local code = 1
+  if state[2 * i - 1] ~= attempt then
+    code = 0
+  elseif check == '1' and state[2 * i] then
+    code = 2
+  end
+  local last = ''
+  for _ = 1, count do
+    local fields = tonumber(ARGV[at])
+    if code == 1 then
+      last = redis.call('XADD', KEYS[3 * i - 2], '*', unpack(ARGV, at + 1, at + fields))
+    end
+    at = at + fields + 1
+  end
+  if code == 1 then
+    if terminal == '1' then
+      redis.call('SET', KEYS[3 * i - 1], ARGV[1], 'EX', ttl)
+      redis.call('EXPIRE', KEYS[3 * i - 2], ttl)
+    end
+    if wake ~= '' then redis.call('SPUBLISH', wake, '1') end
+  end
+  reply[i] = {code, last}
+end
+return reply
+";
+
 /// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, wake channel, fields…
 /// Moves the owner from `expected` to `new` and appends the event, or returns {0, current}.
 /// A non-zero `expire_secs` (a terminal event) refreshes the expiry of both keys.
@@ -109,6 +157,18 @@ pub struct Retention {
 /// Events one append script call takes at most: a script blocks Redis while it runs, so one
 /// call stays short (callers batch fewer: the producer's batch holds 128).
 pub const MAX_BATCH_EVENTS: usize = 256;
+
+/// Requests one [`SessionScripts::append_many`] call takes at most.
+pub const MAX_BATCH_REQUESTS: usize = 256;
+
+/// One request's batch in an [`SessionScripts::append_many`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendBatch<'a> {
+    pub target: &'a RequestStreams,
+    pub attempt: u32,
+    pub events: &'a [SessionEvent],
+    pub check_cancel: bool,
+}
 
 /// What a fenced append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +208,7 @@ fn entry_id(value: Value) -> Result<EntryId, StreamIoError> {
 pub struct SessionScripts {
     start: Script,
     append: Script,
+    append_many: Script,
     take_over: Script,
     /// Whether every append also publishes to the stream's wake channel.
     wake_ups: bool,
@@ -158,6 +219,7 @@ impl Default for SessionScripts {
         Self {
             start: Script::from_lua(START),
             append: Script::from_lua(APPEND),
+            append_many: Script::from_lua(APPEND_MANY),
             take_over: Script::from_lua(TAKE_OVER),
             wake_ups: false,
         }
@@ -282,6 +344,85 @@ impl SessionScripts {
                 "append script answered {other:?}"
             ))),
         }
+    }
+
+    /// Appends the batches of several requests in one script call, each exactly as
+    /// [`SessionScripts::append_batch`] would (fenced, refused on cancel, all or nothing per
+    /// request), and answers one outcome per batch, in order. A single node only: the keys of
+    /// different sessions live in different cluster slots. At most [`MAX_BATCH_REQUESTS`]
+    /// batches, no two of the same request's owner key, each of at most
+    /// [`MAX_BATCH_EVENTS`] events.
+    pub async fn append_many(
+        &self,
+        client: &Client,
+        batches: &[AppendBatch<'_>],
+    ) -> Result<Vec<AppendOutcome>, StreamIoError> {
+        if batches.is_empty() || batches.len() > MAX_BATCH_REQUESTS {
+            return Err(StreamIoError::Protocol(format!(
+                "a call of {} batches",
+                batches.len()
+            )));
+        }
+        let mut keys = Vec::with_capacity(batches.len() * 3);
+        let mut args = vec![OWNER_DONE.to_owned(), batches.len().to_string()];
+        for batch in batches {
+            let Some(last) = batch.events.last() else {
+                return Err(StreamIoError::Protocol("an empty append".to_owned()));
+            };
+            if batch.events.len() > MAX_BATCH_EVENTS
+                || batch.events[..batch.events.len() - 1]
+                    .iter()
+                    .any(SessionEvent::is_terminal)
+            {
+                return Err(StreamIoError::Protocol(format!(
+                    "a batch of {} events, or a terminal event before its end",
+                    batch.events.len()
+                )));
+            }
+            keys.extend(batch.target.keys());
+            args.extend([
+                batch.attempt.to_string(),
+                if batch.check_cancel { "1" } else { "0" }.to_owned(),
+                if last.is_terminal() { "1" } else { "0" }.to_owned(),
+                batch.target.retention.ttl_secs.to_string(),
+                self.wake(&batch.target.stream),
+                batch.events.len().to_string(),
+            ]);
+            for event in batch.events {
+                let fields = event.encode();
+                args.push((fields.len() * 2).to_string());
+                args.extend(flatten(fields));
+            }
+        }
+        let reply = run_script(client, &self.append_many, keys, args).await?;
+        let outcomes = reply
+            .into_array()
+            .into_iter()
+            .map(|one| {
+                let mut parts = one.into_array().into_iter();
+                match parts.next().and_then(|v| v.as_i64()) {
+                    Some(0) => Ok(AppendOutcome::Fenced),
+                    Some(2) => Ok(AppendOutcome::Cancelled),
+                    Some(1) => {
+                        let id = parts.next().ok_or_else(|| {
+                            StreamIoError::Protocol("append without id".to_owned())
+                        })?;
+                        Ok(AppendOutcome::Written(entry_id(id)?))
+                    }
+                    other => Err(StreamIoError::Protocol(format!(
+                        "append script answered {other:?}"
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if outcomes.len() != batches.len() {
+            return Err(StreamIoError::Protocol(format!(
+                "{} outcomes for {} batches",
+                outcomes.len(),
+                batches.len()
+            )));
+        }
+        Ok(outcomes)
     }
 
     /// Takes a request over from attempt `expected` as `expected + 1` and appends `event` (the

@@ -22,6 +22,7 @@
 //! first content of any kind is the first token (time to first token, retries before it), and
 //! tool-call fragments and reasoning count toward the hard token cap and the `tokens` records.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -247,7 +248,7 @@ pub struct TokenSink<'a> {
     /// The model serving the request, whose analytics the records count in: the job's model
     /// until a fallback.
     served: ModelId,
-    streams: RequestStreams,
+    streams: Arc<RequestStreams>,
     events: EventLog,
     /// The open event of the coalescing window (empty while coalescing is off).
     pending: Coalescer,
@@ -273,12 +274,12 @@ impl<'a> TokenSink<'a> {
             job,
             attempt,
             served: job.model_id.clone(),
-            streams: RequestStreams::new(
+            streams: Arc::new(RequestStreams::new(
                 &job.session_id,
                 &job.model_id,
                 &job.request_id,
                 ctx.retention,
-            ),
+            )),
             events: ctx.event_log(),
             pending: Coalescer::new(ctx.token_coalesce),
             batch: Batch::default(),
@@ -461,11 +462,12 @@ impl<'a> TokenSink<'a> {
                 }
             })
             .collect();
+        let count = events.len();
         let client = self.ctx.redis.next();
-        let append =
-            self.ctx
-                .scripts
-                .append_batch(client, &self.streams, self.attempt, &events, true);
+        let append = self
+            .ctx
+            .appender
+            .append(&self.streams, self.attempt, events, true);
         let outcome = if self.unreported >= RECORD_BATCH {
             let count = self.unreported;
             let record = self.tokens_record(count);
@@ -483,7 +485,7 @@ impl<'a> TokenSink<'a> {
             AppendOutcome::Cancelled => return Ok(Write::Cancelled),
         }
         metrics::counter!("producer_append_batches_total").increment(1);
-        self.sequence += events.len() as u64;
+        self.sequence += count as u64;
         self.tokens = self.tokens.saturating_add(tokens);
         self.reasoning_tokens = self.reasoning_tokens.saturating_add(reasoning);
         self.unreported += tokens;
@@ -530,14 +532,8 @@ impl<'a> TokenSink<'a> {
     ) -> Result<Terminal, StreamIoError> {
         let written = self
             .ctx
-            .scripts
-            .append(
-                self.ctx.redis.next(),
-                &self.streams,
-                self.attempt,
-                event,
-                false,
-            )
+            .appender
+            .append(&self.streams, self.attempt, vec![event.clone()], false)
             .await?;
         if !matches!(written, AppendOutcome::Written(_)) {
             return Ok(Terminal::Fenced);

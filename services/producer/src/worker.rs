@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::appends::Appender;
 use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
 use crate::upstream::{Delta, DeltaStream, Policy, Registry, Upstream, UpstreamError};
 
@@ -33,6 +34,8 @@ const CANCEL_POLL: Duration = Duration::from_millis(250);
 /// Shared by all workers of a producer.
 pub struct WorkerContext {
     pub redis: Pool,
+    /// The fenced appends of content and terminal events, combined across requests.
+    pub appender: Appender,
     pub scripts: SessionScripts,
     pub upstreams: Registry,
     pub retention: Retention,
@@ -794,6 +797,7 @@ pub(crate) mod testing {
     use test_support::RedisServer;
 
     use super::WorkerContext;
+    use crate::appends::Appender;
     use crate::upstream::Registry;
 
     pub struct Env {
@@ -812,6 +816,12 @@ pub(crate) mod testing {
             let pool = service_kit::redis::pool(&settings)?;
             service_kit::redis::start(&pool, &settings).await;
             let ctx = WorkerContext {
+                appender: Appender::new(
+                    pool.clone(),
+                    SessionScripts::default(),
+                    true,
+                    tokio_util::task::TaskTracker::new(),
+                ),
                 redis: pool,
                 scripts: SessionScripts::default(),
                 upstreams: Registry::new(&BTreeMap::new())?,
