@@ -5,7 +5,7 @@
 //! no call is in flight; the batches that arrive while one is go together in the next, one
 //! `EVALSHA` and one `MGET` (every owner key and cancel flag) for all of them
 //! (`SessionScripts::append_many`), each request still fenced, refused on cancel and written
-//! all or nothing on its own. One call is in flight at a time; it is made by a short task that
+//! all or nothing on its own. At most two calls are in flight, each made by a short task that
 //! lives while batches wait (spawned on the workers' tracker, so shutdown waits for it). In
 //! Redis Cluster the keys of different sessions live in different slots, so each batch is its
 //! own `APPEND` call, as before.
@@ -23,7 +23,10 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 /// Events of one combined call at most: a script blocks Redis while it runs.
-const MAX_CALL_EVENTS: usize = 1024;
+const MAX_CALL_EVENTS: usize = 512;
+/// Combined calls in flight at most: two, so the producer prepares the next call while Redis
+/// runs the last one; more would only split what waits into smaller calls.
+const CALLS_IN_FLIGHT: usize = 2;
 
 /// Where every attempt of this producer appends its content and terminal events.
 #[derive(Clone)]
@@ -43,8 +46,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     queue: Vec<Queued>,
-    /// Whether a task is making the calls (it ends when the queue is empty).
-    running: bool,
+    /// Tasks making calls, at most [`CALLS_IN_FLIGHT`] (each ends when the queue is empty).
+    running: usize,
 }
 
 /// One request's batch waiting for a call.
@@ -97,7 +100,11 @@ impl Appender {
                 check_cancel,
                 reply,
             });
-            !std::mem::replace(&mut state.running, true)
+            let start = state.running < CALLS_IN_FLIGHT;
+            if start {
+                state.running += 1;
+            }
+            start
         };
         if start {
             let runner = Arc::clone(inner);
@@ -123,7 +130,7 @@ impl Inner {
             let round = {
                 let mut state = self.lock();
                 if state.queue.is_empty() {
-                    state.running = false;
+                    state.running -= 1;
                     return;
                 }
                 take_round(&mut state.queue)
@@ -213,8 +220,9 @@ mod tests {
     use std::time::Duration;
 
     use stream_io::session::{AppendOutcome, RequestStreams};
-    use stream_schema::{Job, SessionEvent, SessionId};
+    use stream_schema::{Job, RedisKey, SessionEvent, SessionId};
 
+    use super::{MAX_CALL_EVENTS, Queued, take_round};
     use crate::worker::testing::{Env, job};
 
     fn token(job: &Job, sequence: u64) -> SessionEvent {
@@ -293,34 +301,48 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn two_batches_of_one_request_never_share_a_call() -> anyhow::Result<()> {
-        let env = Env::start(Duration::ZERO).await?;
-        let (a, streams) = started(&env, "a").await?;
-        let complete = SessionEvent::Complete {
-            request_id: a.request_id,
-            finish_reason: stream_schema::FinishReason::Stop,
-            usage: stream_schema::Usage {
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                source: stream_schema::UsageSource::Counted,
-                reasoning_tokens: None,
-            },
-            timestamp: 2,
+    #[test]
+    fn a_call_never_takes_two_batches_of_one_owner_and_keeps_the_rest_in_order()
+    -> anyhow::Result<()> {
+        let queued = |job: &Job, events: usize| {
+            let target = Arc::new(RequestStreams::new(
+                &job.session_id,
+                &job.model_id,
+                &job.request_id,
+                stream_io::session::Retention { ttl_secs: 60 },
+            ));
+            let (reply, _) = tokio::sync::oneshot::channel();
+            Queued {
+                target,
+                attempt: 1,
+                events: (1..=events as u64).map(|n| token(job, n)).collect(),
+                check_cancel: true,
+                reply,
+            }
         };
-        let scripts = env.calls("evalsha").await?;
+        let (a, b, c) = (job()?, job()?, job()?);
+        let mut queue = vec![
+            queued(&a, 1),
+            queued(&a, 1),
+            queued(&b, MAX_CALL_EVENTS - 1),
+            queued(&c, 1),
+        ];
 
-        // The second reads the owner only after the first marked it `done`.
-        let appender = &env.ctx.appender;
-        let (ended, late) = tokio::join!(
-            appender.append(&streams, 1, vec![token(&a, 1), complete], false),
-            appender.append(&streams, 1, vec![token(&a, 2)], true),
-        );
+        let round = take_round(&mut queue);
 
-        assert!(matches!(ended?, AppendOutcome::Written(_)));
-        assert_eq!(late?, AppendOutcome::Fenced);
-        assert_eq!(env.calls("evalsha").await? - scripts, 2);
-        assert_eq!(tokens(&env.events(&a).await?), [1]);
+        // `a` once; `b` fits beside it; `c` would pass the call's event limit.
+        let owners = |queued: &[Queued]| -> Vec<String> {
+            queued
+                .iter()
+                .map(|q| q.target.owner.as_str().to_owned())
+                .collect()
+        };
+        let owner = |job: &Job| RedisKey::owner(&job.session_id, &job.request_id).to_string();
+        assert_eq!(owners(&round), [owner(&a), owner(&b)]);
+        assert_eq!(owners(&queue), [owner(&a), owner(&c)]);
+        // The first batch always goes, whatever its size.
+        let mut big = vec![queued(&c, MAX_CALL_EVENTS + 1)];
+        assert_eq!(take_round(&mut big).len(), 1);
         Ok(())
     }
 }
