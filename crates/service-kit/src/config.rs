@@ -545,8 +545,9 @@ pub struct ProducerSettings {
     /// reclaimed after that many goes to the dead-letter stream `llm:dead` and its client gets
     /// a `job_failed` error.
     pub max_attempts: u32,
-    /// Tokens arriving within this window are written as one `token` event (fewer Redis writes
-    /// and SSE messages at high token rates). 0 writes every token as it comes.
+    /// Tokens arriving within this window are merged into one `token` event (fewer entries and
+    /// SSE messages at high token rates, up to the window in latency). 0 (default) keeps one
+    /// event per token; tokens are batched into script calls without a timer either way.
     pub token_coalesce_ms: u64,
 }
 

@@ -4,7 +4,8 @@
 //! request's owner key (`llm:owner:{session}:request`, same slot as the stream) and appends only
 //! when they match. A producer that lost its job to another one therefore cannot add a single
 //! entry once the new owner has taken over. The same script reports a cancel request, so
-//! observing a cancel costs no extra command while tokens flow.
+//! observing a cancel costs no extra command while tokens flow, and takes a batch of events
+//! (one entry each) for the price of one owner read.
 
 use fred::prelude::*;
 use fred::types::Value;
@@ -54,21 +55,79 @@ return id
 pub use stream_schema::keys::OWNER_DONE;
 
 /// KEYS: stream, owner, cancel. ARGV: attempt, check_cancel, terminal, expire_secs, owner-done
-/// value, wake channel, fields…
-/// Returns {0} when fenced off, {2} when cancelled, {1, id} when written. A terminal event also
-/// marks the owner `done` (fencing off every attempt, this one included) and refreshes the expiry
-/// of the stream and the owner key.
+/// value, wake channel, event count, then per event its field count and fields…
+/// Returns {0} when fenced off, {2} when cancelled, {1, id…} (one id per event) when written.
+/// A batch is all or nothing: the owner and the cancel flag are read once, in one `MGET` (same
+/// slot), before the first `XADD`, and nothing else runs in between. A terminal last event also
+/// marks the owner `done` (fencing off every attempt, this one included) and refreshes the
+/// expiry of the stream and the owner key; content appends touch no expiry (`START` set it, the
+/// terminal append refreshes it), so a token costs one `XADD` plus its share of the batch's
+/// `EVALSHA` and `MGET`.
 const APPEND: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
+local state = redis.call('MGET', KEYS[2], KEYS[3])
+if state[1] ~= ARGV[1] then return {0} end
+if ARGV[2] == '1' and state[2] then return {2} end
+local reply = {1}
+local at = 8
+for e = 1, tonumber(ARGV[7]) do
+  local n = tonumber(ARGV[at])
+  reply[e + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, at + 1, at + n))
+  at = at + n + 1
+end
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL')
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], '1') end
-return {1, id}
+return reply
+";
+
+/// `APPEND` for several requests at once (a single node only: the keys span slots).
+/// KEYS: per request stream, owner, cancel. ARGV: owner-done value, request count, then per
+/// request attempt, check_cancel, terminal, expire_secs, wake channel, event count, and per
+/// event its field count and fields…
+/// Returns per request {0, ''} when fenced off, {2, ''} when cancelled, {1, last id} when
+/// written: each request's batch exactly as `APPEND` would, with one `MGET` for the owners and
+/// cancel flags of all of them. The caller never puts two batches of one owner key in a call
+/// (the state is read once, before any write).
+const APPEND_MANY: &str = r"
+local n = tonumber(ARGV[2])
+local keys = {}
+for i = 1, n do
+  keys[2 * i - 1] = KEYS[3 * i - 1]
+  keys[2 * i] = KEYS[3 * i]
+end
+local state = redis.call('MGET', unpack(keys))
+local reply = {}
+local at = 3
+for i = 1, n do
+  local attempt, check, terminal, ttl, wake = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local count = tonumber(ARGV[at + 5])
+  at = at + 6
+  local code = 1
+  if state[2 * i - 1] ~= attempt then
+    code = 0
+  elseif check == '1' and state[2 * i] then
+    code = 2
+  end
+  local last = ''
+  for _ = 1, count do
+    local fields = tonumber(ARGV[at])
+    if code == 1 then
+      last = redis.call('XADD', KEYS[3 * i - 2], '*', unpack(ARGV, at + 1, at + fields))
+    end
+    at = at + fields + 1
+  end
+  if code == 1 then
+    if terminal == '1' then
+      redis.call('SET', KEYS[3 * i - 1], ARGV[1], 'EX', ttl)
+      redis.call('EXPIRE', KEYS[3 * i - 2], ttl)
+    end
+    if wake ~= '' then redis.call('SPUBLISH', wake, '1') end
+  end
+  reply[i] = {code, last}
+end
+return reply
 ";
 
 /// KEYS: stream, owner. ARGV: expected owner, new owner, expire_secs, wake channel, fields…
@@ -93,6 +152,22 @@ pub struct Retention {
     /// Seconds a stream (and its owner key) lives after its request starts or ends; entries
     /// older than twice this are trimmed when a request starts.
     pub ttl_secs: u64,
+}
+
+/// Events one append script call takes at most: a script blocks Redis while it runs, so one
+/// call stays short (callers batch fewer: the producer's batch holds 128).
+pub const MAX_BATCH_EVENTS: usize = 256;
+
+/// Requests one [`SessionScripts::append_many`] call takes at most.
+pub const MAX_BATCH_REQUESTS: usize = 256;
+
+/// One request's batch in an [`SessionScripts::append_many`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendBatch<'a> {
+    pub target: &'a RequestStreams,
+    pub attempt: u32,
+    pub events: &'a [SessionEvent],
+    pub check_cancel: bool,
 }
 
 /// What a fenced append did.
@@ -133,6 +208,7 @@ fn entry_id(value: Value) -> Result<EntryId, StreamIoError> {
 pub struct SessionScripts {
     start: Script,
     append: Script,
+    append_many: Script,
     take_over: Script,
     /// Whether every append also publishes to the stream's wake channel.
     wake_ups: bool,
@@ -143,6 +219,7 @@ impl Default for SessionScripts {
         Self {
             start: Script::from_lua(START),
             append: Script::from_lua(APPEND),
+            append_many: Script::from_lua(APPEND_MANY),
             take_over: Script::from_lua(TAKE_OVER),
             wake_ups: false,
         }
@@ -201,16 +278,57 @@ impl SessionScripts {
         event: &SessionEvent,
         check_cancel: bool,
     ) -> Result<AppendOutcome, StreamIoError> {
+        self.append_batch(
+            client,
+            target,
+            attempt,
+            std::slice::from_ref(event),
+            check_cancel,
+        )
+        .await
+    }
+
+    /// Appends `events` in order, one stream entry each, in one fenced script call: all of
+    /// them if `attempt` still owns the request (and, with `check_cancel`, the request was not
+    /// cancelled), none otherwise. Only the last event may be terminal; it then marks the
+    /// request done and refreshes the expiry. `Written` carries the last entry's id. At most
+    /// [`MAX_BATCH_EVENTS`] events per call (Lua's `unpack` takes a few thousand arguments).
+    pub async fn append_batch(
+        &self,
+        client: &Client,
+        target: &RequestStreams,
+        attempt: u32,
+        events: &[SessionEvent],
+        check_cancel: bool,
+    ) -> Result<AppendOutcome, StreamIoError> {
+        let Some(last) = events.last() else {
+            return Err(StreamIoError::Protocol("an empty append".to_owned()));
+        };
+        if events.len() > MAX_BATCH_EVENTS
+            || events[..events.len() - 1]
+                .iter()
+                .any(SessionEvent::is_terminal)
+        {
+            return Err(StreamIoError::Protocol(format!(
+                "a batch of {} events, or a terminal event before its end",
+                events.len()
+            )));
+        }
         let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
         let mut args = vec![
             attempt.to_string(),
             flag(check_cancel),
-            flag(event.is_terminal()),
+            flag(last.is_terminal()),
             target.retention.ttl_secs.to_string(),
             OWNER_DONE.to_owned(),
             self.wake(&target.stream),
+            events.len().to_string(),
         ];
-        args.extend(flatten(event.encode()));
+        for event in events {
+            let fields = event.encode();
+            args.push((fields.len() * 2).to_string());
+            args.extend(flatten(fields));
+        }
         let reply = run_script(client, &self.append, target.keys(), args).await?;
         let mut parts = reply.into_array().into_iter();
         match parts.next().and_then(|v| v.as_i64()) {
@@ -218,7 +336,7 @@ impl SessionScripts {
             Some(2) => Ok(AppendOutcome::Cancelled),
             Some(1) => {
                 let id = parts
-                    .next()
+                    .last()
                     .ok_or_else(|| StreamIoError::Protocol("append without id".to_owned()))?;
                 Ok(AppendOutcome::Written(entry_id(id)?))
             }
@@ -226,6 +344,85 @@ impl SessionScripts {
                 "append script answered {other:?}"
             ))),
         }
+    }
+
+    /// Appends the batches of several requests in one script call, each exactly as
+    /// [`SessionScripts::append_batch`] would (fenced, refused on cancel, all or nothing per
+    /// request), and answers one outcome per batch, in order. A single node only: the keys of
+    /// different sessions live in different cluster slots. At most [`MAX_BATCH_REQUESTS`]
+    /// batches, no two of the same request's owner key, each of at most
+    /// [`MAX_BATCH_EVENTS`] events.
+    pub async fn append_many(
+        &self,
+        client: &Client,
+        batches: &[AppendBatch<'_>],
+    ) -> Result<Vec<AppendOutcome>, StreamIoError> {
+        if batches.is_empty() || batches.len() > MAX_BATCH_REQUESTS {
+            return Err(StreamIoError::Protocol(format!(
+                "a call of {} batches",
+                batches.len()
+            )));
+        }
+        let mut keys = Vec::with_capacity(batches.len() * 3);
+        let mut args = vec![OWNER_DONE.to_owned(), batches.len().to_string()];
+        for batch in batches {
+            let Some(last) = batch.events.last() else {
+                return Err(StreamIoError::Protocol("an empty append".to_owned()));
+            };
+            if batch.events.len() > MAX_BATCH_EVENTS
+                || batch.events[..batch.events.len() - 1]
+                    .iter()
+                    .any(SessionEvent::is_terminal)
+            {
+                return Err(StreamIoError::Protocol(format!(
+                    "a batch of {} events, or a terminal event before its end",
+                    batch.events.len()
+                )));
+            }
+            keys.extend(batch.target.keys());
+            args.extend([
+                batch.attempt.to_string(),
+                if batch.check_cancel { "1" } else { "0" }.to_owned(),
+                if last.is_terminal() { "1" } else { "0" }.to_owned(),
+                batch.target.retention.ttl_secs.to_string(),
+                self.wake(&batch.target.stream),
+                batch.events.len().to_string(),
+            ]);
+            for event in batch.events {
+                let fields = event.encode();
+                args.push((fields.len() * 2).to_string());
+                args.extend(flatten(fields));
+            }
+        }
+        let reply = run_script(client, &self.append_many, keys, args).await?;
+        let outcomes = reply
+            .into_array()
+            .into_iter()
+            .map(|one| {
+                let mut parts = one.into_array().into_iter();
+                match parts.next().and_then(|v| v.as_i64()) {
+                    Some(0) => Ok(AppendOutcome::Fenced),
+                    Some(2) => Ok(AppendOutcome::Cancelled),
+                    Some(1) => {
+                        let id = parts.next().ok_or_else(|| {
+                            StreamIoError::Protocol("append without id".to_owned())
+                        })?;
+                        Ok(AppendOutcome::Written(entry_id(id)?))
+                    }
+                    other => Err(StreamIoError::Protocol(format!(
+                        "append script answered {other:?}"
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if outcomes.len() != batches.len() {
+            return Err(StreamIoError::Protocol(format!(
+                "{} outcomes for {} batches",
+                outcomes.len(),
+                batches.len()
+            )));
+        }
+        Ok(outcomes)
     }
 
     /// Takes a request over from attempt `expected` as `expected + 1` and appends `event` (the

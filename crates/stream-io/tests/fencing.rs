@@ -356,3 +356,123 @@ async fn the_active_request_is_the_running_one_of_the_newest_entries() -> anyhow
     assert_eq!(active().await?, None, "every request ended");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_is_one_entry_per_event_all_or_nothing() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let request_id = RequestId::new();
+    let session = SessionId::parse("s")?;
+    let streams = RequestStreams::new(
+        &session,
+        &ModelId::parse("m")?,
+        &request_id,
+        Retention { ttl_secs: 60 },
+    );
+    let start = SessionEvent::Start {
+        request_id,
+        session_id: session.clone(),
+        model_id: ModelId::parse("m")?,
+        attempt: 1,
+        timestamp: 1,
+    };
+    scripts
+        .start(
+            &client,
+            &streams.stream,
+            &streams.owner,
+            &start,
+            streams.retention,
+        )
+        .await?;
+    let entries = |client: Client, key: RedisKey| async move {
+        let reply: fred::types::Value = client.xrange(key.as_str(), "-", "+", None).await?;
+        let entries = stream_io::parse_entries(reply)?;
+        entries
+            .iter()
+            .map(|entry| SessionEvent::decode(&entry.fields).map(|e| (entry.id, e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::from)
+    };
+
+    let batch: Vec<_> = (1..=3).map(|n| token(request_id, n)).collect();
+    let written = scripts
+        .append_batch(&client, &streams, 1, &batch, true)
+        .await?;
+    let stored = entries(client.clone(), streams.stream.clone()).await?;
+    assert_eq!(stored.len(), 4);
+    assert_eq!(
+        stored[1..]
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect::<Vec<_>>(),
+        batch
+    );
+    assert_eq!(written, AppendOutcome::Written(stored[3].0), "the last id");
+
+    // A terminal event may end a batch, never sit inside one.
+    let complete = SessionEvent::Complete {
+        request_id,
+        finish_reason: FinishReason::Stop,
+        usage: Usage {
+            prompt_tokens: 1,
+            completion_tokens: 4,
+            source: UsageSource::Counted,
+            reasoning_tokens: None,
+        },
+        timestamp: 3,
+    };
+    let misplaced = vec![complete.clone(), token(request_id, 4)];
+    assert!(
+        scripts
+            .append_batch(&client, &streams, 1, &misplaced, true)
+            .await
+            .is_err()
+    );
+    assert!(
+        scripts
+            .append_batch(&client, &streams, 1, &[], true)
+            .await
+            .is_err()
+    );
+
+    // A cancel refuses the whole batch; the terminal append (no cancel check) still writes.
+    stream_io::cancel::request(&client, &session, &request_id, 60).await?;
+    let rest = vec![token(request_id, 4), token(request_id, 5)];
+    assert_eq!(
+        scripts
+            .append_batch(&client, &streams, 1, &rest, true)
+            .await?,
+        AppendOutcome::Cancelled
+    );
+    assert_eq!(
+        entries(client.clone(), streams.stream.clone()).await?.len(),
+        4
+    );
+    let ending = vec![token(request_id, 4), complete];
+    assert!(matches!(
+        scripts
+            .append_batch(&client, &streams, 1, &ending, false)
+            .await?,
+        AppendOutcome::Written(_)
+    ));
+    assert_eq!(
+        owner_state(&client, &streams.owner).await?,
+        OwnerState::Done
+    );
+    let ttl: i64 = client.ttl(streams.owner.as_str()).await?;
+    assert!((1..=60).contains(&ttl), "the owner key expires: {ttl}");
+    // Fenced: a batch after the end writes none of its events.
+    assert_eq!(
+        scripts
+            .append_batch(&client, &streams, 1, &batch, false)
+            .await?,
+        AppendOutcome::Fenced
+    );
+    assert_eq!(
+        entries(client.clone(), streams.stream.clone()).await?.len(),
+        6
+    );
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! producer died are reclaimed and restarted (`claimer`, `recovery`); every write is fenced by
 //! attempt (`sink`, through `stream_io::session`).
 
+pub mod appends;
 pub mod backlog;
 pub mod claimer;
 pub mod lease;
@@ -62,10 +63,19 @@ impl Application {
             .with_context(|| format!("binding producer.addr {}", settings.producer.addr))?;
         let port = listener.local_addr()?.port();
         let producer = &settings.producer;
+        // Cluster mode: every append wakes the gateways' readers (see the gateway's hub).
+        let scripts = SessionScripts::with_wake_ups(settings.redis.is_cluster());
+        let workers = TaskTracker::new();
         let ctx = Arc::new(WorkerContext {
             redis: redis.clone(),
-            // Cluster mode: every append wakes the gateways' readers (see the gateway's hub).
-            scripts: SessionScripts::with_wake_ups(settings.redis.is_cluster()),
+            // Batches of many requests share script calls on a single node only.
+            appender: appends::Appender::new(
+                redis.clone(),
+                scripts.clone(),
+                !settings.redis.is_cluster(),
+                workers.clone(),
+            ),
+            scripts,
             upstreams,
             retention: Retention {
                 ttl_secs: settings.streams.session_ttl_secs,
@@ -81,7 +91,7 @@ impl Application {
             consumer: consumer.clone(),
             worker_permits: Arc::new(Semaphore::new(producer.concurrency)),
             leases: Arc::clone(&leases),
-            workers: TaskTracker::new(),
+            workers,
             hard_stop: CancellationToken::new(),
             max_attempts: producer.max_attempts,
             dead_maxlen: settings.streams.requests_maxlen,

@@ -1,23 +1,28 @@
 //! The token sink of one attempt: where the answer's content goes (text, tool-call fragments,
-//! reasoning). It owns coalescing (`producer.token_coalesce_ms`), the fenced appends to the
-//! session stream (through `stream_io::session`) and the attempt's analytics records (through
-//! `stream_io::records`).
+//! reasoning). It owns batching and coalescing (`producer.token_coalesce_ms`), the fenced
+//! appends to the session stream (through `stream_io::session`) and the attempt's analytics
+//! records (through `stream_io::records`).
 //!
-//! It is the one place that decides when buffered content is written: at once, when the window
-//! is over ([`TokenSink::flush_at`]), when the buffer is full, or when the next delta is of
-//! another kind. The worker only tells it that the window's time came or that the answer ended
-//! ([`TokenSink::flush`]).
+//! **Adaptive batching, no timer**: every delta becomes one event (one stream entry, one
+//! `sequence`), held in the sink's batch. The worker writes the batch as soon as the upstream
+//! has nothing more waiting ([`TokenSink::write_batch`]): a lone token goes out at once, and the
+//! tokens that arrived while an append was in flight (the worker reads no upstream while it
+//! awaits Redis) go together in the next one, one fenced script call for all of them. A full
+//! batch ([`MAX_BATCH_EVENTS`], [`MAX_BATCH_BYTES`]) is written by [`TokenSink::push`] itself.
 //!
-//! Coalescing merges consecutive deltas of the same kind only: text with text, reasoning with
-//! reasoning, and argument fragments of the same tool call (same `index`) that carry no `id` or
-//! `name` of their own. A delta of another kind or call, or one that opens a call, first writes
-//! what is buffered, so every event holds one kind, one call, and `id`/`name` exactly where the
-//! upstream sent them.
+//! Coalescing, off by default, is the other, timed, mechanism: it merges deltas into one event
+//! until its window is over ([`TokenSink::flush_at`]), the buffer is full, or the next delta is
+//! of another kind. It merges consecutive deltas of the same kind only: text with text,
+//! reasoning with reasoning, and argument fragments of the same tool call (same `index`) that
+//! carry no `id` or `name` of their own. A delta of another kind or call, or one that opens a
+//! call, first closes what is buffered, so every event holds one kind, one call, and
+//! `id`/`name` exactly where the upstream sent them. A closed event joins the batch.
 //!
 //! Every delta counts as one token (`sequence` counts events, `tokens` counts deltas): the
 //! first content of any kind is the first token (time to first token, retries before it), and
 //! tool-call fragments and reasoning count toward the hard token cap and the `tokens` records.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -31,8 +36,14 @@ use crate::worker::{WorkerContext, millis};
 
 /// Tokens reported per `tokens` record at most; records are written after their tokens.
 const RECORD_BATCH: u32 = 32;
-/// Coalesced text is written at once past this size, whatever the window says.
+/// Coalesced text is closed into one event past this size, whatever the window says.
 const MAX_COALESCED_BYTES: usize = 16 * 1024;
+/// Events of one batch at most: a full batch is written at once. Below the script's own limit
+/// ([`stream_io::session::MAX_BATCH_EVENTS`]); a script blocks Redis while it runs, so a call
+/// stays short.
+pub const MAX_BATCH_EVENTS: usize = 128;
+/// Content bytes of one batch at most, for the same reason.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// What a write (or a decision not to write yet) left the attempt with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +197,48 @@ impl Coalescer {
     }
 }
 
+/// One closed event waiting in the batch: its kind, content, deltas, and when it was closed
+/// (its `timestamp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ready {
+    kind: Kind,
+    text: String,
+    tokens: u32,
+    at: u64,
+}
+
+/// Closed events not written yet, in order. Pure state, testable without Redis.
+#[derive(Debug, Default)]
+struct Batch {
+    events: Vec<Ready>,
+    tokens: u32,
+    bytes: usize,
+}
+
+impl Batch {
+    fn add(&mut self, (kind, text, tokens): (Kind, String, u32), at: u64) {
+        self.tokens = self.tokens.saturating_add(tokens);
+        self.bytes += text.len();
+        self.events.push(Ready {
+            kind,
+            text,
+            tokens,
+            at,
+        });
+    }
+
+    /// Whether the batch must be written before it takes more.
+    fn full(&self) -> bool {
+        self.events.len() >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    fn take(&mut self) -> Vec<Ready> {
+        self.tokens = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+}
+
 /// One attempt's writer. Created by the worker for each attempt, used only by it.
 pub struct TokenSink<'a> {
     ctx: &'a WorkerContext,
@@ -195,9 +248,12 @@ pub struct TokenSink<'a> {
     /// The model serving the request, whose analytics the records count in: the job's model
     /// until a fallback.
     served: ModelId,
-    streams: RequestStreams,
+    streams: Arc<RequestStreams>,
     events: EventLog,
+    /// The open event of the coalescing window (empty while coalescing is off).
     pending: Coalescer,
+    /// Closed events waiting to be written, in one script call.
+    batch: Batch,
     /// Content events written (`token`, `tool_call`, `reasoning`: their shared `sequence`).
     sequence: u64,
     /// Upstream deltas written (more than `sequence` when deltas are coalesced).
@@ -218,14 +274,15 @@ impl<'a> TokenSink<'a> {
             job,
             attempt,
             served: job.model_id.clone(),
-            streams: RequestStreams::new(
+            streams: Arc::new(RequestStreams::new(
                 &job.session_id,
                 &job.model_id,
                 &job.request_id,
                 ctx.retention,
-            ),
+            )),
             events: ctx.event_log(),
             pending: Coalescer::new(ctx.token_coalesce),
+            batch: Batch::default(),
             sequence: 0,
             tokens: 0,
             reasoning_tokens: 0,
@@ -286,10 +343,16 @@ impl<'a> TokenSink<'a> {
         self.sequence == 0
     }
 
-    /// True until a token was received (written or buffered): the first-token deadline
-    /// applies.
+    /// True until a token was received (written, batched or buffered): the first-token
+    /// deadline applies.
     pub fn receiving_first(&self) -> bool {
-        self.sequence == 0 && self.pending.tokens == 0
+        self.sequence == 0 && self.batch.tokens == 0 && self.pending.tokens == 0
+    }
+
+    /// Whether closed events wait in the batch: the worker writes them
+    /// ([`TokenSink::write_batch`]) once the upstream has nothing more ready.
+    pub fn has_batch(&self) -> bool {
+        !self.batch.events.is_empty()
     }
 
     /// Upstream tokens written to the session stream.
@@ -302,9 +365,12 @@ impl<'a> TokenSink<'a> {
         self.reasoning_tokens
     }
 
-    /// Upstream tokens received: written plus buffered (what the token cap counts).
+    /// Upstream tokens received: written plus batched plus buffered (what the token cap
+    /// counts).
     pub fn received_tokens(&self) -> u32 {
-        self.tokens.saturating_add(self.pending.tokens)
+        self.tokens
+            .saturating_add(self.batch.tokens)
+            .saturating_add(self.pending.tokens)
     }
 
     pub fn first_token_at(&self) -> Option<Instant> {
@@ -316,63 +382,92 @@ impl<'a> TokenSink<'a> {
         self.pending.flush_at
     }
 
-    /// Takes one delta of the answer: writes it now, or buffers it for the window. Buffered
-    /// content of another kind or call is written first.
+    /// Takes one delta of the answer into the batch (or the coalescing window). Writes only
+    /// when the batch is full; otherwise the worker writes it ([`TokenSink::write_batch`]) once
+    /// the upstream has nothing more ready.
     pub async fn push(&mut self, content: Content) -> Result<Write, StreamIoError> {
         if !self.pending.accepts(&content) {
-            let written = self.flush().await?;
-            if written != Write::Accepted {
-                return Ok(written);
-            }
+            self.close_pending();
         }
         if self.pending.push(content, tokio::time::Instant::now()) {
-            return self.flush().await;
+            self.close_pending();
+        }
+        if self.batch.full() {
+            return self.write_batch().await;
         }
         Ok(Write::Accepted)
     }
 
-    /// Writes the buffered content as one event (nothing when the buffer is empty). The
-    /// `tokens` record of tokens written *earlier* rides along concurrently on the same
-    /// connection (fred pipelines commands issued together), so a token costs one round trip;
-    /// the record never counts the token it travels with, which could still be fenced off.
+    /// Closes the coalescing window's event, if any, into the batch.
+    fn close_pending(&mut self) {
+        if let Some(event) = self.pending.take() {
+            self.batch.add(event, stream_schema::now_millis());
+        }
+    }
+
+    /// Writes everything held: the coalescing window's event and the batch (nothing when both
+    /// are empty).
     pub async fn flush(&mut self) -> Result<Write, StreamIoError> {
-        let Some((kind, text, tokens)) = self.pending.take() else {
+        self.close_pending();
+        self.write_batch().await
+    }
+
+    /// Writes the batch's events in one fenced script call (nothing when it is empty); an open
+    /// coalescing window stays open. The `tokens` record of tokens written *earlier* rides
+    /// along concurrently on the same connection (fred pipelines commands issued together), so
+    /// a batch costs one round trip; the record never counts the tokens it travels with, which
+    /// could still be fenced off.
+    pub async fn write_batch(&mut self) -> Result<Write, StreamIoError> {
+        let tokens = self.batch.tokens;
+        let ready = self.batch.take();
+        if ready.is_empty() {
             return Ok(Write::Accepted);
-        };
-        let (request_id, sequence, timestamp) = (
-            self.job.request_id,
-            self.sequence + 1,
-            stream_schema::now_millis(),
-        );
-        let reasoning = kind == Kind::Reasoning;
-        let event = match kind {
-            Kind::Text => SessionEvent::Token {
-                request_id,
-                sequence,
-                content: text,
-                timestamp,
-            },
-            Kind::Reasoning => SessionEvent::Reasoning {
-                request_id,
-                sequence,
-                content: text,
-                timestamp,
-            },
-            Kind::ToolCall { index, id, name } => SessionEvent::ToolCall {
-                request_id,
-                sequence,
-                index,
-                id,
-                name,
-                arguments: text,
-                timestamp,
-            },
-        };
+        }
+        let request_id = self.job.request_id;
+        let mut reasoning = 0_u32;
+        let events: Vec<SessionEvent> = (self.sequence + 1..)
+            .zip(ready)
+            .map(|(sequence, ready)| {
+                let Ready {
+                    kind,
+                    text,
+                    tokens,
+                    at: timestamp,
+                } = ready;
+                match kind {
+                    Kind::Text => SessionEvent::Token {
+                        request_id,
+                        sequence,
+                        content: text,
+                        timestamp,
+                    },
+                    Kind::Reasoning => {
+                        reasoning = reasoning.saturating_add(tokens);
+                        SessionEvent::Reasoning {
+                            request_id,
+                            sequence,
+                            content: text,
+                            timestamp,
+                        }
+                    }
+                    Kind::ToolCall { index, id, name } => SessionEvent::ToolCall {
+                        request_id,
+                        sequence,
+                        index,
+                        id,
+                        name,
+                        arguments: text,
+                        timestamp,
+                    },
+                }
+            })
+            .collect();
+        let count = events.len();
         let client = self.ctx.redis.next();
         let append = self
             .ctx
-            .scripts
-            .append(client, &self.streams, self.attempt, &event, true);
+            .appender
+            .append(&self.streams, self.attempt, events, true);
         let outcome = if self.unreported >= RECORD_BATCH {
             let count = self.unreported;
             let record = self.tokens_record(count);
@@ -389,11 +484,10 @@ impl<'a> TokenSink<'a> {
             AppendOutcome::Fenced => return Ok(Write::Fenced),
             AppendOutcome::Cancelled => return Ok(Write::Cancelled),
         }
-        self.sequence += 1;
+        metrics::counter!("producer_append_batches_total").increment(1);
+        self.sequence += count as u64;
         self.tokens = self.tokens.saturating_add(tokens);
-        if reasoning {
-            self.reasoning_tokens = self.reasoning_tokens.saturating_add(tokens);
-        }
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(reasoning);
         self.unreported += tokens;
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
@@ -438,14 +532,8 @@ impl<'a> TokenSink<'a> {
     ) -> Result<Terminal, StreamIoError> {
         let written = self
             .ctx
-            .scripts
-            .append(
-                self.ctx.redis.next(),
-                &self.streams,
-                self.attempt,
-                event,
-                false,
-            )
+            .appender
+            .append(&self.streams, self.attempt, vec![event.clone()], false)
             .await?;
         if !matches!(written, AppendOutcome::Written(_)) {
             return Ok(Terminal::Fenced);
@@ -615,7 +703,7 @@ mod tests {
 
         use stream_schema::record::FallbackSide;
 
-        use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
+        use crate::sink::{Content, Fallback, MAX_BATCH_EVENTS, Terminal, TokenSink, Write};
         use crate::worker::testing::{Env, job};
 
         #[tokio::test]
@@ -727,6 +815,43 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_full_batch_is_written_by_push_in_one_call() -> anyhow::Result<()> {
+            let env = Env::start(Duration::ZERO).await?;
+            let job = job()?;
+            env.start_request(&job).await?;
+            let scripts = env.calls("evalsha").await?;
+            let mut sink = TokenSink::new(&env.ctx, &job, 1, Instant::now());
+
+            for n in 1..MAX_BATCH_EVENTS {
+                assert_eq!(
+                    sink.push(Content::Text(format!("{n} "))).await?,
+                    Write::Accepted
+                );
+            }
+            assert_eq!(
+                sink.written_tokens(),
+                0,
+                "nothing written before the batch is full"
+            );
+            assert!(sink.has_batch());
+            let last = Content::Text(format!("{MAX_BATCH_EVENTS} "));
+            assert_eq!(sink.push(last).await?, Write::Accepted);
+
+            assert!(!sink.has_batch());
+            assert_eq!(env.calls("evalsha").await? - scripts, 1);
+            let events = env.events(&job).await?;
+            assert_eq!(events.len(), 1 + MAX_BATCH_EVENTS);
+            for (n, event) in (1_u64..).zip(&events[1..]) {
+                assert!(
+                    matches!(event, SessionEvent::Token { sequence, content, .. }
+                        if *sequence == n && *content == format!("{n} ")),
+                    "{event:?}"
+                );
+            }
+            Ok(())
+        }
+
+        #[tokio::test]
         async fn a_fenced_attempt_writes_neither_tokens_nor_records() -> anyhow::Result<()> {
             let env = Env::start(Duration::ZERO).await?;
             let job = job()?;
@@ -746,8 +871,10 @@ mod tests {
 
             assert_eq!(
                 sink.push(Content::Text("late".to_owned())).await?,
-                Write::Fenced
+                Write::Accepted,
+                "batched, not written yet"
             );
+            assert_eq!(sink.write_batch().await?, Write::Fenced);
             sink.report_tokens().await?;
 
             assert_eq!(sink.written_tokens(), 0);
@@ -773,6 +900,7 @@ mod tests {
                 sink.push(Content::Text("hi".to_owned())).await?,
                 Write::Accepted
             );
+            assert_eq!(sink.write_batch().await?, Write::Accepted);
             sink.report_tokens().await?;
 
             let events = env.events(&job).await?;

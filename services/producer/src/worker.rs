@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use stream_io::StreamIoError;
 use stream_io::records::EventLog;
 use stream_io::session::{Retention, SessionScripts};
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::appends::Appender;
 use crate::sink::{Content, Fallback, Terminal, TokenSink, Write};
 use crate::upstream::{Delta, DeltaStream, Policy, Registry, Upstream, UpstreamError};
 
@@ -33,6 +34,8 @@ const CANCEL_POLL: Duration = Duration::from_millis(250);
 /// Shared by all workers of a producer.
 pub struct WorkerContext {
     pub redis: Pool,
+    /// The fenced appends of content and terminal events, combined across requests.
+    pub appender: Appender,
     pub scripts: SessionScripts,
     pub upstreams: Registry,
     pub retention: Retention,
@@ -136,6 +139,8 @@ enum Step {
     StreamEnded,
     /// The sink's coalescing window is over: write what it holds.
     FlushDue,
+    /// The sink holds a batch and the upstream has nothing more ready: write the batch.
+    WriteBatch,
     /// The client cancelled the request (seen by the cancel poll).
     Cancelled,
     /// The attempt was told to stop (lease lost, or shutdown).
@@ -430,7 +435,7 @@ impl<'a> Attempt<'a> {
         let opened = self
             .interruptible(timeout_at(first_token_deadline, upstream.open(self.job)))
             .await?;
-        let mut stream = match opened {
+        let stream = match opened {
             Wait::Interrupted(interrupt) => {
                 return Ok(TryEnd::Ended(self.interrupted(run, interrupt).await?));
             }
@@ -441,7 +446,19 @@ impl<'a> Attempt<'a> {
         run.upstream_wait += try_started.elapsed();
         metrics::histogram!("producer_upstream_connect_seconds")
             .record(try_started.elapsed().as_secs_f64());
+        self.consume(stream, policy, first_token_deadline, run)
+            .await
+    }
 
+    /// Reads an open upstream answer to the end of the attempt or the upstream's failure,
+    /// writing its content through the sink.
+    async fn consume(
+        &self,
+        mut stream: DeltaStream,
+        policy: Policy,
+        first_token_deadline: tokio::time::Instant,
+        run: &mut Run<'_>,
+    ) -> Result<TryEnd, StreamIoError> {
         let mut finish: Option<FinishReason> = None;
         let mut usage: Option<Usage> = None;
         let mut last_delta_at = tokio::time::Instant::now();
@@ -471,11 +488,17 @@ impl<'a> Attempt<'a> {
                     let end = self.finish(run, FinishReason::Cancelled, None).await?;
                     return Ok(TryEnd::Ended(end));
                 }
-                Step::FlushDue => {
-                    let written = run.sink.flush().await?;
+                Step::FlushDue | Step::WriteBatch => {
+                    let written = if matches!(step, Step::FlushDue) {
+                        run.sink.flush().await?
+                    } else {
+                        run.sink.write_batch().await?
+                    };
                     if let Some(end) = self.refused(run, written).await? {
                         return Ok(TryEnd::Ended(end));
                     }
+                    // The append just checked the cancel flag: the poll need not, for a while.
+                    cancel_poll.reset();
                     continue;
                 }
                 Step::Delta(delta) => {
@@ -571,6 +594,17 @@ impl<'a> Attempt<'a> {
         receiving_first: bool,
         cancel_poll: &mut tokio::time::Interval,
     ) -> Result<Step, StreamIoError> {
+        if run.sink.has_batch() {
+            // Adaptive batching: what the upstream sent while the last append was in flight
+            // is ready now and joins the batch; once nothing more is, the batch is written.
+            if let Some(reason) = self.signals.stopped().now_or_never() {
+                return Ok(Step::Stopped(reason));
+            }
+            return Ok(match stream.next().now_or_never() {
+                None => Step::WriteBatch,
+                Some(next) => Self::step_of(next),
+            });
+        }
         let flush_at = run.sink.flush_at();
         loop {
             let waiting_since = tokio::time::Instant::now();
@@ -586,9 +620,7 @@ impl<'a> Attempt<'a> {
                     return Ok(match next {
                         Err(_elapsed) if receiving_first => Step::FirstTokenTimeout,
                         Err(_elapsed) => Step::IdleTimeout,
-                        Ok(None) => Step::StreamEnded,
-                        Ok(Some(Ok(delta))) => Step::Delta(delta),
-                        Ok(Some(Err(error))) => Step::UpstreamFailed(error),
+                        Ok(next) => Self::step_of(next),
                     });
                 }
                 _ = cancel_poll.tick() => {
@@ -598,6 +630,15 @@ impl<'a> Attempt<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// The step of what the upstream stream yielded.
+    fn step_of(next: Option<Result<Delta, UpstreamError>>) -> Step {
+        match next {
+            None => Step::StreamEnded,
+            Some(Ok(delta)) => Step::Delta(delta),
+            Some(Err(error)) => Step::UpstreamFailed(error),
         }
     }
 
@@ -749,13 +790,14 @@ pub(crate) mod testing {
     use std::time::Duration;
 
     use fred::prelude::*;
-    use fred::types::Value;
+    use fred::types::{InfoKind, Value};
     use service_kit::config::RedisSettings;
     use stream_io::session::{RequestStreams, Retention, SessionScripts};
     use stream_schema::{ChatMessage, Job, ModelId, RedisKey, RequestId, Role, SessionEvent};
     use test_support::RedisServer;
 
     use super::WorkerContext;
+    use crate::appends::Appender;
     use crate::upstream::Registry;
 
     pub struct Env {
@@ -774,6 +816,12 @@ pub(crate) mod testing {
             let pool = service_kit::redis::pool(&settings)?;
             service_kit::redis::start(&pool, &settings).await;
             let ctx = WorkerContext {
+                appender: Appender::new(
+                    pool.clone(),
+                    SessionScripts::default(),
+                    true,
+                    tokio_util::task::TaskTracker::new(),
+                ),
                 redis: pool,
                 scripts: SessionScripts::default(),
                 upstreams: Registry::new(&BTreeMap::new())?,
@@ -836,6 +884,27 @@ pub(crate) mod testing {
                 .collect::<Result<_, _>>()?)
         }
 
+        /// Successful calls of `command` (lower case) so far, from `INFO commandstats`:
+        /// script-internal calls count, as in the benchmark; failed ones do not (the
+        /// `NOSCRIPT` of a script's first call, which loads it).
+        pub async fn calls(&self, command: &str) -> anyhow::Result<u64> {
+            let info: String = self.client().info(Some(InfoKind::CommandStats)).await?;
+            let prefix = format!("cmdstat_{command}:");
+            let Some(stats) = info
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+            else {
+                return Ok(0);
+            };
+            let field = |name: &str| -> anyhow::Result<u64> {
+                Ok(stats
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                    .map_or(Ok(0), str::parse)?)
+            };
+            Ok(field("calls")?.saturating_sub(field("failed_calls")?))
+        }
+
         /// The records of `job`'s shard, decoded.
         pub async fn records(&self, job: &Job) -> anyhow::Result<Vec<stream_schema::EventRecord>> {
             let key = self.ctx.event_log().shard_key(&job.session_id);
@@ -860,5 +929,181 @@ pub(crate) mod testing {
             traceparent: None,
             token_cap: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use futures::StreamExt;
+    use stream_schema::{FinishReason, SessionEvent};
+
+    use super::testing::{Env, job};
+    use super::{Attempt, AttemptEnd, Run, StopSignals, TryEnd};
+    use crate::sink::TokenSink;
+    use crate::upstream::{Delta, DeltaStream, Policy, UpstreamError};
+
+    fn policy() -> Policy {
+        Policy {
+            first_token_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            max_retries: 0,
+            retry_base: Duration::from_millis(10),
+            retry_max: Duration::from_millis(10),
+        }
+    }
+
+    fn text(t: &str) -> Result<Delta, UpstreamError> {
+        Ok(Delta::Text(t.to_owned()))
+    }
+
+    /// Runs one attempt's `consume` over `stream` to its end.
+    async fn consume(env: &Env, job: &stream_schema::Job, stream: DeltaStream) -> AttemptEnd {
+        let attempt = Attempt::new(&env.ctx, job, 1, StopSignals::default());
+        let mut run = Run {
+            sink: TokenSink::new(&env.ctx, job, 1, Instant::now()),
+            upstream_wait: Duration::ZERO,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        match attempt.consume(stream, policy(), deadline, &mut run).await {
+            Ok(TryEnd::Ended(end)) => end,
+            Ok(TryEnd::Failed(error)) => AttemptEnd::RedisFailed(
+                stream_io::StreamIoError::Protocol(format!("upstream failed: {error}")),
+            ),
+            Err(error) => AttemptEnd::RedisFailed(error),
+        }
+    }
+
+    fn contents(events: &[SessionEvent]) -> Vec<(u64, String)> {
+        events
+            .iter()
+            .filter_map(|event| match event {
+                SessionEvent::Token {
+                    sequence, content, ..
+                } => Some((*sequence, content.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn tokens_already_waiting_are_one_script_call_and_one_entry_each() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        let (scripts, xadds) = (env.calls("evalsha").await?, env.calls("xadd").await?);
+
+        // Every delta is ready at once: all five wait while the first poll reads them.
+        let deltas = ["a", "b", "c", "d", "e"].map(text);
+        let finish = [Ok(Delta::Finish(FinishReason::Stop))];
+        let stream = futures::stream::iter(deltas.into_iter().chain(finish)).boxed();
+        let end = consume(&env, &job, stream).await;
+
+        assert!(matches!(end, AttemptEnd::Done), "{end:?}");
+        let events = env.events(&job).await?;
+        assert_eq!(
+            contents(&events),
+            [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")].map(|(n, t)| (n, t.to_owned()))
+        );
+        assert!(matches!(events.last(), Some(SessionEvent::Complete { .. })));
+        // One call for the five tokens, one for `complete`.
+        assert_eq!(env.calls("evalsha").await? - scripts, 2);
+        // Five token entries and `complete`; the `tokens` and `finish` records.
+        assert_eq!(env.calls("xadd").await? - xadds, 6 + 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_lone_token_is_written_at_once_and_later_ones_batch() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        let scripts = env.calls("evalsha").await?;
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let worker = consume(&env, &job, rx.boxed());
+        let driver = async {
+            tx.unbounded_send(text("first"))?;
+            // No timer holds it: the token reaches the stream while the upstream is silent.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while contents(&env.events(&job).await?).is_empty() {
+                anyhow::ensure!(Instant::now() < deadline, "the lone token was not written");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            for t in ["x", "y", "z"] {
+                tx.unbounded_send(text(t))?;
+            }
+            tx.unbounded_send(Ok(Delta::Finish(FinishReason::Stop)))?;
+            drop(tx);
+            anyhow::Ok(())
+        };
+        let (end, driven) = tokio::join!(worker, driver);
+        driven?;
+        assert!(matches!(end, AttemptEnd::Done), "{end:?}");
+        let events = env.events(&job).await?;
+        assert_eq!(
+            contents(&events),
+            [(1, "first"), (2, "x"), (3, "y"), (4, "z")].map(|(n, t)| (n, t.to_owned()))
+        );
+        // `first` alone, the three that were waiting together, then `complete`.
+        assert_eq!(env.calls("evalsha").await? - scripts, 3);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_fenced_attempt_writes_nothing_of_its_batch() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        let restart = SessionEvent::Restart {
+            request_id: job.request_id,
+            attempt: 2,
+            reason: "test".to_owned(),
+            served_by: None,
+            timestamp: 1,
+        };
+        env.ctx
+            .scripts
+            .take_over(env.client(), &env.streams(&job), 1, &restart)
+            .await?;
+        let xadds = env.calls("xadd").await?;
+
+        let stream = futures::stream::iter(["a", "b", "c"].map(text)).boxed();
+        let end = consume(&env, &job, stream).await;
+
+        assert!(matches!(end, AttemptEnd::Fenced), "{end:?}");
+        assert_eq!(
+            env.events(&job).await?.len(),
+            2,
+            "`start` and `restart` only"
+        );
+        assert_eq!(env.calls("xadd").await? - xadds, 0, "no entry, no record");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_cancel_refuses_the_whole_batch_and_ends_the_request() -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let job = job()?;
+        env.start_request(&job).await?;
+        stream_io::cancel::request(env.client(), &job.session_id, &job.request_id, 60).await?;
+
+        let stream = futures::stream::iter(["a", "b", "c"].map(text)).boxed();
+        let end = consume(&env, &job, stream).await;
+
+        assert!(matches!(end, AttemptEnd::Done), "{end:?}");
+        let events = env.events(&job).await?;
+        assert!(contents(&events).is_empty(), "{events:?}");
+        assert!(
+            matches!(
+                events.last(),
+                Some(SessionEvent::Complete {
+                    finish_reason: FinishReason::Cancelled,
+                    ..
+                })
+            ),
+            "{events:?}"
+        );
+        Ok(())
     }
 }
