@@ -74,6 +74,17 @@ pub async fn load_meta(client: &Client, request: &RequestId) -> Result<StoredMet
     })
 }
 
+/// Whether the metadata [`enqueue`] writes is in Redis: after an `enqueue` whose reply was lost
+/// (a timeout), true means its pipeline ran (the job follows the metadata in the same write,
+/// and Redis runs a connection's commands in order), so the request is queued. Ask on the
+/// client `enqueue` used, so the question queues behind the pipeline.
+pub async fn meta_exists(client: &Client, request: &RequestId) -> Result<bool, StreamIoError> {
+    let found: i64 = client
+        .exists(RedisKey::request_meta(request).as_str())
+        .await?;
+    Ok(found > 0)
+}
+
 /// Acks a job in group `llm:producers` and deletes it: its result lives in the session
 /// stream, and deleting keeps the job stream as long as the backlog, not as long as history.
 pub async fn delete_job(client: &Client, job: EntryId) -> Result<(), StreamIoError> {

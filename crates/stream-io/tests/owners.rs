@@ -51,7 +51,10 @@ async fn an_enqueued_job_is_read_with_its_metadata_and_deleted_once_done() -> an
     let jobs = RedisKey::requests();
     groups::ensure_group(&client, &jobs, PRODUCER_GROUP).await?;
 
+    assert!(!requests::meta_exists(&client, &request_id).await?);
     requests::enqueue(&client, &meta, &job, 60, 1_000).await?;
+    // What a gateway whose enqueue reply was lost asks before it declares the start failed.
+    assert!(requests::meta_exists(&client, &request_id).await?);
 
     assert_eq!(
         requests::load_meta(&client, &request_id).await?,

@@ -547,7 +547,9 @@ async fn enqueue(
         state.settings.streams.requests_maxlen,
     )
     .await;
-    if let Err(error) = queued {
+    if let Err(error) = queued
+        && !queued_after_all(client, &request_id, &error).await
+    {
         // The start event is out but no producer will ever see the job: end the stream so a
         // waiting client is not left hanging.
         let failed = SessionEvent::Error {
@@ -592,6 +594,25 @@ async fn enqueue(
         stream_url,
         stream_token,
     })
+}
+
+/// Whether a job whose enqueue failed with `error` is queued all the same: a reply that timed
+/// out may belong to a pipeline Redis ran. Answering 503 (and ending the stream) then would
+/// leave a request running that its client was told had failed, and analytics counting a
+/// start that never finishes. When Redis cannot say, the start fails as before.
+async fn queued_after_all(
+    client: &Client,
+    request_id: &RequestId,
+    error: &stream_io::StreamIoError,
+) -> bool {
+    match stream_io::requests::meta_exists(client, request_id).await {
+        Ok(true) => {
+            tracing::warn!(%request_id, %error, "the enqueue reply was lost, but the job is queued");
+            metrics::counter!("gateway_enqueue_replies_lost_total").increment(1);
+            true
+        }
+        Ok(false) | Err(_) => false,
+    }
 }
 
 /// Looks up a request's session and model from its id.
