@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 
 /// The connection is gone (the HTTP writer dropped the body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Gone;
+pub struct Gone;
 
 #[derive(Default)]
 struct State {
@@ -50,7 +50,7 @@ fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
 }
 
 /// A body queue that holds up to `limit` bytes before its writer waits.
-pub(crate) fn channel(limit: usize) -> (BodyWriter, BodyStream) {
+pub fn channel(limit: usize) -> (BodyWriter, BodyStream) {
     let shared = Arc::new(Shared::default());
     (
         BodyWriter {
@@ -62,14 +62,14 @@ pub(crate) fn channel(limit: usize) -> (BodyWriter, BodyStream) {
 }
 
 /// The delivery task's end.
-pub(crate) struct BodyWriter {
+pub struct BodyWriter {
     shared: Arc<Shared>,
     limit: usize,
 }
 
 impl BodyWriter {
     /// Queues `bytes` whatever the queue holds (a writer bounds itself with [`Self::room`]).
-    pub(crate) fn push(&self, bytes: Bytes) -> Result<(), Gone> {
+    pub fn push(&self, bytes: Bytes) -> Result<(), Gone> {
         let mut state = self.shared.lock();
         if state.reader_gone {
             return Err(Gone);
@@ -86,7 +86,7 @@ impl BodyWriter {
     }
 
     /// Ready when the queue is under its limit (the client took enough), or the client is gone.
-    pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
         let mut state = self.shared.lock();
         if state.reader_gone {
             return Poll::Ready(Err(Gone));
@@ -98,12 +98,12 @@ impl BodyWriter {
         Poll::Pending
     }
 
-    pub(crate) async fn room(&self) -> Result<(), Gone> {
+    pub async fn room(&self) -> Result<(), Gone> {
         std::future::poll_fn(|cx| self.poll_room(cx)).await
     }
 
     /// Resolves when the client is gone.
-    pub(crate) async fn closed(&self) {
+    pub async fn closed(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.shared.lock();
             if state.reader_gone {
@@ -128,7 +128,7 @@ impl Drop for BodyWriter {
 
 /// The HTTP response's end: yields everything queued as one chunk, and ends after the writer
 /// is dropped and the queue is empty.
-pub(crate) struct BodyStream {
+pub struct BodyStream {
     shared: Arc<Shared>,
 }
 

@@ -775,7 +775,10 @@ mod tests {
         ));
         let ids: Vec<String> = taken.iter().map(|f| f.id.to_string()).collect();
         assert_eq!(ids, ["1-0", "2-0"]);
-        assert_eq!(taken.iter().map(|f| f.event.as_ref()).collect::<Vec<_>>(), events.iter().collect::<Vec<_>>());
+        assert_eq!(
+            taken.iter().map(|f| f.event.as_ref()).collect::<Vec<_>>(),
+            events.iter().collect::<Vec<_>>()
+        );
         taken.clear();
         assert!(subscription.poll_take(&mut cx, &mut taken).is_pending());
         hub.close_all(Closed::Unavailable);

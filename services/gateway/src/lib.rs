@@ -3,7 +3,7 @@
 pub mod admin;
 pub mod analytics;
 pub mod auth;
-mod body;
+pub mod body;
 pub mod chat;
 pub mod connections;
 pub mod error;
