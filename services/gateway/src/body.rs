@@ -26,8 +26,11 @@ struct State {
     reader_gone: bool,
     /// The HTTP writer waiting for bytes.
     reader: Option<Waker>,
-    /// The delivery task waiting for room or for the reader to go.
-    writer: Option<Waker>,
+    /// The delivery task waiting for room (woken when the reader takes).
+    room: Option<Waker>,
+    /// The delivery task watching for the reader to go (woken only then: a wake-up per
+    /// take would poll the delivery task once more per write).
+    gone: Option<Waker>,
 }
 
 #[derive(Default)]
@@ -94,7 +97,7 @@ impl BodyWriter {
         if state.bytes < self.limit {
             return Poll::Ready(Ok(()));
         }
-        park(&mut state.writer, cx);
+        park(&mut state.room, cx);
         Poll::Pending
     }
 
@@ -109,7 +112,7 @@ impl BodyWriter {
             if state.reader_gone {
                 return Poll::Ready(());
             }
-            park(&mut state.writer, cx);
+            park(&mut state.gone, cx);
             Poll::Pending
         })
         .await;
@@ -146,7 +149,7 @@ impl futures::Stream for BodyStream {
         }
         let total = std::mem::take(&mut state.bytes);
         let chunks = std::mem::take(&mut state.chunks);
-        if let Some(writer) = state.writer.take() {
+        if let Some(writer) = state.room.take() {
             writer.wake();
         }
         drop(state);
@@ -169,7 +172,7 @@ impl Drop for BodyStream {
         state.reader_gone = true;
         state.chunks = Vec::new();
         state.bytes = 0;
-        if let Some(writer) = state.writer.take() {
+        for writer in [state.room.take(), state.gone.take()].into_iter().flatten() {
             writer.wake();
         }
     }
