@@ -21,6 +21,8 @@ use crate::stack::Stack;
 const CHATS: usize = 10;
 const TOKENS_PER_CHAT: usize = 500;
 const DELAY_MS: u64 = 2;
+const WARMUP_S: u64 = 2;
+const WINDOW_S: u64 = 10;
 
 pub fn default_out() -> PathBuf {
     PathBuf::from("bench/results/capacity.md")
@@ -123,8 +125,8 @@ pub async fn run(
         streams: CHATS,
         delay_ms: DELAY_MS,
         tokens_per_chat: TOKENS_PER_CHAT,
-        warmup: Duration::from_secs(2),
-        window: Duration::from_secs(10),
+        warmup: Duration::from_secs(WARMUP_S),
+        window: Duration::from_secs(WINDOW_S),
     };
     let before = command_times(&stack.redis_client).await?;
     eprintln!("bench: capacity load {}", scenario.name);
@@ -213,9 +215,10 @@ pub fn render(data: &CapacityData) -> String {
         md,
         "Load: {CHATS} concurrent chats of {TOKENS_PER_CHAT} tokens at one token per \
          {DELAY_MS} ms on mock-llm, one SSE client each (fresh `redis-server`, one gateway, \
-         producer and processor, default config); figures per delivered token over a {} s \
-         window after a {} s warm-up ({:.0} tokens/s delivered, {} errors).\n",
-        10, 2, load.tokens_per_sec, load.errors
+         producer and processor, default config); figures per delivered token over a \
+         {WINDOW_S} s window after a {WARMUP_S} s warm-up ({:.0} tokens/s delivered, {} \
+         errors).\n",
+        load.tokens_per_sec, load.errors
     );
     let _ = writeln!(md, "| what | measured |\n|---|---|");
     match &data.stream {
