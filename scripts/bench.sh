@@ -8,6 +8,7 @@
 #   (none)   full matrix, 3 repeats        → bench/results/bench.md (+ .json, -latency.svg, -throughput.svg)
 #   --quick  small matrix, 1 repeat        → bench/results/quick/quick.md (not committed)
 #   --peers  full matrix + LiteLLM proxy   → bench/results/peers.md
+#   --capacity  the figures docs/capacity.md plans with → bench/results/capacity.md
 #   --soak   memory soak (`make bench-memory`; 200 streams, 30 min) → bench/results/soak.md
 #            (+ .json, .svg); exits non-zero when a service or Redis grows past the margin
 # Extra arguments go to the binary (e.g. --repeats 1, --out FILE.md). The committed report's
@@ -33,6 +34,7 @@ case "${1:-}" in
     --quick) args+=(--quick); shift ;;
     --peers) args+=(--peers); peers=1; shift ;;
     --soak) args+=(--soak); shift ;;
+    --capacity) args+=(--capacity); shift ;;
 esac
 args+=("$@")
 

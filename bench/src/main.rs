@@ -4,6 +4,7 @@
 //! Markdown report, its JSON data and SVG plots. `make bench`, `make bench-quick` and
 //! `make bench-peers` run it through `scripts/bench.sh`.
 
+mod capacity;
 mod client;
 mod plot;
 mod probe;
@@ -40,6 +41,8 @@ struct Options {
     idle_from: Option<PathBuf>,
     /// `--soak`: the memory soak instead of the matrix.
     soak: Option<soak::SoakOptions>,
+    /// `--capacity`: the figures of `docs/capacity.md` instead of the matrix.
+    capacity: bool,
 }
 
 /// The command line (`bench --help`); every flag that `scripts/bench.sh` passes.
@@ -110,6 +113,11 @@ struct Args {
     /// Soak: keep both processors alive (by default the second is killed halfway).
     #[arg(long, requires = "soak")]
     no_kill: bool,
+    /// The figures `docs/capacity.md` plans with instead of the matrix: bytes per stream
+    /// entry, Redis commands and time per token, connections, memory per idle SSE client
+    /// (--idle, default 1000,10000) [report: bench/results/capacity.md].
+    #[arg(long, conflicts_with_all = ["soak", "peers", "quick"])]
+    capacity: bool,
 }
 
 /// The bench has no settings file of its own: it writes one for the stack it starts.
@@ -139,6 +147,9 @@ fn parse_args() -> Options {
         if soak.is_some() {
             return soak::default_out();
         }
+        if args.capacity {
+            return capacity::default_out();
+        }
         PathBuf::from(match (args.quick, args.peers) {
             (true, _) => "bench/results/quick/quick.md",
             (false, true) => "bench/results/peers.md",
@@ -162,6 +173,7 @@ fn parse_args() -> Options {
         render: args.render,
         idle_from: args.idle_from,
         soak,
+        capacity: args.capacity,
     }
 }
 
@@ -259,6 +271,13 @@ async fn main() -> anyhow::Result<()> {
                 options.out.display()
             );
         }
+        return Ok(());
+    }
+    if options.capacity {
+        let steps = options.idle.clone().unwrap_or_else(|| vec![1_000, 10_000]);
+        let data = capacity::run(machine, command_line(), steps).await?;
+        capacity::write(&data, &options.out)?;
+        announce(&options.out);
         return Ok(());
     }
     let load_before = probe::load_average();

@@ -22,7 +22,7 @@ pub mod records;
 pub mod requests;
 pub mod session;
 
-pub use entry::{Entry, parse_entries, parse_xread};
+pub use entry::{Entry, RawEntry, parse_entries, parse_xread, parse_xread_raw};
 pub use error::StreamIoError;
 
 /// `MAXLEN ~ n`: approximate trimming, which Redis does in whole macro-nodes (cheap).

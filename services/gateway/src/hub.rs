@@ -7,13 +7,17 @@
 //!
 //! The seam between history and live feed: each stream has a hub cursor, the id of the last
 //! entry the hub dispatched. A subscriber registers under the table lock; every entry after the
-//! cursor at that moment reaches its channel, and the entries from its own position up to that
+//! cursor at that moment reaches its mailbox, and the entries from its own position up to that
 //! cursor it reads with `XRANGE` ([`Subscription::catch_up_to`]). Delivery drops ids it has
 //! already sent, so neither a gap nor a duplicate can appear at the seam.
+//!
+//! Per read round, each new entry is decoded straight from the reply's values
+//! ([`stream_io::parse_xread_raw`]) and encoded once as a shared [`Frame`]; each subscriber
+//! gets all its frames of the round under one lock of its mailbox and one wake-up.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +26,7 @@ use fred::types::{ClientUnblockFlag, Value};
 use service_kit::backoff::Backoff;
 use service_kit::ops::LoopFlag;
 use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// One decoded entry and its SSE frame, encoded once and shared by every subscriber.
@@ -59,12 +63,6 @@ pub enum Closed {
     Unavailable,
 }
 
-#[derive(Debug)]
-pub enum HubMessage {
-    Frame(Frame),
-    Closed(Closed),
-}
-
 /// Tuning of the reader.
 #[derive(Debug, Clone, Copy)]
 pub struct HubSettings {
@@ -82,11 +80,42 @@ pub struct HubSettings {
 }
 
 struct Subscriber {
-    tx: mpsc::UnboundedSender<HubMessage>,
-    /// Bytes sent to this subscriber and not yet taken by its connection: the hub adds, the
-    /// connection's delivery task subtracts.
-    queued: Arc<AtomicUsize>,
+    mailbox: Arc<Mailbox>,
     filter: Option<RequestId>,
+}
+
+/// What the hub hands one subscriber: frames in order, then maybe why it stopped. One lock per
+/// read round and subscriber, and the delivery takes everything queued at once. Empty, it
+/// holds no allocation (an idle connection's queue costs its `Arc` only).
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    frames: VecDeque<Frame>,
+    /// Bytes of `frames`: the hub adds, the delivery's take resets.
+    queued: usize,
+    closed: Option<Closed>,
+    /// The delivery task waiting for frames.
+    waker: Option<Waker>,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn close(&self, reason: Closed) {
+        let mut state = self.lock();
+        state.closed.get_or_insert(reason);
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
 }
 
 struct Feed {
@@ -116,21 +145,47 @@ pub struct Hub {
     shared: Arc<Shared>,
 }
 
-/// A subscriber's end: its channel and where its catch-up read must stop.
+/// A subscriber's end: its mailbox and where its catch-up read must stop.
 pub struct Subscription {
     pub key: RedisKey,
-    pub rx: mpsc::UnboundedReceiver<HubMessage>,
-    /// When set, read `(after, catch_up_to]` from Redis before taking from `rx`.
+    /// When set, read `(after, catch_up_to]` from Redis before taking frames.
     pub catch_up_to: Option<EntryId>,
-    queued: Arc<AtomicUsize>,
+    mailbox: Arc<Mailbox>,
     id: u64,
     hub: Hub,
 }
 
+/// What a subscription yields: every frame queued since the last take, or the end.
+#[derive(Debug)]
+pub enum Batch {
+    /// In stream order; the taker leaves the deque empty for the next take (its buffer is
+    /// reused).
+    Frames,
+    Closed(Closed),
+}
+
 impl Subscription {
-    /// Tells the hub a frame left the queue (the connection took it).
-    pub fn consumed(&self, frame: &Frame) {
-        self.queued.fetch_sub(frame.bytes.len(), Ordering::Relaxed);
+    /// Takes every queued frame into `into` (which must be empty), or says why the hub
+    /// stopped feeding this subscription once its frames are all taken. The byte budget
+    /// counts only what is still queued, so taking frees it.
+    pub fn poll_take(&self, cx: &mut Context<'_>, into: &mut VecDeque<Frame>) -> Poll<Batch> {
+        let mut state = self.mailbox.lock();
+        if !state.frames.is_empty() {
+            std::mem::swap(&mut state.frames, into);
+            state.queued = 0;
+            return Poll::Ready(Batch::Frames);
+        }
+        if let Some(reason) = state.closed {
+            return Poll::Ready(Batch::Closed(reason));
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -167,8 +222,7 @@ impl Hub {
         after: EntryId,
         filter: Option<RequestId>,
     ) -> Subscription {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let mailbox = Arc::new(Mailbox::default());
         let (id, catch_up_to, added) = {
             let mut table = self.table();
             let id = table.next_id;
@@ -188,8 +242,7 @@ impl Hub {
             feed.subscribers.insert(
                 id,
                 Subscriber {
-                    tx,
-                    queued: queued.clone(),
+                    mailbox: mailbox.clone(),
                     filter,
                 },
             );
@@ -201,9 +254,8 @@ impl Hub {
         metrics::gauge!("gateway_hub_subscribers").increment(1.0);
         Subscription {
             key: key.clone(),
-            rx,
             catch_up_to,
-            queued,
+            mailbox,
             id,
             hub: self.clone(),
         }
@@ -230,42 +282,64 @@ impl Hub {
             .unzip()
     }
 
-    fn dispatch(&self, replies: Vec<(String, Vec<stream_io::Entry>)>) {
+    /// Decodes and encodes each new entry once, then hands every subscriber all of its frames
+    /// of the round under one lock of its mailbox and wakes it once.
+    fn dispatch(&self, replies: Vec<(String, Vec<stream_io::RawEntry>)>) {
         let buffer_bytes = self.shared.settings.buffer_bytes;
         let mut table = self.table();
+        let mut frames = Vec::new();
         for (key, entries) in replies {
             // The stream lost its last subscriber while the read was in flight.
             let Some(feed) = table.feeds.get_mut(&key) else {
                 continue;
             };
+            frames.clear();
             for entry in entries {
                 if entry.id <= feed.cursor {
                     continue;
                 }
                 feed.cursor = entry.id;
-                let frame = match SessionEvent::decode(&entry.fields) {
-                    Ok(event) => Frame::new(entry.id, event),
+                match SessionEvent::decode(&entry) {
+                    Ok(event) => frames.push(Frame::new(entry.id, event)),
                     Err(error) => {
                         tracing::warn!(%key, id = %entry.id, %error, "skipping undecodable entry");
                         metrics::counter!("gateway_decode_errors_total").increment(1);
+                    }
+                }
+            }
+            if frames.is_empty() {
+                continue;
+            }
+            feed.subscribers.retain(|_, subscriber| {
+                let mut state = subscriber.mailbox.lock();
+                let before = state.frames.len();
+                for frame in &frames {
+                    if subscriber
+                        .filter
+                        .is_some_and(|f| f != frame.event.request_id())
+                    {
                         continue;
                     }
-                };
-                let request = frame.event.request_id();
-                feed.subscribers.retain(|_, subscriber| {
-                    if subscriber.filter.is_some_and(|f| f != request) {
-                        return true;
-                    }
                     let size = frame.bytes.len();
-                    if subscriber.queued.fetch_add(size, Ordering::Relaxed) + size > buffer_bytes {
+                    if state.queued + size > buffer_bytes {
                         metrics::counter!("gateway_sse_overflows_total").increment(1);
-                        let _ = subscriber.tx.send(HubMessage::Closed(Closed::Overflow));
                         metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
+                        state.closed = Some(Closed::Overflow);
+                        if let Some(waker) = state.waker.take() {
+                            waker.wake();
+                        }
                         return false;
                     }
-                    subscriber.tx.send(HubMessage::Frame(frame.clone())).is_ok()
-                });
-            }
+                    state.queued += size;
+                    state.frames.push_back(frame.clone());
+                }
+                if state.frames.len() > before
+                    && let Some(waker) = state.waker.take()
+                {
+                    waker.wake();
+                }
+                true
+            });
         }
     }
 
@@ -274,7 +348,7 @@ impl Hub {
         let mut table = self.table();
         for (_, feed) in table.feeds.drain() {
             for (_, subscriber) in feed.subscribers {
-                let _ = subscriber.tx.send(HubMessage::Closed(reason));
+                subscriber.mailbox.close(reason);
                 metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
             }
         }
@@ -325,7 +399,7 @@ impl Hub {
             match result
                 .map_err(|_| "read timed out".to_owned())
                 .and_then(|r| r.map_err(|e| e.to_string()))
-                .and_then(|value| stream_io::parse_xread(value).map_err(|e| e.to_string()))
+                .and_then(|value| stream_io::parse_xread_raw(value).map_err(|e| e.to_string()))
             {
                 Ok(replies) => {
                     backoff.reset();
@@ -574,7 +648,7 @@ async fn read_round(
     reader: &Client,
     batch: u64,
     cursors: Vec<(String, String)>,
-) -> Result<Vec<(String, Vec<stream_io::Entry>)>, String> {
+) -> Result<Vec<(String, Vec<stream_io::RawEntry>)>, String> {
     let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
     for (key, id) in cursors {
         let slot = fred::util::redis_keyslot(key.as_bytes());
@@ -591,7 +665,7 @@ async fn read_round(
     let mut replies = Vec::new();
     for result in results {
         let value = result.map_err(|e| e.to_string())?;
-        replies.extend(stream_io::parse_xread(value).map_err(|e| e.to_string())?);
+        replies.extend(stream_io::parse_xread_raw(value).map_err(|e| e.to_string())?);
     }
     Ok(replies)
 }
@@ -609,5 +683,109 @@ where
         if let Ok(output) = tokio::time::timeout(Duration::from_millis(20), read.as_mut()).await {
             return output;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::task::noop_waker_ref;
+    use stream_schema::{ErrorCode, ModelId, SessionId};
+
+    use super::*;
+
+    fn events() -> Vec<SessionEvent> {
+        let request_id = RequestId::new();
+        vec![
+            SessionEvent::Token {
+                request_id,
+                sequence: 0,
+                content: "h\u{e9}llo \"quoted\"\n".to_owned(),
+                timestamp: 1_700_000_000_000,
+            },
+            SessionEvent::Error {
+                request_id,
+                code: ErrorCode::Unavailable,
+                message: "gone".to_owned(),
+                retryable: true,
+                timestamp: 1_700_000_000_001,
+            },
+        ]
+    }
+
+    fn reply(key: &str, events: &[SessionEvent]) -> Value {
+        let entries = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| {
+                let fields = event
+                    .encode()
+                    .into_iter()
+                    .flat_map(|(name, value)| [Value::from(name), Value::from(value)])
+                    .collect();
+                Value::Array(vec![
+                    Value::from(format!("{}-0", i + 1)),
+                    Value::Array(fields),
+                ])
+            })
+            .collect();
+        Value::Array(vec![Value::Array(vec![
+            Value::from(key),
+            Value::Array(entries),
+        ])])
+    }
+
+    /// The reader's raw parse makes byte for byte the frames the converting parse made.
+    #[test]
+    fn frames_from_the_raw_parse_equal_those_of_the_converting_parse() -> anyhow::Result<()> {
+        let value = reply("llm:stream:{s}:m", &events());
+        let converted = stream_io::parse_xread(value.clone())?;
+        let raw = stream_io::parse_xread_raw(value)?;
+        assert_eq!(converted.len(), 1);
+        assert_eq!(converted[0].1.len(), raw[0].1.len());
+        for (entry, raw_entry) in converted[0].1.iter().zip(&raw[0].1) {
+            let old = Frame::new(entry.id, SessionEvent::decode(&entry.fields)?);
+            let new = Frame::new(raw_entry.id, SessionEvent::decode(raw_entry)?);
+            assert_eq!(old.id, new.id);
+            assert_eq!(old.bytes, new.bytes);
+            assert_eq!(old.event, new.event);
+        }
+        Ok(())
+    }
+
+    /// A round's frames reach a subscriber in one take, in order; the end comes after them.
+    #[test]
+    fn a_subscriber_takes_a_rounds_frames_at_once_then_the_end() -> anyhow::Result<()> {
+        let hub = Hub::new(HubSettings {
+            batch: 64,
+            block_ms: 1000,
+            buffer_bytes: 1 << 20,
+            cluster: false,
+            cluster_poll_ms: 1000,
+        });
+        let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
+        let subscription = hub.subscribe(&key, EntryId::ZERO, None);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut taken = VecDeque::new();
+        assert!(subscription.poll_take(&mut cx, &mut taken).is_pending());
+        let events = events();
+        hub.dispatch(stream_io::parse_xread_raw(reply(key.as_str(), &events))?);
+        assert!(matches!(
+            subscription.poll_take(&mut cx, &mut taken),
+            Poll::Ready(Batch::Frames)
+        ));
+        let ids: Vec<String> = taken.iter().map(|f| f.id.to_string()).collect();
+        assert_eq!(ids, ["1-0", "2-0"]);
+        assert_eq!(
+            taken.iter().map(|f| f.event.as_ref()).collect::<Vec<_>>(),
+            events.iter().collect::<Vec<_>>()
+        );
+        taken.clear();
+        assert!(subscription.poll_take(&mut cx, &mut taken).is_pending());
+        hub.close_all(Closed::Unavailable);
+        assert!(matches!(
+            subscription.poll_take(&mut cx, &mut taken),
+            Poll::Ready(Batch::Closed(Closed::Unavailable))
+        ));
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod aisdk;
 pub mod analytics;
 pub mod auth;
+pub mod body;
 pub mod chat;
 pub mod connections;
 pub mod error;

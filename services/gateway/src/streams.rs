@@ -2,14 +2,25 @@
 //!
 //! Each connection gets one delivery task: it first reads the history it missed with `XRANGE`
 //! (late join, `Last-Event-ID` resume), then takes live frames from its hub subscription,
-//! dropping any id it already sent. The response body is a small bounded channel; the hub
-//! side is bounded in bytes, so a slow client is cut off and resumes instead of growing memory.
+//! dropping any id it already sent. It takes every frame the hub queued at once and writes
+//! them to the response body ([`crate::body`]) together, which hands all that is queued to the
+//! HTTP writer as one chunk. Both queues are bounded in bytes (the body's at
+//! [`BODY_BYTES`], the hub's at `gateway.sse_buffer_bytes`), so a slow client is cut off and
+//! resumes instead of growing memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
+use crate::body::BodyWriter;
+use crate::chat::request_meta;
+use crate::connections::ConnectionGuard;
+use crate::error::{ApiError, ErrorBody};
+use crate::hub::{Batch, Closed, Frame, Subscription};
+use crate::state::SharedState;
+use crate::stream_token::{Claims, TokenError};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use fred::prelude::Client;
@@ -18,19 +29,12 @@ use stream_schema::{
     ConnectionId, EntryId, ErrorCode, ModelId, RedisKey, RequestId, SessionCursor, SessionEvent,
     SessionId,
 };
-use tokio::sync::mpsc;
-
-use crate::chat::request_meta;
-use crate::connections::ConnectionGuard;
-use crate::error::{ApiError, ErrorBody};
-use crate::hub::{Closed, Frame, HubMessage, Subscription};
-use crate::state::SharedState;
-use crate::stream_token::{Claims, TokenError};
 
 /// Entries per `XRANGE` page while catching up.
 const CATCH_UP_PAGE: u64 = 256;
-/// Frames buffered between the delivery task and the HTTP response writer.
-const BODY_FRAMES: usize = 16;
+/// Bytes queued between the delivery task and the HTTP response writer before the task waits
+/// (at most `gateway.sse_write_timeout_ms`) for the client to take some.
+const BODY_BYTES: usize = 16 * 1024;
 
 /// Where one stream of the connection starts.
 pub(crate) struct Plan {
@@ -333,7 +337,7 @@ pub(crate) async fn spawn_delivery<D: Dialect>(
     dialect: D,
     span: tracing::Span,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, Infallible>> + use<D>, ApiError> {
-    let (body_tx, body_rx) = mpsc::channel::<Bytes>(BODY_FRAMES);
+    let (body, stream) = crate::body::channel(BODY_BYTES);
     let guard = state
         .connections
         .register(reader.session.clone(), reader.request, reader.connection)
@@ -341,21 +345,19 @@ pub(crate) async fn spawn_delivery<D: Dialect>(
     tracing::debug!(connection_id = %guard.connection_id, session_id = %reader.session, "sse connected");
     let delivery = Delivery {
         state: state.clone(),
-        body: body_tx,
+        body,
         guard,
         request: reader.request,
         key_id: reader.key_id,
         cursor: reader.cursor,
         dialect,
     };
-    state
-        .lifecycle
-        .spawn(tracing::Instrument::instrument(delivery.run(plans), span));
-    Ok(futures::stream::unfold(body_rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
-    }))
+    let task = tracing::Instrument::instrument(delivery.run(plans), span);
+    // What each open connection's task holds for its whole life (issue #18's memory per idle
+    // client), visible with `RUST_LOG=gateway=trace`.
+    tracing::trace!(task_bytes = std::mem::size_of_val(&task), "delivery task");
+    state.lifecycle.spawn(task);
+    Ok(stream)
 }
 
 /// How a delivery writes events: the native SSE of `/api/sse/stream` or another API's view of
@@ -491,7 +493,7 @@ enum End {
 struct Delivery<D> {
     state: SharedState,
     dialect: D,
-    body: mpsc::Sender<Bytes>,
+    body: BodyWriter,
     guard: ConnectionGuard,
     request: Option<RequestId>,
     /// The key whose token opened the stream; see `StreamAccess::key_id`.
@@ -545,35 +547,41 @@ impl<D: Dialect> Delivery<D> {
         if let Some(event) = closing {
             // Best effort: a client this far behind may not read it, and that is fine.
             let closing = self.dialect.closing(&event);
-            let _ = self.body.try_send(closing);
+            let _ = self.body.push(closing);
         }
         tracing::debug!(connection_id = %self.guard.connection_id, "sse ended");
     }
 
-    /// Hands a frame to the response writer. Only when its small queue is full (the client's
+    /// Hands bytes to the response writer, then waits for room if its queue is full.
+    async fn send(&mut self, bytes: Bytes) -> Result<(), End> {
+        self.body.push(bytes).map_err(|_| End::ClientGone)?;
+        self.room().await
+    }
+
+    /// Waits until the response writer's queue has room. Only when it is full (the client's
     /// TCP window is full) does this wait, and not longer than the write timeout: a client that
     /// stopped reading must not hold a task, a subscription and its queued frames forever.
-    async fn send(&mut self, bytes: Bytes) -> Result<(), End> {
-        let bytes = match self.body.try_send(bytes) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
-            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
-        };
+    async fn room(&mut self) -> Result<(), End> {
+        let mut room = std::pin::pin!(self.body.room());
+        if let Poll::Ready(room) = futures::poll!(room.as_mut()) {
+            return room.map_err(|_| End::ClientGone);
+        }
         let timeout = Duration::from_millis(self.state.settings.gateway.sse_write_timeout_ms);
         tokio::select! {
-            sent = self.body.send(bytes) => sent.map_err(|_| End::ClientGone),
+            room = room => room.map_err(|_| End::ClientGone),
             () = tokio::time::sleep(timeout) => Err(End::Stalled),
             () = self.state.shutdown.cancelled() => Err(End::Shutdown),
         }
     }
 
-    /// Sends a frame of `model`'s stream unless already sent or filtered; tells whether the
-    /// request ended.
-    async fn offer(
+    /// Queues a frame of `model`'s stream unless already sent or filtered (the caller waits
+    /// for room); tells whether the request ended.
+    fn offer(
         &mut self,
         model: &ModelId,
         last: &mut EntryId,
         frame: &Frame,
+        counts: &mut Counts,
     ) -> Result<bool, End> {
         if frame.id <= *last {
             return Ok(false);
@@ -591,15 +599,16 @@ impl<D: Dialect> Delivery<D> {
                     with_id(&cursor.to_string(), &bytes)
                 }
             };
-            self.send(bytes).await?;
+            self.body.push(bytes).map_err(|_| End::ClientGone)?;
         }
-        self.guard.events_sent.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("gateway_events_delivered_total").increment(1);
+        counts.events += 1;
         if let SessionEvent::Token { timestamp, .. } = frame.event.as_ref() {
-            metrics::counter!("gateway_tokens_delivered_total").increment(1);
+            counts.tokens += 1;
             // Producer write to gateway send, on two hosts' clocks (NTP keeps them close).
             let lag_ms = stream_schema::now_millis().saturating_sub(*timestamp);
-            metrics::histogram!("gateway_token_delivery_lag_seconds")
+            counts
+                .lags
+                .get_or_insert_with(|| metrics::histogram!("gateway_token_delivery_lag_seconds"))
                 .record(lag_ms as f64 / 1000.0);
         }
         Ok(rendered.end || (self.request.is_some() && frame.event.is_terminal()))
@@ -640,12 +649,13 @@ impl<D: Dialect> Delivery<D> {
                         continue;
                     }
                 };
-                if self
-                    .offer(model, last, &Frame::new(entry.id, event))
-                    .await?
-                {
+                let mut counts = Counts::default();
+                let finished = self.offer(model, last, &Frame::new(entry.id, event), &mut counts);
+                counts.flush(&self.guard);
+                if finished? {
                     return Ok(true);
                 }
+                self.room().await?;
             }
             if !full {
                 break;
@@ -666,7 +676,10 @@ impl<D: Dialect> Delivery<D> {
             let mut last = plan.after;
             // History first, straight from Redis, before joining the live feed: a client far
             // behind would otherwise pile live entries up in its queue while it catches up.
-            match self.catch_up(&plan.key, &plan.model, &mut last, None).await {
+            // Boxed: the catch-up's futures (Redis reads) are large and needed only while
+            // catching up, and the task keeps the space of its largest state for its whole
+            // life; an idle connection should not pay for them.
+            match Box::pin(self.catch_up(&plan.key, &plan.model, &mut last, None)).await {
                 Ok(true) => return End::Finished,
                 Ok(false) => {}
                 Err(end) => return end,
@@ -674,9 +687,13 @@ impl<D: Dialect> Delivery<D> {
             let subscription = self.state.hub.subscribe(&plan.key, last, self.request);
             // What arrived between the read above and the subscription.
             if subscription.catch_up_to.is_some() {
-                match self
-                    .catch_up(&plan.key, &plan.model, &mut last, subscription.catch_up_to)
-                    .await
+                match Box::pin(self.catch_up(
+                    &plan.key,
+                    &plan.model,
+                    &mut last,
+                    subscription.catch_up_to,
+                ))
+                .await
                 {
                     Ok(true) => return End::Finished,
                     Ok(false) => {}
@@ -696,10 +713,12 @@ impl<D: Dialect> Delivery<D> {
         let keepalive = Duration::from_secs(self.state.settings.gateway.keepalive_secs.max(1));
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Frames taken from a subscription; emptied before each take, its buffer reused.
+        let mut batch = VecDeque::new();
         loop {
-            let next = next_message(&mut feeds);
-            let (index, message) = tokio::select! {
-                message = next => message,
+            let next = next_batch(&feeds, &mut batch);
+            let (index, taken) = tokio::select! {
+                taken = next => taken,
                 _ = ping.tick() => {
                     if let Some(ping) = self.dialect.ping()
                         && let Err(end) = self.send(ping).await
@@ -712,22 +731,51 @@ impl<D: Dialect> Delivery<D> {
                 () = self.state.shutdown.cancelled() => return End::Shutdown,
                 () = &mut revoked => return End::Revoked,
             };
-            match message {
-                Some(HubMessage::Frame(frame)) => {
+            match taken {
+                Batch::Frames => {
                     let feed = &mut feeds[index];
-                    feed.subscription.consumed(&frame);
-                    let (model, mut last) = (feed.model.clone(), feed.last);
-                    let finished = self.offer(&model, &mut last, &frame).await;
-                    feeds[index].last = last;
+                    let mut counts = Counts::default();
+                    let mut finished = Ok(false);
+                    for frame in batch.drain(..) {
+                        finished = self.offer(&feed.model, &mut feed.last, &frame, &mut counts);
+                        if !matches!(finished, Ok(false)) {
+                            break;
+                        }
+                    }
+                    batch.clear();
+                    counts.flush(&self.guard);
                     match finished {
                         Ok(true) => return End::Finished,
                         Ok(false) => {}
                         Err(end) => return end,
                     }
+                    if let Err(end) = self.room().await {
+                        return end;
+                    }
                 }
-                Some(HubMessage::Closed(reason)) => return End::Closed(reason),
-                None => return End::Closed(Closed::Unavailable),
+                Batch::Closed(reason) => return End::Closed(reason),
             }
+        }
+    }
+}
+
+/// What a batch of offers delivered, counted once per batch rather than per frame (a metrics
+/// lookup per frame and client was a visible share of the gateway's time).
+#[derive(Default)]
+struct Counts {
+    events: u64,
+    tokens: u64,
+    lags: Option<metrics::Histogram>,
+}
+
+impl Counts {
+    fn flush(&self, guard: &ConnectionGuard) {
+        if self.events > 0 {
+            guard.events_sent.fetch_add(self.events, Ordering::Relaxed);
+            metrics::counter!("gateway_events_delivered_total").increment(self.events);
+        }
+        if self.tokens > 0 {
+            metrics::counter!("gateway_tokens_delivered_total").increment(self.tokens);
         }
     }
 }
@@ -764,18 +812,15 @@ fn with_id(id: &str, frame: &Bytes) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// The next hub message of any of the connection's subscriptions, with its index.
-async fn next_message(feeds: &mut [Feed]) -> (usize, Option<HubMessage>) {
-    if let [only] = feeds {
-        return (0, only.subscription.rx.recv().await);
-    }
+/// The next batch of any of the connection's subscriptions, with its index.
+async fn next_batch(feeds: &[Feed], into: &mut VecDeque<Frame>) -> (usize, Batch) {
     futures::future::poll_fn(|cx| {
-        for (index, feed) in feeds.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(message) = feed.subscription.rx.poll_recv(cx) {
-                return std::task::Poll::Ready((index, message));
+        for (index, feed) in feeds.iter().enumerate() {
+            if let Poll::Ready(batch) = feed.subscription.poll_take(cx, into) {
+                return Poll::Ready((index, batch));
             }
         }
-        std::task::Poll::Pending
+        Poll::Pending
     })
     .await
 }
