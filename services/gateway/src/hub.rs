@@ -121,6 +121,8 @@ impl Mailbox {
 struct Feed {
     /// Last entry id the hub dispatched for this stream.
     cursor: EntryId,
+    /// The read round in which the feed was created (see [`Table::round`]).
+    since_round: u64,
     subscribers: HashMap<u64, Subscriber>,
 }
 
@@ -128,6 +130,11 @@ struct Feed {
 struct Table {
     feeds: HashMap<String, Feed>,
     next_id: u64,
+    /// Counts the reader's snapshots. A read's reply is dispatched only to feeds that existed
+    /// when its cursors were taken: a feed removed and created again meanwhile (its last
+    /// subscriber left, a new one came) may start before the cursor that read used, and
+    /// dispatching the reply would skip the entries in between for good.
+    round: u64,
 }
 
 struct Shared {
@@ -228,6 +235,7 @@ impl Hub {
             let id = table.next_id;
             table.next_id += 1;
             let mut added = false;
+            let round = table.round;
             let feed = table
                 .feeds
                 .entry(key.as_str().to_owned())
@@ -235,6 +243,7 @@ impl Hub {
                     added = true;
                     Feed {
                         cursor: after,
+                        since_round: round,
                         subscribers: HashMap::new(),
                     }
                 });
@@ -273,26 +282,42 @@ impl Hub {
         }
     }
 
-    fn snapshot(&self) -> (Vec<String>, Vec<String>) {
-        let table = self.table();
-        table
+    /// The streams to read and their cursors, and the round they belong to (for
+    /// [`Hub::dispatch`]).
+    fn snapshot(&self) -> (Vec<String>, Vec<String>, u64) {
+        let mut table = self.table();
+        table.round += 1;
+        let (keys, ids) = table
             .feeds
             .iter()
             .map(|(key, feed)| (key.clone(), feed.cursor.to_string()))
-            .unzip()
+            .unzip();
+        (keys, ids, table.round)
     }
 
     /// Decodes and encodes each new entry once, then hands every subscriber all of its frames
     /// of the round under one lock of its mailbox and wakes it once.
-    fn dispatch(&self, replies: Vec<(String, Vec<stream_io::RawEntry>)>) {
+    /// `round` is the snapshot the read's cursors came from. Returns the streams whose entries
+    /// were set aside because their feed is newer than the read: they must be read again from
+    /// the feed's own cursor.
+    fn dispatch(
+        &self,
+        replies: Vec<(String, Vec<stream_io::RawEntry>)>,
+        round: u64,
+    ) -> Vec<String> {
         let buffer_bytes = self.shared.settings.buffer_bytes;
         let mut table = self.table();
         let mut frames = Vec::new();
+        let mut read_again = Vec::new();
         for (key, entries) in replies {
             // The stream lost its last subscriber while the read was in flight.
             let Some(feed) = table.feeds.get_mut(&key) else {
                 continue;
             };
+            if feed.since_round >= round {
+                read_again.push(key);
+                continue;
+            }
             frames.clear();
             for entry in entries {
                 if entry.id <= feed.cursor {
@@ -341,6 +366,7 @@ impl Hub {
                 true
             });
         }
+        read_again
     }
 
     /// Ends every subscription with `reason` (Redis failed: clients resume later).
@@ -373,7 +399,7 @@ impl Hub {
         let mut backoff = Backoff::default();
         flag.set(true);
         while !shutdown.is_cancelled() {
-            let (keys, ids) = self.snapshot();
+            let (keys, ids, round) = self.snapshot();
             if keys.is_empty() {
                 if !self.idle(&reader, &shutdown, &flag).await {
                     break;
@@ -404,7 +430,8 @@ impl Hub {
                 Ok(replies) => {
                     backoff.reset();
                     flag.set(true);
-                    self.dispatch(replies);
+                    // Streams set aside are read from their own cursors in the next round.
+                    let _ = self.dispatch(replies, round);
                 }
                 Err(error) => {
                     if !self
@@ -483,7 +510,7 @@ impl Hub {
         let mut due: HashSet<String> = HashSet::new();
         let mut read_all = true;
         while !shutdown.is_cancelled() {
-            let (keys, ids) = self.snapshot();
+            let (keys, ids, round) = self.snapshot();
             if keys.is_empty() {
                 unfollow(&wake, followed.drain().collect()).await;
                 if !self.idle(&reader, &shutdown, &flag).await {
@@ -524,7 +551,8 @@ impl Hub {
                                 .filter(|(_, entries)| entries.len() as u64 >= settings.batch)
                                 .map(|(key, _)| key.clone()),
                         );
-                        self.dispatch(replies);
+                        let read_again = self.dispatch(replies, round);
+                        due.extend(read_again);
                     }
                     Err(error) => {
                         if !self
@@ -713,6 +741,11 @@ mod tests {
     }
 
     fn reply(key: &str, events: &[SessionEvent]) -> Value {
+        reply_from(key, 1, events)
+    }
+
+    /// A reply whose entries have ids `first-0`, `first+1-0`, …
+    fn reply_from(key: &str, first: usize, events: &[SessionEvent]) -> Value {
         let entries = events
             .iter()
             .enumerate()
@@ -723,7 +756,7 @@ mod tests {
                     .flat_map(|(name, value)| [Value::from(name), Value::from(value)])
                     .collect();
                 Value::Array(vec![
-                    Value::from(format!("{}-0", i + 1)),
+                    Value::from(format!("{}-0", first + i)),
                     Value::Array(fields),
                 ])
             })
@@ -752,6 +785,56 @@ mod tests {
         Ok(())
     }
 
+    /// A read in flight whose cursor came from a feed that was removed and created again
+    /// since (its last subscriber left, a new one came from an earlier position) is not
+    /// dispatched to the new feed, which would skip the entries in between for good: the
+    /// stream is read again from the new feed's cursor.
+    #[test]
+    fn a_read_older_than_its_feed_is_read_again_from_the_feeds_cursor() -> anyhow::Result<()> {
+        let hub = Hub::new(HubSettings {
+            batch: 64,
+            block_ms: 1000,
+            buffer_bytes: 1 << 20,
+            cluster: false,
+            cluster_poll_ms: 1000,
+        });
+        let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
+        let events = events();
+        let first = hub.subscribe(&key, EntryId::ZERO, None);
+        let (_, _, round) = hub.snapshot();
+        let set_aside = hub.dispatch(
+            stream_io::parse_xread_raw(reply_from(key.as_str(), 1, &events))?,
+            round,
+        );
+        assert!(set_aside.is_empty());
+        let (_, ids, round) = hub.snapshot();
+        assert_eq!(ids, ["2-0"]);
+
+        // While the read from 2-0 is in flight, the only subscriber leaves and another one
+        // comes from the start: its feed is new, with nothing to catch up on.
+        drop(first);
+        let second = hub.subscribe(&key, EntryId::ZERO, None);
+        assert_eq!(second.catch_up_to, None);
+        let set_aside = hub.dispatch(
+            stream_io::parse_xread_raw(reply_from(key.as_str(), 3, &events))?,
+            round,
+        );
+        assert_eq!(set_aside, [key.as_str()]);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut taken = VecDeque::new();
+        assert!(
+            second.poll_take(&mut cx, &mut taken).is_pending(),
+            "entries 3 and 4 without 1 and 2: {taken:?}"
+        );
+        let (_, ids, _) = hub.snapshot();
+        assert_eq!(
+            ids,
+            ["0-0"],
+            "the next read starts where the new subscriber stands"
+        );
+        Ok(())
+    }
+
     /// A round's frames reach a subscriber in one take, in order; the end comes after them.
     #[test]
     fn a_subscriber_takes_a_rounds_frames_at_once_then_the_end() -> anyhow::Result<()> {
@@ -768,7 +851,11 @@ mod tests {
         let mut taken = VecDeque::new();
         assert!(subscription.poll_take(&mut cx, &mut taken).is_pending());
         let events = events();
-        hub.dispatch(stream_io::parse_xread_raw(reply(key.as_str(), &events))?);
+        let (_, _, round) = hub.snapshot();
+        hub.dispatch(
+            stream_io::parse_xread_raw(reply(key.as_str(), &events))?,
+            round,
+        );
         assert!(matches!(
             subscription.poll_take(&mut cx, &mut taken),
             Poll::Ready(Batch::Frames)
