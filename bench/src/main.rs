@@ -43,6 +43,9 @@ struct Options {
     soak: Option<soak::SoakOptions>,
     /// `--capacity`: the figures of `docs/capacity.md` instead of the matrix.
     capacity: bool,
+    /// `--readme FILE.md`: also write the report's headline table between the markers
+    /// [`report::README_START`] and [`report::README_END`] of that file.
+    readme: Option<PathBuf>,
 }
 
 /// The command line (`bench --help`); every flag that `scripts/bench.sh` passes.
@@ -118,6 +121,10 @@ struct Args {
     /// (--idle, default 1000,10000) [report: bench/results/capacity.md].
     #[arg(long, conflicts_with_all = ["soak", "peers", "quick"])]
     capacity: bool,
+    /// Also write the report's headline table into this file (the README), replacing what
+    /// stands between `<!-- bench-headline:start -->` and `<!-- bench-headline:end -->`.
+    #[arg(long, value_name = "FILE.md", conflicts_with_all = ["soak", "capacity"])]
+    readme: Option<PathBuf>,
 }
 
 /// The bench has no settings file of its own: it writes one for the stack it starts.
@@ -174,6 +181,7 @@ fn parse_args() -> Options {
         idle_from: args.idle_from,
         soak,
         capacity: args.capacity,
+        readme: args.readme,
     }
 }
 
@@ -256,6 +264,10 @@ async fn main() -> anyhow::Result<()> {
         let out = json.with_extension("md");
         report::write(&data, &out, notes.as_deref())?;
         announce(&out);
+        if let Some(readme) = &options.readme {
+            report::write_readme_headline(&data, &out, readme)?;
+            announce(readme);
+        }
         return Ok(());
     }
     let begun = Instant::now();
@@ -414,6 +426,10 @@ async fn main() -> anyhow::Result<()> {
     };
     report::write(&data, &options.out, notes.as_deref())?;
     announce(&options.out);
+    if let Some(readme) = &options.readme {
+        report::write_readme_headline(&data, &options.out, readme)?;
+        announce(readme);
+    }
     Ok(())
 }
 

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use anyhow::Context as _;
+
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{self, Line, Panel};
@@ -194,6 +196,59 @@ pub fn write(data: &RunData, out: &Path, notes: Option<&str>) -> anyhow::Result<
     Ok(())
 }
 
+/// The markers around the headline table a README carries (see [`write_readme_headline`]).
+pub const README_START: &str = "<!-- bench-headline:start -->";
+pub const README_END: &str = "<!-- bench-headline:end -->";
+
+/// Replaces what stands between [`README_START`] and [`README_END`] in `readme` with the
+/// headline table of `data` (the same rows as the report at `report`), a line naming the run
+/// and a link to the report, so the README's figures are never copied by hand.
+pub fn write_readme_headline(data: &RunData, report: &Path, readme: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(readme)
+        .with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(start), Some(end)) = (text.find(README_START), text.find(README_END)) else {
+        anyhow::bail!(
+            "{} has no {README_START} … {README_END} block",
+            readme.display()
+        );
+    };
+    anyhow::ensure!(start < end, "{}: the markers are out of order", readme.display());
+    let mut block = String::new();
+    readme_block(data, report, readme, &mut block)?;
+    let mut updated = String::with_capacity(text.len() + block.len());
+    updated.push_str(&text[..start + README_START.len()]);
+    updated.push('\n');
+    updated.push_str(&block);
+    updated.push_str(&text[end..]);
+    std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))?;
+    Ok(())
+}
+
+fn readme_block(
+    data: &RunData,
+    report: &Path,
+    readme: &Path,
+    out: &mut String,
+) -> std::fmt::Result {
+    // The link is relative to the README's directory when the report lies under it.
+    let base = readme.parent().unwrap_or_else(|| Path::new("."));
+    let link = report.strip_prefix(base).unwrap_or(report).display();
+    let commit: String = data.machine.git_commit.chars().take(12).collect();
+    let dirty = if data.machine.tree_dirty {
+        " (**dirty tree**: not a reproducible run)"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "Written by `bench --readme` from [{link}]({link}) (`{}`, {}, {} repeat(s), commit          `{commit}`{dirty}).\n",
+        data.command,
+        data.started,
+        data.repeats.len()
+    )?;
+    headline_rows(data, out)
+}
+
 fn latency_panels(data: &RunData) -> Vec<Panel> {
     let mut rates: Vec<u64> = data
         .scenarios
@@ -328,6 +383,11 @@ fn headline(data: &RunData, out: &mut String) -> std::fmt::Result {
          streaming straight from mock-llm), then min/median/max over repeats. Latencies in ms. \
          Targets: issue #18.\n"
     )?;
+    headline_rows(data, out)
+}
+
+/// The headline table itself (the report's and the README's).
+fn headline_rows(data: &RunData, out: &mut String) -> std::fmt::Result {
     writeln!(out, "| figure | measured | target | verdict |")?;
     writeln!(out, "|---|---|---|---|")?;
     let bridge = PathKind::Bridge;
@@ -1011,6 +1071,50 @@ mod tests {
             git_commit: "abcdef".to_owned(),
             tree_dirty,
         }
+    }
+
+    fn empty_run() -> RunData {
+        RunData {
+            mode: "full".to_owned(),
+            command: "bench --peers".to_owned(),
+            started: "2026-11-30 05:00 UTC".to_owned(),
+            duration_secs: 1.0,
+            load_before: String::new(),
+            load_after: String::new(),
+            machine: machine(false),
+            config: String::new(),
+            env_overrides: Vec::new(),
+            litellm: None,
+            litellm_error: None,
+            idle_source: None,
+            scenarios: Vec::new(),
+            paths: vec![PathKind::Bridge],
+            repeats: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_readme_block_is_replaced_and_nothing_else() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("bench-readme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let readme = dir.join("README.md");
+        std::fs::write(
+            &readme,
+            format!("# Title\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n"),
+        )?;
+        write_readme_headline(&empty_run(), &dir.join("bench/results/peers.md"), &readme)?;
+        let text = std::fs::read_to_string(&readme)?;
+        assert!(text.starts_with("# Title\n\nbefore\n<!-- bench-headline:start -->\n"), "{text}");
+        assert!(text.ends_with("<!-- bench-headline:end -->\nafter\n"), "{text}");
+        assert!(!text.contains("old table"), "{text}");
+        assert!(text.contains("[bench/results/peers.md](bench/results/peers.md)"), "{text}");
+        assert!(text.contains("commit `abcdef`"), "{text}");
+        assert!(text.contains("| figure | measured | target | verdict |"), "{text}");
+
+        std::fs::write(&readme, "no markers\n")?;
+        assert!(write_readme_headline(&empty_run(), &readme, &readme).is_err());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 
     #[test]
