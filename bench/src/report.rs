@@ -204,15 +204,19 @@ pub const README_END: &str = "<!-- bench-headline:end -->";
 /// headline table of `data` (the same rows as the report at `report`), a line naming the run
 /// and a link to the report, so the README's figures are never copied by hand.
 pub fn write_readme_headline(data: &RunData, report: &Path, readme: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(readme)
-        .with_context(|| format!("reading {}", readme.display()))?;
+    let text =
+        std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
     let (Some(start), Some(end)) = (text.find(README_START), text.find(README_END)) else {
         anyhow::bail!(
             "{} has no {README_START} … {README_END} block",
             readme.display()
         );
     };
-    anyhow::ensure!(start < end, "{}: the markers are out of order", readme.display());
+    anyhow::ensure!(
+        start < end,
+        "{}: the markers are out of order",
+        readme.display()
+    );
     let mut block = String::new();
     readme_block(data, report, readme, &mut block)?;
     let mut updated = String::with_capacity(text.len() + block.len());
@@ -241,7 +245,7 @@ fn readme_block(
     };
     writeln!(
         out,
-        "Written by `bench --readme` from [{link}]({link}) (`{}`, {}, {} repeat(s), commit          `{commit}`{dirty}).\n",
+        "Written by `bench --readme` from [{link}]({link}) (`{}`, {}, {} repeat(s), commit `{commit}`{dirty}).\n",
         data.command,
         data.started,
         data.repeats.len()
@@ -1104,12 +1108,24 @@ mod tests {
         )?;
         write_readme_headline(&empty_run(), &dir.join("bench/results/peers.md"), &readme)?;
         let text = std::fs::read_to_string(&readme)?;
-        assert!(text.starts_with("# Title\n\nbefore\n<!-- bench-headline:start -->\n"), "{text}");
-        assert!(text.ends_with("<!-- bench-headline:end -->\nafter\n"), "{text}");
+        assert!(
+            text.starts_with("# Title\n\nbefore\n<!-- bench-headline:start -->\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("<!-- bench-headline:end -->\nafter\n"),
+            "{text}"
+        );
         assert!(!text.contains("old table"), "{text}");
-        assert!(text.contains("[bench/results/peers.md](bench/results/peers.md)"), "{text}");
+        assert!(
+            text.contains("[bench/results/peers.md](bench/results/peers.md)"),
+            "{text}"
+        );
         assert!(text.contains("commit `abcdef`"), "{text}");
-        assert!(text.contains("| figure | measured | target | verdict |"), "{text}");
+        assert!(
+            text.contains("| figure | measured | target | verdict |"),
+            "{text}"
+        );
 
         std::fs::write(&readme, "no markers\n")?;
         assert!(write_readme_headline(&empty_run(), &readme, &readme).is_err());
