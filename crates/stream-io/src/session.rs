@@ -621,7 +621,9 @@ pub async fn active_request<'a>(
             continue;
         };
         let request = event.request_id();
-        if newest.is_some_and(|(id, _)| id >= entry.id) {
+        // Ids of different streams tie when both were written in the same millisecond; then
+        // the later request (UUIDv7 ids sort by creation) is the newer answer.
+        if newest.is_some_and(|newest| newest >= (entry.id, request)) {
             continue;
         }
         let owner = RedisKey::owner(session, &request);
