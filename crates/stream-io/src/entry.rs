@@ -63,13 +63,27 @@ fn parse_entry(value: Value) -> Result<Option<Entry>, StreamIoError> {
 
 /// Parses an `XRANGE` reply (or the entry list of one stream). Deleted entries are skipped.
 pub fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamIoError> {
+    entry_list(value, parse_entry)
+}
+
+/// Parses an `XREAD`/`XREADGROUP` reply into (stream key, entries). A nil reply (the `BLOCK`
+/// timed out) is an empty list.
+pub fn parse_xread(value: Value) -> Result<Vec<(String, Vec<Entry>)>, StreamIoError> {
+    xread_reply(value, parse_entry)
+}
+
+/// An entry list, each entry parsed by `entry` (`None`: a deleted entry, skipped).
+fn entry_list<E>(
+    value: Value,
+    entry: fn(Value) -> Result<Option<E>, StreamIoError>,
+) -> Result<Vec<E>, StreamIoError> {
     match value {
         Value::Null => Ok(Vec::new()),
         Value::Array(items) => {
             let mut entries = Vec::with_capacity(items.len());
             for item in items {
-                if let Some(entry) = parse_entry(item)? {
-                    entries.push(entry);
+                if let Some(parsed) = entry(item)? {
+                    entries.push(parsed);
                 }
             }
             Ok(entries)
@@ -78,9 +92,11 @@ pub fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamIoError> {
     }
 }
 
-/// Parses an `XREAD`/`XREADGROUP` reply into (stream key, entries). A nil reply (the `BLOCK`
-/// timed out) is an empty list.
-pub fn parse_xread(value: Value) -> Result<Vec<(String, Vec<Entry>)>, StreamIoError> {
+/// An `XREAD` reply (RESP2 array or RESP3 map of streams), each entry parsed by `entry`.
+fn xread_reply<E>(
+    value: Value,
+    entry: fn(Value) -> Result<Option<E>, StreamIoError>,
+) -> Result<Vec<(String, Vec<E>)>, StreamIoError> {
     match value {
         Value::Null => Ok(Vec::new()),
         Value::Array(streams) => {
@@ -91,7 +107,7 @@ pub fn parse_xread(value: Value) -> Result<Vec<(String, Vec<Entry>)>, StreamIoEr
                     other => return Err(protocol(format!("stream reply: {other:?}"))),
                 };
                 let key = text(parts.next().ok_or_else(|| protocol("stream without key"))?)?;
-                let entries = parse_entries(parts.next().unwrap_or(Value::Null))?;
+                let entries = entry_list(parts.next().unwrap_or(Value::Null), entry)?;
                 out.push((key, entries));
             }
             Ok(out)
@@ -102,7 +118,7 @@ pub fn parse_xread(value: Value) -> Result<Vec<(String, Vec<Entry>)>, StreamIoEr
                 let key = key
                     .into_string()
                     .ok_or_else(|| protocol("stream key is not a string"))?;
-                out.push((key, parse_entries(entries)?));
+                out.push((key, entry_list(entries, entry)?));
             }
             Ok(out)
         }
@@ -176,54 +192,12 @@ fn parse_raw_entry(value: Value) -> Result<Option<RawEntry>, StreamIoError> {
     Ok(Some(RawEntry { id, fields }))
 }
 
-fn parse_raw_entries(value: Value) -> Result<Vec<RawEntry>, StreamIoError> {
-    match value {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(items) => {
-            let mut entries = Vec::with_capacity(items.len());
-            for item in items {
-                if let Some(entry) = parse_raw_entry(item)? {
-                    entries.push(entry);
-                }
-            }
-            Ok(entries)
-        }
-        other => Err(protocol(format!("entry list: {other:?}"))),
-    }
-}
-
 /// [`parse_xread`] without converting the fields: each entry keeps the reply's own values
 /// (moved, not copied), for a reader that decodes every entry once and drops it (the
 /// gateway's multiplexed reader). Accepts and refuses exactly what `parse_xread` does for
 /// replies whose field values are bulk strings, which is all a stream holds.
 pub fn parse_xread_raw(value: Value) -> Result<Vec<(String, Vec<RawEntry>)>, StreamIoError> {
-    match value {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(streams) => {
-            let mut out = Vec::with_capacity(streams.len());
-            for stream in streams {
-                let mut parts = match stream {
-                    Value::Array(parts) => parts.into_iter(),
-                    other => return Err(protocol(format!("stream reply: {other:?}"))),
-                };
-                let key = text(parts.next().ok_or_else(|| protocol("stream without key"))?)?;
-                let entries = parse_raw_entries(parts.next().unwrap_or(Value::Null))?;
-                out.push((key, entries));
-            }
-            Ok(out)
-        }
-        Value::Map(map) => {
-            let mut out = Vec::with_capacity(map.len());
-            for (key, entries) in map.inner() {
-                let key = key
-                    .into_string()
-                    .ok_or_else(|| protocol("stream key is not a string"))?;
-                out.push((key, parse_raw_entries(entries)?));
-            }
-            Ok(out)
-        }
-        other => Err(protocol(format!("xread reply: {other:?}"))),
-    }
+    xread_reply(value, parse_raw_entry)
 }
 
 #[cfg(test)]
