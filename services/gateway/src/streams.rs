@@ -329,6 +329,35 @@ pub(crate) struct Reader {
     pub cursor: Option<SessionCursor>,
 }
 
+/// Delivers one request's entries from its `start` through `dialect` (the OpenAI and AI SDK
+/// views replay a request from its start). `key_id` is the key whose revocation ends the
+/// stream (default: the key that started the request); the request's trace continues in `span`.
+pub(crate) async fn spawn_request_delivery<D: Dialect>(
+    state: &SharedState,
+    request_id: RequestId,
+    meta: &stream_schema::job::RequestMeta,
+    key_id: Option<String>,
+    dialect: D,
+    span: tracing::Span,
+) -> Result<impl futures::Stream<Item = Result<Bytes, Infallible>> + use<D>, ApiError> {
+    let plan = Plan {
+        key: RedisKey::session(&meta.session_id, &meta.model_id),
+        model: meta.model_id.clone(),
+        after: meta.start_entry.predecessor(),
+    };
+    if let Some(traceparent) = &meta.traceparent {
+        service_kit::telemetry::continue_trace(&span, Some(traceparent));
+    }
+    let reader = Reader {
+        session: meta.session_id.clone(),
+        request: Some(request_id),
+        key_id: key_id.or_else(|| Some(meta.key_id.clone())),
+        connection: None,
+        cursor: None,
+    };
+    spawn_delivery(state, reader, vec![plan], dialect, span).await
+}
+
 /// Registers a connection, spawns its delivery task and returns the response body it feeds.
 pub(crate) async fn spawn_delivery<D: Dialect>(
     state: &SharedState,

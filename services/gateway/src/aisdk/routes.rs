@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stream_schema::job::RequestMeta;
-use stream_schema::{RedisKey, RequestId, SessionEvent, SessionId};
+use stream_schema::{RequestId, SessionEvent, SessionId};
 use utoipa::ToSchema;
 
 use super::messages::native_body;
@@ -17,7 +17,7 @@ use crate::chat::{request_meta, start_counted};
 use crate::error::{ApiError, ErrorBody};
 use crate::hub::Frame;
 use crate::state::{AppState, SharedState};
-use crate::streams::{Dialect, Plan, Reader, Rendered, spawn_delivery, sse_response};
+use crate::streams::{Dialect, Rendered, spawn_request_delivery, sse_response};
 
 /// The headers of a UI message stream (the `ai` package's `UI_MESSAGE_STREAM_HEADERS`).
 fn ui_stream_response() -> actix_web::HttpResponseBuilder {
@@ -227,31 +227,9 @@ async fn open(
     key_id: Option<String>,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + use<>, ApiError>
 {
-    let plan = Plan {
-        key: RedisKey::session(&meta.session_id, &meta.model_id),
-        model: meta.model_id.clone(),
-        after: meta.start_entry.predecessor(),
-    };
+    let view = UiMessageView::new(request_id.to_string());
     let span = tracing::info_span!("aisdk.deliver", request_id = %request_id);
-    if let Some(traceparent) = &meta.traceparent {
-        service_kit::telemetry::continue_trace(&span, Some(traceparent));
-    }
-    spawn_delivery(
-        state,
-        Reader {
-            session: meta.session_id.clone(),
-            request: Some(request_id),
-            key_id: key_id.or_else(|| Some(meta.key_id.clone())),
-            connection: None,
-            cursor: None,
-        },
-        vec![plan],
-        UiStream {
-            view: UiMessageView::new(request_id.to_string()),
-        },
-        span,
-    )
-    .await
+    spawn_request_delivery(state, request_id, meta, key_id, UiStream { view }, span).await
 }
 
 /// The UI message stream of `UiMessageView`.

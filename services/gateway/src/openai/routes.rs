@@ -19,7 +19,7 @@ use crate::chat::{request_meta, start_counted};
 use crate::error::ApiError;
 use crate::hub::Frame;
 use crate::state::SharedState;
-use crate::streams::{Dialect, Plan, Reader, Rendered, spawn_delivery, sse_response};
+use crate::streams::{Dialect, Rendered, spawn_request_delivery, sse_response};
 
 /// The header naming the session of a completion (the conversation it belongs to).
 const SESSION_HEADER: &str = "X-Session-Id";
@@ -324,29 +324,8 @@ async fn open<D: Dialect>(
     dialect: D,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + use<D>, ApiError>
 {
-    let plan = Plan {
-        key: RedisKey::session(&meta.session_id, &meta.model_id),
-        model: meta.model_id.clone(),
-        after: meta.start_entry.predecessor(),
-    };
     let span = tracing::info_span!("openai.deliver", request_id = %request_id);
-    if let Some(traceparent) = &meta.traceparent {
-        service_kit::telemetry::continue_trace(&span, Some(traceparent));
-    }
-    spawn_delivery(
-        state,
-        Reader {
-            session: meta.session_id.clone(),
-            request: Some(request_id),
-            key_id: Some(meta.key_id.clone()),
-            connection: None,
-            cursor: None,
-        },
-        vec![plan],
-        dialect,
-        span,
-    )
-    .await
+    spawn_request_delivery(state, request_id, meta, None, dialect, span).await
 }
 
 /// `stream: true`: the chunks of `CompletionView`.
