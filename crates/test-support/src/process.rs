@@ -151,6 +151,15 @@ impl ServiceProcess {
             .with_context(|| format!("checking whether {} exited", self.name))
     }
 
+    /// Whether the child itself holds a listening TCP socket on loopback `port`.
+    ///
+    /// Answering on the port is not proof: between [`free_port`] and the child's bind another
+    /// test's server can take the port, the child then exits on `EADDRINUSE`, and a readiness
+    /// probe reaches the other server. The kernel's socket table says whose socket it is.
+    pub fn listens_on(&self, port: u16) -> anyhow::Result<bool> {
+        pid_listens_on(self.pid, port)
+    }
+
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = self.live_pid()?;
         kill(pid, signal).with_context(|| format!("sending {signal} to {} ({pid})", self.name))
@@ -231,6 +240,83 @@ pub fn free_port() -> anyhow::Result<u16> {
         }
     }
     bail!("could not find a free loopback port")
+}
+
+/// Whether process `pid` holds a listening TCP socket on `port` (see
+/// [`ServiceProcess::listens_on`]).
+pub(crate) fn pid_listens_on(pid: u32, port: u16) -> anyhow::Result<bool> {
+    let listening = listening_socket_inodes(port)?;
+    if listening.is_empty() {
+        return Ok(false);
+    }
+    // A wrapper (heaptrack, `sh -c`) leaves the socket to a descendant, which counts too.
+    Ok(self_and_descendants(pid).into_iter().any(|pid| {
+        // The process may exit (and its fd dir vanish) while we look: "not listening".
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .is_some_and(|inode| listening.iter().any(|l| l == inode))
+            })
+        })
+    }))
+}
+
+/// `pid` and every process below it, from `/proc/<pid>/task/<tid>/children`.
+fn self_and_descendants(pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut next = 0;
+    while let Some(&current) = found.get(next) {
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{current}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                found.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    found
+}
+
+/// Inodes of the sockets listening on TCP `port` (any local address), from `/proc/net/tcp`
+/// and `/proc/net/tcp6`. Columns: `sl local_address rem_address st … uid timeout inode`, the
+/// port in hex after the colon, state `0A` = LISTEN.
+fn listening_socket_inodes(port: u16) -> anyhow::Result<Vec<String>> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // A kernel without IPv6 has no tcp6 table.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("reading {table}")),
+        };
+        for line in text.lines().skip(1) {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (columns.get(1), columns.get(3), columns.get(9))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                inodes.push((*inode).to_owned());
+            }
+        }
+    }
+    Ok(inodes)
 }
 
 /// Kills `child` (SIGKILL, only this pid) and reaps it, from synchronous code such as `Drop`.

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::process::{
-    command_dying_with_parent, find_on_path, free_port, kill_and_reap, tail_lines,
+    command_dying_with_parent, find_on_path, free_port, kill_and_reap, pid_listens_on, tail_lines,
 };
 
 /// How long a freshly spawned node may take to answer PING.
@@ -340,6 +340,17 @@ async fn wait_for_ping(child: &mut Child, port: u16) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().context("checking redis-server")? {
             bail!("redis-server exited early with {status}");
+        }
+        // A PONG from a server another test started on this port (ours then exits on
+        // EADDRINUSE) must not count: wait until the socket is our child's own.
+        let ours = match child.id() {
+            Some(pid) => pid_listens_on(pid, port)?,
+            None => false,
+        };
+        if !ours {
+            last_err = anyhow!("redis-server does not listen on port {port} yet");
+            tokio::time::sleep(POLL_INTERVAL).await;
+            continue;
         }
         match raw_command(port, &["PING"]).await {
             Ok(reply) if reply == "PONG" => return Ok(()),

@@ -25,6 +25,12 @@ use crate::{
 /// How long the client helpers of [`Stack`] wait for a stream to end.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often a service is tried on a fresh port after losing its port to another process.
+const SPAWN_ATTEMPTS: usize = 3;
+
+/// How often a fresh child's sockets are checked while it starts.
+const BIND_POLL: Duration = Duration::from_millis(10);
+
 /// Lowercase hex of SHA-256 of `text`: how `auth.api_keys` stores a key (and, for the bench,
 /// a made-up LiteLLM master key).
 pub fn sha256_hex(text: &str) -> String {
@@ -228,7 +234,33 @@ impl Service {
         self.process.pid()
     }
 
+    /// Waits until the child holds its port (`true`) or exits first (`false`: most likely
+    /// another process took the port after [`free_port`] released it).
+    async fn wait_bound(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.process.listens_on(self.port)? {
+                return Ok(true);
+            }
+            if self.process.try_exit_status()?.is_some() {
+                return Ok(false);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{} did not listen on port {} within {timeout:?}\n{}",
+                    self.process.name(),
+                    self.port,
+                    self.process.log_tail(30).await
+                );
+            }
+            tokio::time::sleep(BIND_POLL).await;
+        }
+    }
+
     /// Polls `path` until it answers 2xx; on timeout the error carries the log's tail.
+    ///
+    /// Only meaningful once the child holds the port ([`Service::wait_bound`]); before that
+    /// the answer may come from another process.
     pub async fn wait_ok(&self, path: &str, timeout: Duration) -> anyhow::Result<()> {
         if let Err(error) = wait_for_http_ok(&format!("{}{path}", self.url()), timeout).await {
             bail!(
@@ -300,15 +332,47 @@ impl Stack {
             });
         }
         let config_dir = tempfile::tempdir().context("creating a dir for the config files")?;
-        let mut stack = Self {
-            mock_llm: spawn(
+        // The services' model URLs name mock-llm's port, so it must hold its port before they
+        // are configured; on a lost port race it moves, and the models move with it.
+        let mut mock_llm = spawn(
+            &config_dir,
+            &settings,
+            &service_env,
+            ServiceKind::MockLlm,
+            "mock-llm",
+            mock_port,
+        )?;
+        let mut attempt = 1;
+        while !mock_llm.wait_bound(ready_timeout).await? {
+            if attempt == SPAWN_ATTEMPTS {
+                bail!(
+                    "mock-llm exited before listening, {attempt} times\n{}",
+                    mock_llm.process.log_tail(30).await
+                );
+            }
+            attempt += 1;
+            let port = free_port()?;
+            let (old, new) = (
+                format!("http://{}/", settings.mock_llm.addr),
+                format!("http://127.0.0.1:{port}/"),
+            );
+            for model in settings.models.values_mut() {
+                if let Some(path) = model.base_url.strip_prefix(&old) {
+                    model.base_url = format!("{new}{path}");
+                }
+            }
+            settings.mock_llm.addr = format!("127.0.0.1:{port}");
+            mock_llm = spawn(
                 &config_dir,
                 &settings,
                 &service_env,
                 ServiceKind::MockLlm,
                 "mock-llm",
-                mock_port,
-            )?,
+                port,
+            )?;
+        }
+        let mut stack = Self {
+            mock_llm,
             redis,
             gateways: Vec::new(),
             producers: Vec::new(),
@@ -344,16 +408,52 @@ impl Stack {
             .mock_llm
             .wait_ok(ServiceKind::MockLlm.ready_path(), ready_timeout)
             .await?;
-        for (kind, services) in [
-            (ServiceKind::Gateway, &stack.gateways),
-            (ServiceKind::Producer, &stack.producers),
-            (ServiceKind::Processor, &stack.processors),
+        for kind in [
+            ServiceKind::Gateway,
+            ServiceKind::Producer,
+            ServiceKind::Processor,
         ] {
-            for service in services {
+            let mut services = std::mem::take(stack.services_mut(kind));
+            for (index, service) in services.iter_mut().enumerate() {
+                stack
+                    .hold_port(service, kind, &format!("{}-{index}", kind.binary()))
+                    .await?;
                 service.wait_ok(kind.ready_path(), ready_timeout).await?;
             }
+            *stack.services_mut(kind) = services;
         }
         Ok(stack)
+    }
+
+    fn services_mut(&mut self, kind: ServiceKind) -> &mut Vec<Service> {
+        match kind {
+            ServiceKind::Gateway => &mut self.gateways,
+            ServiceKind::Producer => &mut self.producers,
+            ServiceKind::Processor | ServiceKind::MockLlm => &mut self.processors,
+        }
+    }
+
+    /// Waits until `service` holds its port, respawning it on a fresh port when it exited
+    /// first (a port race with another test; a broken config fails every attempt).
+    async fn hold_port(
+        &self,
+        service: &mut Service,
+        kind: ServiceKind,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        for _ in 1..SPAWN_ATTEMPTS {
+            if service.wait_bound(self.ready_timeout).await? {
+                return Ok(());
+            }
+            *service = self.spawn(kind, name)?;
+        }
+        if service.wait_bound(self.ready_timeout).await? {
+            return Ok(());
+        }
+        bail!(
+            "{name} exited before listening, {SPAWN_ATTEMPTS} times\n{}",
+            service.process.log_tail(30).await
+        )
     }
 
     /// Spawns one more `kind` on a free port with the stack's settings, without waiting for
@@ -372,7 +472,9 @@ impl Stack {
     /// Another gateway on the same settings and Redis, ready to serve: a fresh process whose
     /// memory has not been shaped by earlier load.
     pub async fn spawn_gateway(&self, name: &str) -> anyhow::Result<Service> {
-        let service = self.spawn(ServiceKind::Gateway, name)?;
+        let mut service = self.spawn(ServiceKind::Gateway, name)?;
+        self.hold_port(&mut service, ServiceKind::Gateway, name)
+            .await?;
         service
             .wait_ok(ServiceKind::Gateway.ready_path(), self.ready_timeout)
             .await?;

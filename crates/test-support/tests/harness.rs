@@ -90,6 +90,46 @@ async fn service_process_is_stopped_resumed_and_killed_by_signal() -> anyhow::Re
     Ok(())
 }
 
+/// What keeps parallel tests from racing for ports: a child owns a port only when its own
+/// socket listens there, not when something answers on it.
+#[tokio::test]
+async fn a_child_owns_only_the_port_its_own_socket_listens_on() -> anyhow::Result<()> {
+    // Another process (this test) listens on the port the child was meant to take.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken_port = taken.local_addr()?.port();
+    let sleep = find_on_path("sleep")?;
+    let bystander = ServiceProcess::spawn("bystander", &sleep, &["30".to_owned()], &[])?;
+    assert!(!bystander.listens_on(taken_port)?);
+
+    let port = test_support::free_port()?;
+    let dir = tempfile::tempdir()?;
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]
+    .map(str::to_owned);
+    let redis = ServiceProcess::spawn("owner", &find_on_path("redis-server")?, &args, &[])?;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !redis.listens_on(port)? {
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "redis-server never listened on {port}: {}",
+                redis.log_tail(20).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!redis.listens_on(taken_port)?);
+    assert!(!bystander.listens_on(port)?);
+    Ok(())
+}
+
 /// Set in the copy of this test binary that plays the test process to be killed.
 const ORPHAN_PARENT_ENV: &str = "HARNESS_TEST_ORPHAN_PARENT";
 
