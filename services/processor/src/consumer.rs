@@ -43,15 +43,24 @@ pub struct ShardConsumer {
 }
 
 /// Metadata of recent requests (`None`: expired or unreadable), so a request's metadata is
-/// read once (usually at its `Started` record) for both its key id and, at `Finished`, its
-/// quota settlement. Bounded: the oldest entries go first.
+/// usually read once (at its `Started` record) for both its key id and, at `Finished`, its
+/// quota settlement, where it is forgotten.
+///
+/// Bounded by age, not only by count: with several processors a request's `Finished` is often
+/// delivered to another consumer, so "forget at `Finished`" alone would keep such requests
+/// until a count cap pushed them out, and a cap of thousands fills for many minutes. A request
+/// still running after [`META_MAX_AGE`] reads its metadata again at `Finished` (one read).
 #[derive(Debug, Default)]
 pub struct MetaCache {
     metas: HashMap<RequestId, Option<RequestMeta>>,
-    order: VecDeque<RequestId>,
+    /// Insertion order with times; ids forgotten at `Finished` stay here until they age out.
+    order: VecDeque<(Instant, RequestId)>,
 }
 
-/// Requests whose metadata is remembered; a few minutes of requests of one shard.
+/// How long a request's metadata is remembered.
+const META_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Requests remembered at most per shard, whatever their age (a burst of starts).
 const META_CACHE: usize = 4_096;
 
 impl MetaCache {
@@ -59,20 +68,27 @@ impl MetaCache {
         self.metas.get(request)
     }
 
-    fn insert(&mut self, request: RequestId, meta: Option<RequestMeta>) {
+    fn insert(&mut self, request: RequestId, meta: Option<RequestMeta>, now: Instant) {
         if self.metas.insert(request, meta).is_none() {
-            self.order.push_back(request);
+            self.order.push_back((now, request));
         }
-        while self.order.len() > META_CACHE {
-            if let Some(old) = self.order.pop_front() {
-                self.metas.remove(&old);
+        while let Some(&(at, oldest)) = self.order.front() {
+            if self.order.len() <= META_CACHE && now.duration_since(at) < META_MAX_AGE {
+                break;
             }
+            self.order.pop_front();
+            self.metas.remove(&oldest);
         }
     }
 
     fn forget(&mut self, request: &RequestId) {
         // The id stays in `order` until it ages out; removing it there would be O(n).
         self.metas.remove(request);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.metas.len()
     }
 }
 
@@ -152,7 +168,7 @@ impl ShardConsumer {
         let mut cache = self.metas.lock().unwrap_or_else(PoisonError::into_inner);
         for (request, meta) in missing.into_iter().zip(read) {
             let meta = meta?;
-            cache.insert(request, meta.clone());
+            cache.insert(request, meta.clone(), Instant::now());
             found.insert(request, meta);
         }
         Ok(found)
@@ -378,5 +394,47 @@ impl ShardConsumer {
     fn failed(&self, error: &StreamIoError) {
         tracing::warn!(shard = self.shard, %error, "processing failed; restarting the shard loop");
         metrics::counter!("processor_errors_total").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_meta_cache_forgets_finished_requests_and_others_after_a_minute() {
+        let start = Instant::now();
+        let mut cache = MetaCache::default();
+        for _ in 0..1_000 {
+            let request = RequestId::new();
+            cache.insert(request, None, start);
+            cache.forget(&request);
+        }
+        assert_eq!(cache.len(), 0, "finished requests leave nothing behind");
+
+        // Requests finished by another processor are never forgotten here: age removes them.
+        let unfinished: Vec<RequestId> = (0..100).map(|_| RequestId::new()).collect();
+        for request in &unfinished {
+            cache.insert(*request, None, start);
+        }
+        assert_eq!(cache.len(), 100);
+        let later = RequestId::new();
+        cache.insert(later, None, start + META_MAX_AGE);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(&later).is_some());
+        assert!(cache.order.len() <= 1, "the order queue ages out too");
+    }
+
+    #[test]
+    fn the_meta_cache_is_capped_however_young_its_entries() {
+        let now = Instant::now();
+        let mut cache = MetaCache::default();
+        let requests: Vec<RequestId> = (0..META_CACHE + 10).map(|_| RequestId::new()).collect();
+        for request in &requests {
+            cache.insert(*request, None, now);
+        }
+        assert_eq!(cache.len(), META_CACHE);
+        assert!(cache.get(&requests[9]).is_none(), "the oldest go first");
+        assert!(cache.get(&requests[10]).is_some());
     }
 }
