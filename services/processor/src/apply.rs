@@ -1,8 +1,11 @@
 //! Applying event records to the analytics counters exactly once.
 //!
-//! Delivery is at-least-once (a crash between applying and `XACK` redelivers), so each record
-//! is applied by a script that first checks the shard's ledger of applied entry ids and records
-//! the id in the same atomic step. The ledger and every counter hash a record touches carry the
+//! Delivery is at-least-once (a crash between applying and `XACK` redelivers), so records are
+//! applied by a script that first checks the shard's ledger of applied entry ids and records
+//! the ids in the same atomic step. One script call applies a whole batch of a shard's records:
+//! it sums what the new records add to each counter hash and increments every hash field and
+//! refreshes every TTL once per batch, so counters shared by many records (a model's, a
+//! tenant's, the minute's) cost a few commands per batch instead of a few per record. The ledger and every counter hash a record touches carry the
 //! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
 //! updates them all: the totals of the session, the model, the model within the session's
 //! tenant and the API key, and the same four for the record's minute. The tenant comes from the
@@ -15,6 +18,8 @@
 //! day's traffic. Its time bound (`processor.ledger_ttl_secs`) only clears ids whose entry
 //! left the stream unacknowledged (trimmed by its cap while pending).
 
+use std::collections::HashMap;
+
 use fred::prelude::*;
 use fred::types::Value;
 use fred::types::scripts::Script;
@@ -22,21 +27,75 @@ use stream_io::StreamIoError;
 use stream_schema::stats;
 use stream_schema::{EntryId, EventRecord, ModelId, RedisKey, SessionId};
 
-/// KEYS: ledger, then the counter hashes. ARGV: entry id, now ms, ledger ttl ms, then one TTL in
-/// seconds per counter hash (in KEYS order), then field/delta pairs added to every hash.
-/// Returns 1 when applied, 0 for a redelivery.
+/// KEYS: the ledger, then the counter hashes of the batch, each once. ARGV: now ms, ledger ttl
+/// ms, one TTL in seconds per counter hash (in KEYS order), the number of records, then per
+/// record: its entry id, how many hashes it counts in and their KEYS indexes, how many deltas
+/// it adds and the field/delta pairs (added to each of its hashes). Returns per record 1 when
+/// applied, 0 for a redelivery (already in the ledger, or twice in this batch).
 const APPLY: &str = r"
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2] - ARGV[3])
 local hashes = #KEYS - 1
-for k = 2, #KEYS do
-  for i = 4 + hashes, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+local count = tonumber(ARGV[3 + hashes])
+local pos = 4 + hashes
+local records, ids = {}, {}
+for r = 1, count do
+  local record = {id = ARGV[pos], hashes = {}}
+  local refs = tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  for i = 1, refs do
+    record.hashes[i] = tonumber(ARGV[pos])
+    pos = pos + 1
   end
-  redis.call('EXPIRE', KEYS[k], ARGV[k + 2])
+  record.deltas = tonumber(ARGV[pos])
+  record.first = pos + 1
+  pos = record.first + 2 * record.deltas
+  records[r] = record
+  ids[r] = record.id
 end
-return 1
+-- unpack has a stack limit (8,000 values): ledger commands go in chunks of 1,000 records.
+local seen = {}
+for i = 1, count, 1000 do
+  local last = math.min(i + 999, count)
+  local part = redis.call('ZMSCORE', KEYS[1], unpack(ids, i, last))
+  for j = i, last do seen[j] = part[j - i + 1] end
+end
+local result, ledger, fresh, sums, touched = {}, {}, {}, {}, {}
+for r = 1, count do
+  local record = records[r]
+  if seen[r] or fresh[record.id] then
+    result[r] = 0
+  else
+    result[r] = 1
+    fresh[record.id] = true
+    ledger[#ledger + 1] = ARGV[1]
+    ledger[#ledger + 1] = record.id
+    for _, k in ipairs(record.hashes) do
+      local fields = sums[k]
+      if not fields then
+        fields = {}
+        sums[k] = fields
+        touched[#touched + 1] = k
+      end
+      for d = 0, record.deltas - 1 do
+        local at = record.first + 2 * d
+        fields[ARGV[at]] = (fields[ARGV[at]] or 0) + tonumber(ARGV[at + 1])
+      end
+    end
+  end
+end
+for i = 1, #ledger, 2000 do
+  redis.call('ZADD', KEYS[1], unpack(ledger, i, math.min(i + 1999, #ledger)))
+end
+if #ledger > 0 then
+  for _, k in ipairs(touched) do
+    for field, delta in pairs(sums[k]) do
+      -- As an integer: a Lua number would reach Redis as '%.14g' text, not an integer.
+      redis.call('HINCRBY', KEYS[k], field, string.format('%d', delta))
+    end
+    redis.call('EXPIRE', KEYS[k], ARGV[k + 1])
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+return result
 ";
 
 /// KEYS: the shard's event stream, its ledger. ARGV: the group, then entry ids. Acknowledges the
@@ -67,7 +126,17 @@ pub struct Applier {
     retention: Retention,
 }
 
-/// The script call for one record.
+/// What one record adds to the counters.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecordCounts {
+    pub id: EntryId,
+    /// The counter hashes it counts in, each with the TTL (seconds) it gets.
+    pub hashes: Vec<(String, u64)>,
+    /// Field/delta pairs added to each of its hashes.
+    pub deltas: Vec<(String, i64)>,
+}
+
+/// The script call for a batch of records.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Invocation {
     pub keys: Vec<String>,
@@ -87,34 +156,36 @@ impl Applier {
         }
     }
 
-    /// The keys and arguments that apply `record` (entry `id` of `shard`) at `now_ms`.
+    /// What `record` (entry `id` of `shard`) adds to which counter hashes, at `now_ms`.
     /// `key_id` is the API key of the record's request; it is used only for records that count
     /// per key (`stats::counts_per_key`).
-    pub fn invocation(
+    pub fn counts(
         &self,
         shard: u16,
         id: EntryId,
         record: &EventRecord,
         key_id: Option<&str>,
         now_ms: u64,
-    ) -> Invocation {
+    ) -> RecordCounts {
         let (session, model, timestamp) = scope(record);
         let tenant = session.tenant();
         let key_id = key_id.filter(|_| stats::counts_per_key(record));
         let totals_ttl = self.retention.totals_secs.max(1);
         let per_session = stats::counts_per_session(record);
-        let mut keys = vec![RedisKey::applied_ledger(shard).to_string()];
-        let mut ttls = Vec::new();
+        let mut hashes = Vec::with_capacity(8);
         if per_session {
-            keys.push(RedisKey::session_stats(shard, session).to_string());
-            ttls.push(totals_ttl);
+            hashes.push((
+                RedisKey::session_stats(shard, session).to_string(),
+                totals_ttl,
+            ));
         }
-        keys.push(RedisKey::model_stats(shard, model).to_string());
-        keys.push(RedisKey::tenant_model_stats(shard, &tenant, model).to_string());
-        ttls.extend([totals_ttl, totals_ttl]);
+        hashes.push((RedisKey::model_stats(shard, model).to_string(), totals_ttl));
+        hashes.push((
+            RedisKey::tenant_model_stats(shard, &tenant, model).to_string(),
+            totals_ttl,
+        ));
         if let Some(key_id) = key_id {
-            keys.push(RedisKey::key_stats(shard, key_id).to_string());
-            ttls.push(totals_ttl);
+            hashes.push((RedisKey::key_stats(shard, key_id).to_string(), totals_ttl));
         }
         // The record's minute bucket lives until `window_secs` after that minute ended, counted
         // from the record's own time so a late (reclaimed) record lands where it belongs. A
@@ -126,50 +197,96 @@ impl Applier {
         if expires_at > now_secs {
             let ttl = expires_at - now_secs;
             if per_session {
-                keys.push(RedisKey::session_stats_minute(shard, session, minute).to_string());
-                ttls.push(ttl);
+                hashes.push((
+                    RedisKey::session_stats_minute(shard, session, minute).to_string(),
+                    ttl,
+                ));
             }
-            keys.push(RedisKey::model_stats_minute(shard, model, minute).to_string());
-            keys.push(
+            hashes.push((
+                RedisKey::model_stats_minute(shard, model, minute).to_string(),
+                ttl,
+            ));
+            hashes.push((
                 RedisKey::tenant_model_stats_minute(shard, &tenant, model, minute).to_string(),
-            );
-            ttls.extend([ttl, ttl]);
+                ttl,
+            ));
             if let Some(key_id) = key_id {
-                keys.push(RedisKey::key_stats_minute(shard, key_id, minute).to_string());
-                ttls.push(ttl);
+                hashes.push((
+                    RedisKey::key_stats_minute(shard, key_id, minute).to_string(),
+                    ttl,
+                ));
             }
         }
-        let mut args = vec![
-            id.to_string(),
-            now_ms.to_string(),
-            self.retention.ledger_secs.saturating_mul(1000).to_string(),
-        ];
-        args.extend(ttls.iter().map(u64::to_string));
-        for (name, delta) in stats::deltas(record) {
-            args.push(name);
-            args.push(delta.to_string());
+        RecordCounts {
+            id,
+            hashes,
+            deltas: stats::deltas(record),
         }
+    }
+
+    /// The script call that applies `batch` (records of `shard`) at `now_ms`: each counter
+    /// hash named once, however many records count in it.
+    pub fn invocation(&self, shard: u16, batch: &[RecordCounts], now_ms: u64) -> Invocation {
+        let mut keys = vec![RedisKey::applied_ledger(shard).to_string()];
+        let mut ttls = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut records = vec![batch.len().to_string()];
+        for record in batch {
+            records.push(record.id.to_string());
+            records.push(record.hashes.len().to_string());
+            for (key, ttl) in &record.hashes {
+                let at = *index.entry(key.as_str()).or_insert_with(|| {
+                    keys.push(key.clone());
+                    ttls.push(*ttl);
+                    keys.len()
+                });
+                records.push(at.to_string());
+            }
+            records.push(record.deltas.len().to_string());
+            for (field, delta) in &record.deltas {
+                records.push(field.clone());
+                records.push(delta.to_string());
+            }
+        }
+        let mut args = Vec::with_capacity(2 + ttls.len() + records.len());
+        args.push(now_ms.to_string());
+        args.push(self.retention.ledger_secs.saturating_mul(1000).to_string());
+        args.extend(ttls.iter().map(u64::to_string));
+        args.extend(records);
         Invocation { keys, args }
     }
 
-    /// Applies one record of `shard`; false when it had been applied before.
+    /// Applies a batch of records of `shard` in one script call; per record, false when it had
+    /// been applied before.
     pub async fn apply(
         &self,
         client: &Client,
         shard: u16,
-        id: EntryId,
-        record: &EventRecord,
-        key_id: Option<&str>,
-    ) -> Result<bool, StreamIoError> {
-        let Invocation { keys, args } =
-            self.invocation(shard, id, record, key_id, stream_schema::now_millis());
+        batch: &[RecordCounts],
+    ) -> Result<Vec<bool>, StreamIoError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Invocation { keys, args } = self.invocation(shard, batch, stream_schema::now_millis());
         #[expect(
             clippy::disallowed_methods,
             reason = "the processor alone writes llm:stats (the gateway only reads it, through \
                       stream_schema::stats); not a structure two services write"
         )]
         let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
-        Ok(applied.as_i64() == Some(1))
+        let applied: Vec<bool> = applied
+            .into_array()
+            .iter()
+            .map(|flag| flag.as_i64() == Some(1))
+            .collect();
+        if applied.len() != batch.len() {
+            return Err(StreamIoError::Protocol(format!(
+                "the apply script answered {} flags for {} records",
+                applied.len(),
+                batch.len()
+            )));
+        }
+        Ok(applied)
     }
 
     /// Acknowledges `ids` of `shard` in `group` and removes them from the ledger, atomically.
@@ -235,8 +352,9 @@ mod tests {
     fn a_started_record_counts_for_session_model_and_key_in_totals_and_minute()
     -> Result<(), Box<dyn std::error::Error>> {
         let now = 3_600_000 + 30_000;
-        let call =
-            applier().invocation(2, EntryId::parse("5-0")?, &started(now)?, Some("team"), now);
+        let applier = applier();
+        let counts = applier.counts(2, EntryId::parse("5-0")?, &started(now)?, Some("team"), now);
+        let call = applier.invocation(2, &[counts], now);
         assert_eq!(
             call.keys,
             [
@@ -251,12 +369,13 @@ mod tests {
                 "llm:stats:{2}:m:60:key:team",
             ]
         );
-        // id, now, ledger ms, 4 totals TTLs, 4 minute TTLs (minute ends in 30 s, + 2 h).
+        // now, ledger ms, 4 totals TTLs, 4 minute TTLs (minute ends in 30 s, + 2 h), then one
+        // record: its id, its 8 hashes by KEYS index, its one delta.
         assert_eq!(
             call.args,
             [
-                "5-0", "3630000", "10000", "100", "100", "100", "100", "7230", "7230", "7230",
-                "7230", "requests", "1"
+                "3630000", "10000", "100", "100", "100", "100", "7230", "7230", "7230", "7230",
+                "1", "5-0", "8", "2", "3", "4", "5", "6", "7", "8", "9", "1", "requests", "1"
             ]
         );
         Ok(())
@@ -266,7 +385,8 @@ mod tests {
     fn a_tenants_record_counts_for_its_tenants_model() -> Result<(), Box<dyn std::error::Error>> {
         let now = 3_600_000;
         let record = started_in("acme/s", now)?;
-        let call = applier().invocation(1, EntryId::parse("5-0")?, &record, None, now);
+        let counts = applier().counts(1, EntryId::parse("5-0")?, &record, None, now);
+        let call = applier().invocation(1, &[counts], now);
         assert!(
             call.keys
                 .contains(&"llm:stats:{1}:tenant:acme:model:m".to_owned())
@@ -290,9 +410,9 @@ mod tests {
             count: 32,
             timestamp: now,
         };
-        let call = applier().invocation(0, EntryId::parse("1-0")?, &tokens, Some("team"), now);
-        assert_eq!(call.keys.len(), 7);
-        assert!(call.keys.iter().all(|k| !k.contains(":key:")));
+        let call = applier().counts(0, EntryId::parse("1-0")?, &tokens, Some("team"), now);
+        assert_eq!(call.hashes.len(), 6);
+        assert!(call.hashes.iter().all(|(k, _)| !k.contains(":key:")));
 
         let old = now - 3 * 3_600_000;
         let finished = EventRecord::Finished {
@@ -306,9 +426,9 @@ mod tests {
             duration_ms: 4,
             timestamp: old,
         };
-        let call = applier().invocation(0, EntryId::parse("1-1")?, &finished, None, now);
-        assert_eq!(call.keys.len(), 4);
-        assert!(call.keys.iter().all(|k| !k.contains(":m:")));
+        let call = applier().counts(0, EntryId::parse("1-1")?, &finished, None, now);
+        assert_eq!(call.hashes.len(), 3);
+        assert!(call.hashes.iter().all(|(k, _)| !k.contains(":m:")));
         Ok(())
     }
 
@@ -324,33 +444,39 @@ mod tests {
                 timestamp: now,
             })
         };
-        let to = applier().invocation(
+        let to = applier().counts(
             2,
             EntryId::parse("5-0")?,
             &record(FallbackSide::To)?,
             Some("team"),
             now,
         );
+        let hashes: Vec<&str> = to.hashes.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
-            to.keys,
+            hashes,
             [
-                "llm:stats:{2}:applied",
                 "llm:stats:{2}:model:m",
                 "llm:stats:{2}:tenant:default:model:m",
                 "llm:stats:{2}:m:60:model:m",
                 "llm:stats:{2}:m:60:tenant:default:model:m",
             ]
         );
-        // id, now, ledger ms, then one TTL per hash: the deltas follow.
-        assert_eq!(to.args[7..], ["requests", "1", "fallback_served", "1"]);
-        let from = applier().invocation(
+        let deltas = |counts: &RecordCounts| -> Vec<(String, i64)> { counts.deltas.clone() };
+        assert_eq!(
+            deltas(&to),
+            [
+                ("requests".to_owned(), 1),
+                ("fallback_served".to_owned(), 1)
+            ]
+        );
+        let from = applier().counts(
             2,
             EntryId::parse("5-1")?,
             &record(FallbackSide::From)?,
             None,
             now,
         );
-        assert_eq!(from.args[7..], ["fell_back", "1"]);
+        assert_eq!(deltas(&from), [("fell_back".to_owned(), 1)]);
         Ok(())
     }
 
@@ -379,8 +505,9 @@ mod tests {
         assert_eq!(read.first().map(|(_, entries)| entries.len()), Some(1));
 
         let applier = applier();
-        assert!(applier.apply(&client, shard, id, &record, None).await?);
-        assert!(!applier.apply(&client, shard, id, &record, None).await?);
+        let batch = [applier.counts(shard, id, &record, None, stream_schema::now_millis())];
+        assert_eq!(applier.apply(&client, shard, &batch).await?, [true]);
+        assert_eq!(applier.apply(&client, shard, &batch).await?, [false]);
         let held: u64 = client.zcard(ledger.as_str()).await?;
         assert_eq!(held, 1, "an applied, unacknowledged id stays in the ledger");
 
@@ -390,6 +517,123 @@ mod tests {
         let pending: Value = client.xpending(stream.as_str(), group, ()).await?;
         let pending = pending.into_array();
         assert_eq!(pending.first().and_then(Value::as_i64), Some(0));
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_names_each_shared_hash_once() -> Result<(), Box<dyn std::error::Error>> {
+        let now = 3_600_000 + 30_000;
+        let applier = applier();
+        let batch = [
+            applier.counts(2, EntryId::parse("5-0")?, &started_in("a", now)?, None, now),
+            applier.counts(2, EntryId::parse("5-1")?, &started_in("b", now)?, None, now),
+        ];
+        let call = applier.invocation(2, &batch, now);
+        // The ledger, a's six hashes, and only b's own two (its session's totals and minute).
+        assert_eq!(call.keys.len(), 1 + 6 + 2);
+        let unique: std::collections::BTreeSet<&String> = call.keys.iter().collect();
+        assert_eq!(unique.len(), call.keys.len());
+        // b's record refers to the shared model hashes by the indexes a introduced.
+        let b = call
+            .args
+            .iter()
+            .position(|a| a == "5-1")
+            .ok_or("b's record is in the call")?;
+        assert_eq!(call.args[b + 1..b + 8], ["6", "8", "3", "4", "9", "6", "7"]);
+        Ok(())
+    }
+
+    /// One script call applies what every new record of the batch adds, skips what the ledger
+    /// already holds and an id given twice, and says which was which.
+    #[tokio::test]
+    async fn a_batch_adds_every_new_record_once() -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let tokens = |session: &str, count| -> Result<EventRecord, stream_schema::IdError> {
+            Ok(EventRecord::Tokens {
+                request_id: RequestId::new(),
+                session_id: SessionId::parse_stored(session)?,
+                model_id: ModelId::parse("m")?,
+                count,
+                timestamp: now,
+            })
+        };
+        let first = [
+            applier.counts(3, EntryId::parse("1-0")?, &tokens("a", 5)?, None, now),
+            applier.counts(3, EntryId::parse("1-1")?, &tokens("b", 7)?, None, now),
+        ];
+        assert_eq!(applier.apply(&client, 3, &first).await?, [true, true]);
+        let second = [
+            applier.counts(3, EntryId::parse("1-1")?, &tokens("b", 7)?, None, now),
+            applier.counts(3, EntryId::parse("1-2")?, &tokens("a", 11)?, None, now),
+            applier.counts(3, EntryId::parse("1-2")?, &tokens("a", 11)?, None, now),
+        ];
+        assert_eq!(
+            applier.apply(&client, 3, &second).await?,
+            [false, true, false]
+        );
+
+        let field = |key: RedisKey| {
+            let client = client.clone();
+            async move {
+                let value: Option<i64> = client.hget(key.as_str(), "tokens_streamed").await?;
+                Ok::<_, fred::error::Error>(value)
+            }
+        };
+        let model = ModelId::parse("m")?;
+        assert_eq!(field(RedisKey::model_stats(3, &model)).await?, Some(23));
+        let a = SessionId::parse_stored("a")?;
+        let b = SessionId::parse_stored("b")?;
+        assert_eq!(field(RedisKey::session_stats(3, &a)).await?, Some(16));
+        assert_eq!(field(RedisKey::session_stats(3, &b)).await?, Some(7));
+        let minute = stats::minute_of(now);
+        assert_eq!(
+            field(RedisKey::model_stats_minute(3, &model, minute)).await?,
+            Some(23)
+        );
+        let ttl: i64 = client
+            .ttl(RedisKey::model_stats(3, &model).as_str())
+            .await?;
+        assert!(ttl > 0 && ttl <= 100, "totals carry their TTL: {ttl}");
+        Ok(())
+    }
+
+    /// Lua's `unpack` stops at 8,000 values: a batch far above the default size still applies
+    /// every record once.
+    #[tokio::test]
+    async fn a_batch_past_luas_unpack_limit_applies_every_record_once()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let session = SessionId::parse_stored("big")?;
+        let model = ModelId::parse("m")?;
+        let batch = (0..4_500)
+            .map(|i| -> Result<RecordCounts, Box<dyn std::error::Error>> {
+                let record = EventRecord::Tokens {
+                    request_id: RequestId::new(),
+                    session_id: session.clone(),
+                    model_id: model.clone(),
+                    count: 1,
+                    timestamp: now,
+                };
+                Ok(applier.counts(5, EntryId::parse(&format!("7-{i}"))?, &record, None, now))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let applied = applier.apply(&client, 5, &batch).await?;
+        assert!(applied.iter().all(|a| *a) && applied.len() == 4_500);
+        let again = applier.apply(&client, 5, &batch).await?;
+        assert!(again.iter().all(|a| !*a));
+        let total: Option<i64> = client
+            .hget(
+                RedisKey::session_stats(5, &session).as_str(),
+                "tokens_streamed",
+            )
+            .await?;
+        assert_eq!(total, Some(4_500));
         Ok(())
     }
 }

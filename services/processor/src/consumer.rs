@@ -174,11 +174,11 @@ impl ShardConsumer {
         Ok(found)
     }
 
-    /// Applies and acks entries. The per-entry scripts are issued together, so fred pipelines
-    /// them on one connection, then one `XACK` (which also clears the ledger) covers every entry
-    /// that is done. An entry that
-    /// cannot be decoded is acked and counted (it can never succeed); an entry whose script
-    /// failed stays pending and is reclaimed later (the ledger makes the retry safe).
+    /// Applies and acks entries: one script call applies the batch, then one `XACK` (which also
+    /// clears the ledger) covers every entry that is done. An entry that cannot be decoded is
+    /// acked and counted (it can never succeed); entries whose settlement or apply failed stay
+    /// pending and are reclaimed later (the ledger makes the retry safe). A record's span ends
+    /// once its outcome is known: its duration is its settlement and the batch's apply.
     async fn process(&self, entries: Vec<Entry>) -> Result<(), StreamIoError> {
         let client = self.redis.next();
         let mut done: Vec<EntryId> = Vec::with_capacity(entries.len());
@@ -212,34 +212,49 @@ impl ShardConsumer {
                 return Err(error);
             }
         };
-        let results = join_all(records.iter().zip(&spans).map(|((id, record), span)| {
-            let meta = metas.get(&record.request_id());
-            let key_id = meta.map(|meta| key_label(meta.as_ref()));
+        // Settle first: it is idempotent by itself, so a crash before the counters are applied
+        // (and the record redelivered) settles nothing twice. A record whose settlement failed
+        // is left out of the batch and stays pending.
+        let settled = join_all(records.iter().zip(&spans).map(|((_, record), span)| {
+            let meta = metas.get(&record.request_id()).and_then(Option::as_ref);
             async move {
-                // Settle first: it is idempotent by itself, so a crash before the counters are
-                // applied (and the record redelivered) settles nothing twice.
-                if let EventRecord::Finished {
-                    request_id,
-                    completion_tokens,
-                    ..
-                } = record
-                {
-                    let meta = meta.and_then(Option::as_ref);
-                    self.reconciler
-                        .settle(client, request_id, meta, *completion_tokens)
-                        .await?;
+                match record {
+                    EventRecord::Finished {
+                        request_id,
+                        completion_tokens,
+                        ..
+                    } => {
+                        self.reconciler
+                            .settle(client, request_id, meta, *completion_tokens)
+                            .await
+                    }
+                    _ => Ok(()),
                 }
-                self.applier
-                    .apply(client, self.shard, *id, record, key_id)
-                    .await
             }
             .instrument(span.clone())
         }))
         .await;
+        let now_ms = stream_schema::now_millis();
         let mut failure = None;
-        for (((id, record), result), span) in records.iter().zip(results).zip(spans) {
-            match result {
-                Ok(applied) => {
+        let mut batch = Vec::with_capacity(records.len());
+        let mut in_batch = Vec::with_capacity(records.len());
+        for (((id, record), settled), span) in records.iter().zip(settled).zip(spans) {
+            match settled {
+                Ok(()) => {
+                    let meta = metas.get(&record.request_id());
+                    let key_id = meta.map(|meta| key_label(meta.as_ref()));
+                    batch.push(self.applier.counts(self.shard, *id, record, key_id, now_ms));
+                    in_batch.push((*id, record, span));
+                }
+                Err(error) => {
+                    span.record("outcome", "failed");
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        match self.applier.apply(client, self.shard, &batch).await {
+            Ok(applied) => {
+                for ((id, record, span), applied) in in_batch.into_iter().zip(applied) {
                     let outcome = if applied { "applied" } else { "duplicate" };
                     span.record("outcome", outcome);
                     metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
@@ -249,15 +264,15 @@ impl ShardConsumer {
                             .unwrap_or_else(PoisonError::into_inner)
                             .forget(&record.request_id());
                     }
-                    done.push(*id);
-                }
-                Err(error) => {
-                    span.record("outcome", "failed");
-                    failure.get_or_insert(error);
+                    done.push(id);
                 }
             }
-            // Ends the record's span here: its duration is the apply, not the batch's ack.
-            drop(span);
+            Err(error) => {
+                for (_, _, span) in &in_batch {
+                    span.record("outcome", "failed");
+                }
+                failure.get_or_insert(error);
+            }
         }
         self.applier
             .ack(client, self.shard, PROCESSOR_GROUP, &done)
