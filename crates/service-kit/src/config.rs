@@ -496,6 +496,12 @@ pub struct GatewaySettings {
     /// The model of a `POST /api/chat` (AI SDK) body without `model`. Unset: the first
     /// configured model id in sorted order. Must name a configured model.
     pub default_model: Option<String>,
+    /// A new connection must deliver its first request head within this many milliseconds, or
+    /// it is answered `408` and closed (actix-web's client request timeout, 5 s by its own
+    /// default). The clock starts at the accept, so a burst of new connections on a saturated
+    /// gateway can run past a short value before their requests are even read; leave slow
+    /// clients to the ingress. 0 turns the timeout off.
+    pub client_request_timeout_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -513,6 +519,7 @@ impl Default for GatewaySettings {
             cors_allowed_origins: Vec::new(),
             completion_timeout_secs: 540,
             default_model: None,
+            client_request_timeout_ms: 30_000,
         }
     }
 }

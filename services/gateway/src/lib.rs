@@ -130,6 +130,8 @@ impl Application {
             lifecycle: lifecycle.clone(),
         });
         let cors_origins = state.settings.gateway.cors_allowed_origins.clone();
+        let client_request_timeout =
+            Duration::from_millis(state.settings.gateway.client_request_timeout_ms);
         let server = HttpServer::new(move || {
             App::new()
                 // Without configured origins there is no CORS middleware at all: a restrictive
@@ -149,6 +151,8 @@ impl Application {
         .h1_allow_half_closed(false)
         // Tokens are tiny writes: send each at once instead of waiting to fill a packet.
         .tcp_nodelay(true)
+        // Zero disables it (actix's own convention).
+        .client_request_timeout(client_request_timeout)
         // SSE responses end on shutdown themselves; the rest finish within this.
         .shutdown_timeout(5)
         .listen(listener)?

@@ -4,6 +4,7 @@
 //!
 //! One binary for the package (STYLE.md); each module is one area of the API.
 
+mod connections;
 mod content;
 mod helpers;
 mod limits;
