@@ -609,7 +609,9 @@ pub async fn active_request<'a>(
     session: &SessionId,
     models: impl IntoIterator<Item = &'a stream_schema::ModelId>,
 ) -> Result<Option<RequestId>, StreamIoError> {
-    let mut newest: Option<(EntryId, RequestId)> = None;
+    // Compared by (millisecond, request id): an entry id's sequence number counts within its
+    // own stream only, so `5-1` of one stream is not newer than `5-0` of another.
+    let mut newest: Option<(u64, RequestId)> = None;
     for model in models {
         let key = RedisKey::session(session, model);
         let reply: Value = client.xrevrange(key.as_str(), "+", "-", Some(1)).await?;
@@ -621,14 +623,14 @@ pub async fn active_request<'a>(
             continue;
         };
         let request = event.request_id();
-        // Ids of different streams tie when both were written in the same millisecond; then
-        // the later request (UUIDv7 ids sort by creation) is the newer answer.
-        if newest.is_some_and(|newest| newest >= (entry.id, request)) {
+        // Streams written in the same millisecond tie; then the later request (UUIDv7 ids sort
+        // by creation) is the newer answer.
+        if newest.is_some_and(|newest| newest >= (entry.id.ms, request)) {
             continue;
         }
         let owner = RedisKey::owner(session, &request);
         if matches!(owner_state(client, &owner).await?, OwnerState::Attempt(_)) {
-            newest = Some((entry.id, request));
+            newest = Some((entry.id.ms, request));
         }
     }
     Ok(newest.map(|(_, request)| request))

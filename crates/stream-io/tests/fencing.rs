@@ -357,6 +357,60 @@ async fn the_active_request_is_the_running_one_of_the_newest_entries() -> anyhow
     Ok(())
 }
 
+/// Entry ids of two streams compare by millisecond only: `T-3` of one stream (its fourth entry
+/// in that millisecond) is not newer than `T-0` of another written in the same millisecond by
+/// a later request. CI caught this once when the two happened to share a millisecond.
+#[tokio::test]
+async fn the_active_request_ignores_sequence_numbers_across_streams() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let session = SessionId::parse("chat")?;
+    let (a, b) = (ModelId::parse("a")?, ModelId::parse("b")?);
+    let (older, newer) = (RequestId::new(), RequestId::new());
+    for (request_id, model) in [(older, &a), (newer, &b)] {
+        let streams = RequestStreams::new(&session, model, &request_id, Retention { ttl_secs: 60 });
+        let event = SessionEvent::Start {
+            request_id,
+            session_id: session.clone(),
+            model_id: model.clone(),
+            attempt: 1,
+            timestamp: 1,
+        };
+        scripts
+            .start(
+                &client,
+                &streams.stream,
+                &streams.owner,
+                &event,
+                streams.retention,
+            )
+            .await?;
+    }
+    // Both streams get an entry in one (future) millisecond: the older request's is its 4th.
+    let ms = stream_schema::now_millis() + 60_000;
+    let add = |model: &ModelId, id: String, request_id| {
+        let key = RedisKey::session(&session, model);
+        let fields: Vec<(String, String)> = token(request_id, 1)
+            .encode()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        let client = client.clone();
+        async move {
+            let _: String = client
+                .xadd(key.as_str(), false, None, id.as_str(), fields)
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    add(&a, format!("{ms}-3"), older).await?;
+    add(&b, format!("{ms}-0"), newer).await?;
+    let active = stream_io::session::active_request(&client, &session, [&a, &b]).await?;
+    assert_eq!(active, Some(newer));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_batch_is_one_entry_per_event_all_or_nothing() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
