@@ -315,15 +315,7 @@ impl Stack {
         };
         settings.redis.url = redis.url();
         let mock_port = free_port()?;
-        let mock_addr = format!("127.0.0.1:{mock_port}");
-        // Models served by the configured mock-llm follow it to its port.
-        let configured_mock = format!("http://{}/", settings.mock_llm.addr);
-        for model in settings.models.values_mut() {
-            if let Some(path) = model.base_url.strip_prefix(&configured_mock) {
-                model.base_url = format!("http://{mock_addr}/{path}");
-            }
-        }
-        settings.mock_llm.addr = mock_addr;
+        move_mock_llm(&mut settings, mock_port);
         for (id, key) in &api_keys {
             settings.auth.api_keys.push(ApiKeyEntry {
                 id: id.clone(),
@@ -334,7 +326,7 @@ impl Stack {
         let config_dir = tempfile::tempdir().context("creating a dir for the config files")?;
         // The services' model URLs name mock-llm's port, so it must hold its port before they
         // are configured; on a lost port race it moves, and the models move with it.
-        let mut mock_llm = spawn(
+        let mock_llm = spawn(
             &config_dir,
             &settings,
             &service_env,
@@ -342,35 +334,19 @@ impl Stack {
             "mock-llm",
             mock_port,
         )?;
-        let mut attempt = 1;
-        while !mock_llm.wait_bound(ready_timeout).await? {
-            if attempt == SPAWN_ATTEMPTS {
-                bail!(
-                    "mock-llm exited before listening, {attempt} times\n{}",
-                    mock_llm.process.log_tail(30).await
-                );
-            }
-            attempt += 1;
+        let mock_llm = hold_port(mock_llm, ready_timeout, || {
             let port = free_port()?;
-            let (old, new) = (
-                format!("http://{}/", settings.mock_llm.addr),
-                format!("http://127.0.0.1:{port}/"),
-            );
-            for model in settings.models.values_mut() {
-                if let Some(path) = model.base_url.strip_prefix(&old) {
-                    model.base_url = format!("{new}{path}");
-                }
-            }
-            settings.mock_llm.addr = format!("127.0.0.1:{port}");
-            mock_llm = spawn(
+            move_mock_llm(&mut settings, port);
+            spawn(
                 &config_dir,
                 &settings,
                 &service_env,
                 ServiceKind::MockLlm,
                 "mock-llm",
                 port,
-            )?;
-        }
+            )
+        })
+        .await?;
         let mut stack = Self {
             mock_llm,
             redis,
@@ -408,52 +384,32 @@ impl Stack {
             .mock_llm
             .wait_ok(ServiceKind::MockLlm.ready_path(), ready_timeout)
             .await?;
-        for kind in [
-            ServiceKind::Gateway,
-            ServiceKind::Producer,
-            ServiceKind::Processor,
-        ] {
-            let mut services = std::mem::take(stack.services_mut(kind));
-            for (index, service) in services.iter_mut().enumerate() {
-                stack
-                    .hold_port(service, kind, &format!("{}-{index}", kind.binary()))
-                    .await?;
-                service.wait_ok(kind.ready_path(), ready_timeout).await?;
-            }
-            *stack.services_mut(kind) = services;
-        }
+        let gateways = std::mem::take(&mut stack.gateways);
+        stack.gateways = stack.ready(ServiceKind::Gateway, gateways).await?;
+        let producers = std::mem::take(&mut stack.producers);
+        stack.producers = stack.ready(ServiceKind::Producer, producers).await?;
+        let processors = std::mem::take(&mut stack.processors);
+        stack.processors = stack.ready(ServiceKind::Processor, processors).await?;
         Ok(stack)
     }
 
-    fn services_mut(&mut self, kind: ServiceKind) -> &mut Vec<Service> {
-        match kind {
-            ServiceKind::Gateway => &mut self.gateways,
-            ServiceKind::Producer => &mut self.producers,
-            ServiceKind::Processor | ServiceKind::MockLlm => &mut self.processors,
-        }
-    }
-
-    /// Waits until `service` holds its port, respawning it on a fresh port when it exited
-    /// first (a port race with another test; a broken config fails every attempt).
-    async fn hold_port(
+    /// Waits until each of `services` (spawned as `kind`) holds its port and is ready.
+    async fn ready(
         &self,
-        service: &mut Service,
         kind: ServiceKind,
-        name: &str,
-    ) -> anyhow::Result<()> {
-        for _ in 1..SPAWN_ATTEMPTS {
-            if service.wait_bound(self.ready_timeout).await? {
-                return Ok(());
-            }
-            *service = self.spawn(kind, name)?;
+        services: Vec<Service>,
+    ) -> anyhow::Result<Vec<Service>> {
+        let mut ready = Vec::with_capacity(services.len());
+        for service in services {
+            let name = service.process.name().to_owned();
+            let service =
+                hold_port(service, self.ready_timeout, || self.spawn(kind, &name)).await?;
+            service
+                .wait_ok(kind.ready_path(), self.ready_timeout)
+                .await?;
+            ready.push(service);
         }
-        if service.wait_bound(self.ready_timeout).await? {
-            return Ok(());
-        }
-        bail!(
-            "{name} exited before listening, {SPAWN_ATTEMPTS} times\n{}",
-            service.process.log_tail(30).await
-        )
+        Ok(ready)
     }
 
     /// Spawns one more `kind` on a free port with the stack's settings, without waiting for
@@ -472,9 +428,12 @@ impl Stack {
     /// Another gateway on the same settings and Redis, ready to serve: a fresh process whose
     /// memory has not been shaped by earlier load.
     pub async fn spawn_gateway(&self, name: &str) -> anyhow::Result<Service> {
-        let mut service = self.spawn(ServiceKind::Gateway, name)?;
-        self.hold_port(&mut service, ServiceKind::Gateway, name)
-            .await?;
+        let service = hold_port(
+            self.spawn(ServiceKind::Gateway, name)?,
+            self.ready_timeout,
+            || self.spawn(ServiceKind::Gateway, name),
+        )
+        .await?;
         service
             .wait_ok(ServiceKind::Gateway.ready_path(), self.ready_timeout)
             .await?;
@@ -585,6 +544,43 @@ impl Stack {
             .collect_to_end(TIMEOUT)
             .await
     }
+}
+
+/// Points mock-llm at `port`, and the models it serves (their `base_url` names its address)
+/// with it.
+fn move_mock_llm(settings: &mut Settings, port: u16) {
+    let (old, new) = (
+        format!("http://{}/", settings.mock_llm.addr),
+        format!("http://127.0.0.1:{port}/"),
+    );
+    for model in settings.models.values_mut() {
+        if let Some(path) = model.base_url.strip_prefix(&old) {
+            model.base_url = format!("{new}{path}");
+        }
+    }
+    settings.mock_llm.addr = format!("127.0.0.1:{port}");
+}
+
+/// Waits until `service` holds its port, replacing it by `respawn()` (a fresh port) when it
+/// exited first: a port race with a parallel test. A broken config fails every attempt.
+async fn hold_port(
+    mut service: Service,
+    timeout: Duration,
+    mut respawn: impl FnMut() -> anyhow::Result<Service>,
+) -> anyhow::Result<Service> {
+    let mut attempt = 1;
+    while !service.wait_bound(timeout).await? {
+        if attempt == SPAWN_ATTEMPTS {
+            bail!(
+                "{} exited before listening, {attempt} times\n{}",
+                service.process.name(),
+                service.process.log_tail(30).await
+            );
+        }
+        attempt += 1;
+        service = respawn()?;
+    }
+    Ok(service)
 }
 
 /// Writes `<name>.toml` (the settings with this process's address) and spawns the binary on it.
