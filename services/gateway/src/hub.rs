@@ -767,6 +767,17 @@ mod tests {
         ])])
     }
 
+    /// A single-node hub whose buffer no test fills.
+    fn hub() -> Hub {
+        Hub::new(HubSettings {
+            batch: 64,
+            block_ms: 1000,
+            buffer_bytes: 1 << 20,
+            cluster: false,
+            cluster_poll_ms: 1000,
+        })
+    }
+
     /// The reader's raw parse makes byte for byte the frames the converting parse made.
     #[test]
     fn frames_from_the_raw_parse_equal_those_of_the_converting_parse() -> anyhow::Result<()> {
@@ -791,13 +802,7 @@ mod tests {
     /// stream is read again from the new feed's cursor.
     #[test]
     fn a_read_older_than_its_feed_is_read_again_from_the_feeds_cursor() -> anyhow::Result<()> {
-        let hub = Hub::new(HubSettings {
-            batch: 64,
-            block_ms: 1000,
-            buffer_bytes: 1 << 20,
-            cluster: false,
-            cluster_poll_ms: 1000,
-        });
+        let hub = hub();
         let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
         let events = events();
         let first = hub.subscribe(&key, EntryId::ZERO, None);
@@ -838,13 +843,7 @@ mod tests {
     /// A round's frames reach a subscriber in one take, in order; the end comes after them.
     #[test]
     fn a_subscriber_takes_a_rounds_frames_at_once_then_the_end() -> anyhow::Result<()> {
-        let hub = Hub::new(HubSettings {
-            batch: 64,
-            block_ms: 1000,
-            buffer_bytes: 1 << 20,
-            cluster: false,
-            cluster_poll_ms: 1000,
-        });
+        let hub = hub();
         let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
         let subscription = hub.subscribe(&key, EntryId::ZERO, None);
         let mut cx = Context::from_waker(noop_waker_ref());
