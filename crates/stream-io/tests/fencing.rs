@@ -24,34 +24,43 @@ fn token(request_id: RequestId, sequence: u64) -> SessionEvent {
     }
 }
 
-#[tokio::test]
-async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let client = redis.client().await?;
-    let scripts = SessionScripts::default();
-    let request_id = RequestId::new();
-    let streams = RequestStreams::new(
-        &SessionId::parse("s")?,
-        &ModelId::parse("m")?,
-        &request_id,
-        Retention { ttl_secs: 60 },
-    );
+/// Starts `request_id` on `model` of `session` (attempt 1, entries kept 60 s) and returns its
+/// streams.
+async fn start_request(
+    client: &Client,
+    scripts: &SessionScripts,
+    session: &SessionId,
+    model: &ModelId,
+    request_id: RequestId,
+) -> anyhow::Result<RequestStreams> {
+    let streams = RequestStreams::new(session, model, &request_id, Retention { ttl_secs: 60 });
     let start = SessionEvent::Start {
         request_id,
-        session_id: SessionId::parse("s")?,
-        model_id: ModelId::parse("m")?,
+        session_id: session.clone(),
+        model_id: model.clone(),
         attempt: 1,
         timestamp: 1,
     };
     scripts
         .start(
-            &client,
+            client,
             &streams.stream,
             &streams.owner,
             &start,
             streams.retention,
         )
         .await?;
+    Ok(streams)
+}
+
+#[tokio::test]
+async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let request_id = RequestId::new();
+    let (session, model) = (SessionId::parse("s")?, ModelId::parse("m")?);
+    let streams = start_request(&client, &scripts, &session, &model, request_id).await?;
     let first = scripts
         .append(&client, &streams, 1, &token(request_id, 1), true)
         .await?;
@@ -245,28 +254,8 @@ async fn appends_never_trim_a_running_request() -> anyhow::Result<()> {
     let client = redis.client().await?;
     let scripts = SessionScripts::default();
     let request_id = RequestId::new();
-    let streams = RequestStreams::new(
-        &SessionId::parse("s")?,
-        &ModelId::parse("m")?,
-        &request_id,
-        Retention { ttl_secs: 60 },
-    );
-    let start = SessionEvent::Start {
-        request_id,
-        session_id: SessionId::parse("s")?,
-        model_id: ModelId::parse("m")?,
-        attempt: 1,
-        timestamp: 1,
-    };
-    scripts
-        .start(
-            &client,
-            &streams.stream,
-            &streams.owner,
-            &start,
-            streams.retention,
-        )
-        .await?;
+    let (session, model) = (SessionId::parse("s")?, ModelId::parse("m")?);
+    let streams = start_request(&client, &scripts, &session, &model, request_id).await?;
     for sequence in 1..=12_000 {
         let outcome = scripts
             .append(&client, &streams, 1, &token(request_id, sequence), false)
@@ -293,28 +282,8 @@ async fn the_active_request_is_the_running_one_of_the_newest_entries() -> anyhow
     let active = || stream_io::session::active_request(&client, &session, models.iter());
     assert_eq!(active().await?, None, "no streams");
 
-    let start = |request_id, model: &ModelId| {
-        let streams = RequestStreams::new(&session, model, &request_id, Retention { ttl_secs: 60 });
-        let event = SessionEvent::Start {
-            request_id,
-            session_id: session.clone(),
-            model_id: model.clone(),
-            attempt: 1,
-            timestamp: 1,
-        };
-        (streams, event)
-    };
     let first = RequestId::new();
-    let (streams_a, event) = start(first, &a);
-    scripts
-        .start(
-            &client,
-            &streams_a.stream,
-            &streams_a.owner,
-            &event,
-            streams_a.retention,
-        )
-        .await?;
+    let streams_a = start_request(&client, &scripts, &session, &a, first).await?;
     scripts
         .append(&client, &streams_a, 1, &token(first, 1), true)
         .await?;
@@ -322,16 +291,7 @@ async fn the_active_request_is_the_running_one_of_the_newest_entries() -> anyhow
 
     // A newer request on the other model is the one a chat resumes.
     let second = RequestId::new();
-    let (streams_b, event) = start(second, &b);
-    scripts
-        .start(
-            &client,
-            &streams_b.stream,
-            &streams_b.owner,
-            &event,
-            streams_b.retention,
-        )
-        .await?;
+    let streams_b = start_request(&client, &scripts, &session, &b, second).await?;
     assert_eq!(active().await?, Some(second));
 
     // Once it ended, the older one still runs.
@@ -369,23 +329,7 @@ async fn the_active_request_ignores_sequence_numbers_across_streams() -> anyhow:
     let (a, b) = (ModelId::parse("a")?, ModelId::parse("b")?);
     let (older, newer) = (RequestId::new(), RequestId::new());
     for (request_id, model) in [(older, &a), (newer, &b)] {
-        let streams = RequestStreams::new(&session, model, &request_id, Retention { ttl_secs: 60 });
-        let event = SessionEvent::Start {
-            request_id,
-            session_id: session.clone(),
-            model_id: model.clone(),
-            attempt: 1,
-            timestamp: 1,
-        };
-        scripts
-            .start(
-                &client,
-                &streams.stream,
-                &streams.owner,
-                &event,
-                streams.retention,
-            )
-            .await?;
+        start_request(&client, &scripts, &session, model, request_id).await?;
     }
     // Both streams get an entry in one (future) millisecond: the older request's is its 4th.
     let ms = stream_schema::now_millis() + 60_000;
@@ -418,28 +362,14 @@ async fn a_batch_is_one_entry_per_event_all_or_nothing() -> anyhow::Result<()> {
     let scripts = SessionScripts::default();
     let request_id = RequestId::new();
     let session = SessionId::parse("s")?;
-    let streams = RequestStreams::new(
+    let streams = start_request(
+        &client,
+        &scripts,
         &session,
         &ModelId::parse("m")?,
-        &request_id,
-        Retention { ttl_secs: 60 },
-    );
-    let start = SessionEvent::Start {
         request_id,
-        session_id: session.clone(),
-        model_id: ModelId::parse("m")?,
-        attempt: 1,
-        timestamp: 1,
-    };
-    scripts
-        .start(
-            &client,
-            &streams.stream,
-            &streams.owner,
-            &start,
-            streams.retention,
-        )
-        .await?;
+    )
+    .await?;
     let entries = |client: Client, key: RedisKey| async move {
         let reply: fred::types::Value = client.xrange(key.as_str(), "-", "+", None).await?;
         let entries = stream_io::parse_entries(reply)?;
