@@ -587,6 +587,13 @@ pub struct ProcessorSettings {
     pub batch_size: u64,
     /// How long one `XREADGROUP` blocks.
     pub block_ms: u64,
+    /// After a batch smaller than `batch_size`, how long a shard's loop lets records gather
+    /// (counted from the start of that read) before it reads again, so that records arriving
+    /// meanwhile are applied together: counters shared by many requests (a model's, a
+    /// tenant's, a key's, the minute's) are then written once per batch, not once per record.
+    /// Analytics and quota settlement trail the streams by up to this much. 0 reads again at
+    /// once.
+    pub gather_ms: u64,
     /// Analytics keys expire after this long without updates.
     pub stats_ttl_secs: u64,
     /// Entries pending this long with a consumer are presumed orphaned and reclaimed.
@@ -609,6 +616,7 @@ impl Default for ProcessorSettings {
             consumer_name: String::new(),
             batch_size: 256,
             block_ms: 2_000,
+            gather_ms: 100,
             stats_ttl_secs: 7 * 24 * 3_600,
             reclaim_idle_ms: 30_000,
             ledger_ttl_secs: 24 * 3_600,

@@ -33,6 +33,9 @@ pub struct ShardConsumer {
     pub reconciler: crate::quota::Reconciler,
     pub batch: u64,
     pub block_ms: u64,
+    /// After a short batch, the loop's next read starts no sooner than this after the last
+    /// one began (`processor.gather_ms`).
+    pub gather: Duration,
     pub reclaim_idle_ms: u64,
     /// Other consumers idle this long with nothing pending are removed; 0 never.
     pub dead_consumer_ms: u64,
@@ -375,6 +378,7 @@ impl ShardConsumer {
                     self.reclaim().await?;
                     self.housekeeping().await;
                 }
+                let read_at = Instant::now();
                 let streams = tokio::select! {
                     read = groups::read_new(
                         &self.reader,
@@ -389,10 +393,20 @@ impl ShardConsumer {
                         return Ok(());
                     }
                 };
+                let mut read = 0;
                 for (_, entries) in streams {
+                    read += entries.len();
                     // Finish the batch even during shutdown: its effects are applied and acked
                     // together, so nothing is left half-done.
                     self.process(entries).await?;
+                }
+                // A full batch means more is waiting: read again at once. A short one (paced
+                // load) lets the next records gather, so they share one apply.
+                if read > 0 && (read as u64) < self.batch && !self.gather.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep_until((read_at + self.gather).into()) => {}
+                        () = shutdown.cancelled() => {}
+                    }
                 }
                 Ok::<(), StreamIoError>(())
             };

@@ -9,6 +9,7 @@ pub mod quota;
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use service_kit::Settings;
@@ -56,6 +57,7 @@ impl Application {
                 reconciler: quota::Reconciler::new(settings.limits.window_secs),
                 batch: settings.processor.batch_size,
                 block_ms: settings.processor.block_ms,
+                gather: Duration::from_millis(settings.processor.gather_ms),
                 reclaim_idle_ms: settings.processor.reclaim_idle_ms,
                 dead_consumer_ms: settings.processor.dead_consumer_secs.saturating_mul(1000),
                 housekeeping: Housekeeping::default(),
