@@ -8,4 +8,5 @@
     reason = "tests set up broken Redis state directly"
 )]
 
+mod gather;
 mod lifecycle;
