@@ -81,7 +81,6 @@ pub struct ConnectionGuard {
     pub connection_id: String,
     pub events_sent: Arc<AtomicU64>,
     session_id: SessionId,
-    info: ConnectionInfo,
     /// `None` once forgotten: the id belongs to another connection.
     registry: Option<Connections>,
 }
@@ -157,30 +156,33 @@ impl Connections {
         requested: Option<ConnectionId>,
     ) -> Result<ConnectionGuard, StreamIoError> {
         if let Some(id) = requested
-            && let Some(mut guard) = self.insert(&session_id, request_id, id)
+            && let Some((mut guard, info)) = self.insert(&session_id, request_id, id)
         {
             // If this future is dropped while claiming, the guard's drop removes the claim.
-            if self.claimed(&guard.info).await? {
-                self.opened(&guard.info);
+            if self.claimed(&info).await? {
+                self.opened(info);
                 return Ok(guard);
             }
             guard.forget();
         }
         loop {
-            if let Some(guard) = self.insert(&session_id, request_id, ConnectionId::new()) {
-                self.opened(&guard.info);
+            if let Some((guard, info)) = self.insert(&session_id, request_id, ConnectionId::new())
+            {
+                self.opened(info);
                 return Ok(guard);
             }
         }
     }
 
-    /// Adds a connection to this gateway's table unless its id is taken here.
+    /// Adds a connection to this gateway's table unless its id is taken here. The snapshot
+    /// returned beside the guard is for registering it in the shared view: the guard keeps
+    /// only what its removal needs (an idle connection's bytes count, issue #18).
     fn insert(
         &self,
         session_id: &SessionId,
         request_id: Option<RequestId>,
         connection_id: ConnectionId,
-    ) -> Option<ConnectionGuard> {
+    ) -> Option<(ConnectionGuard, ConnectionInfo)> {
         let events_sent = Arc::new(AtomicU64::new(0));
         let info = ConnectionInfo {
             connection_id: connection_id.to_string(),
@@ -204,12 +206,14 @@ impl Connections {
         if inserted {
             metrics::gauge!("gateway_sse_connections").increment(1.0);
         }
-        inserted.then(|| ConnectionGuard {
-            connection_id: info.connection_id.clone(),
-            events_sent,
-            session_id: session_id.clone(),
-            info,
-            registry: Some(self.clone()),
+        inserted.then(|| {
+            let guard = ConnectionGuard {
+                connection_id: info.connection_id.clone(),
+                events_sent,
+                session_id: session_id.clone(),
+                registry: Some(self.clone()),
+            };
+            (guard, info)
         })
     }
 
@@ -232,9 +236,9 @@ impl Connections {
     }
 
     /// The connection keeps its id: written to the shared view.
-    fn opened(&self, info: &ConnectionInfo) {
+    fn opened(&self, info: ConnectionInfo) {
         if let Some(view) = &self.view {
-            let _ = view.send(ViewOp::Open(info.clone()));
+            let _ = view.send(ViewOp::Open(info));
         }
     }
 
