@@ -123,7 +123,10 @@ struct Feed {
     cursor: EntryId,
     /// The read round in which the feed was created (see [`Table::round`]).
     since_round: u64,
-    subscribers: HashMap<u64, Subscriber>,
+    /// By subscription id. A `Vec`: a feed usually has one subscriber (a session's tab), and an
+    /// empty-then-one-entry `HashMap` allocates four slots (about 140 bytes more per idle
+    /// connection, issue #18).
+    subscribers: Vec<(u64, Subscriber)>,
 }
 
 #[derive(Default)]
@@ -244,17 +247,17 @@ impl Hub {
                     Feed {
                         cursor: after,
                         since_round: round,
-                        subscribers: HashMap::new(),
+                        subscribers: Vec::with_capacity(1),
                     }
                 });
             let catch_up_to = (feed.cursor > after).then_some(feed.cursor);
-            feed.subscribers.insert(
+            feed.subscribers.push((
                 id,
                 Subscriber {
                     mailbox: mailbox.clone(),
                     filter,
                 },
-            );
+            ));
             (id, catch_up_to, added)
         };
         if added {
@@ -273,7 +276,8 @@ impl Hub {
     fn unsubscribe(&self, key: &str, id: u64) {
         let mut table = self.table();
         if let Some(feed) = table.feeds.get_mut(key) {
-            if feed.subscribers.remove(&id).is_some() {
+            if let Some(at) = feed.subscribers.iter().position(|(s, _)| *s == id) {
+                feed.subscribers.swap_remove(at);
                 metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
             }
             if feed.subscribers.is_empty() {
@@ -335,7 +339,7 @@ impl Hub {
             if frames.is_empty() {
                 continue;
             }
-            feed.subscribers.retain(|_, subscriber| {
+            feed.subscribers.retain(|(_, subscriber)| {
                 let mut state = subscriber.mailbox.lock();
                 let before = state.frames.len();
                 for frame in &frames {
