@@ -166,8 +166,7 @@ impl Connections {
             guard.forget();
         }
         loop {
-            if let Some((guard, info)) = self.insert(&session_id, request_id, ConnectionId::new())
-            {
+            if let Some((guard, info)) = self.insert(&session_id, request_id, ConnectionId::new()) {
                 self.opened(info);
                 return Ok(guard);
             }
