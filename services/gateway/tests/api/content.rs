@@ -218,7 +218,7 @@ fn each_kind_of_bad_chat_input_is_refused_by_name_and_writes_nothing() -> anyhow
         app.block_on(async {
             let writes_before = app.writes().await?;
             let answer = post(&app, &body).await?;
-            let refused = refused_cleanly(&app, &answer, writes_before).await?;
+            let refused = refused_cleanly(&app, &answer, &writes_before).await?;
             ensure!(answer.status == status, "{fields}: {answer:?}");
             ensure!(refused.as_deref() == Some(code), "{fields}: {answer:?}");
             let text = answer.json()?["error"]["message"]

@@ -332,7 +332,7 @@ async fn check(app: &TestApp, tally: &Tally, input: Input, known: RequestId) -> 
         return app.settle().await;
     }
     let answer = Answer::read(response).await?;
-    let code = crate::helpers::refused_cleanly(app, &answer, writes_before).await?;
+    let code = crate::helpers::refused_cleanly(app, &answer, &writes_before).await?;
     ensure!(
         code.as_deref() == want,
         "expected {want:?}, got {answer:?} for {path}"

@@ -228,7 +228,7 @@ async fn check(app: &TestApp, tally: &Tally, input: Input) -> anyhow::Result<()>
         request = request.header("Content-Type", content_type);
     }
     let answer = Answer::read(request.send().await?).await?;
-    let code = refused_cleanly(app, &answer, writes_before).await?;
+    let code = refused_cleanly(app, &answer, &writes_before).await?;
 
     let parsed = serde_json::from_slice::<Value>(&input.body);
     if !authorized {
