@@ -8,10 +8,10 @@ use fred::prelude::*;
 use stream_io::records::EventLog;
 use stream_schema::stats::field::TOKENS_STREAMED;
 use stream_schema::{EventRecord, ModelId, RedisKey, RequestId, SessionId};
-use test_support::{RedisServer, wait_until};
-use tokio_util::sync::CancellationToken;
+use test_support::wait_until;
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+use crate::{TIMEOUT, TestProcessor};
+
 const POLL: Duration = Duration::from_millis(10);
 
 fn tokens(session: &SessionId, model: &ModelId, count: u32) -> EventRecord {
@@ -48,48 +48,42 @@ async fn streamed(redis: &Client, key: &RedisKey) -> anyhow::Result<i64> {
 async fn records_that_arrive_while_a_shard_gathers_are_applied_in_one_batch() -> anyhow::Result<()>
 {
     // Arrange: one shard, a gathering window long enough to be unmistakable.
-    let redis_server = RedisServer::start().await?;
-    let redis = redis_server.client().await?;
-    let mut settings = service_kit::Settings::default();
-    settings.redis.url = redis_server.url();
-    settings.processor.addr = "127.0.0.1:0".to_owned();
-    settings.streams.event_shards = 1;
-    settings.processor.gather_ms = 1_500;
+    let processor = TestProcessor::start(|settings| {
+        settings.streams.event_shards = 1;
+        settings.processor.gather_ms = 1_500;
+    })
+    .await?;
+    let redis = &processor.redis;
     let log = EventLog {
         shards: 1,
-        maxlen: settings.streams.events_maxlen,
+        maxlen: service_kit::Settings::default().streams.events_maxlen,
     };
-    let shutdown = CancellationToken::new();
-    let app = processor::Application::build(settings, shutdown.clone()).await?;
-    let running = tokio::spawn(app.run_until_stopped());
     let model = ModelId::parse("gather-model")?;
     let model_stats = RedisKey::model_stats(0, &model);
 
     // Act: one record, applied alone (the loop was waiting); then five more at once, while the
     // loop gathers after that one-record batch.
-    log.append(&redis, &tokens(&SessionId::parse("s0")?, &model, 1), None)
+    log.append(redis, &tokens(&SessionId::parse("s0")?, &model, 1), None)
         .await?;
     wait_until(TIMEOUT, POLL, || async {
-        Ok((streamed(&redis, &model_stats).await? == 1).then_some(()))
+        Ok((streamed(redis, &model_stats).await? == 1).then_some(()))
     })
     .await
     .context("the first record was never applied")?;
-    let applies_before = zadd_calls(&redis).await?;
+    let applies_before = zadd_calls(redis).await?;
     for n in 1..=5 {
         let session = SessionId::parse(&format!("s{n}"))?;
-        log.append(&redis, &tokens(&session, &model, 10), None)
+        log.append(redis, &tokens(&session, &model, 10), None)
             .await?;
     }
 
     // Assert: all five counted, by one apply.
     wait_until(TIMEOUT, POLL, || async {
-        Ok((streamed(&redis, &model_stats).await? == 51).then_some(()))
+        Ok((streamed(redis, &model_stats).await? == 51).then_some(()))
     })
     .await
     .context("the five records were never applied")?;
-    assert_eq!(zadd_calls(&redis).await? - applies_before, 1);
+    assert_eq!(zadd_calls(redis).await? - applies_before, 1);
 
-    shutdown.cancel();
-    running.await??;
-    Ok(())
+    processor.stop().await
 }

@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use fred::prelude::*;
 use stream_schema::RedisKey;
-use test_support::{RedisServer, wait_until};
-use tokio_util::sync::CancellationToken;
+use test_support::wait_until;
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+use crate::{TIMEOUT, TestProcessor};
+
 const POLL: Duration = Duration::from_millis(20);
 
 /// `/readyz`'s status and its list of stopped loops.
@@ -46,21 +46,16 @@ async fn restarts(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Res
 async fn a_dead_shard_loop_is_restarted_and_readiness_reports_it_while_down() -> anyhow::Result<()>
 {
     // Arrange: a processor with two shards, ready.
-    let redis_server = RedisServer::start().await?;
-    let redis = redis_server.client().await?;
-    let mut settings = service_kit::Settings::default();
-    settings.redis.url = redis_server.url();
-    settings.processor.addr = "127.0.0.1:0".to_owned();
-    settings.streams.event_shards = 2;
-    // Short blocking reads: a read parked on the shard's stream notices the damage soon.
-    settings.processor.block_ms = 100;
-    let shutdown = CancellationToken::new();
-    let app = processor::Application::build(settings, shutdown.clone()).await?;
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let running = tokio::spawn(app.run_until_stopped());
+    let processor = TestProcessor::start(|settings| {
+        settings.streams.event_shards = 2;
+        // Short blocking reads: a read parked on the shard's stream notices the damage soon.
+        settings.processor.block_ms = 100;
+    })
+    .await?;
+    let (redis, base) = (&processor.redis, processor.base.as_str());
     let http = reqwest::Client::builder().no_proxy().build()?;
     wait_until(TIMEOUT, POLL, || async {
-        Ok(readiness(&http, &base).await?.0.eq(&200).then_some(()))
+        Ok(readiness(&http, base).await?.0.eq(&200).then_some(()))
     })
     .await
     .context("processor never became ready")?;
@@ -75,28 +70,24 @@ async fn a_dead_shard_loop_is_restarted_and_readiness_reports_it_while_down() ->
 
     // Assert: restarted again and again, and reported down the whole time, alone.
     wait_until(TIMEOUT, POLL, || async {
-        Ok((restarts(&http, &base, "shard-1").await? >= 2).then_some(()))
+        Ok((restarts(&http, base, "shard-1").await? >= 2).then_some(()))
     })
     .await
     .context("the dead shard loop was not restarted")?;
-    let (status, stopped) = readiness(&http, &base).await?;
+    let (status, stopped) = readiness(&http, base).await?;
     assert_eq!(status, 503);
     assert_eq!(stopped, ["shard-1"]);
-    assert_eq!(restarts(&http, &base, "shard-0").await?, 0);
+    assert_eq!(restarts(&http, base, "shard-0").await?, 0);
 
     // Act: the stream is gone again; the next restart creates it with its group.
     let _: () = redis.del(key.as_str()).await?;
 
     // Assert: the restarted loop runs and the processor is ready again.
     wait_until(TIMEOUT, POLL, || async {
-        Ok(readiness(&http, &base).await?.0.eq(&200).then_some(()))
+        Ok(readiness(&http, base).await?.0.eq(&200).then_some(()))
     })
     .await
     .context("the restarted shard loop never reported ready")?;
 
-    shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, running)
-        .await
-        .context("the processor did not stop")???;
-    Ok(())
+    processor.stop().await
 }
