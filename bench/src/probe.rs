@@ -88,14 +88,35 @@ pub fn clock_ticks_per_sec() -> f64 {
 
 /// Resident set size of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Anonymous resident memory of a process, in bytes (`RssAnon`: heap, stacks and other private
+/// memory). `VmRSS` adds the pages of the binary and libraries the process has touched, which
+/// grow as new code paths run and are bounded by the files' size: a leak shows here.
+pub fn rss_anon_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "RssAnon")
+}
+
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kb = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
-    Ok(kb * 1024)
+    status_kib(&status, field)
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+/// A `Name:   123 kB` line of `/proc/<pid>/status`, in KiB.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Established TCP connections of process `pid` to `127.0.0.1:<remote_port>`.
@@ -316,9 +337,24 @@ mod tests {
     }
 
     #[test]
+    fn status_fields_are_read_in_kib() {
+        let status =
+            "Name:\tgateway\nVmRSS:\t   28444 kB\nRssAnon:\t   15336 kB\nRssFile:\t   13108 kB\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(28_444));
+        assert_eq!(status_kib(status, "RssAnon"), Some(15_336));
+        assert_eq!(
+            status_kib(status, "Rss"),
+            None,
+            "a prefix of another field is not it"
+        );
+        assert_eq!(status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
     fn own_process_is_readable() -> anyhow::Result<()> {
         let pid = std::process::id();
         assert!(rss_bytes(pid)? > 0);
+        assert!(rss_anon_bytes(pid)? > 0);
         cpu_ticks(pid)?;
         assert!(process_tree(pid).contains(&pid));
         Ok(())

@@ -2,7 +2,8 @@
 //! service and of Redis, to show that nothing grows with traffic once every bound is reached.
 //!
 //! N streams each run one chat after another on their own fixed session (the shape of issue
-//! #20's report). Every `SAMPLE_EVERY` it reads each service's RSS, Redis `used_memory`, and the
+//! #20's report). Every `SAMPLE_EVERY` it reads each service's RSS and anonymous RSS (without
+//! the binary's pages, which grow as new code paths run), Redis `used_memory`, and the
 //! processor's exactly-once ledger (entries and `MEMORY USAGE` over every shard). After the
 //! warm-up each series is judged flat when its mean over the last samples is within the margin
 //! of its mean over the first samples after warm-up. The report (Markdown, JSON, SVG curves)
@@ -59,6 +60,10 @@ pub struct Sample {
     pub errors: u64,
     /// Resident set size per service, bytes.
     pub rss: BTreeMap<String, u64>,
+    /// Anonymous resident memory per service (`RssAnon`), bytes: the RSS without the pages of
+    /// the binary and libraries, which grow as new code paths run. Absent in older reports.
+    #[serde(default)]
+    pub anon: BTreeMap<String, u64>,
     pub redis_used_memory: u64,
     /// Ids in the processor's exactly-once ledgers, all shards.
     pub ledger_entries: u64,
@@ -281,9 +286,10 @@ async fn sample(
     counters: &Counters,
     elapsed: Duration,
 ) -> anyhow::Result<Sample> {
-    let mut rss = BTreeMap::new();
+    let (mut rss, mut anon) = (BTreeMap::new(), BTreeMap::new());
     for (name, pid) in stack.bridge_pids() {
         rss.insert(name.to_owned(), probe::rss_bytes(pid)?);
+        anon.insert(name.to_owned(), probe::rss_anon_bytes(pid)?);
     }
     let redis = &stack.redis_client;
     let redis_used_memory = probe::info_field(redis, InfoKind::Memory, "used_memory")
@@ -308,6 +314,7 @@ async fn sample(
         chats: counters.chats.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         rss,
+        anon,
         redis_used_memory,
         ledger_entries,
         ledger_bytes,
@@ -327,6 +334,14 @@ fn series(samples: &[Sample]) -> Vec<(String, Vec<f64>)> {
             .map(|s| s.rss.get(&name).copied().unwrap_or(0) as f64)
             .collect();
         out.push((format!("{name} RSS"), values));
+        // Judged too (a leak shows here first); absent from reports older than the field.
+        if samples.iter().all(|s| s.anon.contains_key(&name)) {
+            let values = samples
+                .iter()
+                .map(|s| s.anon.get(&name).copied().unwrap_or(0) as f64)
+                .collect();
+            out.push((format!("{name} anonymous RSS"), values));
+        }
     }
     out.push((
         "Redis used_memory".to_owned(),
@@ -434,6 +449,17 @@ fn panels(data: &SoakData) -> Vec<TimePanel> {
                 })
                 .collect(),
         })
+        .chain(names.iter().map(|name| {
+            Curve {
+                label: format!("{name} (anonymous)"),
+                points: data
+                    .samples
+                    .iter()
+                    .filter_map(|s| Some((minutes(s), *s.anon.get(name)? as f64 / MIB)))
+                    .collect(),
+            }
+        }))
+        .filter(|curve| !curve.points.is_empty())
         .collect();
     let redis = vec![
         Curve {
@@ -582,7 +608,7 @@ fn markdown(data: &SoakData, svg: &str, out: &mut String) -> std::fmt::Result {
     writeln!(out, "## Samples (every minute)\n")?;
     writeln!(
         out,
-        "| minute | chats | errors | gateway MiB | producer MiB | processor MiB | Redis MiB | ledger ids |"
+        "| minute | chats | errors | gateway MiB (anonymous) | producer MiB (anonymous) | processor MiB (anonymous) | Redis MiB | ledger ids |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|")?;
     let mut next_minute = 0.0;
@@ -591,10 +617,16 @@ fn markdown(data: &SoakData, svg: &str, out: &mut String) -> std::fmt::Result {
             continue;
         }
         next_minute = minutes(s).floor() + 1.0;
-        let rss = |name: &str| s.rss.get(name).copied().unwrap_or(0) as f64 / MIB;
+        let rss = |name: &str| {
+            let total = s.rss.get(name).copied().unwrap_or(0) as f64 / MIB;
+            match s.anon.get(name) {
+                Some(anon) => format!("{total:.1} ({:.1})", *anon as f64 / MIB),
+                None => format!("{total:.1}"),
+            }
+        };
         writeln!(
             out,
-            "| {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {:.1} | {} | {} | {} | {} | {} | {:.1} | {} |",
             minutes(s),
             s.chats,
             s.errors,
@@ -628,6 +660,47 @@ mod tests {
         let leak = verdict("leak".to_owned(), &chats, &growing, 5.0);
         assert!(!leak.flat, "{leak:?}");
         assert!((leak.per_chat - 10.0).abs() < 1e-9);
+    }
+
+    /// A heap that grows fails the soak even while file pages leave the RSS level, and a
+    /// report written before `anon` existed is judged on RSS alone.
+    #[test]
+    fn anonymous_memory_is_judged_beside_the_rss() {
+        let sample = |i: u32, anon: Option<u64>| Sample {
+            secs: 60.0 * f64::from(i),
+            chats: u64::from(i) * 100,
+            errors: 0,
+            rss: BTreeMap::from([("gateway".to_owned(), 100 << 20)]),
+            anon: anon
+                .map(|bytes| BTreeMap::from([("gateway".to_owned(), bytes)]))
+                .unwrap_or_default(),
+            redis_used_memory: 1 << 20,
+            ledger_entries: 0,
+            ledger_bytes: 0,
+        };
+        let options = SoakOptions {
+            minutes: 10.0,
+            warmup_minutes: 1.0,
+            streams: 1,
+            tokens_per_chat: 1,
+            delay_ms: 1,
+            margin_pct: 10.0,
+            kill_processor: false,
+        };
+        let growing: Vec<Sample> = (0..10)
+            .map(|i| sample(i, Some((40 + 10 * u64::from(i)) << 20)))
+            .collect();
+        let verdicts = judge(&growing, &options);
+        let flat = |name: &str| verdicts.iter().find(|v| v.series == name).map(|v| v.flat);
+        assert_eq!(flat("gateway RSS"), Some(true));
+        assert_eq!(flat("gateway anonymous RSS"), Some(false));
+
+        let older: Vec<Sample> = (0..10).map(|i| sample(i, None)).collect();
+        let names: Vec<String> = judge(&older, &options)
+            .into_iter()
+            .map(|v| v.series)
+            .collect();
+        assert_eq!(names, ["gateway RSS", "Redis used_memory"]);
     }
 
     #[test]
