@@ -13,6 +13,7 @@ use gateway::stream_token::StreamTokens;
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use service_kit::config::ApiKeyEntry;
+use stream_schema::{GatewayId, RedisKey};
 use test_support::RedisServer;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -137,13 +138,13 @@ impl TestApp {
             .trim()
             .parse()
             .context("rdb_changes_since_last_save")?;
-        // The test's own Redis serves one gateway: one liveness key, `llm:gateway:{<id>}`.
-        let keys: Vec<String> = self
-            .redis
-            .custom(fred::cmd!("KEYS"), vec!["llm:gateway:{*}"])
-            .await?;
-        let heartbeat = match keys.first() {
-            Some(key) => self.redis.get(key.as_str()).await?,
+        // The test's own Redis serves one gateway: the one entry of `llm:gateways` names it.
+        let gateways: Vec<String> = self.redis.hkeys(RedisKey::gateways().as_str()).await?;
+        let heartbeat = match gateways.first() {
+            Some(id) => {
+                let alive = RedisKey::gateway_alive(&GatewayId::from_stored(id));
+                self.redis.get(alive.as_str()).await?
+            }
             None => None,
         };
         Ok(Writes { changes, heartbeat })
