@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
-/// Samples per upkeep interval: a busy gateway (2,000 tokens/s for 5 s would be 10,000).
+/// Samples per upkeep interval: a busy gateway (5,000 tokens/s for the 1 s interval).
 const SAMPLES_PER_INTERVAL: usize = 5_000;
 const INTERVALS: usize = 40;
 /// What a histogram sample costs while it waits for the upkeep (an `f64` and a `quanta`
