@@ -231,6 +231,16 @@ impl SessionEvent {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
 
+    /// Appends the SSE `data:` JSON (the bytes of [`Self::to_json`]) to `out`: a frame is
+    /// written in one buffer, without a string of its own for the JSON.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, self).is_err() {
+            out.truncate(start);
+            out.extend_from_slice(b"{}");
+        }
+    }
+
     /// Redis fields of this event.
     pub fn encode(&self) -> Fields {
         let mut f: Fields = vec![
@@ -499,6 +509,17 @@ mod tests {
         for event in samples()? {
             let decoded = SessionEvent::decode(&as_owned(event.encode()))?;
             assert_eq!(decoded, event);
+        }
+        Ok(())
+    }
+
+    /// `write_json` appends exactly the bytes of `to_json`, after what the buffer held.
+    #[test]
+    fn write_json_appends_the_bytes_of_to_json() -> Result<(), Box<dyn std::error::Error>> {
+        for event in samples()? {
+            let mut out = b"data: ".to_vec();
+            event.write_json(&mut out);
+            assert_eq!(out, format!("data: {}", event.to_json()).into_bytes());
         }
         Ok(())
     }

@@ -16,13 +16,14 @@
 //! gets all its frames of the round under one lock of its mailbox and one wake-up.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use fred::prelude::*;
-use fred::types::{ClientUnblockFlag, Value};
+use fred::types::{ClientUnblockFlag, ClusterHash, CustomCommand, Value};
 use service_kit::backoff::Backoff;
 use service_kit::ops::LoopFlag;
 use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent};
@@ -37,19 +38,24 @@ pub struct Frame {
     pub bytes: Bytes,
 }
 
+/// Room for a typical frame (id, a token event's JSON), so that writing one rarely grows
+/// its buffer.
+const FRAME_CAPACITY: usize = 192;
+
 impl Frame {
     pub fn new(id: EntryId, event: SessionEvent) -> Self {
-        let json = event.to_json();
-        let mut text = String::with_capacity(json.len() + 32);
-        text.push_str("id: ");
-        text.push_str(&id.to_string());
-        text.push_str("\ndata: ");
-        text.push_str(&json);
-        text.push_str("\n\n");
+        // One buffer for the whole frame: the id and the event's JSON are written into it
+        // in place, not built as strings of their own and copied (issue #18).
+        let mut text = String::with_capacity(FRAME_CAPACITY);
+        // Writing to a `String` cannot fail.
+        let _ = write!(text, "id: {id}\ndata: ");
+        let mut bytes = text.into_bytes();
+        event.write_json(&mut bytes);
+        bytes.extend_from_slice(b"\n\n");
         Self {
             id,
             event: Arc::new(event),
-            bytes: Bytes::from(text),
+            bytes: Bytes::from(bytes),
         }
     }
 }
@@ -78,6 +84,18 @@ pub struct HubSettings {
     /// Cluster mode: a full read round at least this often, whatever was announced.
     pub cluster_poll_ms: u64,
 }
+
+/// One round's read of every stream (see [`Hub::read_args`]): `keys[i]` is read after
+/// `ids[i]`.
+struct ReadArgs {
+    keys: Vec<Bytes>,
+    ids: Vec<Bytes>,
+    round: u64,
+}
+
+/// Room per stream in a round's argument buffer: a session stream's key (`llm:stream:{…}:…`)
+/// and an entry id.
+const READ_ARG_BYTES: usize = 80;
 
 struct Subscriber {
     mailbox: Arc<Mailbox>,
@@ -286,8 +304,42 @@ impl Hub {
         }
     }
 
+    /// The streams to read and their cursors as `XREAD` arguments, and the round they belong
+    /// to (for [`Hub::dispatch`]). A read names every stream with a subscriber, every round:
+    /// all keys and cursors are written into one buffer and handed out as slices of it, where
+    /// a string per stream and round made most of the gateway's allocations under load
+    /// (issue #18).
+    fn read_args(&self) -> ReadArgs {
+        let mut table = self.table();
+        table.round += 1;
+        let mut text = BytesMut::with_capacity(table.feeds.len() * READ_ARG_BYTES);
+        // Where each stream's key ends and its cursor ends, in `text`.
+        let mut ends = Vec::with_capacity(table.feeds.len());
+        for (key, feed) in &table.feeds {
+            text.extend_from_slice(key.as_bytes());
+            let key_end = text.len();
+            // Writing to a `BytesMut` cannot fail: it grows.
+            let _ = write!(text, "{}", feed.cursor);
+            ends.push((key_end, text.len()));
+        }
+        let text = text.freeze();
+        let mut keys = Vec::with_capacity(ends.len());
+        let mut ids = Vec::with_capacity(ends.len());
+        let mut start = 0;
+        for (key_end, id_end) in ends {
+            keys.push(text.slice(start..key_end));
+            ids.push(text.slice(key_end..id_end));
+            start = id_end;
+        }
+        ReadArgs {
+            keys,
+            ids,
+            round: table.round,
+        }
+    }
+
     /// The streams to read and their cursors, and the round they belong to (for
-    /// [`Hub::dispatch`]).
+    /// [`Hub::dispatch`]). The cluster reader's form: it follows and filters streams by key.
     fn snapshot(&self) -> (Vec<String>, Vec<String>, u64) {
         let mut table = self.table();
         table.round += 1;
@@ -403,18 +455,16 @@ impl Hub {
         let mut backoff = Backoff::default();
         flag.set(true);
         while !shutdown.is_cancelled() {
-            let (keys, ids, round) = self.snapshot();
+            let ReadArgs { keys, ids, round } = self.read_args();
             if keys.is_empty() {
                 if !self.idle(&reader, &shutdown, &flag).await {
                     break;
                 }
                 continue;
             }
-            let read = reader.xread::<Value, _, _>(
-                Some(settings.batch),
-                Some(settings.block_ms),
-                keys,
-                ids,
+            let read = reader.custom::<Value, Value>(
+                CustomCommand::new_static("XREAD", ClusterHash::Random, true),
+                blocking_xread_args(settings.batch, settings.block_ms, keys, ids),
             );
             let read = tokio::time::timeout(read_deadline, read);
             tokio::pin!(read);
@@ -674,6 +724,19 @@ async fn unfollow(wake: &Client, keys: Vec<String>) {
     }
 }
 
+/// The arguments of `XREAD COUNT batch BLOCK block_ms STREAMS keys… ids…`.
+fn blocking_xread_args(batch: u64, block_ms: u64, keys: Vec<Bytes>, ids: Vec<Bytes>) -> Vec<Value> {
+    let mut args = Vec::with_capacity(5 + keys.len() + ids.len());
+    args.push(Value::from_static_str("COUNT"));
+    args.push(Value::Integer(i64::try_from(batch).unwrap_or(i64::MAX)));
+    args.push(Value::from_static_str("BLOCK"));
+    args.push(Value::Integer(i64::try_from(block_ms).unwrap_or(i64::MAX)));
+    args.push(Value::from_static_str("STREAMS"));
+    args.extend(keys.into_iter().map(Value::Bytes));
+    args.extend(ids.into_iter().map(Value::Bytes));
+    args
+}
+
 /// One non-blocking `XREAD` per slot over `cursors` (key, last id), all at once (fred
 /// pipelines them per node).
 async fn read_round(
@@ -782,6 +845,29 @@ mod tests {
         })
     }
 
+    /// A frame is the SSE event of its entry: its id, its event's JSON as data, a blank line;
+    /// a frame longer than the buffer's first size is whole too.
+    #[test]
+    fn a_frame_is_the_sse_event_of_its_entry() -> anyhow::Result<()> {
+        let mut events = events();
+        events.push(SessionEvent::Token {
+            request_id: RequestId::new(),
+            sequence: 7,
+            content: "x".repeat(3 * FRAME_CAPACITY),
+            timestamp: 1_700_000_000_002,
+        });
+        for (n, event) in events.into_iter().enumerate() {
+            let id = EntryId {
+                ms: 1_700_000_000_000 + n as u64,
+                seq: 3,
+            };
+            let expected = format!("id: {id}\ndata: {}\n\n", event.to_json());
+            let frame = Frame::new(id, event);
+            assert_eq!(frame.bytes, expected.as_bytes());
+        }
+        Ok(())
+    }
+
     /// The reader's raw parse makes byte for byte the frames the converting parse made.
     #[test]
     fn frames_from_the_raw_parse_equal_those_of_the_converting_parse() -> anyhow::Result<()> {
@@ -800,6 +886,43 @@ mod tests {
         Ok(())
     }
 
+    /// A round's read names every stream once, each with its own cursor, as the cluster
+    /// reader's snapshot does; each round has a new number.
+    #[test]
+    fn a_rounds_read_names_every_stream_after_its_cursor() -> anyhow::Result<()> {
+        let hub = hub();
+        let mut subscriptions = Vec::new();
+        for (n, session) in ["a", "b", "a-much-longer-session-id-than-the-others"]
+            .into_iter()
+            .enumerate()
+        {
+            let key = RedisKey::session(&SessionId::parse(session)?, &ModelId::parse("m")?);
+            let after = EntryId {
+                ms: 1_700_000_000_000 + n as u64,
+                seq: n as u64,
+            };
+            subscriptions.push(hub.subscribe(&key, after, None));
+        }
+        let (keys, ids, first) = hub.snapshot();
+        let args = hub.read_args();
+        assert_eq!(args.round, first + 1);
+        let read: Vec<(&[u8], &[u8])> = args
+            .keys
+            .iter()
+            .zip(&args.ids)
+            .map(|(key, id)| (key.as_ref(), id.as_ref()))
+            .collect();
+        let expected: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(&ids)
+            .map(|(key, id)| (key.as_bytes(), id.as_bytes()))
+            .collect();
+        assert_eq!(read, expected);
+        assert_eq!(read.len(), 3);
+        assert!(ids.contains(&"1700000000002-2".to_owned()), "{ids:?}");
+        Ok(())
+    }
+
     /// A read in flight whose cursor came from a feed that was removed and created again
     /// since (its last subscriber left, a new one came from an earlier position) is not
     /// dispatched to the new feed, which would skip the entries in between for good: the
@@ -810,13 +933,13 @@ mod tests {
         let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
         let events = events();
         let first = hub.subscribe(&key, EntryId::ZERO, None);
-        let (_, _, round) = hub.snapshot();
+        let round = hub.read_args().round;
         let set_aside = hub.dispatch(
             stream_io::parse_xread_raw(reply_from(key.as_str(), 1, &events))?,
             round,
         );
         assert!(set_aside.is_empty());
-        let (_, ids, round) = hub.snapshot();
+        let ReadArgs { ids, round, .. } = hub.read_args();
         assert_eq!(ids, ["2-0"]);
 
         // While the read from 2-0 is in flight, the only subscriber leaves and another one
@@ -835,7 +958,7 @@ mod tests {
             second.poll_take(&mut cx, &mut taken).is_pending(),
             "entries 3 and 4 without 1 and 2: {taken:?}"
         );
-        let (_, ids, _) = hub.snapshot();
+        let ids = hub.read_args().ids;
         assert_eq!(
             ids,
             ["0-0"],
@@ -854,7 +977,7 @@ mod tests {
         let mut taken = VecDeque::new();
         assert!(subscription.poll_take(&mut cx, &mut taken).is_pending());
         let events = events();
-        let (_, _, round) = hub.snapshot();
+        let round = hub.read_args().round;
         hub.dispatch(
             stream_io::parse_xread_raw(reply(key.as_str(), &events))?,
             round,
