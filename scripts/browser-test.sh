@@ -93,9 +93,12 @@ scripts/sdk-clients.sh >/dev/null
 # The test starts the real binaries; `make test` has built them already, so this is quick.
 cargo build --workspace --bins
 
+# `--workspace` with a filter, not `-p e2e`: the same feature set as `make test`'s test step, so
+# its build is reused (`-p e2e` alone unifies features differently and rebuilds dependencies).
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run -p e2e --run-ignored only --no-fail-fast -E 'test(/^browser::/)'
+    cargo nextest run --workspace --run-ignored only --no-fail-fast \
+        -E 'package(e2e) and test(/^browser::/)'
 else
-    cargo test -p e2e --test e2e -- --ignored browser::
+    cargo test --workspace --test e2e -- --ignored browser::
 fi
 say "screenshot: tests/artifacts/demo-page.png"
