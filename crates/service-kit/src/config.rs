@@ -605,7 +605,8 @@ pub struct ProcessorSettings {
     /// `?minutes=` window the analytics API serves.
     pub window_retention_secs: u64,
     /// A group consumer idle this long with nothing pending is removed from `llm:processors`
-    /// (a crashed or scaled-down processor; default 1 h). 0 never removes any.
+    /// (a crashed or scaled-down processor; default 1 h). 0 never removes any. Live processors
+    /// mark their consumers seen every 5 s, so keep it well above that.
     pub dead_consumer_secs: u64,
 }
 

@@ -15,9 +15,9 @@ use stream_schema::RedisKey;
 /// Deletes every other consumer of the group that is idle at least `min idle ms` and has no
 /// pending entries; returns their names. Check and delete are one script: `XGROUP
 /// DELCONSUMER` drops the consumer's pending entries with it, so a consumer must not be able
-/// to receive an entry between the check and the delete. (Redis refreshes a consumer's idle
-/// time on every `XREADGROUP`, also on an empty blocking one, so a live processor is never
-/// idle for long.)
+/// to receive an entry between the check and the delete. (Redis 7.0 does not refresh a
+/// consumer's idle time on an empty blocking `XREADGROUP`, so each processor marks its own
+/// consumer seen before it looks: `stream_io::groups::mark_seen`.)
 const REMOVE_DEAD: &str = r"
 local removed = {}
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do

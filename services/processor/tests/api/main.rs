@@ -9,6 +9,7 @@
 )]
 
 mod gather;
+mod housekeeping;
 mod lifecycle;
 
 use std::time::Duration;
