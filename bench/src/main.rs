@@ -113,7 +113,7 @@ struct Args {
     /// Soak: allowed growth of each series after warm-up, percent.
     #[arg(long, default_value_t = 10.0, requires = "soak")]
     margin_pct: f64,
-    /// Soak: keep both processors alive (by default the second is killed halfway).
+    /// Soak: keep both processors alive (by default the second is killed halfway through the warm-up).
     #[arg(long, requires = "soak")]
     no_kill: bool,
     /// The figures `docs/capacity.md` plans with instead of the matrix: bytes per stream
