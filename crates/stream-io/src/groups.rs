@@ -50,24 +50,6 @@ pub async fn read_new(
     parse_xread(reply)
 }
 
-/// Marks `consumer` as live in `group` (creating it if needed): `XREADGROUP … STREAMS key 0`,
-/// a read of its own pending entries, which are ignored.
-///
-/// Redis before 7.2 counts a consumer's `XINFO CONSUMERS` idle time from its last read that
-/// returned entries or named an id: an empty blocking read of new entries does not reset it,
-/// so a live consumer with no traffic looks as idle as a dead one.
-pub async fn mark_seen(
-    client: &Client,
-    key: &RedisKey,
-    group: &str,
-    consumer: &str,
-) -> Result<(), StreamIoError> {
-    client
-        .xreadgroup::<Value, _, _, _, _>(group, consumer, Some(1), None, false, key.as_str(), "0")
-        .await?;
-    Ok(())
-}
-
 /// `XACK key group id…`.
 pub async fn ack(
     client: &Client,

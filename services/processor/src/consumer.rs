@@ -306,12 +306,6 @@ impl ShardConsumer {
         if self.dead_consumer_ms == 0 {
             return;
         }
-        // Without this, on Redis 7.0 two processors with no traffic for `dead_consumer_ms`
-        // would remove each other (each is re-created at its next delivery, but the removal
-        // is logged and counted as a dead consumer).
-        if let Err(error) = groups::mark_seen(client, &key, PROCESSOR_GROUP, &self.consumer).await {
-            tracing::warn!(shard = self.shard, %error, "cannot mark the consumer seen");
-        }
         match self
             .housekeeping
             .remove_dead_consumers(

@@ -12,13 +12,26 @@ use stream_io::StreamIoError;
 use stream_schema::RedisKey;
 
 /// KEYS: stream. ARGV: group, min idle ms, own consumer name.
-/// Deletes every other consumer of the group that is idle at least `min idle ms` and has no
-/// pending entries; returns their names. Check and delete are one script: `XGROUP
-/// DELCONSUMER` drops the consumer's pending entries with it, so a consumer must not be able
-/// to receive an entry between the check and the delete. (Redis 7.0 does not refresh a
-/// consumer's idle time on an empty blocking `XREADGROUP`, so each processor marks its own
-/// consumer seen before it looks: `stream_io::groups::mark_seen`.)
+/// Marks the own consumer seen, then deletes every other consumer of the group that is idle at
+/// least `min idle ms` and has no pending entries; returns their names.
+///
+/// The mark: Redis 7.0 does not reset a consumer's idle time on an empty blocking
+/// `XREADGROUP` (nor on an `XAUTOCLAIM` that claims nothing), so without it two processors with
+/// no traffic would take each other for dead. It is a read of the own pending entries after
+/// the stream's last id: it returns none and touches none (a read from `0` would reset the idle
+/// time of the oldest pending entry, and with it `XAUTOCLAIM`'s retry of a failed record), but
+/// it resets the consumer's idle time, and creates the consumer if it does not exist.
+///
+/// Check and delete are one script: `XGROUP DELCONSUMER` drops the consumer's pending entries
+/// with it, so a consumer must not be able to receive an entry between the check and the
+/// delete.
 const REMOVE_DEAD: &str = r"
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #stream, 2 do
+  if stream[i] == 'last-generated-id' then
+    redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[1], stream[i + 1])
+  end
+end
 local removed = {}
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local info = {}
@@ -46,8 +59,8 @@ impl Default for Housekeeping {
 }
 
 impl Housekeeping {
-    /// Removes the group's consumers (other than `own`) idle for `min_idle_ms` with nothing
-    /// pending; returns their names.
+    /// Marks `own` seen, then removes the group's other consumers idle for `min_idle_ms` with
+    /// nothing pending; returns their names.
     pub async fn remove_dead_consumers(
         &self,
         client: &Client,
