@@ -556,6 +556,10 @@ pub struct ProducerSettings {
     /// SSE messages at high token rates, up to the window in latency). 0 (default) keeps one
     /// event per token; tokens are batched into script calls without a timer either way.
     pub token_coalesce_ms: u64,
+    /// A consumer of `llm:producers` idle this long with nothing pending is removed (a crashed
+    /// or scaled-down producer; default 1 h). 0 never removes any. Live producers mark their
+    /// consumers seen every 5 s, so keep it well above that.
+    pub dead_consumer_secs: u64,
 }
 
 impl Default for ProducerSettings {
@@ -571,6 +575,7 @@ impl Default for ProducerSettings {
             reclaim_interval_ms: 2_000,
             max_attempts: 3,
             token_coalesce_ms: 0,
+            dead_consumer_secs: 3_600,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use fred::prelude::*;
 use fred::types::Value;
+use fred::types::scripts::Script;
 use stream_schema::{EntryId, RedisKey};
 
 use crate::entry::{Entry, parse_entries, parse_xread};
@@ -255,5 +256,83 @@ fn pairs(value: Value) -> HashMap<String, Value> {
             out
         }
         _ => HashMap::new(),
+    }
+}
+
+/// KEYS: stream. ARGV: group, min idle ms, own consumer name.
+/// Marks the own consumer seen, then deletes every other consumer of the group that is idle at
+/// least `min idle ms` and has no pending entries; returns their names.
+///
+/// The mark: Redis 7.0 does not reset a consumer's idle time on an empty blocking
+/// `XREADGROUP` (nor on an `XAUTOCLAIM` that claims nothing), so without it two members with
+/// no traffic would take each other for dead. It is a read of the own pending entries after
+/// the stream's last id: it returns none and touches none (a read from `0` would reset the idle
+/// time of the oldest pending entry, and with it `XAUTOCLAIM`'s retry of it), but
+/// it resets the consumer's idle time, and creates the consumer if it does not exist.
+///
+/// Check and delete are one script: `XGROUP DELCONSUMER` drops the consumer's pending entries
+/// with it, so a consumer must not be able to receive an entry between the check and the
+/// delete.
+const REMOVE_DEAD: &str = r"
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #stream, 2 do
+  if stream[i] == 'last-generated-id' then
+    redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[1], stream[i + 1])
+  end
+end
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0
+      and tonumber(info['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+";
+
+/// Removal of consumers that died long ago. A service that crashes, or a pod that gets a new
+/// name on every start, leaves its consumer in the group forever: its pending entries are
+/// reclaimed by the others (`XAUTOCLAIM`), but the name stays listed in `XINFO CONSUMERS` and
+/// the list only grows.
+#[derive(Clone)]
+pub struct DeadConsumers {
+    script: Script,
+}
+
+impl Default for DeadConsumers {
+    fn default() -> Self {
+        Self {
+            script: Script::from_lua(REMOVE_DEAD),
+        }
+    }
+}
+
+impl DeadConsumers {
+    /// Marks `own` seen, then removes the group's other consumers idle for `min_idle_ms` with
+    /// nothing pending; returns their names. Each live member of the group calls it
+    /// periodically, well within `min_idle_ms`.
+    pub async fn remove(
+        &self,
+        client: &Client,
+        key: &RedisKey,
+        group: &str,
+        own: &str,
+        min_idle_ms: u64,
+    ) -> Result<Vec<String>, StreamIoError> {
+        let removed: Value = self
+            .script
+            .evalsha_with_reload(
+                client,
+                vec![key.to_string()],
+                vec![group.to_owned(), min_idle_ms.to_string(), own.to_owned()],
+            )
+            .await?;
+        Ok(match removed {
+            Value::Array(names) => names.into_iter().filter_map(Value::into_string).collect(),
+            _ => Vec::new(),
+        })
     }
 }

@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::apply::Applier;
-use crate::housekeeping::Housekeeping;
 
 /// How often a consumer looks for orphaned entries.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -39,7 +38,7 @@ pub struct ShardConsumer {
     pub reclaim_idle_ms: u64,
     /// Other consumers idle this long with nothing pending are removed; 0 never.
     pub dead_consumer_ms: u64,
-    pub housekeeping: Housekeeping,
+    pub dead_consumers: groups::DeadConsumers,
     /// Metadata of requests seen recently. Written and read only by this shard's loop (the
     /// mutex only satisfies `&self`; it is never held across an await).
     pub metas: Mutex<MetaCache>,
@@ -307,8 +306,8 @@ impl ShardConsumer {
             return;
         }
         match self
-            .housekeeping
-            .remove_dead_consumers(
+            .dead_consumers
+            .remove(
                 client,
                 &key,
                 PROCESSOR_GROUP,

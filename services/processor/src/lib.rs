@@ -4,7 +4,6 @@
 
 pub mod apply;
 pub mod consumer;
-pub mod housekeeping;
 pub mod quota;
 
 use std::net::TcpListener;
@@ -20,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Retention};
 use crate::consumer::ShardConsumer;
-use crate::housekeeping::Housekeeping;
 
 pub struct Application {
     port: u16,
@@ -60,7 +58,7 @@ impl Application {
                 gather: Duration::from_millis(settings.processor.gather_ms),
                 reclaim_idle_ms: settings.processor.reclaim_idle_ms,
                 dead_consumer_ms: settings.processor.dead_consumer_secs.saturating_mul(1000),
-                housekeeping: Housekeeping::default(),
+                dead_consumers: stream_io::groups::DeadConsumers::default(),
                 metas: std::sync::Mutex::default(),
             }));
         }

@@ -6,6 +6,7 @@
 pub mod appends;
 pub mod backlog;
 pub mod claimer;
+pub mod housekeeping;
 pub mod lease;
 pub mod recovery;
 pub mod sink;
@@ -44,6 +45,8 @@ pub struct Application {
     renewer: Renewer,
     grace: Duration,
     lease: Duration,
+    /// `producer.dead_consumer_secs` in ms; 0 removes none.
+    dead_consumer_ms: u64,
     lifecycle: Lifecycle,
 }
 
@@ -117,6 +120,7 @@ impl Application {
             },
             grace: Duration::from_secs(producer.shutdown_grace_secs),
             lease,
+            dead_consumer_ms: producer.dead_consumer_secs.saturating_mul(1000),
             lifecycle: Lifecycle::new(shutdown),
         })
     }
@@ -157,6 +161,14 @@ impl Application {
         }
         // Also runs through the grace period: draining is when the backlog matters.
         lifecycle.spawn(backlog::export(redis.clone(), renewer_stop.clone()));
+        if self.dead_consumer_ms > 0 {
+            lifecycle.spawn(housekeeping::remove_dead_consumers(
+                redis.clone(),
+                consumer.clone(),
+                self.dead_consumer_ms,
+                renewer_stop.clone(),
+            ));
+        }
         let claimer_flag = self.ops.register_loop("claimer");
         let (claimer, shutdown) = (self.claimer, lifecycle.shutdown().clone());
         let claiming = lifecycle.supervise_with(

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use fred::types::Value as RedisValue;
 use serde_json::Value;
-use stream_schema::{DeadLetter, SessionEvent};
+use stream_schema::keys::PRODUCER_GROUP;
+use stream_schema::{DeadLetter, RedisKey, SessionEvent};
 use test_support::{SseEvent, wait_until};
 
 use crate::stack::{
@@ -615,5 +616,64 @@ async fn cancel_while_the_upstream_is_silent_hangs_up_within_a_second() -> anyho
     assert_eq!(types(&rest), ["complete"]);
     assert_eq!(rest[0]["finishReason"], "cancelled");
     assert_eq!(rest[0]["usage"]["completionTokens"], 3);
+    Ok(())
+}
+
+/// Consumers of `llm:producers` on the jobs stream.
+async fn producer_consumers(redis: &Client) -> anyhow::Result<Vec<String>> {
+    let reply: RedisValue = redis
+        .xinfo_consumers(RedisKey::requests().as_str(), PRODUCER_GROUP)
+        .await?;
+    let RedisValue::Array(list) = reply else {
+        anyhow::bail!("xinfo consumers: {reply:?}");
+    };
+    let mut names = Vec::new();
+    for consumer in list {
+        let fields = consumer.into_array();
+        let name = fields
+            .chunks(2)
+            .find(|pair| pair[0].as_str().as_deref() == Some("name"))
+            .and_then(|pair| pair[1].as_string());
+        names.push(name.ok_or_else(|| anyhow::anyhow!("a consumer without a name"))?);
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A consumer left in `llm:producers` by a producer that died long ago (nothing pending) is
+/// removed; two live producers with no traffic at all for longer than the limit keep each
+/// other (on Redis 7.0 only their own marks keep their idle time short).
+#[tokio::test]
+async fn a_long_dead_producer_leaves_the_group_and_idle_live_ones_stay() -> anyhow::Result<()> {
+    const DEAD_SECS: u64 = 8;
+    let stack = stack_with(2, |producer| producer.dead_consumer_secs = DEAD_SECS).await?;
+    let redis = stack.redis_client().await?;
+    let live = wait_until(TIMEOUT, POLL, || async {
+        let names = producer_consumers(&redis).await?;
+        Ok((names.len() == 2).then_some(names))
+    })
+    .await?;
+    let _: i64 = redis
+        .xgroup_createconsumer(
+            RedisKey::requests().as_str(),
+            PRODUCER_GROUP,
+            "gone-producer",
+        )
+        .await?;
+    let gone_at = Instant::now();
+    let left = wait_until(Duration::from_secs(DEAD_SECS) + TIMEOUT, POLL, || async {
+        let names = producer_consumers(&redis).await?;
+        Ok((!names.iter().any(|name| name == "gone-producer")).then_some(names))
+    })
+    .await?;
+    assert!(
+        gone_at.elapsed() >= Duration::from_secs(DEAD_SECS),
+        "removed after {:?}, before it was idle {DEAD_SECS} s",
+        gone_at.elapsed()
+    );
+    assert_eq!(
+        left, live,
+        "the live producers, idle longer than the limit, stay"
+    );
     Ok(())
 }

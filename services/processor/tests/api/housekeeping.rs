@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fred::prelude::*;
 use fred::types::Value;
-use processor::housekeeping::Housekeeping;
-use stream_io::groups;
+use stream_io::groups::{self, DeadConsumers};
 use stream_schema::RedisKey;
 use stream_schema::keys::PROCESSOR_GROUP;
 use test_support::{RedisServer, wait_until};
@@ -104,15 +103,15 @@ async fn a_consumer_that_ran_housekeeping_is_kept_and_a_silent_one_removed() -> 
     )
     .await?;
     assert!(read.iter().all(|(_, entries)| entries.is_empty()));
-    let housekeeping = Housekeeping::default();
+    let housekeeping = DeadConsumers::default();
     let removed = housekeeping
-        .remove_dead_consumers(&redis, &key, PROCESSOR_GROUP, "live", MIN_IDLE_MS)
+        .remove(&redis, &key, PROCESSOR_GROUP, "live", MIN_IDLE_MS)
         .await?;
     assert_eq!(removed, vec!["silent".to_owned()]);
 
     // Another processor's housekeeping right after: "live" marked itself, so it stays.
     let removed = housekeeping
-        .remove_dead_consumers(&redis, &key, PROCESSOR_GROUP, "other", MIN_IDLE_MS)
+        .remove(&redis, &key, PROCESSOR_GROUP, "other", MIN_IDLE_MS)
         .await?;
     assert_eq!(removed, Vec::<String>::new());
     let left: Vec<String> = consumers(&redis, &key)
@@ -135,8 +134,8 @@ async fn housekeeping_leaves_the_own_pending_entries_idle() -> anyhow::Result<()
     groups::ensure_group(&redis, &key, PROCESSOR_GROUP).await?;
     take_one(&redis, &key, "holder", false).await?;
     all_idle(&redis, &key, MIN_IDLE_MS).await?;
-    Housekeeping::default()
-        .remove_dead_consumers(&redis, &key, PROCESSOR_GROUP, "holder", MIN_IDLE_MS)
+    DeadConsumers::default()
+        .remove(&redis, &key, PROCESSOR_GROUP, "holder", MIN_IDLE_MS)
         .await?;
     let (_, claimed) = groups::autoclaim(
         &redis,
