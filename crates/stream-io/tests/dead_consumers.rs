@@ -7,46 +7,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fred::prelude::*;
-use fred::types::Value;
 use stream_io::groups::{self, DeadConsumers};
 use stream_schema::RedisKey;
 use stream_schema::keys::PROCESSOR_GROUP;
-use test_support::{RedisServer, wait_until};
+use test_support::{RedisServer, group_consumers, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 
-/// `(name, pending, idle ms)` of every consumer of the group on `key`.
-async fn consumers(redis: &Client, key: &RedisKey) -> anyhow::Result<Vec<(String, i64, i64)>> {
-    let reply: Value = redis.xinfo_consumers(key.as_str(), PROCESSOR_GROUP).await?;
-    let Value::Array(consumers) = reply else {
-        return Ok(Vec::new());
-    };
-    consumers
-        .into_iter()
-        .map(|consumer| {
-            let fields: Vec<Value> = consumer.into_array();
-            let field = |name: &str| {
-                fields
-                    .chunks(2)
-                    .find(|pair| pair[0].as_str().as_deref() == Some(name))
-                    .map(|pair| pair[1].clone())
-                    .with_context(|| format!("no {name} in {fields:?}"))
-            };
-            Ok((
-                field("name")?.into_string().context("name")?,
-                field("pending")?.as_i64().context("pending")?,
-                field("idle")?.as_i64().context("idle")?,
-            ))
-        })
-        .collect()
-}
-
 /// Waits until every consumer of the group on `key` is idle at least `ms`.
 async fn all_idle(redis: &Client, key: &RedisKey, ms: u64) -> anyhow::Result<()> {
     wait_until(TIMEOUT, POLL, || async move {
-        let all = consumers(redis, key).await?;
-        let idle = !all.is_empty() && all.iter().all(|(_, _, idle)| *idle >= ms as i64);
+        let all = group_consumers(redis, key.as_str(), PROCESSOR_GROUP).await?;
+        let idle = !all.is_empty() && all.iter().all(|c| c.idle_ms >= ms as i64);
         Ok(idle.then_some(()))
     })
     .await
@@ -113,10 +86,10 @@ async fn a_consumer_that_ran_housekeeping_is_kept_and_a_silent_one_removed() -> 
         .remove(&redis, &key, PROCESSOR_GROUP, "other", MIN_IDLE_MS)
         .await?;
     assert_eq!(removed, Vec::<String>::new());
-    let left: Vec<String> = consumers(&redis, &key)
+    let left: Vec<String> = group_consumers(&redis, key.as_str(), PROCESSOR_GROUP)
         .await?
         .into_iter()
-        .map(|(name, _, _)| name)
+        .map(|c| c.name)
         .collect();
     assert_eq!(left, vec!["live".to_owned(), "other".to_owned()]);
     Ok(())

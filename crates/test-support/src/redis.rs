@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use fred::prelude::*;
+use fred::types::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -274,6 +275,59 @@ pub async fn connect_client(url: &str) -> anyhow::Result<Client> {
         .map_err(|_| anyhow!("connecting to {url} did not finish within 10 s"))?
         .with_context(|| format!("connecting to {url}"))?;
     Ok(client)
+}
+
+/// One consumer of a stream's consumer group, as `XINFO CONSUMERS` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConsumer {
+    pub name: String,
+    /// Entries delivered to it and not yet acknowledged.
+    pub pending: i64,
+    /// Milliseconds since Redis last counted it seen (on 7.0: a read that returned entries or
+    /// named an id).
+    pub idle_ms: i64,
+}
+
+/// The consumers of `group` on the stream `key`, in Redis's order (by name). Reads the
+/// reply as RESP2 (flat field list) or RESP3 (map).
+pub async fn group_consumers(
+    client: &Client,
+    key: &str,
+    group: &str,
+) -> anyhow::Result<Vec<GroupConsumer>> {
+    let reply: Value = client.xinfo_consumers(key, group).await?;
+    let Value::Array(consumers) = reply else {
+        bail!("XINFO CONSUMERS {key} {group}: {reply:?}");
+    };
+    consumers
+        .into_iter()
+        .map(|consumer| {
+            let mut fields: Vec<(String, Value)> = match consumer {
+                Value::Map(map) => map
+                    .inner()
+                    .into_iter()
+                    .filter_map(|(k, v)| k.into_string().map(|k| (k, v)))
+                    .collect(),
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|pair| Some((pair[0].as_string()?, pair.get(1)?.clone())))
+                    .collect(),
+                other => bail!("XINFO CONSUMERS entry: {other:?}"),
+            };
+            let mut field = |name: &str| {
+                fields
+                    .iter()
+                    .position(|(k, _)| k == name)
+                    .map(|i| fields.swap_remove(i).1)
+                    .with_context(|| format!("no {name} in an XINFO CONSUMERS entry"))
+            };
+            Ok(GroupConsumer {
+                name: field("name")?.into_string().context("name")?,
+                pending: field("pending")?.as_i64().context("pending")?,
+                idle_ms: field("idle")?.as_i64().context("idle")?,
+            })
+        })
+        .collect()
 }
 
 fn redis_server_binary() -> anyhow::Result<PathBuf> {

@@ -11,7 +11,7 @@ use fred::types::Value as RedisValue;
 use serde_json::Value;
 use stream_schema::keys::PRODUCER_GROUP;
 use stream_schema::{DeadLetter, RedisKey, SessionEvent};
-use test_support::{SseEvent, wait_until};
+use test_support::{SseEvent, group_consumers, wait_until};
 
 use crate::stack::{
     Service, Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
@@ -619,23 +619,10 @@ async fn cancel_while_the_upstream_is_silent_hangs_up_within_a_second() -> anyho
     Ok(())
 }
 
-/// Consumers of `llm:producers` on the jobs stream.
+/// Names of the consumers of `llm:producers` on the jobs stream, sorted.
 async fn producer_consumers(redis: &Client) -> anyhow::Result<Vec<String>> {
-    let reply: RedisValue = redis
-        .xinfo_consumers(RedisKey::requests().as_str(), PRODUCER_GROUP)
-        .await?;
-    let RedisValue::Array(list) = reply else {
-        anyhow::bail!("xinfo consumers: {reply:?}");
-    };
-    let mut names = Vec::new();
-    for consumer in list {
-        let fields = consumer.into_array();
-        let name = fields
-            .chunks(2)
-            .find(|pair| pair[0].as_str().as_deref() == Some("name"))
-            .and_then(|pair| pair[1].as_string());
-        names.push(name.ok_or_else(|| anyhow::anyhow!("a consumer without a name"))?);
-    }
+    let consumers = group_consumers(redis, RedisKey::requests().as_str(), PRODUCER_GROUP).await?;
+    let mut names: Vec<String> = consumers.into_iter().map(|c| c.name).collect();
     names.sort();
     Ok(names)
 }

@@ -5,34 +5,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use fred::prelude::*;
-use fred::types::Value;
 use stream_schema::RedisKey;
 use stream_schema::keys::PROCESSOR_GROUP;
-use test_support::wait_until;
+use test_support::{group_consumers, wait_until};
 
 use crate::{TIMEOUT, TestProcessor};
 
 const POLL: Duration = Duration::from_millis(50);
-
-/// Names of the consumers of the group on `key`.
-async fn consumer_names(redis: &Client, key: &RedisKey) -> anyhow::Result<Vec<String>> {
-    let reply: Value = redis.xinfo_consumers(key.as_str(), PROCESSOR_GROUP).await?;
-    let Value::Array(consumers) = reply else {
-        return Ok(Vec::new());
-    };
-    consumers
-        .into_iter()
-        .map(|consumer| {
-            let fields: Vec<Value> = consumer.into_array();
-            fields
-                .chunks(2)
-                .find(|pair| pair[0].as_str().as_deref() == Some("name"))
-                .and_then(|pair| pair[1].as_string())
-                .with_context(|| format!("no name in {fields:?}"))
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn a_processor_without_traffic_is_a_consumer_of_every_shard() -> anyhow::Result<()> {
@@ -46,8 +25,13 @@ async fn a_processor_without_traffic_is_a_consumer_of_every_shard() -> anyhow::R
         let redis = &processor.redis;
         async move {
             for shard in 0..shards {
-                let names = consumer_names(redis, &RedisKey::events_shard(shard)).await?;
-                if names != ["idle-processor"] {
+                let key = RedisKey::events_shard(shard);
+                let consumers = group_consumers(redis, key.as_str(), PROCESSOR_GROUP).await?;
+                if consumers
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .ne(["idle-processor"])
+                {
                     return Ok(None);
                 }
             }
