@@ -17,6 +17,12 @@
 //! shard's stream and ledger share the slot), so the ledger holds what is in flight, not a
 //! day's traffic. Its time bound (`processor.ledger_ttl_secs`) only clears ids whose entry
 //! left the stream unacknowledged (trimmed by its cap while pending).
+//!
+//! Because the ledger forgets at the ack, both scripts act only on entries still pending to the
+//! calling consumer. Otherwise a consumer that stalled past `processor.reclaim_idle_ms` while
+//! holding a batch would count it again after another consumer claimed, applied and acked it,
+//! and its ack (`XACK` ignores who holds an entry) could end a claimed entry before the new
+//! holder applied it.
 
 use std::collections::HashMap;
 
@@ -27,15 +33,18 @@ use stream_io::StreamIoError;
 use stream_schema::stats;
 use stream_schema::{EntryId, EventRecord, ModelId, RedisKey, SessionId};
 
-/// KEYS: the ledger, then the counter hashes of the batch, each once. ARGV: now ms, ledger ttl
-/// ms, one TTL in seconds per counter hash (in KEYS order), the number of records, then per
+/// KEYS: the ledger, the shard's event stream, then the counter hashes of the batch, each once.
+/// ARGV: now ms, ledger ttl ms, the group, the consumer, the batch's lowest and highest entry
+/// ids, one TTL in seconds per counter hash (in KEYS order), the number of records, then per
 /// record: its entry id, how many hashes it counts in and their KEYS indexes, how many deltas
 /// it adds and the field/delta pairs (added to each of its hashes). Returns per record 1 when
-/// applied, 0 for a redelivery (already in the ledger, or twice in this batch).
+/// applied, 0 for a redelivery (already in the ledger, or twice in this batch), 2 when the entry
+/// is no longer pending to this consumer (another one claimed it, and may have applied and
+/// acked it, which cleared the ledger; its new owner applies it).
 const APPLY: &str = r"
-local hashes = #KEYS - 1
-local count = tonumber(ARGV[3 + hashes])
-local pos = 4 + hashes
+local hashes = #KEYS - 2
+local count = tonumber(ARGV[7 + hashes])
+local pos = 8 + hashes
 local records, ids = {}, {}
 for r = 1, count do
   local record = {id = ARGV[pos], hashes = {}}
@@ -51,6 +60,13 @@ for r = 1, count do
   records[r] = record
   ids[r] = record.id
 end
+-- Only entries still pending to this consumer are ours to apply: a consumer that stalled past
+-- the reclaim time may hold a batch that another consumer has claimed since. The range may
+-- hold more of its pending entries than the batch (a failed batch's), so its count is unbounded.
+local owned = {}
+for _, pending in ipairs(redis.call('XPENDING', KEYS[2], ARGV[3], ARGV[5], ARGV[6], '2147483647', ARGV[4])) do
+  owned[pending[1]] = true
+end
 -- unpack has a stack limit (8,000 values): ledger commands go in chunks of 1,000 records.
 local seen = {}
 for i = 1, count, 1000 do
@@ -61,7 +77,9 @@ end
 local result, ledger, fresh, sums, touched = {}, {}, {}, {}, {}
 for r = 1, count do
   local record = records[r]
-  if seen[r] or fresh[record.id] then
+  if not owned[record.id] then
+    result[r] = 2
+  elseif seen[r] or fresh[record.id] then
     result[r] = 0
   else
     result[r] = 1
@@ -91,21 +109,74 @@ if #ledger > 0 then
       -- As an integer: a Lua number would reach Redis as '%.14g' text, not an integer.
       redis.call('HINCRBY', KEYS[k], field, string.format('%d', delta))
     end
-    redis.call('EXPIRE', KEYS[k], ARGV[k + 1])
+    redis.call('EXPIRE', KEYS[k], ARGV[k + 4])
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
 return result
 ";
 
-/// KEYS: the shard's event stream, its ledger. ARGV: the group, then entry ids. Acknowledges the
-/// entries and forgets them in the ledger in one step: nothing can deliver an acknowledged
-/// entry again, and no crash can separate the two (which would apply a redelivery twice).
+/// KEYS: the shard's event stream, its ledger. ARGV: the group, the consumer, the lowest and
+/// highest of the ids, then the entry ids. Acknowledges those of the entries still pending to
+/// this consumer and forgets them in the ledger in one step: nothing can deliver an
+/// acknowledged entry again, and no crash can separate the two (which would apply a redelivery
+/// twice). An entry another consumer claimed is left to it: `XACK` ignores the owner, so acking
+/// it here would end it before its new owner applied it, and forgetting it would let that owner
+/// apply it a second time. Returns how many entries it acknowledged.
 const ACK_AND_FORGET: &str = r"
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
-return 1
+local wanted = {}
+for i = 5, #ARGV do wanted[ARGV[i]] = true end
+local owned = {}
+for _, entry in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], '2147483647', ARGV[2])) do
+  if wanted[entry[1]] then owned[#owned + 1] = entry[1] end
+end
+-- unpack has a stack limit (8,000 values): chunks of 1,000 ids.
+for i = 1, #owned, 1000 do
+  local last = math.min(i + 999, #owned)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(owned, i, last))
+  redis.call('ZREM', KEYS[2], unpack(owned, i, last))
+end
+return #owned
 ";
+
+/// The consumer a batch was delivered to. It applies and acknowledges only the entries still
+/// pending to it: one that stalled longer than the reclaim time may find that another
+/// consumer has claimed them since.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    pub group: &'a str,
+    pub consumer: &'a str,
+}
+
+/// The lowest and highest of `ids`, as the range an `XPENDING` over them reads.
+fn id_range(ids: impl Iterator<Item = EntryId>) -> Option<(EntryId, EntryId)> {
+    ids.fold(None, |range, id| match range {
+        None => Some((id, id)),
+        Some((low, high)) => Some((low.min(id), high.max(id))),
+    })
+}
+
+/// What the apply script did with one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Counted now.
+    Counted,
+    /// Counted before: a redelivery, or an id given twice.
+    Duplicate,
+    /// No longer pending to this consumer: another one claimed it and counts it.
+    ClaimedElsewhere,
+}
+
+impl Applied {
+    /// The `outcome` label of `processor_records_total` and of the record's span.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Self::Counted => "applied",
+            Self::Duplicate => "duplicate",
+            Self::ClaimedElsewhere => "claimed_elsewhere",
+        }
+    }
+}
 
 /// How long each kind of counter hash lives.
 #[derive(Debug, Clone, Copy)]
@@ -224,10 +295,19 @@ impl Applier {
         }
     }
 
-    /// The script call that applies `batch` (records of `shard`) at `now_ms`: each counter
-    /// hash named once, however many records count in it.
-    pub fn invocation(&self, shard: u16, batch: &[RecordCounts], now_ms: u64) -> Invocation {
-        let mut keys = vec![RedisKey::applied_ledger(shard).to_string()];
+    /// The script call that applies `batch` (records of `shard` delivered to `holder`) at
+    /// `now_ms`: each counter hash named once, however many records count in it.
+    pub fn invocation(
+        &self,
+        shard: u16,
+        holder: Holder<'_>,
+        batch: &[RecordCounts],
+        now_ms: u64,
+    ) -> Invocation {
+        let mut keys = vec![
+            RedisKey::applied_ledger(shard).to_string(),
+            RedisKey::events_shard(shard).to_string(),
+        ];
         let mut ttls = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut records = vec![batch.len().to_string()];
@@ -248,37 +328,52 @@ impl Applier {
                 records.push(delta.to_string());
             }
         }
-        let mut args = Vec::with_capacity(2 + ttls.len() + records.len());
+        let (low, high) = id_range(batch.iter().map(|record| record.id))
+            .unwrap_or((EntryId::ZERO, EntryId::ZERO));
+        let mut args = Vec::with_capacity(6 + ttls.len() + records.len());
         args.push(now_ms.to_string());
         args.push(self.retention.ledger_secs.saturating_mul(1000).to_string());
+        args.push(holder.group.to_owned());
+        args.push(holder.consumer.to_owned());
+        args.push(low.to_string());
+        args.push(high.to_string());
         args.extend(ttls.iter().map(u64::to_string));
         args.extend(records);
         Invocation { keys, args }
     }
 
-    /// Applies a batch of records of `shard` in one script call; per record, false when it had
-    /// been applied before.
+    /// Applies a batch of records of `shard`, delivered to `holder`, in one script call; says
+    /// per record what became of it.
     pub async fn apply(
         &self,
         client: &Client,
         shard: u16,
+        holder: Holder<'_>,
         batch: &[RecordCounts],
-    ) -> Result<Vec<bool>, StreamIoError> {
+    ) -> Result<Vec<Applied>, StreamIoError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let Invocation { keys, args } = self.invocation(shard, batch, stream_schema::now_millis());
+        let Invocation { keys, args } =
+            self.invocation(shard, holder, batch, stream_schema::now_millis());
         #[expect(
             clippy::disallowed_methods,
             reason = "the processor alone writes llm:stats (the gateway only reads it, through \
                       stream_schema::stats); not a structure two services write"
         )]
-        let applied: Value = self.script.evalsha_with_reload(client, keys, args).await?;
-        let applied: Vec<bool> = applied
+        let answer: Value = self.script.evalsha_with_reload(client, keys, args).await?;
+        let applied = answer
             .into_array()
             .iter()
-            .map(|flag| flag.as_i64() == Some(1))
-            .collect();
+            .map(|flag| match flag.as_i64() {
+                Some(1) => Ok(Applied::Counted),
+                Some(0) => Ok(Applied::Duplicate),
+                Some(2) => Ok(Applied::ClaimedElsewhere),
+                _ => Err(StreamIoError::Protocol(format!(
+                    "the apply script answered {flag:?} for a record"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if applied.len() != batch.len() {
             return Err(StreamIoError::Protocol(format!(
                 "the apply script answered {} flags for {} records",
@@ -289,34 +384,38 @@ impl Applier {
         Ok(applied)
     }
 
-    /// Acknowledges `ids` of `shard` in `group` and removes them from the ledger, atomically.
+    /// Acknowledges those of `ids` (of `shard`) still pending to `holder` and removes them from
+    /// the ledger, atomically; returns how many it acknowledged.
     pub async fn ack(
         &self,
         client: &Client,
         shard: u16,
-        group: &str,
+        holder: Holder<'_>,
         ids: &[EntryId],
-    ) -> Result<(), StreamIoError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<u64, StreamIoError> {
+        let Some((low, high)) = id_range(ids.iter().copied()) else {
+            return Ok(0);
+        };
         let keys = vec![
             RedisKey::events_shard(shard).to_string(),
             RedisKey::applied_ledger(shard).to_string(),
         ];
-        let mut args = Vec::with_capacity(ids.len() + 1);
-        args.push(group.to_owned());
+        let mut args = Vec::with_capacity(ids.len() + 4);
+        args.push(holder.group.to_owned());
+        args.push(holder.consumer.to_owned());
+        args.push(low.to_string());
+        args.push(high.to_string());
         args.extend(ids.iter().map(EntryId::to_string));
         #[expect(
             clippy::disallowed_methods,
             reason = "the ack must be atomic with the processor-owned ledger, so it is one script \
                       in the shard's slot; only the processor group acks llm:events"
         )]
-        let _: Value = self
+        let acked: u64 = self
             .ack_script
             .evalsha_with_reload(client, keys, args)
             .await?;
-        Ok(())
+        Ok(acked)
     }
 }
 
@@ -326,12 +425,192 @@ mod tests {
     use stream_schema::record::FallbackSide;
     use stream_schema::{RequestId, record::Outcome};
 
+    const GROUP: &str = "llm:processors";
+    const HOLDER: Holder<'static> = Holder {
+        group: GROUP,
+        consumer: "c1",
+    };
+
     fn applier() -> Applier {
         Applier::new(Retention {
             ledger_secs: 10,
             totals_secs: 100,
             window_secs: 7_200,
         })
+    }
+
+    /// Appends `n` entries to shard `shard`'s stream and delivers them to `consumer`: entries
+    /// pending to it, as the scripts require of what it applies and acks.
+    async fn deliver(
+        client: &Client,
+        shard: u16,
+        consumer: &str,
+        n: u64,
+    ) -> Result<Vec<EntryId>, Box<dyn std::error::Error>> {
+        let stream = RedisKey::events_shard(shard);
+        stream_io::groups::ensure_group(client, &stream, GROUP).await?;
+        for _ in 0..n {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "placeholder entries: the scripts read only their ids and who holds them"
+            )]
+            let _: String = client
+                .xadd(stream.as_str(), false, None, "*", ("field", "value"))
+                .await?;
+        }
+        let read = stream_io::groups::read_new(
+            client,
+            GROUP,
+            consumer,
+            std::slice::from_ref(&stream),
+            n,
+            0,
+        )
+        .await?;
+        let ids: Vec<EntryId> = read
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .map(|entry| entry.id)
+            .collect();
+        assert_eq!(ids.len() as u64, n, "every appended entry was delivered");
+        Ok(ids)
+    }
+
+    /// Another consumer takes `ids` over (as `XAUTOCLAIM` does once they are idle long enough).
+    async fn claim(
+        client: &Client,
+        shard: u16,
+        consumer: &str,
+        ids: &[EntryId],
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (_, taken) = stream_io::groups::autoclaim(
+            client,
+            &RedisKey::events_shard(shard),
+            GROUP,
+            consumer,
+            0,
+            "0-0",
+            100,
+        )
+        .await?;
+        let taken: Vec<EntryId> = taken.into_iter().map(|entry| entry.id).collect();
+        assert_eq!(taken, ids, "{consumer} claimed the entries");
+        Ok(())
+    }
+
+    /// The tokens counted for model `m` in `shard`.
+    async fn model_tokens(
+        client: &Client,
+        shard: u16,
+    ) -> Result<Option<i64>, Box<dyn std::error::Error>> {
+        let model = ModelId::parse("m")?;
+        let key = RedisKey::model_stats(shard, &model);
+        Ok(client.hget(key.as_str(), "tokens_streamed").await?)
+    }
+
+    fn tokens(count: u32, now: u64) -> Result<EventRecord, stream_schema::IdError> {
+        Ok(EventRecord::Tokens {
+            request_id: RequestId::new(),
+            session_id: SessionId::parse_stored("s")?,
+            model_id: ModelId::parse("m")?,
+            count,
+            timestamp: now,
+        })
+    }
+
+    /// A consumer stalled past the reclaim time while holding a record; another claimed,
+    /// applied and acknowledged it (which cleared the ledger). The stalled one, resumed, must
+    /// not count it again.
+    #[tokio::test]
+    async fn a_record_claimed_and_acknowledged_by_another_consumer_counts_once()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let ids = deliver(&client, 4, "c1", 1).await?;
+        let batch: Vec<RecordCounts> = ids
+            .iter()
+            .map(|id| Ok(applier.counts(4, *id, &tokens(5, now)?, None, now)))
+            .collect::<Result<_, stream_schema::IdError>>()?;
+
+        claim(&client, 4, "c2", &ids).await?;
+        let c2 = Holder {
+            group: GROUP,
+            consumer: "c2",
+        };
+        assert_eq!(
+            applier.apply(&client, 4, c2, &batch).await?,
+            [Applied::Counted]
+        );
+        assert_eq!(applier.ack(&client, 4, c2, &ids).await?, 1);
+
+        assert_eq!(
+            applier.apply(&client, 4, HOLDER, &batch).await?,
+            [Applied::ClaimedElsewhere]
+        );
+        assert_eq!(applier.ack(&client, 4, HOLDER, &ids).await?, 0);
+        assert_eq!(model_tokens(&client, 4).await?, Some(5));
+        Ok(())
+    }
+
+    /// A consumer applied a record and stalled before its ack; another claimed it. The stalled
+    /// one's ack must leave it to its new holder: acking it (and clearing the ledger) would let
+    /// that holder count it a second time.
+    #[tokio::test]
+    async fn a_stalled_consumers_ack_leaves_a_claimed_record_to_its_new_holder()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let ids = deliver(&client, 4, "c1", 2).await?;
+        let batch: Vec<RecordCounts> = ids
+            .iter()
+            .map(|id| Ok(applier.counts(4, *id, &tokens(5, now)?, None, now)))
+            .collect::<Result<_, stream_schema::IdError>>()?;
+        assert_eq!(
+            applier.apply(&client, 4, HOLDER, &batch).await?,
+            [Applied::Counted, Applied::Counted]
+        );
+
+        claim(&client, 4, "c2", &ids).await?;
+        assert_eq!(applier.ack(&client, 4, HOLDER, &ids).await?, 0);
+        let held: u64 = client.zcard(RedisKey::applied_ledger(4).as_str()).await?;
+        assert_eq!(held, 2, "the ledger still remembers the claimed records");
+
+        let c2 = Holder {
+            group: GROUP,
+            consumer: "c2",
+        };
+        assert_eq!(
+            applier.apply(&client, 4, c2, &batch).await?,
+            [Applied::Duplicate, Applied::Duplicate]
+        );
+        assert_eq!(applier.ack(&client, 4, c2, &ids).await?, 2);
+        assert_eq!(model_tokens(&client, 4).await?, Some(10));
+        Ok(())
+    }
+
+    /// The ack leaves alone an entry of the holder's own that it was not asked to ack (one
+    /// whose apply failed stays pending for a retry), even inside the range it reads.
+    #[tokio::test]
+    async fn the_ack_takes_only_the_ids_it_is_given() -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let ids = deliver(&client, 6, "c1", 3).await?;
+        let chosen = [ids[0], ids[2]];
+        assert_eq!(applier().ack(&client, 6, HOLDER, &chosen).await?, 2);
+        let pending: Value = client
+            .xpending(RedisKey::events_shard(6).as_str(), GROUP, ("-", "+", 10))
+            .await?;
+        let left: Vec<String> = pending
+            .into_array()
+            .into_iter()
+            .filter_map(|entry| entry.into_array().into_iter().next()?.into_string())
+            .collect();
+        assert_eq!(left, [ids[1].to_string()]);
+        Ok(())
     }
 
     fn started(timestamp: u64) -> Result<EventRecord, stream_schema::IdError> {
@@ -354,11 +633,12 @@ mod tests {
         let now = 3_600_000 + 30_000;
         let applier = applier();
         let counts = applier.counts(2, EntryId::parse("5-0")?, &started(now)?, Some("team"), now);
-        let call = applier.invocation(2, &[counts], now);
+        let call = applier.invocation(2, HOLDER, &[counts], now);
         assert_eq!(
             call.keys,
             [
                 "llm:stats:{2}:applied",
+                "llm:events:{2}",
                 "llm:stats:{2}:session:s",
                 "llm:stats:{2}:model:m",
                 "llm:stats:{2}:tenant:default:model:m",
@@ -369,13 +649,15 @@ mod tests {
                 "llm:stats:{2}:m:60:key:team",
             ]
         );
-        // now, ledger ms, 4 totals TTLs, 4 minute TTLs (minute ends in 30 s, + 2 h), then one
-        // record: its id, its 8 hashes by KEYS index, its one delta.
+        // now, ledger ms, the holder, the batch's id range, 4 totals TTLs, 4 minute TTLs
+        // (minute ends in 30 s, + 2 h), then one record: its id, its 8 hashes by KEYS index,
+        // its one delta.
         assert_eq!(
             call.args,
             [
-                "3630000", "10000", "100", "100", "100", "100", "7230", "7230", "7230", "7230",
-                "1", "5-0", "8", "2", "3", "4", "5", "6", "7", "8", "9", "1", "requests", "1"
+                "3630000", "10000", GROUP, "c1", "5-0", "5-0", "100", "100", "100", "100", "7230",
+                "7230", "7230", "7230", "1", "5-0", "8", "3", "4", "5", "6", "7", "8", "9", "10",
+                "1", "requests", "1"
             ]
         );
         Ok(())
@@ -386,7 +668,7 @@ mod tests {
         let now = 3_600_000;
         let record = started_in("acme/s", now)?;
         let counts = applier().counts(1, EntryId::parse("5-0")?, &record, None, now);
-        let call = applier().invocation(1, &[counts], now);
+        let call = applier().invocation(1, HOLDER, &[counts], now);
         assert!(
             call.keys
                 .contains(&"llm:stats:{1}:tenant:acme:model:m".to_owned())
@@ -496,25 +778,30 @@ mod tests {
         let shard = stream_schema::keys::event_shard_of(&session, log.shards);
         let stream = log.shard_key(&session);
         let ledger = RedisKey::applied_ledger(shard);
-        let group = "llm:processors";
-        stream_io::groups::ensure_group(&client, &stream, group).await?;
+        stream_io::groups::ensure_group(&client, &stream, GROUP).await?;
         let id = log.append(&client, &record, None).await?;
         let read =
-            stream_io::groups::read_new(&client, group, "c1", std::slice::from_ref(&stream), 10, 0)
+            stream_io::groups::read_new(&client, GROUP, "c1", std::slice::from_ref(&stream), 10, 0)
                 .await?;
         assert_eq!(read.first().map(|(_, entries)| entries.len()), Some(1));
 
         let applier = applier();
         let batch = [applier.counts(shard, id, &record, None, stream_schema::now_millis())];
-        assert_eq!(applier.apply(&client, shard, &batch).await?, [true]);
-        assert_eq!(applier.apply(&client, shard, &batch).await?, [false]);
+        assert_eq!(
+            applier.apply(&client, shard, HOLDER, &batch).await?,
+            [Applied::Counted]
+        );
+        assert_eq!(
+            applier.apply(&client, shard, HOLDER, &batch).await?,
+            [Applied::Duplicate]
+        );
         let held: u64 = client.zcard(ledger.as_str()).await?;
         assert_eq!(held, 1, "an applied, unacknowledged id stays in the ledger");
 
-        applier.ack(&client, shard, group, &[id]).await?;
+        assert_eq!(applier.ack(&client, shard, HOLDER, &[id]).await?, 1);
         let held: u64 = client.zcard(ledger.as_str()).await?;
         assert_eq!(held, 0, "an acknowledged id leaves the ledger");
-        let pending: Value = client.xpending(stream.as_str(), group, ()).await?;
+        let pending: Value = client.xpending(stream.as_str(), GROUP, ()).await?;
         let pending = pending.into_array();
         assert_eq!(pending.first().and_then(Value::as_i64), Some(0));
         Ok(())
@@ -528,18 +815,25 @@ mod tests {
             applier.counts(2, EntryId::parse("5-0")?, &started_in("a", now)?, None, now),
             applier.counts(2, EntryId::parse("5-1")?, &started_in("b", now)?, None, now),
         ];
-        let call = applier.invocation(2, &batch, now);
-        // The ledger, a's six hashes, and only b's own two (its session's totals and minute).
-        assert_eq!(call.keys.len(), 1 + 6 + 2);
+        let call = applier.invocation(2, HOLDER, &batch, now);
+        // The ledger, the stream, a's six hashes, and only b's own two (its session's totals
+        // and minute).
+        assert_eq!(call.keys.len(), 2 + 6 + 2);
         let unique: std::collections::BTreeSet<&String> = call.keys.iter().collect();
         assert_eq!(unique.len(), call.keys.len());
         // b's record refers to the shared model hashes by the indexes a introduced.
+        // (The last "5-1": the first is the top of the batch's id range.)
         let b = call
             .args
             .iter()
-            .position(|a| a == "5-1")
+            .rposition(|a| a == "5-1")
             .ok_or("b's record is in the call")?;
-        assert_eq!(call.args[b + 1..b + 8], ["6", "8", "3", "4", "9", "6", "7"]);
+        assert_eq!(
+            call.args[b + 1..b + 8],
+            ["6", "9", "4", "5", "10", "7", "8"]
+        );
+        // The range the script checks ownership over covers both.
+        assert_eq!(call.args[4..6], ["5-0", "5-1"]);
         Ok(())
     }
 
@@ -560,19 +854,24 @@ mod tests {
                 timestamp: now,
             })
         };
+        let [id0, id1, id2] = <[EntryId; 3]>::try_from(deliver(&client, 3, "c1", 3).await?)
+            .map_err(|ids| format!("delivered {ids:?}"))?;
         let first = [
-            applier.counts(3, EntryId::parse("1-0")?, &tokens("a", 5)?, None, now),
-            applier.counts(3, EntryId::parse("1-1")?, &tokens("b", 7)?, None, now),
-        ];
-        assert_eq!(applier.apply(&client, 3, &first).await?, [true, true]);
-        let second = [
-            applier.counts(3, EntryId::parse("1-1")?, &tokens("b", 7)?, None, now),
-            applier.counts(3, EntryId::parse("1-2")?, &tokens("a", 11)?, None, now),
-            applier.counts(3, EntryId::parse("1-2")?, &tokens("a", 11)?, None, now),
+            applier.counts(3, id0, &tokens("a", 5)?, None, now),
+            applier.counts(3, id1, &tokens("b", 7)?, None, now),
         ];
         assert_eq!(
-            applier.apply(&client, 3, &second).await?,
-            [false, true, false]
+            applier.apply(&client, 3, HOLDER, &first).await?,
+            [Applied::Counted, Applied::Counted]
+        );
+        let second = [
+            applier.counts(3, id1, &tokens("b", 7)?, None, now),
+            applier.counts(3, id2, &tokens("a", 11)?, None, now),
+            applier.counts(3, id2, &tokens("a", 11)?, None, now),
+        ];
+        assert_eq!(
+            applier.apply(&client, 3, HOLDER, &second).await?,
+            [Applied::Duplicate, Applied::Counted, Applied::Duplicate]
         );
 
         let field = |key: RedisKey| {
@@ -611,8 +910,10 @@ mod tests {
         let now = stream_schema::now_millis();
         let session = SessionId::parse_stored("big")?;
         let model = ModelId::parse("m")?;
-        let batch = (0..4_500)
-            .map(|i| -> Result<RecordCounts, Box<dyn std::error::Error>> {
+        let ids = deliver(&client, 5, "c1", 4_500).await?;
+        let batch: Vec<RecordCounts> = ids
+            .iter()
+            .map(|id| {
                 let record = EventRecord::Tokens {
                     request_id: RequestId::new(),
                     session_id: session.clone(),
@@ -620,13 +921,13 @@ mod tests {
                     count: 1,
                     timestamp: now,
                 };
-                Ok(applier.counts(5, EntryId::parse(&format!("7-{i}"))?, &record, None, now))
+                applier.counts(5, *id, &record, None, now)
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let applied = applier.apply(&client, 5, &batch).await?;
-        assert!(applied.iter().all(|a| *a) && applied.len() == 4_500);
-        let again = applier.apply(&client, 5, &batch).await?;
-        assert!(again.iter().all(|a| !*a));
+            .collect();
+        let applied = applier.apply(&client, 5, HOLDER, &batch).await?;
+        assert!(applied.iter().all(|a| *a == Applied::Counted) && applied.len() == 4_500);
+        let again = applier.apply(&client, 5, HOLDER, &batch).await?;
+        assert!(again.iter().all(|a| *a == Applied::Duplicate));
         let total: Option<i64> = client
             .hget(
                 RedisKey::session_stats(5, &session).as_str(),
@@ -634,6 +935,9 @@ mod tests {
             )
             .await?;
         assert_eq!(total, Some(4_500));
+        assert_eq!(applier.ack(&client, 5, HOLDER, &ids).await?, 4_500);
+        let held: u64 = client.zcard(RedisKey::applied_ledger(5).as_str()).await?;
+        assert_eq!(held, 0, "every acknowledged id leaves the ledger");
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ use stream_schema::{EntryId, EventRecord, RedisKey, RequestId, RequestMeta, stat
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::apply::Applier;
+use crate::apply::{Applied, Applier, Holder};
 
 /// How often a consumer looks for orphaned entries.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -120,6 +120,14 @@ impl ShardConsumer {
         RedisKey::events_shard(self.shard)
     }
 
+    /// This consumer, as the holder of the entries it was delivered.
+    fn holder(&self) -> Holder<'_> {
+        Holder {
+            group: PROCESSOR_GROUP,
+            consumer: &self.consumer,
+        }
+    }
+
     /// The `record.apply` span of one record, in the trace of the producer attempt that wrote
     /// it (its `tp` field). Records come one per batch of tokens, not per token, so a span each
     /// stays cheap; without a `tp` (traces off) it is a plain, unexported `tracing` span.
@@ -179,8 +187,10 @@ impl ShardConsumer {
     /// Applies and acks entries: one script call applies the batch, then one `XACK` (which also
     /// clears the ledger) covers every entry that is done. An entry that cannot be decoded is
     /// acked and counted (it can never succeed); entries whose settlement or apply failed stay
-    /// pending and are reclaimed later (the ledger makes the retry safe). A record's span ends
-    /// once its outcome is known: its duration is its settlement and the batch's apply.
+    /// pending and are reclaimed later (the ledger makes the retry safe). Entries another
+    /// consumer claimed while this one stalled are neither applied nor acked here: they are
+    /// that consumer's now. A record's span ends once its outcome is known: its duration is its
+    /// settlement and the batch's apply.
     async fn process(&self, entries: Vec<Entry>) -> Result<(), StreamIoError> {
         let client = self.redis.next();
         let mut done: Vec<EntryId> = Vec::with_capacity(entries.len());
@@ -209,7 +219,7 @@ impl ShardConsumer {
             Err(error) => {
                 // Nothing applied yet: ack only what can never succeed, retry the rest later.
                 self.applier
-                    .ack(client, self.shard, PROCESSOR_GROUP, &done)
+                    .ack(client, self.shard, self.holder(), &done)
                     .await?;
                 return Err(error);
             }
@@ -254,12 +264,31 @@ impl ShardConsumer {
                 }
             }
         }
-        match self.applier.apply(client, self.shard, &batch).await {
+        match self
+            .applier
+            .apply(client, self.shard, self.holder(), &batch)
+            .await
+        {
             Ok(applied) => {
+                let claimed = applied
+                    .iter()
+                    .filter(|a| **a == Applied::ClaimedElsewhere)
+                    .count();
+                if claimed > 0 {
+                    tracing::info!(
+                        shard = self.shard,
+                        count = claimed,
+                        "records claimed by another consumer while this one held them"
+                    );
+                }
                 for ((id, record, span), applied) in in_batch.into_iter().zip(applied) {
-                    let outcome = if applied { "applied" } else { "duplicate" };
-                    span.record("outcome", outcome);
-                    metrics::counter!("processor_records_total", "outcome" => outcome).increment(1);
+                    span.record("outcome", applied.outcome());
+                    metrics::counter!("processor_records_total", "outcome" => applied.outcome())
+                        .increment(1);
+                    if applied == Applied::ClaimedElsewhere {
+                        // Its new holder applies and acks it.
+                        continue;
+                    }
                     if matches!(record, EventRecord::Finished { .. }) {
                         self.metas
                             .lock()
@@ -277,7 +306,7 @@ impl ShardConsumer {
             }
         }
         self.applier
-            .ack(client, self.shard, PROCESSOR_GROUP, &done)
+            .ack(client, self.shard, self.holder(), &done)
             .await?;
         failure.map_or(Ok(()), Err)
     }
