@@ -601,7 +601,9 @@ pub struct ProcessorSettings {
     pub gather_ms: u64,
     /// Analytics keys expire after this long without updates.
     pub stats_ttl_secs: u64,
-    /// Entries pending this long with a consumer are presumed orphaned and reclaimed.
+    /// Entries pending this long with a consumer are presumed orphaned and reclaimed. A consumer
+    /// that was only stalled, not dead, leaves them to the one that claimed them: records count
+    /// once either way, so a short value costs only needless claims.
     pub reclaim_idle_ms: u64,
     /// The exactly-once ledger forgets an entry id when the entry is acknowledged; an id whose
     /// entry left the stream unacknowledged (trimmed while pending) is dropped after this long.

@@ -491,7 +491,9 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
         // No gathering: the killer below catches records read but not acked by freezing the
         // processor inside its blocking read, and a gathering loop spends up to 100 ms after
         // each short batch with no read in flight. `gather.rs` covers gathering; the reclaim
-        // of a dead consumer's records is the same either way.
+        // of a dead consumer's records is the same either way. A 1 s reclaim also takes records
+        // from the live processor whenever it stalls that long on the loaded machine; counting
+        // those once is part of what this test checks (`apply.rs` tests it step by step).
         .with_settings(|s| {
             s.processor.batch_size = 8;
             s.processor.gather_ms = 0;
