@@ -270,23 +270,14 @@ impl ShardConsumer {
             .await
         {
             Ok(applied) => {
-                let claimed = applied
-                    .iter()
-                    .filter(|a| **a == Applied::ClaimedElsewhere)
-                    .count();
-                if claimed > 0 {
-                    tracing::info!(
-                        shard = self.shard,
-                        count = claimed,
-                        "records claimed by another consumer while this one held them"
-                    );
-                }
+                let mut claimed = 0;
                 for ((id, record, span), applied) in in_batch.into_iter().zip(applied) {
                     span.record("outcome", applied.outcome());
                     metrics::counter!("processor_records_total", "outcome" => applied.outcome())
                         .increment(1);
                     if applied == Applied::ClaimedElsewhere {
                         // Its new holder applies and acks it.
+                        claimed += 1;
                         continue;
                     }
                     if matches!(record, EventRecord::Finished { .. }) {
@@ -296,6 +287,13 @@ impl ShardConsumer {
                             .forget(&record.request_id());
                     }
                     done.push(id);
+                }
+                if claimed > 0 {
+                    tracing::info!(
+                        shard = self.shard,
+                        count = claimed,
+                        "records claimed by another consumer while this one held them"
+                    );
                 }
             }
             Err(error) => {
