@@ -130,7 +130,25 @@ impl TestApp {
     /// so every write of any kind raises it), with the gateway's liveness heartbeat: the one
     /// write the gateway makes on a timer (`connection_heartbeat_secs`), whatever requests do.
     pub async fn writes(&self) -> anyhow::Result<Writes> {
-        let info: String = self.redis.info(Some(InfoKind::Persistence)).await?;
+        // The test's own Redis serves one gateway: the one entry of `llm:gateways` names it.
+        let gateways: Vec<String> = self.redis.hkeys(RedisKey::gateways().as_str()).await?;
+        // The change count and the heartbeat are read in one transaction: a renewal falling
+        // between two separate reads would count as a change and not as a renewal.
+        let trx = self.redis.multi();
+        let _: () = trx.info(Some(InfoKind::Persistence)).await?;
+        if let Some(id) = gateways.first() {
+            let alive = RedisKey::gateway_alive(&GatewayId::from_stored(id));
+            let _: () = trx.get(alive.as_str()).await?;
+        }
+        let mut replies = trx.exec::<Vec<Value>>(true).await?.into_iter();
+        let info: String = replies
+            .next()
+            .ok_or_else(|| anyhow!("no INFO reply in the transaction"))?
+            .convert()?;
+        let heartbeat: Option<String> = match replies.next() {
+            Some(value) => value.convert()?,
+            None => None,
+        };
         let changes = info
             .lines()
             .find_map(|line| line.strip_prefix("rdb_changes_since_last_save:"))
@@ -138,15 +156,6 @@ impl TestApp {
             .trim()
             .parse()
             .context("rdb_changes_since_last_save")?;
-        // The test's own Redis serves one gateway: the one entry of `llm:gateways` names it.
-        let gateways: Vec<String> = self.redis.hkeys(RedisKey::gateways().as_str()).await?;
-        let heartbeat = match gateways.first() {
-            Some(id) => {
-                let alive = RedisKey::gateway_alive(&GatewayId::from_stored(id));
-                self.redis.get(alive.as_str()).await?
-            }
-            None => None,
-        };
         Ok(Writes { changes, heartbeat })
     }
 
