@@ -236,17 +236,28 @@ impl Connections {
 
     /// The connection keeps its id: written to the shared view.
     fn opened(&self, info: ConnectionInfo) {
-        if let Some(view) = &self.view {
-            let _ = view.send(ViewOp::Open(info));
-        }
+        self.queue(ViewOp::Open(info));
     }
 
     fn remove(&self, session_id: &SessionId, connection_id: &str) {
-        if self.with(|live| live.remove(connection_id)).is_some() {
+        // Queued under the table's lock: whoever sees the connection gone from this gateway
+        // (a listing) also sees its removal counted in the view writer's backlog.
+        let removed = self.with(|live| {
+            self.queue(ViewOp::Close(session_id.clone(), connection_id.to_owned()));
+            live.remove(connection_id).is_some()
+        });
+        if removed {
             metrics::gauge!("gateway_sse_connections").decrement(1.0);
         }
+    }
+
+    fn queue(&self, op: ViewOp) {
         if let Some(view) = &self.view {
-            let _ = view.send(ViewOp::Close(session_id.clone(), connection_id.to_owned()));
+            metrics::gauge!(VIEW_BACKLOG).increment(1.0);
+            if view.send(op).is_err() {
+                // The writer has stopped (shutdown): nothing will write this change.
+                metrics::gauge!(VIEW_BACKLOG).decrement(1.0);
+            }
         }
     }
 
@@ -285,6 +296,10 @@ impl Connections {
     }
 }
 
+/// Gauge: changes to the shared view queued and not yet written (their Redis call has not
+/// answered). It stays near 0; a growing backlog means Redis is slow or unreachable.
+const VIEW_BACKLOG: &str = "gateway_connection_view_backlog";
+
 /// Renewals between two sweeps for dead gateways' leftovers.
 const SWEEP_EVERY: u32 = 12;
 
@@ -317,6 +332,7 @@ impl ViewWriter {
                     if let Err(error) = self.apply(op).await {
                         tracing::debug!(%error, "cannot update the shared connection view");
                     }
+                    metrics::gauge!(VIEW_BACKLOG).decrement(1.0);
                 }
                 _ = tick.tick(), if !shutdown.is_cancelled() => {
                     if let Err(error) = self.renew(ticks % SWEEP_EVERY == SWEEP_EVERY - 1).await {

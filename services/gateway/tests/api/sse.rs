@@ -327,8 +327,10 @@ async fn check(app: &TestApp, tally: &Tally, input: Input, known: RequestId) -> 
         drop(response);
         tally.record("stream");
         // The connection was registered in the shared view; wait until its removal is written
-        // so the next case measures its own writes only.
+        // so the next case measures its own writes only. The gateway lists it until its
+        // removal is queued, and the view writer's backlog counts it until it is written.
         wait_for_no_connections(app, &input.session).await?;
+        wait_for_view_written(app).await?;
         return app.settle().await;
     }
     let answer = Answer::read(response).await?;
@@ -359,6 +361,27 @@ async fn wait_for_no_connections(app: &TestApp, session: &str) -> anyhow::Result
                 .as_array()
                 .is_some_and(Vec::is_empty)
                 .then_some(()))
+        },
+    )
+    .await
+}
+
+/// Waits until the gateway's view writer has written every change it was given
+/// (`gateway_connection_view_backlog` is 0).
+async fn wait_for_view_written(app: &TestApp) -> anyhow::Result<()> {
+    let url = app.url("/metrics");
+    test_support::wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(10),
+        || async {
+            let text = app.http.get(&url).send().await?.text().await?;
+            let backlog = text
+                .lines()
+                .find_map(|line| line.strip_prefix("gateway_connection_view_backlog "))
+                .map(|value| value.trim().parse::<f64>())
+                .transpose()?;
+            // Absent until the first change was queued: nothing to wait for then.
+            Ok(backlog.is_none_or(|b| b == 0.0).then_some(()))
         },
     )
     .await
