@@ -104,7 +104,10 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Below the servers' keep-alive (5 s in actix-web and uvicorn): a pooled connection
+        // is dropped here before the server closes it, never reused while its close is in
+        // flight (a start or cancel then failed with "error sending request").
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()
         .context("building the HTTP client")
 }
