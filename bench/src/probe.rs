@@ -2,13 +2,14 @@
 //! memory from `/proc/<pid>`, a process's TCP connections to Redis from `/proc/net/tcp`, and
 //! Redis's own `INFO commandstats`; plus the machine description for the report.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use fred::prelude::*;
 use fred::types::InfoKind;
+use test_support::sockets::{TcpState, socket_inodes, tcp_sockets};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -121,42 +122,15 @@ fn status_kib(status: &str, field: &str) -> Option<u64> {
 
 /// Established TCP connections of process `pid` to `127.0.0.1:<remote_port>`.
 pub fn connections_to(pid: u32, remote_port: u16) -> anyhow::Result<usize> {
-    let mut inodes = HashSet::new();
-    let fd_dir = format!("/proc/{pid}/fd");
-    for entry in std::fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))? {
-        let Ok(entry) = entry else { continue };
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy();
-        if let Some(inode) = target
-            .strip_prefix("socket:[")
-            .and_then(|s| s.strip_suffix(']'))
-        {
-            inodes.insert(inode.to_owned());
-        }
-    }
-    let mut count = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(remote), Some(state), Some(inode)) = (cols.get(2), cols.get(3), cols.get(9))
-            else {
-                continue;
-            };
-            let port = remote
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            // State 01 is ESTABLISHED.
-            if port == Some(remote_port) && *state == "01" && inodes.contains(*inode) {
-                count += 1;
-            }
-        }
-    }
-    Ok(count)
+    let held = socket_inodes(pid)?;
+    Ok(tcp_sockets()?
+        .iter()
+        .filter(|s| {
+            s.state == TcpState::Established
+                && s.remote_port == remote_port
+                && held.contains(&s.inode)
+        })
+        .count())
 }
 
 /// Calls per command from `INFO commandstats` (`cmdstat_xadd:calls=…` → `xadd`).

@@ -9,6 +9,7 @@
 pub mod http;
 pub mod process;
 pub mod redis;
+pub mod sockets;
 pub mod sse;
 pub mod stack;
 

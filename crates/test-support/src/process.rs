@@ -13,6 +13,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::sockets::{TcpState, socket_inodes, tcp_sockets};
+
 /// Port of the developer Redis that runs on these machines; tests must never touch it.
 const RESERVED_PORT: u16 = 6379;
 
@@ -245,25 +247,18 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Whether process `pid` holds a listening TCP socket on `port` (see
 /// [`ServiceProcess::listens_on`]).
 pub(crate) fn pid_listens_on(pid: u32, port: u16) -> anyhow::Result<bool> {
-    let listening = listening_socket_inodes(port)?;
+    let listening: Vec<String> = tcp_sockets()?
+        .into_iter()
+        .filter(|s| s.state == TcpState::Listen && s.local_port == port)
+        .map(|s| s.inode)
+        .collect();
     if listening.is_empty() {
         return Ok(false);
     }
     // A wrapper (heaptrack, `sh -c`) leaves the socket to a descendant, which counts too.
     Ok(self_and_descendants(pid).into_iter().any(|pid| {
         // The process may exit (and its fd dir vanish) while we look: "not listening".
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return false;
-        };
-        fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|target| {
-                target
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .is_some_and(|inode| listening.iter().any(|l| l == inode))
-            })
-        })
+        socket_inodes(pid).is_ok_and(|held| listening.iter().any(|l| held.contains(l)))
     }))
 }
 
@@ -287,36 +282,6 @@ fn self_and_descendants(pid: u32) -> Vec<u32> {
         }
     }
     found
-}
-
-/// Inodes of the sockets listening on TCP `port` (any local address), from `/proc/net/tcp`
-/// and `/proc/net/tcp6`. Columns: `sl local_address rem_address st … uid timeout inode`, the
-/// port in hex after the colon, state `0A` = LISTEN.
-fn listening_socket_inodes(port: u16) -> anyhow::Result<Vec<String>> {
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = match std::fs::read_to_string(table) {
-            Ok(text) => text,
-            // A kernel without IPv6 has no tcp6 table.
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error).with_context(|| format!("reading {table}")),
-        };
-        for line in text.lines().skip(1) {
-            let columns: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(inode)) =
-                (columns.get(1), columns.get(3), columns.get(9))
-            else {
-                continue;
-            };
-            let local_port = local
-                .rsplit_once(':')
-                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
-            if *state == "0A" && local_port == Some(port) {
-                inodes.push((*inode).to_owned());
-            }
-        }
-    }
-    Ok(inodes)
 }
 
 /// Kills `child` (SIGKILL, only this pid) and reaps it, from synchronous code such as `Drop`.
