@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, ensure};
 use gateway::stream_token::{Scope, TokenError};
 use proptest::prelude::*;
-use stream_schema::{EntryId, RequestId, SessionId, TenantId};
+use stream_schema::{EntryId, RequestId, SessionCursor, SessionId, TenantId};
 
 use crate::helpers::{API_KEY, Answer, KEY_ID, Tally, TestApp, content_type, encode, now_secs};
 use crate::sessions::{leaves_the_route, raw_session_id};
@@ -58,7 +58,35 @@ fn resume_id() -> impl Strategy<Value = String> {
         1 => "[0-9]{1,22}",
         1 => Just(String::new()),
         2 => "[ -~]{0,24}",
+        2 => session_cursor(),
     ]
+}
+
+/// A session cursor (`model=id,…`), well or badly formed: printable text without `,` and `=`
+/// stands in for a bad model or id.
+fn session_cursor() -> impl Strategy<Value = String> {
+    let model = prop_oneof![3 => "[a-z][a-z0-9._:-]{0,8}", 1 => "[ -+\\--<>-~]{0,4}"];
+    let id = prop_oneof![
+        3 => (any::<u64>(), any::<u64>()).prop_map(|(ms, seq)| format!("{ms}-{seq}")),
+        1 => "[ -+\\--<>-~]{0,6}",
+    ];
+    prop::collection::vec((model, id), 1..4).prop_map(|pairs| {
+        pairs
+            .iter()
+            .map(|(model, id)| format!("{model}={id}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
+
+/// Whether the gateway must accept `raw` as a resume position: a session cursor when it is
+/// written as one, else a stream entry id (SPEC §2).
+fn valid_resume(raw: &str) -> bool {
+    if SessionCursor::looks_like(raw) {
+        SessionCursor::parse(raw).is_ok()
+    } else {
+        EntryId::parse(raw).is_ok()
+    }
 }
 
 fn input() -> impl Strategy<Value = Input> {
@@ -222,7 +250,7 @@ fn expected(
         .as_ref()
         .or(input.resume_query.as_ref())
         .filter(|raw| !raw.is_empty());
-    if resume.is_some_and(|raw| EntryId::parse(raw).is_err()) {
+    if resume.is_some_and(|raw| !valid_resume(raw)) {
         return Some("invalid_request");
     }
     let Some(token) = token else {
