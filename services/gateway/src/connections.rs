@@ -346,6 +346,12 @@ impl ViewWriter {
                 () = quiet_after(&shutdown) => break,
             }
         }
+        // Changes queued after the last one written are not written: `leave` below removes
+        // all of this gateway's entries. Senders from now on see the channel closed.
+        ops.close();
+        while ops.try_recv().is_ok() {
+            metrics::gauge!(VIEW_BACKLOG).decrement(1.0);
+        }
         if let Err(error) = stream_io::connections::leave(self.pool.next(), &self.gateway).await {
             tracing::debug!(%error, "cannot remove this gateway from the connection view");
         }

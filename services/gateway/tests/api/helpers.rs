@@ -159,6 +159,35 @@ impl TestApp {
         Ok(Writes { changes, heartbeat })
     }
 
+    /// The gateway's `gateway_connection_view_backlog` gauge: connection-view changes queued
+    /// and not yet written. 0 before the first change.
+    pub async fn view_backlog(&self) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix("gateway_connection_view_backlog "))
+            .map(|value| value.trim().parse::<f64>())
+            .transpose()
+            .context("gateway_connection_view_backlog")?;
+        Ok(value.unwrap_or(0.0))
+    }
+
+    /// Waits until the gateway's view writer has written every change it was given.
+    pub async fn wait_for_view_written(&self) -> anyhow::Result<()> {
+        test_support::wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            || async { Ok((self.view_backlog().await? == 0.0).then_some(())) },
+        )
+        .await
+    }
+
     /// Waits until background writes of an accepted request (the connection view of an SSE
     /// client that just left) are over, so the next case starts from a quiet Redis.
     pub async fn settle(&self) -> anyhow::Result<()> {

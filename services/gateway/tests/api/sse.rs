@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, ensure};
+use fred::prelude::*;
 use gateway::stream_token::{Scope, TokenError};
 use proptest::prelude::*;
 use stream_schema::{EntryId, RequestId, SessionCursor, SessionId, TenantId};
@@ -358,7 +359,7 @@ async fn check(app: &TestApp, tally: &Tally, input: Input, known: RequestId) -> 
         // so the next case measures its own writes only. The gateway lists it until its
         // removal is queued, and the view writer's backlog counts it until it is written.
         wait_for_no_connections(app, &input.session).await?;
-        wait_for_view_written(app).await?;
+        app.wait_for_view_written().await?;
         return app.settle().await;
     }
     let answer = Answer::read(response).await?;
@@ -394,27 +395,6 @@ async fn wait_for_no_connections(app: &TestApp, session: &str) -> anyhow::Result
     .await
 }
 
-/// Waits until the gateway's view writer has written every change it was given
-/// (`gateway_connection_view_backlog` is 0).
-async fn wait_for_view_written(app: &TestApp) -> anyhow::Result<()> {
-    let url = app.url("/metrics");
-    test_support::wait_until(
-        Duration::from_secs(20),
-        Duration::from_millis(10),
-        || async {
-            let text = app.http.get(&url).send().await?.text().await?;
-            let backlog = text
-                .lines()
-                .find_map(|line| line.strip_prefix("gateway_connection_view_backlog "))
-                .map(|value| value.trim().parse::<f64>())
-                .transpose()?;
-            // Absent until the first change was queued: nothing to wait for then.
-            Ok(backlog.is_none_or(|b| b == 0.0).then_some(()))
-        },
-    )
-    .await
-}
-
 #[test]
 fn sse_refuses_bad_input_with_the_right_json_4xx_and_writes_nothing() -> anyhow::Result<()> {
     // Short connection TTL: a connection whose removal raced its own registration (both are
@@ -439,4 +419,60 @@ fn sse_refuses_bad_input_with_the_right_json_4xx_and_writes_nothing() -> anyhow:
         "unauthorized",
         "not_found",
     ])
+}
+
+#[test]
+fn the_view_backlog_counts_a_connection_change_until_redis_has_it() -> anyhow::Result<()> {
+    let app = TestApp::start()?;
+    app.block_on(async {
+        let session = SessionId::parse("backlog")?;
+        let token = app.tokens.issue(
+            &TenantId::default_tenant(),
+            &session,
+            Scope::Session,
+            KEY_ID,
+            now_secs(),
+        );
+        let listed = || stream_io::connections::list(&app.redis, &session);
+        app.wait_for_view_written().await?;
+        // Redis holds every write (reads go on) until unpaused: the connection's registration
+        // stays queued in the gateway.
+        let pause: String = app
+            .redis
+            .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "20000", "WRITE"])
+            .await?;
+        ensure!(pause == "OK", "CLIENT PAUSE answered {pause}");
+        let url = app.url(&format!("/api/sse/stream/backlog?token={}", encode(&token)));
+        let stream = tokio::spawn(app.http.get(url).send());
+        test_support::wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || async { Ok((app.view_backlog().await? >= 1.0).then_some(())) },
+        )
+        .await
+        .context("the registration never showed in the backlog")?;
+        ensure!(listed().await?.is_empty(), "written while Redis was paused");
+
+        let _: String = app
+            .redis
+            .custom(fred::cmd!("CLIENT"), vec!["UNPAUSE"])
+            .await?;
+        app.wait_for_view_written().await?;
+        let view = listed().await?;
+        ensure!(view.len() == 1, "backlog 0 but the view lists {view:?}");
+
+        // The client leaves: once the gateway no longer lists it and the backlog is 0, the
+        // view has no entry either.
+        let response = stream.await??;
+        ensure!(response.status() == 200, "{}", response.status());
+        drop(response);
+        wait_for_no_connections(&app, session.as_str()).await?;
+        app.wait_for_view_written().await?;
+        let view = listed().await?;
+        ensure!(
+            view.is_empty(),
+            "backlog 0 but the view still lists {view:?}"
+        );
+        Ok(())
+    })
 }
