@@ -69,6 +69,19 @@ pub async fn wait_for_http_ok(url: &str, timeout: Duration) -> anyhow::Result<()
     .with_context(|| format!("waiting for {url} to answer 2xx"))
 }
 
+/// The value of the sample `series value` of a Prometheus text page (`/metrics`): `series` is
+/// the name with its labels written exactly as the page does, or the name alone. `None` when
+/// the page has no such sample or its value is not a number.
+pub fn metric_sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +112,14 @@ mod tests {
             .unwrap_or_else(|e| format!("{e:#}"));
         assert!(message.contains("not met within"), "{message}");
         assert!(message.contains("still starting"), "{message}");
+    }
+
+    #[test]
+    fn a_sample_is_read_by_its_exact_series() {
+        let page = "# TYPE x counter\nx_total{a=\"1\"} 3\nx_total 7\nx_total_more 9\ny NaNx\n";
+        assert_eq!(metric_sample(page, "x_total"), Some(7.0));
+        assert_eq!(metric_sample(page, "x_total{a=\"1\"}"), Some(3.0));
+        assert_eq!(metric_sample(page, "x"), None);
+        assert_eq!(metric_sample(page, "y"), None);
     }
 }

@@ -13,7 +13,7 @@ pub mod sockets;
 pub mod sse;
 pub mod stack;
 
-pub use http::{wait_for_http_ok, wait_until};
+pub use http::{metric_sample, wait_for_http_ok, wait_until};
 pub use process::{ServiceProcess, bin_path, find_on_path, free_port};
 pub use redis::{GroupConsumer, RedisCluster, RedisServer, connect_client, group_consumers};
 pub use sse::{SseClient, SseConnection, SseEvent};

@@ -15,7 +15,7 @@ use futures::future::join_all;
 use serde_json::{Value, json};
 use stream_schema::keys::{PROCESSOR_GROUP, event_shard_of};
 use stream_schema::{RedisKey, SessionId};
-use test_support::{group_consumers, wait_until};
+use test_support::{group_consumers, metric_sample, wait_until};
 
 use crate::stack::{API_KEY, Stack, StackOptions, TIMEOUT, options, payloads, str_field};
 
@@ -465,17 +465,6 @@ fn field_map(value: RedisValue) -> BTreeMap<String, RedisValue> {
     }
 }
 
-/// The value of the sample `series value` of a Prometheus text page.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 // Two worker threads: the test drives ~100 SSE readers and polls Redis at the same time; on
 // a loaded 2-core machine one thread could starve its own Redis client past its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,8 +625,9 @@ async fn a_processor_killed_mid_batch_leaves_the_counters_exact() -> anyhow::Res
         async move {
             let text = stack.http.get(url).send().await?.text().await?;
             let drained = (0..SHARDS).all(|shard| {
-                sample(&text, &format!("processor_group_lag{{shard=\"{shard}\"}}")) == Some(0.0)
-                    && sample(
+                metric_sample(&text, &format!("processor_group_lag{{shard=\"{shard}\"}}"))
+                    == Some(0.0)
+                    && metric_sample(
                         &text,
                         &format!("processor_group_pending{{shard=\"{shard}\"}}"),
                     ) == Some(0.0)

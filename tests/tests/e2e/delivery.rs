@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use test_support::{SseEvent, wait_until};
+use test_support::{SseEvent, metric_sample, wait_until};
 
 use crate::stack::{
     Stack, StackOptions, TIMEOUT, expected_text, options, payloads, str_field, text_of,
@@ -296,10 +296,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_resumes_without_loss() -> an
         .await?
         .text()
         .await?;
-    let stalled_total = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("gateway_sse_stalled_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
+    let stalled_total = metric_sample(&metrics, "gateway_sse_stalled_total");
     assert_eq!(stalled_total, Some(1.0), "{metrics}");
 
     // Reading again: what was in flight, then the end of the response.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fred::prelude::*;
 use serde_json::json;
-use test_support::wait_until;
+use test_support::{metric_sample, wait_until};
 
 use crate::stack::{
     API_KEY, RedisSource, Stack, StackOptions, TIMEOUT, expected_text, options, payloads,
@@ -15,15 +15,6 @@ use crate::stack::{
 };
 
 const POLL: Duration = Duration::from_millis(50);
-
-/// The value of one sample line `name{labels} value` (labels given exactly, or none).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?;
-        let value = rest.strip_prefix(' ')?;
-        value.trim().parse().ok()
-    })
-}
 
 /// Waits until the gateway, producer and processor all answer `/readyz` with `status`; on a
 /// timeout, names the service and shows its `/readyz` body and log tail.
@@ -62,7 +53,7 @@ async fn readiness_gauges_read(stack: &Stack, value: f64) -> anyhow::Result<()> 
         let metrics = scrape(stack, service.url()).await?;
         for gauge in ["service_ready", "redis_connected"] {
             assert_eq!(
-                sample(&metrics, gauge),
+                metric_sample(&metrics, gauge),
                 Some(value),
                 "{gauge} of {}",
                 service.process.name()
@@ -92,19 +83,19 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
 
     let gateway = scrape(&stack, stack.gateway()).await?;
     assert_eq!(
-        sample(&gateway, "gateway_chats_started_total{outcome=\"started\"}"),
+        metric_sample(&gateway, "gateway_chats_started_total{outcome=\"started\"}"),
         Some(1.0)
     );
     assert_eq!(
-        sample(&gateway, "gateway_tokens_delivered_total"),
+        metric_sample(&gateway, "gateway_tokens_delivered_total"),
         Some(12.0)
     );
     assert_eq!(
-        sample(&gateway, "gateway_events_delivered_total"),
+        metric_sample(&gateway, "gateway_events_delivered_total"),
         Some(14.0)
     );
     assert_eq!(
-        sample(&gateway, "gateway_token_delivery_lag_seconds_count"),
+        metric_sample(&gateway, "gateway_token_delivery_lag_seconds_count"),
         Some(12.0)
     );
     assert!(gateway.contains("gateway_token_delivery_lag_seconds_bucket{le=\"0.005\"}"));
@@ -115,20 +106,25 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         let stack = &stack;
         async move {
             let text = scrape(stack, url).await?;
-            Ok(sample(&text, "producer_requests_total{outcome=\"stop\"}")
-                .is_some_and(|v| v == 1.0)
-                .then_some(text))
+            Ok(
+                metric_sample(&text, "producer_requests_total{outcome=\"stop\"}")
+                    .is_some_and(|v| v == 1.0)
+                    .then_some(text),
+            )
         }
     })
     .await?;
-    assert_eq!(sample(&producer, "producer_tokens_total"), Some(12.0));
     assert_eq!(
-        sample(&producer, "producer_time_to_first_token_seconds_count"),
+        metric_sample(&producer, "producer_tokens_total"),
+        Some(12.0)
+    );
+    assert_eq!(
+        metric_sample(&producer, "producer_time_to_first_token_seconds_count"),
         Some(1.0)
     );
     // The bridge's own share of the request (total minus upstream wait) is measured too.
     assert_eq!(
-        sample(&producer, "producer_overhead_seconds_count"),
+        metric_sample(&producer, "producer_overhead_seconds_count"),
         Some(1.0)
     );
 
@@ -141,9 +137,9 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
         async move {
             let text = scrape(stack, url).await?;
             let gauges = (
-                sample(&text, "producer_in_flight"),
-                sample(&text, "producer_group_pending"),
-                sample(&text, "producer_group_lag"),
+                metric_sample(&text, "producer_in_flight"),
+                metric_sample(&text, "producer_group_pending"),
+                metric_sample(&text, "producer_group_lag"),
             );
             Ok((gauges == (Some(0.0), Some(0.0), Some(0.0))).then_some(()))
         }
@@ -173,7 +169,7 @@ async fn metrics_count_a_chat_on_every_service() -> anyhow::Result<()> {
             let text = scrape(stack, url).await?;
             // started + one tokens record + finished.
             Ok(
-                (sample(&text, "processor_records_total{outcome=\"applied\"}") == Some(3.0))
+                (metric_sample(&text, "processor_records_total{outcome=\"applied\"}") == Some(3.0))
                     .then_some(()),
             )
         }

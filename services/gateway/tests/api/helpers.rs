@@ -169,13 +169,20 @@ impl TestApp {
             .await?
             .text()
             .await?;
-        let value = text
-            .lines()
-            .find_map(|line| line.strip_prefix("gateway_connection_view_backlog "))
-            .map(|value| value.trim().parse::<f64>())
-            .transpose()
-            .context("gateway_connection_view_backlog")?;
-        Ok(value.unwrap_or(0.0))
+        const GAUGE: &str = "gateway_connection_view_backlog";
+        match test_support::metric_sample(&text, GAUGE) {
+            Some(value) => Ok(value),
+            None => {
+                // Absent is 0; present but unreadable is an error, not 0.
+                ensure!(
+                    !text
+                        .lines()
+                        .any(|line| line.starts_with(&format!("{GAUGE} "))),
+                    "{GAUGE} is not a number: {text}"
+                );
+                Ok(0.0)
+            }
+        }
     }
 
     /// Waits until the gateway's view writer has written every change it was given.
