@@ -539,7 +539,7 @@ fn headline_rows(data: &RunData, out: &mut String) -> std::fmt::Result {
             "not measured".to_owned()
         } else if high <= low + 1 {
             format!(
-                "**met** ({low}–{high}: the handler pool, the blocking reader, and the \
+                "**met** ({low}–{high}: the handler pool, the reader's connections, and the \
                  connection fred opens on demand to send `CLIENT UNBLOCK`)"
             )
         } else {

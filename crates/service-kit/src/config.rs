@@ -481,10 +481,19 @@ pub struct GatewaySettings {
     /// The liveness key's TTL: a gateway that stops renewing it (it died) has its connections
     /// leave the shared view after this long. Must exceed the heartbeat interval.
     pub connection_ttl_secs: u64,
-    /// Redis Cluster only: the multiplexed reader reads a stream when its writes announce
-    /// themselves (sharded Pub/Sub), and reads every followed stream at least this often, the
-    /// safety net for a lost announcement (a single node uses a blocking read instead).
-    pub cluster_poll_ms: u64,
+    /// The multiplexed reader reads a stream when its writes announce themselves (Pub/Sub,
+    /// `SPUBLISH` in the writing script), and reads every followed stream at least this often:
+    /// the safety net for a lost announcement. Its former name, `cluster_poll_ms` (when only
+    /// a cluster used announcements), is still accepted.
+    #[serde(alias = "cluster_poll_ms")]
+    pub reader_sweep_ms: u64,
+    /// A single node: while the gateway follows at most this many streams, its reader blocks
+    /// in one `XREAD` over all of them (each entry arrives with the read's reply); above, it
+    /// reads only the streams whose writes were announced (Redis's cost then grows with the
+    /// streams written, not the streams followed). `0`: always announcements. A value above
+    /// any stream count keeps the blocking read, e.g. while producers of a release that did
+    /// not announce are still running. A cluster always reads on announcements.
+    pub reader_block_max_streams: usize,
     /// Browser origins allowed to call the API cross-origin (CORS), e.g.
     /// `["https://chat.example.com"]`. Empty (the default) sends no CORS headers at all.
     pub cors_allowed_origins: Vec<String>,
@@ -515,7 +524,8 @@ impl Default for GatewaySettings {
             reader_block_ms: 5_000,
             connection_heartbeat_secs: 5,
             connection_ttl_secs: 15,
-            cluster_poll_ms: 1_000,
+            reader_sweep_ms: 1_000,
+            reader_block_max_streams: 128,
             cors_allowed_origins: Vec::new(),
             completion_timeout_secs: 540,
             default_model: None,

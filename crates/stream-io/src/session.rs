@@ -17,8 +17,8 @@ use crate::error::StreamIoError;
 
 /// KEYS: stream, owner. ARGV: ttl, wake channel ('' for none), fields…
 /// Sets the owner to attempt 1 and appends the `start` event; both expire after `ttl`.
-/// Every script that appends to a session stream also publishes to its wake channel when one
-/// is given (cluster mode, see [`SessionScripts::with_wake_ups`]).
+/// Every script that appends to a session stream also announces the write on a wake channel
+/// when one is given, naming the stream (see [`WakeUps`]).
 ///
 /// Retention is by age, never by count, and only here: the entries removed are older than two
 /// TTLs by Redis's clock. A request shorter than its TTL (the stream itself would expire under a
@@ -46,7 +46,7 @@ if cutoff > 0 then
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], '1') end
+if ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[2], KEYS[1]) end
 return id
 ";
 
@@ -78,18 +78,18 @@ if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
-if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], '1') end
+if ARGV[6] ~= '' then redis.call('SPUBLISH', ARGV[6], KEYS[1]) end
 return reply
 ";
 
 /// `APPEND` for several requests at once (a single node only: the keys span slots).
-/// KEYS: per request stream, owner, cancel. ARGV: owner-done value, request count, then per
-/// request attempt, check_cancel, terminal, expire_secs, wake channel, event count, and per
-/// event its field count and fields…
+/// KEYS: per request stream, owner, cancel. ARGV: owner-done value, request count, wake channel
+/// ('' for none), then per request attempt, check_cancel, terminal, expire_secs, event count,
+/// and per event its field count and fields…
 /// Returns per request {0, ''} when fenced off, {2, ''} when cancelled, {1, last id} when
 /// written: each request's batch exactly as `APPEND` would, with one `MGET` for the owners and
 /// cancel flags of all of them. The caller never puts two batches of one owner key in a call
-/// (the state is read once, before any write).
+/// (the state is read once, before any write). One announcement names every stream written.
 const APPEND_MANY: &str = r"
 local n = tonumber(ARGV[2])
 local keys = {}
@@ -99,11 +99,12 @@ for i = 1, n do
 end
 local state = redis.call('MGET', unpack(keys))
 local reply = {}
-local at = 3
+local written = {}
+local at = 4
 for i = 1, n do
-  local attempt, check, terminal, ttl, wake = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
-  local count = tonumber(ARGV[at + 5])
-  at = at + 6
+  local attempt, check, terminal, ttl = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local count = tonumber(ARGV[at + 4])
+  at = at + 5
   local code = 1
   if state[2 * i - 1] ~= attempt then
     code = 0
@@ -123,9 +124,12 @@ for i = 1, n do
       redis.call('SET', KEYS[3 * i - 1], ARGV[1], 'EX', ttl)
       redis.call('EXPIRE', KEYS[3 * i - 2], ttl)
     end
-    if wake ~= '' then redis.call('SPUBLISH', wake, '1') end
+    written[#written + 1] = KEYS[3 * i - 2]
   end
   reply[i] = {code, last}
+end
+if ARGV[3] ~= '' and #written > 0 then
+  redis.call('SPUBLISH', ARGV[3], table.concat(written, '\n'))
 end
 return reply
 ";
@@ -142,7 +146,7 @@ if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-if ARGV[4] ~= '' then redis.call('SPUBLISH', ARGV[4], '1') end
+if ARGV[4] ~= '' then redis.call('SPUBLISH', ARGV[4], KEYS[1]) end
 return {1, id}
 ";
 
@@ -210,8 +214,47 @@ pub struct SessionScripts {
     append: Script,
     append_many: Script,
     take_over: Script,
-    /// Whether every append also publishes to the stream's wake channel.
-    wake_ups: bool,
+    /// Where every write announces itself.
+    wake_ups: WakeUps,
+}
+
+/// Where the writes to session streams announce themselves, so that a gateway's reader reads
+/// the streams that were written instead of blocking on, or polling, all of them. Each
+/// announcement is one `SPUBLISH` inside the writing script; its message names the streams
+/// written, one key per line (see [`announced_streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WakeUps {
+    /// A single node: every write on one channel, [`RedisKey::wake_all`]; a call that appends
+    /// for several requests (`append_many`) announces all its streams in one message.
+    #[default]
+    Shared,
+    /// Redis Cluster: each stream on its own channel ([`RedisKey::wake_channel`], in the
+    /// stream's slot, which a script may publish to), so that a reader follows only the
+    /// streams it serves, on the nodes that hold them.
+    PerStream,
+}
+
+impl WakeUps {
+    /// The announcements of a deployment: per stream on a cluster, shared on a single node.
+    pub fn for_cluster(cluster: bool) -> Self {
+        if cluster {
+            Self::PerStream
+        } else {
+            Self::Shared
+        }
+    }
+}
+
+/// The stream keys one announcement names: from a per-stream channel's name, or from a shared
+/// channel's message (one key per line). Empty for any other channel.
+pub fn announced_streams<'a>(channel: &'a str, message: &'a str) -> Vec<&'a str> {
+    if let Some(stream) = RedisKey::stream_of_wake_channel(channel) {
+        return vec![stream];
+    }
+    if channel == RedisKey::wake_all().as_str() {
+        return message.split('\n').filter(|key| !key.is_empty()).collect();
+    }
+    Vec::new()
 }
 
 impl Default for SessionScripts {
@@ -221,28 +264,25 @@ impl Default for SessionScripts {
             append: Script::from_lua(APPEND),
             append_many: Script::from_lua(APPEND_MANY),
             take_over: Script::from_lua(TAKE_OVER),
-            wake_ups: false,
+            wake_ups: WakeUps::default(),
         }
     }
 }
 
 impl SessionScripts {
-    /// With `on`, every append also publishes to the stream's wake channel
-    /// (`RedisKey::wake_channel`), one `SPUBLISH` inside the same script. For Redis Cluster,
-    /// where the gateways' readers cannot block on streams of many slots and wait for these
-    /// instead; a single node needs none.
-    pub fn with_wake_ups(on: bool) -> Self {
+    /// Scripts whose writes announce themselves as `wake_ups` says.
+    pub fn new(wake_ups: WakeUps) -> Self {
         Self {
-            wake_ups: on,
+            wake_ups,
             ..Self::default()
         }
     }
 
+    /// The channel that announces a write to `stream`.
     fn wake(&self, stream: &RedisKey) -> String {
-        if self.wake_ups {
-            stream.wake_channel()
-        } else {
-            String::new()
+        match self.wake_ups {
+            WakeUps::Shared => RedisKey::wake_all().to_string(),
+            WakeUps::PerStream => stream.wake_channel(),
         }
     }
 
@@ -363,8 +403,17 @@ impl SessionScripts {
                 batches.len()
             )));
         }
+        if self.wake_ups == WakeUps::PerStream {
+            return Err(StreamIoError::Protocol(
+                "append_many on a cluster: its keys span slots".to_owned(),
+            ));
+        }
         let mut keys = Vec::with_capacity(batches.len() * 3);
-        let mut args = vec![OWNER_DONE.to_owned(), batches.len().to_string()];
+        let mut args = vec![
+            OWNER_DONE.to_owned(),
+            batches.len().to_string(),
+            RedisKey::wake_all().to_string(),
+        ];
         for batch in batches {
             let Some(last) = batch.events.last() else {
                 return Err(StreamIoError::Protocol("an empty append".to_owned()));
@@ -385,7 +434,6 @@ impl SessionScripts {
                 if batch.check_cancel { "1" } else { "0" }.to_owned(),
                 if last.is_terminal() { "1" } else { "0" }.to_owned(),
                 batch.target.retention.ttl_secs.to_string(),
-                self.wake(&batch.target.stream),
                 batch.events.len().to_string(),
             ]);
             for event in batch.events {
@@ -676,4 +724,27 @@ pub async fn trimmed(client: &Client, key: &RedisKey) -> Result<Trimmed, StreamI
     Err(StreamIoError::Protocol(
         "XINFO STREAM has no max-deleted-entry-id (Redis < 7.0)".to_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An announcement names its streams by its channel (a cluster's) or its lines (the
+    /// shared channel's); any other channel names none.
+    #[test]
+    fn an_announcement_names_the_streams_written() -> Result<(), stream_schema::IdError> {
+        let model = stream_schema::ModelId::parse("m")?;
+        let a = RedisKey::session(&SessionId::parse("a")?, &model);
+        let b = RedisKey::session(&SessionId::parse("b")?, &model);
+        assert_eq!(announced_streams(&a.wake_channel(), "1"), [a.as_str()]);
+        let both = format!("{a}\n{b}");
+        assert_eq!(
+            announced_streams(RedisKey::wake_all().as_str(), &both),
+            [a.as_str(), b.as_str()]
+        );
+        assert!(announced_streams(RedisKey::wake_all().as_str(), "").is_empty());
+        assert!(announced_streams("llm:other", a.as_str()).is_empty());
+        Ok(())
+    }
 }

@@ -207,6 +207,13 @@ impl RedisKey {
         Self(format!("llm:stats:{{{shard}}}:applied"))
     }
 
+    /// `llm:wake`: the Pub/Sub channel (`SPUBLISH`) on which, on a single node, every write
+    /// to a session stream announces itself, the message naming the streams written (one key
+    /// per line), so a gateway's reader reads only the streams that have something new.
+    pub fn wake_all() -> Self {
+        Self(WAKE_PREFIX.trim_end_matches(':').to_owned())
+    }
+
     /// `llm:wake:<this key>`: the sharded Pub/Sub channel (`SPUBLISH`) on which, on a Redis
     /// Cluster, every write to this session stream announces itself, so a gateway's reader
     /// reads when there is something to read instead of polling. It carries the stream's hash

@@ -1,9 +1,11 @@
-//! The multiplexed reader: one blocking `XREAD` over every session stream that has a
-//! subscriber, fanning entries out to all subscribers of each stream.
+//! The multiplexed reader: one loop reads every session stream that has a subscriber and fans
+//! entries out to all subscribers of each stream. With few streams it blocks in one `XREAD`
+//! over all of them; with more (and always on a cluster) it reads only the streams whose writes
+//! announced themselves ([`Hub::run_announced`]).
 //!
 //! **Invariant**: the gateway never holds a Redis connection, or a blocking read, per SSE
 //! client. Subscribing and unsubscribing only touch the in-memory table; a new stream wakes the
-//! reader (`CLIENT UNBLOCK` on its own connection) so it re-issues the read with the new key.
+//! reader (`CLIENT UNBLOCK` on its own connection when it blocks) so it reads the new key.
 //!
 //! The seam between history and live feed: each stream has a hub cursor, the id of the last
 //! entry the hub dispatched. A subscriber registers under the table lock; every entry after the
@@ -79,10 +81,13 @@ pub struct HubSettings {
     /// Bytes a subscriber may have queued before it is cut off.
     pub buffer_bytes: usize,
     /// Redis Cluster: streams of different sessions live in different slots, and one `XREAD`
-    /// may not span slots (see [`Hub::run_cluster`]).
+    /// may not span slots (see [`Hub::run_announced`]).
     pub cluster: bool,
-    /// Cluster mode: a full read round at least this often, whatever was announced.
-    pub cluster_poll_ms: u64,
+    /// The announced reader: a full read round at least this often, whatever was announced.
+    pub sweep_ms: u64,
+    /// A single node: up to this many streams, block on all of them instead of reading what
+    /// was announced.
+    pub block_max_streams: usize,
 }
 
 /// One round's read of every stream (see [`Hub::read_args`]): `keys[i]` is read after
@@ -91,6 +96,23 @@ struct ReadArgs {
     keys: Vec<Bytes>,
     ids: Vec<Bytes>,
     round: u64,
+}
+
+/// What changed in the table since the announced reader last looked.
+struct Changes {
+    added: Vec<String>,
+    removed: Vec<String>,
+    /// No stream has a subscriber.
+    idle: bool,
+}
+
+/// How writes announce themselves to the announced reader (see [`stream_io::session::WakeUps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announcements {
+    /// One channel for every stream (a single node): subscribed while any stream is followed.
+    Shared,
+    /// A channel per stream, in its slot (a cluster): one subscription per followed stream.
+    PerStream,
 }
 
 /// Room per stream in a round's argument buffer: a session stream's key (`llm:stream:{…}:…`)
@@ -156,6 +178,11 @@ struct Table {
     /// subscriber left, a new one came) may start before the cursor that read used, and
     /// dispatching the reply would skip the entries in between for good.
     round: u64,
+    /// Keys of the feeds created, and of those removed, since the announced reader last took
+    /// them ([`Hub::take_changes`]): it reads a new stream once and follows or stops following
+    /// its wake channel. The blocking reader names every stream every round and drops them.
+    added: Vec<String>,
+    removed: Vec<String>,
 }
 
 struct Shared {
@@ -276,6 +303,9 @@ impl Hub {
                     filter,
                 },
             ));
+            if added {
+                table.added.push(key.as_str().to_owned());
+            }
             (id, catch_up_to, added)
         };
         if added {
@@ -300,6 +330,7 @@ impl Hub {
             }
             if feed.subscribers.is_empty() {
                 table.feeds.remove(key);
+                table.removed.push(key.to_owned());
             }
         }
     }
@@ -312,6 +343,8 @@ impl Hub {
     fn read_args(&self) -> ReadArgs {
         let mut table = self.table();
         table.round += 1;
+        table.added.clear();
+        table.removed.clear();
         let mut text = BytesMut::with_capacity(table.feeds.len() * READ_ARG_BYTES);
         // Where each stream's key ends and its cursor ends, in `text`.
         let mut ends = Vec::with_capacity(table.feeds.len());
@@ -338,17 +371,57 @@ impl Hub {
         }
     }
 
-    /// The streams to read and their cursors, and the round they belong to (for
-    /// [`Hub::dispatch`]). The cluster reader's form: it follows and filters streams by key.
-    fn snapshot(&self) -> (Vec<String>, Vec<String>, u64) {
+    /// The announced reader's read: each of `only`'s streams that has a feed (every stream
+    /// with `None`) and its cursor, and the round they belong to (for [`Hub::dispatch`]).
+    fn cursors(&self, only: Option<&HashSet<String>>) -> (Vec<(String, String)>, u64) {
         let mut table = self.table();
         table.round += 1;
-        let (keys, ids) = table
-            .feeds
-            .iter()
-            .map(|(key, feed)| (key.clone(), feed.cursor.to_string()))
-            .unzip();
-        (keys, ids, table.round)
+        let cursors = match only {
+            None => table
+                .feeds
+                .iter()
+                .map(|(key, feed)| (key.clone(), feed.cursor.to_string()))
+                .collect(),
+            Some(keys) => keys
+                .iter()
+                .filter_map(|key| {
+                    let feed = table.feeds.get(key)?;
+                    Some((key.clone(), feed.cursor.to_string()))
+                })
+                .collect(),
+        };
+        (cursors, table.round)
+    }
+
+    /// The feeds created and removed since the last call, for the announced reader: `added`
+    /// holds the keys that have a feed now, `removed` those that have none, each once.
+    fn take_changes(&self) -> Changes {
+        let mut table = self.table();
+        let table = &mut *table;
+        let mut added: Vec<String> = table
+            .added
+            .drain(..)
+            .filter(|key| table.feeds.contains_key(key))
+            .collect();
+        added.sort_unstable();
+        added.dedup();
+        let mut removed: Vec<String> = table
+            .removed
+            .drain(..)
+            .filter(|key| !table.feeds.contains_key(key))
+            .collect();
+        removed.sort_unstable();
+        removed.dedup();
+        Changes {
+            added,
+            removed,
+            idle: table.feeds.is_empty(),
+        }
+    }
+
+    /// Every stream with a feed.
+    fn keys(&self) -> Vec<String> {
+        self.table().feeds.keys().cloned().collect()
     }
 
     /// Decodes and encodes each new entry once, then hands every subscriber all of its frames
@@ -428,7 +501,9 @@ impl Hub {
     /// Ends every subscription with `reason` (Redis failed: clients resume later).
     fn close_all(&self, reason: Closed) {
         let mut table = self.table();
-        for (_, feed) in table.feeds.drain() {
+        let table = &mut *table;
+        for (key, feed) in table.feeds.drain() {
+            table.removed.push(key);
             for (_, subscriber) in feed.subscribers {
                 subscriber.mailbox.close(reason);
                 metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
@@ -436,68 +511,70 @@ impl Hub {
         }
     }
 
-    /// The reader loop. `reader` is a client of its own: its connection blocks in `XREAD`.
-    /// On a Redis Cluster, `wake` (another client of its own) follows the streams' wake
-    /// channels ([`Hub::run_cluster`]).
+    /// The reader loop (see [`Hub::run_announced`]). `reader` and `wake` are clients of
+    /// their own: `reader`'s connection blocks in `XREAD`, `wake`'s takes subscriptions.
     pub async fn run(
         self,
         reader: Client,
-        wake: Option<Client>,
+        wake: Client,
         shutdown: CancellationToken,
         flag: LoopFlag,
     ) {
-        if let Some(wake) = wake.filter(|_| self.shared.settings.cluster) {
-            return self.run_cluster(reader, wake, shutdown, flag).await;
-        }
+        self.run_announced(reader, wake, shutdown, flag).await;
+    }
+
+    /// One blocking round: one `XREAD … BLOCK` over every stream with a subscriber, re-issued
+    /// when a new stream comes (`CLIENT UNBLOCK`). Redis scans every named stream when the read
+    /// is issued and each time a write wakes it, so its cost grows with the streams followed,
+    /// not the streams written; with few streams it is the quickest way to each entry (the
+    /// reply carries it). False on shutdown.
+    async fn blocking_round(
+        &self,
+        reader: &Client,
+        shutdown: &CancellationToken,
+        flag: &LoopFlag,
+        backoff: &mut Backoff,
+    ) -> bool {
         let settings = self.shared.settings;
         // Longest a read may take before the connection is presumed dead.
         let read_deadline = Duration::from_millis(settings.block_ms) + Duration::from_secs(3);
-        let mut backoff = Backoff::default();
-        flag.set(true);
-        while !shutdown.is_cancelled() {
-            let ReadArgs { keys, ids, round } = self.read_args();
-            if keys.is_empty() {
-                if !self.idle(&reader, &shutdown, &flag).await {
-                    break;
-                }
-                continue;
-            }
-            let read = reader.custom::<Value, Value>(
-                CustomCommand::new_static("XREAD", ClusterHash::Random, true),
-                blocking_xread_args(settings.batch, settings.block_ms, keys, ids),
-            );
-            let read = tokio::time::timeout(read_deadline, read);
-            tokio::pin!(read);
-            let result = tokio::select! {
-                result = &mut read => result,
-                () = self.shared.wake.notified() => interrupt(&reader, &mut read).await,
-                () = shutdown.cancelled() => {
-                    let _ = reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
-                    break;
-                }
-            };
-            match result
-                .map_err(|_| "read timed out".to_owned())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .and_then(|value| stream_io::parse_xread_raw(value).map_err(|e| e.to_string()))
-            {
-                Ok(replies) => {
-                    backoff.reset();
-                    flag.set(true);
-                    // Streams set aside are read from their own cursors in the next round.
-                    let _ = self.dispatch(replies, round);
-                }
-                Err(error) => {
-                    if !self
-                        .read_failed(&error, &mut backoff, &shutdown, &flag)
-                        .await
-                    {
-                        break;
-                    }
-                }
-            }
+        let ReadArgs { keys, ids, round } = self.read_args();
+        if keys.is_empty() {
+            return true;
         }
-        flag.set(false);
+        let read = reader.custom::<Value, Value>(
+            CustomCommand::new_static("XREAD", ClusterHash::Random, true),
+            blocking_xread_args(settings.batch, settings.block_ms, keys, ids),
+        );
+        let read = tokio::time::timeout(read_deadline, read);
+        tokio::pin!(read);
+        let result = tokio::select! {
+            result = &mut read => result,
+            () = self.shared.wake.notified() => interrupt(reader, &mut read).await,
+            () = shutdown.cancelled() => {
+                let _ = reader.unblock_self(Some(ClientUnblockFlag::Timeout)).await;
+                return false;
+            }
+        };
+        match result
+            .map_err(|_| "read timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|value| stream_io::parse_xread_raw(value).map_err(|e| e.to_string()))
+        {
+            Ok(replies) => {
+                backoff.reset();
+                flag.set(true);
+                // Streams set aside are read from their own cursors in the next round.
+                let _ = self.dispatch(replies, round);
+                true
+            }
+            Err(error) => self.read_failed(&error, backoff, shutdown, flag).await,
+        }
+    }
+
+    /// Streams with a subscriber.
+    fn followed(&self) -> usize {
+        self.table().feeds.len()
     }
 }
 
@@ -531,20 +608,26 @@ impl Hub {
         backoff.wait(shutdown).await
     }
 
-    /// The reader loop on a Redis Cluster.
+    /// The reader loop that reads what was announced, or, on a single node with at most
+    /// `block_max_streams` streams, blocks on all of them ([`Hub::blocking_round`]): a blocked
+    /// read returns each entry with its reply, where an announcement adds a hop, and Redis's
+    /// cost of blocking on a few streams is small. The loop unsubscribes while it blocks, and
+    /// its first announced round after blocking reads every stream.
     ///
-    /// A blocking `XREAD` can only cover keys of one slot, and sessions spread over all slots,
-    /// so blocking per slot would need a connection per active slot. Instead every write to a
-    /// session stream also publishes to the stream's wake channel (`SPUBLISH` inside the
-    /// writing script, in the stream's slot), and this loop follows the wake channel of every
-    /// stream in its table on `wake`, a client of its own (`SSUBSCRIBE`, one per new stream,
-    /// sent before the stream is first read so no write can go unannounced). It reads only
-    /// the streams that were announced, one non-blocking `XREAD` per slot, all at once; with
-    /// nothing announced it reads nothing. A full round every `cluster_poll_ms` (and after the
-    /// wake client reconnects or falls behind) is the safety net for a lost announcement. The
-    /// cost is per write and per active stream, never per client, and idle streams cost one
-    /// round per `cluster_poll_ms`.
-    pub async fn run_cluster(
+    /// Every write to a session stream announces itself (`SPUBLISH` inside the writing
+    /// script, see [`stream_io::session::WakeUps`]): on a single node on one shared channel,
+    /// one message per script call naming every stream it wrote; on a Redis Cluster on the
+    /// stream's own channel, in its slot, because a blocking `XREAD` can only cover keys of
+    /// one slot and sessions spread over all of them. This loop listens on `wake`, a client of
+    /// its own: the shared channel while it follows any stream, or the channel of each stream
+    /// in its table (`SSUBSCRIBE`, one per new stream). It subscribes before a new stream is
+    /// first read, so no write after that read goes unannounced. It reads only the announced
+    /// streams it follows, with non-blocking `XREAD`s (one per slot on a cluster), all at
+    /// once; with nothing announced it reads nothing. A full round every `sweep_ms`
+    /// (and after the wake client reconnects or falls behind) is the safety net for a lost
+    /// announcement. Redis's cost is per write and per stream written, never per client or
+    /// per stream followed, and idle streams cost one round per `sweep_ms`.
+    async fn run_announced(
         self,
         reader: Client,
         wake: Client,
@@ -552,49 +635,63 @@ impl Hub {
         flag: LoopFlag,
     ) {
         let settings = self.shared.settings;
+        let mode = if settings.cluster {
+            Announcements::PerStream
+        } else {
+            Announcements::Shared
+        };
         let mut messages = wake.message_rx();
         let mut reconnects = wake.reconnect_rx();
-        let mut sweep =
-            tokio::time::interval(Duration::from_millis(settings.cluster_poll_ms.max(1)));
+        let mut sweep = tokio::time::interval(Duration::from_millis(settings.sweep_ms.max(1)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::default();
-        // Stream keys whose wake channel `wake` follows.
-        let mut followed: HashSet<String> = HashSet::new();
+        let mut listener = Listener::new(mode);
         // What the next round reads: announced or new streams, or all of them.
         let mut due: HashSet<String> = HashSet::new();
         let mut read_all = true;
+        flag.set(true);
         while !shutdown.is_cancelled() {
-            let (keys, ids, round) = self.snapshot();
-            if keys.is_empty() {
-                unfollow(&wake, followed.drain().collect()).await;
+            let changes = self.take_changes();
+            if changes.idle {
+                listener.stop(&wake).await;
                 if !self.idle(&reader, &shutdown, &flag).await {
                     break;
                 }
                 read_all = true;
                 continue;
             }
-            match follow(&wake, &keys, &mut followed).await {
-                Ok(added) => due.extend(added),
-                Err(error) => {
-                    followed.clear();
-                    if !self
-                        .read_failed(&error, &mut backoff, &shutdown, &flag)
-                        .await
-                    {
-                        break;
-                    }
-                    continue;
+            if mode == Announcements::Shared && self.followed() <= settings.block_max_streams {
+                // Few streams: block on all of them, unsubscribed; announcements would add a
+                // hop to each entry and save Redis little.
+                listener.stop(&wake).await;
+                if !self
+                    .blocking_round(&reader, &shutdown, &flag, &mut backoff)
+                    .await
+                {
+                    break;
                 }
+                // Whatever was written before the next announced round subscribes is read
+                // by that round in full.
+                read_all = true;
+                continue;
             }
-            let cursors: Vec<(String, String)> = keys
-                .into_iter()
-                .zip(ids)
-                .filter(|(key, _)| read_all || due.contains(key))
-                .collect();
+            if let Err(error) = listener.follow(&wake, &self, &changes).await {
+                listener.forget();
+                if !self
+                    .read_failed(&error, &mut backoff, &shutdown, &flag)
+                    .await
+                {
+                    break;
+                }
+                read_all = true;
+                continue;
+            }
+            due.extend(changes.added);
+            let (cursors, round) = self.cursors((!read_all).then_some(&due));
             read_all = false;
             due.clear();
             if !cursors.is_empty() {
-                match read_round(&reader, settings.batch, cursors).await {
+                match read_round(&reader, settings.batch, cursors, mode).await {
                     Ok(replies) => {
                         backoff.reset();
                         flag.set(true);
@@ -625,11 +722,11 @@ impl Hub {
             tokio::select! {
                 message = messages.recv() => match message {
                     Ok(message) => {
-                        due.extend(announced(&message));
+                        announced(&message, &mut due);
                         // Take every announcement already queued: one round serves them all.
                         loop {
                             match messages.try_recv() {
-                                Ok(message) => due.extend(announced(&message)),
+                                Ok(message) => announced(&message, &mut due),
                                 Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                                 Err(_) => {
                                     read_all = true;
@@ -643,7 +740,7 @@ impl Hub {
                 },
                 // Subscriptions of a reconnected connection are gone: follow again, read all.
                 _ = reconnects.recv() => {
-                    followed.clear();
+                    listener.forget();
                     read_all = true;
                 }
                 () = self.shared.wake.notified() => {}
@@ -651,45 +748,111 @@ impl Hub {
                 () = shutdown.cancelled() => break,
             }
         }
-        unfollow(&wake, followed.drain().collect()).await;
+        listener.stop(&wake).await;
         flag.set(false);
     }
 }
 
-/// The stream key an announcement on a wake channel names.
-fn announced(message: &fred::types::Message) -> Option<String> {
-    RedisKey::stream_of_wake_channel(&message.channel).map(str::to_owned)
+/// The announced reader's subscriptions on its wake client.
+struct Listener {
+    mode: Announcements,
+    /// Shared: whether the shared channel is subscribed.
+    shared: bool,
+    /// Per stream: the stream keys whose channel is subscribed.
+    streams: HashSet<String>,
+    /// The subscriptions may be gone (a reconnect, a failed call): subscribe anew.
+    lost: bool,
 }
 
-/// Follows the wake channel of each of `keys` not followed yet (one `SSUBSCRIBE` each: the
-/// channels live in different slots) and stops following the keys that left the table.
-/// Returns the newly followed keys, which must be read once now.
-async fn follow(
-    wake: &Client,
-    keys: &[String],
-    followed: &mut HashSet<String>,
-) -> Result<Vec<String>, String> {
-    let current: HashSet<&String> = keys.iter().collect();
-    let gone: Vec<String> = followed
-        .iter()
-        .filter(|key| !current.contains(key))
-        .cloned()
-        .collect();
-    for key in &gone {
-        followed.remove(key);
+impl Listener {
+    fn new(mode: Announcements) -> Self {
+        Self {
+            mode,
+            shared: false,
+            streams: HashSet::new(),
+            lost: false,
+        }
     }
-    unfollow(wake, gone).await;
-    let added: Vec<String> = keys
-        .iter()
-        .filter(|key| !followed.contains(*key))
-        .cloned()
-        .collect();
-    if added.is_empty() {
-        return Ok(added);
+
+    /// Subscribes what the table's `changes` need: the shared channel, or the channel of each
+    /// new stream (all of the table's after a loss), and unsubscribes the removed streams'.
+    async fn follow(&mut self, wake: &Client, hub: &Hub, changes: &Changes) -> Result<(), String> {
+        match self.mode {
+            Announcements::Shared => {
+                if !self.shared || self.lost {
+                    subscribe(wake, vec![RedisKey::wake_all().to_string()]).await?;
+                    self.shared = true;
+                }
+            }
+            Announcements::PerStream => {
+                let gone: Vec<String> = changes
+                    .removed
+                    .iter()
+                    .filter(|key| self.streams.remove(*key))
+                    .map(|key| RedisKey::wake_channel_of(key))
+                    .collect();
+                unsubscribe(wake, gone).await;
+                let wanted = if self.lost {
+                    self.streams.clear();
+                    hub.keys()
+                } else {
+                    changes.added.clone()
+                };
+                let new: Vec<String> = wanted
+                    .into_iter()
+                    .filter(|key| !self.streams.contains(key))
+                    .collect();
+                subscribe(
+                    wake,
+                    new.iter()
+                        .map(|key| RedisKey::wake_channel_of(key))
+                        .collect(),
+                )
+                .await?;
+                self.streams.extend(new);
+            }
+        }
+        self.lost = false;
+        Ok(())
     }
-    let subscribes = added
-        .iter()
-        .map(|key| wake.ssubscribe(RedisKey::wake_channel_of(key)));
+
+    /// The subscriptions may be gone: the next [`Listener::follow`] makes them again.
+    fn forget(&mut self) {
+        self.lost = true;
+    }
+
+    /// Unsubscribes everything (no stream is followed).
+    async fn stop(&mut self, wake: &Client) {
+        let mut channels: Vec<String> = self
+            .streams
+            .drain()
+            .map(|key| RedisKey::wake_channel_of(&key))
+            .collect();
+        if std::mem::take(&mut self.shared) {
+            channels.push(RedisKey::wake_all().to_string());
+        }
+        unsubscribe(wake, channels).await;
+    }
+}
+
+/// Adds the stream keys an announcement names to `due`.
+fn announced(message: &fred::types::Message, due: &mut HashSet<String>) {
+    let text = message.value.as_str();
+    let text = text.as_deref().unwrap_or_default();
+    for key in stream_io::session::announced_streams(&message.channel, text) {
+        if !due.contains(key) {
+            due.insert(key.to_owned());
+        }
+    }
+}
+
+/// Subscribes `channels` (`SSUBSCRIBE`, one call each: on a cluster they live in different
+/// slots), all at once.
+async fn subscribe(wake: &Client, channels: Vec<String>) -> Result<(), String> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let subscribes = channels.into_iter().map(|channel| wake.ssubscribe(channel));
     let results = tokio::time::timeout(
         Duration::from_secs(5),
         futures::future::join_all(subscribes),
@@ -699,19 +862,18 @@ async fn follow(
     for result in results {
         result.map_err(|e| format!("following a wake channel: {e}"))?;
     }
-    followed.extend(added.iter().cloned());
-    Ok(added)
+    Ok(())
 }
 
-/// Stops following the wake channels of `keys`. Best effort: an announcement that still
-/// arrives for a key no longer in the table is ignored.
-async fn unfollow(wake: &Client, keys: Vec<String>) {
-    if keys.is_empty() {
+/// Unsubscribes `channels`. Best effort: an announcement that still arrives for a stream no
+/// longer in the table is ignored.
+async fn unsubscribe(wake: &Client, channels: Vec<String>) {
+    if channels.is_empty() {
         return;
     }
-    let unsubscribes = keys
-        .iter()
-        .map(|key| wake.sunsubscribe(RedisKey::wake_channel_of(key)));
+    let unsubscribes = channels
+        .into_iter()
+        .map(|channel| wake.sunsubscribe(channel));
     let done = tokio::time::timeout(
         Duration::from_secs(5),
         futures::future::join_all(unsubscribes),
@@ -737,16 +899,20 @@ fn blocking_xread_args(batch: u64, block_ms: u64, keys: Vec<Bytes>, ids: Vec<Byt
     args
 }
 
-/// One non-blocking `XREAD` per slot over `cursors` (key, last id), all at once (fred
-/// pipelines them per node).
+/// Non-blocking `XREAD`s over `cursors` (key, last id): one on a single node, one per slot
+/// on a cluster, all at once (fred pipelines them per node).
 async fn read_round(
     reader: &Client,
     batch: u64,
     cursors: Vec<(String, String)>,
+    mode: Announcements,
 ) -> Result<Vec<(String, Vec<stream_io::RawEntry>)>, String> {
     let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
     for (key, id) in cursors {
-        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let slot = match mode {
+            Announcements::Shared => 0,
+            Announcements::PerStream => fred::util::redis_keyslot(key.as_bytes()),
+        };
         let group = groups.entry(slot).or_default();
         group.0.push(key);
         group.1.push(id);
@@ -841,7 +1007,8 @@ mod tests {
             block_ms: 1000,
             buffer_bytes: 1 << 20,
             cluster: false,
-            cluster_poll_ms: 1000,
+            sweep_ms: 1000,
+            block_max_streams: 0,
         })
     }
 
@@ -903,7 +1070,8 @@ mod tests {
             };
             subscriptions.push(hub.subscribe(&key, after, None));
         }
-        let (keys, ids, first) = hub.snapshot();
+        let (cursors, first) = hub.cursors(None);
+        let (keys, ids): (Vec<String>, Vec<String>) = cursors.into_iter().unzip();
         let args = hub.read_args();
         assert_eq!(args.round, first + 1);
         let read: Vec<(&[u8], &[u8])> = args

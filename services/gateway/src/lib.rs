@@ -30,6 +30,7 @@ use service_kit::Settings;
 use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::OpsState;
 use service_kit::supervisor::RestartPolicy;
+use stream_io::session::{SessionScripts, WakeUps};
 use stream_schema::{GatewayId, ModelId};
 use tokio_util::sync::CancellationToken;
 
@@ -55,22 +56,19 @@ impl Application {
             service_kit::redis::blocking_client(&settings.redis).context("redis reader")?;
         service_kit::redis::start(&reader, &settings.redis).await;
 
-        // Cluster mode: the reader waits for the streams' wake-ups on a client of its own.
-        let wake = if settings.redis.is_cluster() {
-            let wake =
-                service_kit::redis::blocking_client(&settings.redis).context("redis wake-ups")?;
-            service_kit::redis::start(&wake, &settings.redis).await;
-            Some(wake)
-        } else {
-            None
-        };
+        // The reader learns which streams were written from their announcements, on a client
+        // of its own (subscribed connections take no other commands).
+        let wake =
+            service_kit::redis::blocking_client(&settings.redis).context("redis wake-ups")?;
+        service_kit::redis::start(&wake, &settings.redis).await;
         let ops = OpsState::new(redis.clone(), metrics);
         let hub = Hub::new(HubSettings {
             batch: settings.gateway.reader_batch,
             block_ms: settings.gateway.reader_block_ms,
             buffer_bytes: settings.gateway.sse_buffer_bytes,
             cluster: settings.redis.is_cluster(),
-            cluster_poll_ms: settings.gateway.cluster_poll_ms,
+            sweep_ms: settings.gateway.reader_sweep_ms,
+            block_max_streams: settings.gateway.reader_block_max_streams,
         });
         let lifecycle = Lifecycle::new(shutdown.clone());
         let (loop_hub, loop_shutdown) = (hub.clone(), shutdown.clone());
@@ -119,7 +117,7 @@ impl Application {
         let state: SharedState = Arc::new(AppState {
             settings,
             redis,
-            scripts: stream_io::session::SessionScripts::with_wake_ups(cluster),
+            scripts: SessionScripts::new(WakeUps::for_cluster(cluster)),
             hub,
             connections,
             models,

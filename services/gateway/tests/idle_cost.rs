@@ -45,7 +45,8 @@ fn an_idle_connections_queues_cost_less_than_the_channels_they_replace() -> anyh
         block_ms: 1000,
         buffer_bytes: 1 << 20,
         cluster: false,
-        cluster_poll_ms: 1000,
+        sweep_ms: 1000,
+        block_max_streams: 128,
     });
     let key = RedisKey::session(&SessionId::parse("s")?, &ModelId::parse("m")?);
     // The first subscription of a key also adds the key's feed; count a second one.

@@ -23,7 +23,7 @@ use service_kit::lifecycle::Lifecycle;
 use service_kit::ops::{LoopFlag, OpsState};
 use service_kit::supervisor::RestartPolicy;
 use stream_io::groups::LeaseScript;
-use stream_io::session::{Retention, SessionScripts};
+use stream_io::session::{Retention, SessionScripts, WakeUps};
 use stream_schema::RedisKey;
 use stream_schema::keys::PRODUCER_GROUP;
 use tokio::sync::Semaphore;
@@ -67,7 +67,7 @@ impl Application {
         let port = listener.local_addr()?.port();
         let producer = &settings.producer;
         // Cluster mode: every append wakes the gateways' readers (see the gateway's hub).
-        let scripts = SessionScripts::with_wake_ups(settings.redis.is_cluster());
+        let scripts = SessionScripts::new(WakeUps::for_cluster(settings.redis.is_cluster()));
         let workers = TaskTracker::new();
         let ctx = Arc::new(WorkerContext {
             redis: redis.clone(),

@@ -248,7 +248,7 @@ async fn an_idle_cluster_gateway_costs_almost_nothing_and_tokens_come_on_wake_up
 -> anyhow::Result<()> {
     let stack = Stack::start(on_cluster(options().with_settings(|s| {
         // Only announcements can bring tokens promptly: the safety round is a minute away.
-        s.gateway.cluster_poll_ms = 60_000;
+        s.gateway.reader_sweep_ms = 60_000;
         s.mock_llm.token_delay_ms = 2;
     })))
     .await?;

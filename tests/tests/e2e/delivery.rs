@@ -507,6 +507,214 @@ async fn a_thousand_clients_share_the_gateways_fixed_redis_connections() -> anyh
     Ok(())
 }
 
+/// The stream keys each `XREAD` in Redis's slow log names, and whether it blocks. The stack's
+/// Redis logs every command once [`log_every_command`] ran; a command of more than 32
+/// arguments is cut there, but an `XREAD` names its keys before its ids, so up to 27 keys show.
+async fn logged_xreads(redis: &Client) -> anyhow::Result<Vec<(bool, Vec<String>)>> {
+    let log: fred::types::Value = redis
+        .custom(fred::cmd!("SLOWLOG"), vec!["GET", "-1"])
+        .await?;
+    let mut reads = Vec::new();
+    for entry in log.into_array() {
+        let Some(args) = entry.into_array().into_iter().nth(3) else {
+            continue;
+        };
+        let args: Vec<String> = args
+            .into_array()
+            .into_iter()
+            .filter_map(|arg| arg.into_string())
+            .collect();
+        if !args
+            .first()
+            .is_some_and(|cmd| cmd.eq_ignore_ascii_case("XREAD"))
+        {
+            continue;
+        }
+        let blocks = args.iter().any(|arg| arg.eq_ignore_ascii_case("BLOCK"));
+        let keys = args
+            .iter()
+            .skip_while(|arg| !arg.eq_ignore_ascii_case("STREAMS"))
+            .filter(|arg| arg.starts_with("llm:stream:"))
+            .cloned()
+            .collect();
+        reads.push((blocks, keys));
+    }
+    Ok(reads)
+}
+
+async fn log_every_command(redis: &Client) -> anyhow::Result<()> {
+    let _: () = redis
+        .custom(
+            fred::cmd!("CONFIG"),
+            vec![
+                "SET",
+                "slowlog-max-len",
+                "100000",
+                "slowlog-log-slower-than",
+                "0",
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_reader_reads_only_the_streams_written_and_tokens_come_on_announcements()
+-> anyhow::Result<()> {
+    let stack = Stack::start(options().with_settings(|s| {
+        // Only announcements can bring tokens promptly: the safety round is a minute away.
+        s.gateway.reader_sweep_ms = 60_000;
+        s.gateway.reader_block_max_streams = 0;
+        s.mock_llm.token_delay_ms = 2;
+    }))
+    .await?;
+    let redis = stack.redis_client().await?;
+    log_every_command(&redis).await?;
+    let mut watchers = Vec::new();
+    for i in 0..20 {
+        let url = stack.session_stream(&format!("quiet-{i}")).await?;
+        watchers.push(stack.open(0, &url, &[]).await?);
+    }
+    // The reader reads each new stream once when it starts following it (a session-wide
+    // stream follows every model's); from then on it reads only what was announced.
+    let streams = 20 * stack.settings().models.len();
+    wait_until(TIMEOUT, POLL, || {
+        let redis = redis.clone();
+        async move {
+            let named: std::collections::HashSet<String> = logged_xreads(&redis)
+                .await?
+                .into_iter()
+                .flat_map(|(_, keys)| keys)
+                .filter(|key| key.contains("{quiet-"))
+                .collect();
+            Ok((named.len() == streams).then_some(()))
+        }
+    })
+    .await?;
+    let _: () = redis.custom(fred::cmd!("SLOWLOG"), vec!["RESET"]).await?;
+
+    let prompt = "wake me [[mock tokens=60]]";
+    stack.start_chat("quiet-7", prompt).await?;
+    let events = watchers[7]
+        .collect_until(TIMEOUT, |e| e.data.contains("\"complete\""))
+        .await?;
+    assert_eq!(text_of(&payloads(&events)?), expected_text(prompt, 60));
+
+    let reads = logged_xreads(&redis).await?;
+    assert!(!reads.is_empty(), "the answer came without a read");
+    for (blocks, keys) in &reads {
+        assert!(!blocks, "a blocking read: {keys:?}");
+        assert!(
+            !keys.is_empty() && keys.iter().all(|key| key.contains("{quiet-7}")),
+            "a read of streams nobody wrote to: {keys:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until Redis logged an `XREAD` naming `session`'s stream that blocks (`blocking`) or
+/// does not, then empties the log.
+async fn wait_for_read_of(redis: &Client, session: &str, blocking: bool) -> anyhow::Result<()> {
+    let tag = format!("{{{session}}}");
+    wait_until(TIMEOUT, POLL, || {
+        let (redis, tag) = (redis.clone(), tag.clone());
+        async move {
+            let seen = logged_xreads(&redis)
+                .await?
+                .iter()
+                .any(|(blocks, keys)| *blocks == blocking && keys.iter().any(|k| k.contains(&tag)));
+            Ok(seen.then_some(()))
+        }
+    })
+    .await?;
+    let _: () = redis.custom(fred::cmd!("SLOWLOG"), vec!["RESET"]).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_reader_moves_between_blocking_and_announced_reads_without_losing_a_token()
+-> anyhow::Result<()> {
+    let stack = Stack::start(options().with_settings(|s| {
+        // One chat's stream blocks; with other sessions watched, announcements take over.
+        s.gateway.reader_block_max_streams = 2;
+        // A token left behind at a switch would wait for the next write, or stall the end.
+        s.gateway.reader_sweep_ms = 60_000;
+        s.mock_llm.token_delay_ms = 10;
+    }))
+    .await?;
+    let redis = stack.redis_client().await?;
+    log_every_command(&redis).await?;
+    let prompt = "switch modes [[mock tokens=600]]";
+    let started = stack.start_chat("switch", prompt).await?;
+    let mut reader = stack
+        .open(0, str_field(&started, "streamUrl")?, &[])
+        .await?;
+    wait_for_read_of(&redis, "switch", true).await?;
+    for round in 0..2 {
+        let mut others = Vec::new();
+        for i in 0..3 {
+            let url = stack.session_stream(&format!("other-{round}-{i}")).await?;
+            others.push(stack.open(0, &url, &[]).await?);
+        }
+        wait_for_read_of(&redis, "switch", false).await?;
+        drop(others);
+        wait_for_read_of(&redis, "switch", true).await?;
+    }
+    let events = reader.collect_to_end(TIMEOUT).await?;
+    assert_eq!(text_of(&payloads(&events)?), expected_text(prompt, 600));
+    let ids: Vec<&String> = events.iter().filter_map(|e| e.id.as_ref()).collect();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "an event was delivered twice");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_nobody_announced_is_delivered_by_the_sweep() -> anyhow::Result<()> {
+    // A producer of an earlier release appends without announcing; so does a lost message.
+    let stack = Stack::start(options().with_settings(|s| {
+        s.gateway.reader_sweep_ms = 300;
+        s.gateway.reader_block_max_streams = 0;
+    }))
+    .await?;
+    let url = stack.session_stream("silent").await?;
+    let mut watcher = stack.open(0, &url, &[]).await?;
+    let session = stream_schema::SessionId::parse("silent")?;
+    let model = stack
+        .settings()
+        .models
+        .keys()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the stack has no model"))?;
+    let model = stream_schema::ModelId::parse(model)?;
+    let event = stream_schema::SessionEvent::Token {
+        request_id: stream_schema::RequestId::new(),
+        sequence: 0,
+        content: "unannounced".to_owned(),
+        timestamp: 1,
+    };
+    let fields: Vec<(String, String)> = event
+        .encode()
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    let redis = stack.redis_client().await?;
+    let _: String = redis
+        .xadd(
+            stream_schema::RedisKey::session(&session, &model).as_str(),
+            false,
+            None,
+            "*",
+            fields,
+        )
+        .await?;
+    let events = watcher
+        .collect_until(TIMEOUT, |e| e.data.contains("unannounced"))
+        .await?;
+    assert!(events.iter().any(|e| e.data.contains("unannounced")));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<()> {
     let stack = Stack::start(options().with_settings(|s| {
