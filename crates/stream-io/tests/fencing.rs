@@ -15,43 +15,9 @@ use stream_schema::{
 };
 use test_support::RedisServer;
 
-fn token(request_id: RequestId, sequence: u64) -> SessionEvent {
-    SessionEvent::Token {
-        request_id,
-        sequence,
-        content: format!("t{sequence}"),
-        timestamp: 1,
-    }
-}
+mod support;
 
-/// Starts `request_id` on `model` of `session` (attempt 1, entries kept 60 s) and returns its
-/// streams.
-async fn start_request(
-    client: &Client,
-    scripts: &SessionScripts,
-    session: &SessionId,
-    model: &ModelId,
-    request_id: RequestId,
-) -> anyhow::Result<RequestStreams> {
-    let streams = RequestStreams::new(session, model, &request_id, Retention { ttl_secs: 60 });
-    let start = SessionEvent::Start {
-        request_id,
-        session_id: session.clone(),
-        model_id: model.clone(),
-        attempt: 1,
-        timestamp: 1,
-    };
-    scripts
-        .start(
-            client,
-            &streams.stream,
-            &streams.owner,
-            &start,
-            streams.retention,
-        )
-        .await?;
-    Ok(streams)
-}
+use support::{start_request, token};
 
 #[tokio::test]
 async fn only_the_owner_attempt_writes_and_the_end_fences_everyone() -> anyhow::Result<()> {

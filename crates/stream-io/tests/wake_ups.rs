@@ -6,22 +6,16 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use stream_io::session::{
-    AppendBatch, AppendOutcome, RequestStreams, Retention, SessionScripts, WakeUps,
-    announced_streams,
+    AppendBatch, AppendOutcome, RequestStreams, SessionScripts, WakeUps, announced_streams,
 };
 use stream_schema::{ModelId, RedisKey, RequestId, SessionEvent, SessionId};
 use test_support::RedisServer;
 
-fn token(request_id: RequestId, sequence: u64) -> SessionEvent {
-    SessionEvent::Token {
-        request_id,
-        sequence,
-        content: format!("t{sequence}"),
-        timestamp: 1,
-    }
-}
+mod support;
 
-/// Starts a request on model `m` of `session` (attempt 1) and returns its streams.
+use support::{start_request, token};
+
+/// Starts a request on model `m` of `session` and returns its id and streams.
 async fn start(
     client: &Client,
     scripts: &SessionScripts,
@@ -32,23 +26,7 @@ async fn start(
         ModelId::parse("m")?,
         RequestId::new(),
     );
-    let streams = RequestStreams::new(&session, &model, &request_id, Retention { ttl_secs: 60 });
-    let event = SessionEvent::Start {
-        request_id,
-        session_id: session.clone(),
-        model_id: model,
-        attempt: 1,
-        timestamp: 1,
-    };
-    scripts
-        .start(
-            client,
-            &streams.stream,
-            &streams.owner,
-            &event,
-            streams.retention,
-        )
-        .await?;
+    let streams = start_request(client, scripts, &session, &model, request_id).await?;
     Ok((request_id, streams))
 }
 
