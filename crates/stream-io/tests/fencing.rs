@@ -6,8 +6,7 @@
 use fred::prelude::*;
 use stream_io::groups::{self, LeaseScript};
 use stream_io::session::{
-    AppendOutcome, OwnerState, RequestStreams, Retention, SessionScripts, TakeOver, Trimmed,
-    owner_state, trimmed,
+    AppendOutcome, OwnerState, SessionScripts, TakeOver, Trimmed, owner_state, trimmed,
 };
 use stream_schema::{
     EntryId, ErrorCode, FinishReason, ModelId, RedisKey, RequestId, SessionEvent, SessionId, Usage,
@@ -182,18 +181,8 @@ async fn a_start_trims_only_entries_older_than_two_ttls() -> anyhow::Result<()> 
     }
     assert_eq!(trimmed(&client, &key).await?, Trimmed::UpTo(EntryId::ZERO));
 
-    let request_id = RequestId::new();
-    let streams = RequestStreams::new(&session, &model, &request_id, Retention { ttl_secs: 60 });
-    let start = SessionEvent::Start {
-        request_id,
-        session_id: session.clone(),
-        model_id: model.clone(),
-        attempt: 1,
-        timestamp: 1,
-    };
-    scripts
-        .start(&client, &key, &streams.owner, &start, streams.retention)
-        .await?;
+    // A new request on the same session and model: its stream is `key`.
+    start_request(&client, &scripts, &session, &model, RequestId::new()).await?;
 
     // Every entry younger than 120 s is still there, with the new start.
     let recent: Vec<(String, std::collections::HashMap<String, String>)> = client
