@@ -153,6 +153,16 @@ enum Step {
     UpstreamFailed(UpstreamError),
 }
 
+/// What reading an upstream answer waits on besides the stream, kept for the whole try.
+struct Waits<'a, S> {
+    /// The attempt's stop signals.
+    stopped: std::pin::Pin<&'a mut S>,
+    /// The first token's or the idle timeout, moved along as tokens arrive.
+    deadline: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    /// The request's cancel flag, read when no append has read it for a while.
+    cancel_poll: &'a mut tokio::time::Interval,
+}
+
 /// How one upstream try ended.
 enum TryEnd {
     /// The attempt ended (terminal event written, fenced, or abandoned).
@@ -464,6 +474,14 @@ impl<'a> Attempt<'a> {
         let mut last_delta_at = tokio::time::Instant::now();
         let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
         cancel_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Made once per try, not per token: a new stop future registers a waiter on the
+        // shutdown token that every attempt shares (a lock), and a new timeout registers a
+        // timer, each removed again when the token arrives.
+        let mut waits = Waits {
+            stopped: std::pin::pin!(self.signals.stopped()),
+            deadline: std::pin::pin!(tokio::time::sleep_until(first_token_deadline)),
+            cancel_poll: &mut cancel_poll,
+        };
         loop {
             let receiving_first = run.sink.receiving_first();
             let deadline = if receiving_first {
@@ -472,13 +490,7 @@ impl<'a> Attempt<'a> {
                 last_delta_at + policy.idle_timeout
             };
             let step = self
-                .next_step(
-                    &mut stream,
-                    run,
-                    deadline,
-                    receiving_first,
-                    &mut cancel_poll,
-                )
+                .next_step(&mut stream, run, deadline, receiving_first, &mut waits)
                 .await?;
             // How the stream ended: a finish reason, or the failure that cut it short.
             let ended: Result<FinishReason, UpstreamError> = match step {
@@ -498,7 +510,7 @@ impl<'a> Attempt<'a> {
                         return Ok(TryEnd::Ended(end));
                     }
                     // The append just checked the cancel flag: the poll need not, for a while.
-                    cancel_poll.reset();
+                    waits.cancel_poll.reset();
                     continue;
                 }
                 Step::Delta(delta) => {
@@ -592,12 +604,12 @@ impl<'a> Attempt<'a> {
         run: &mut Run<'_>,
         deadline: tokio::time::Instant,
         receiving_first: bool,
-        cancel_poll: &mut tokio::time::Interval,
+        waits: &mut Waits<'_, impl Future<Output = StopReason>>,
     ) -> Result<Step, StreamIoError> {
         if run.sink.has_batch() {
             // Adaptive batching: what the upstream sent while the last append was in flight
             // is ready now and joins the batch; once nothing more is, the batch is written.
-            if let Some(reason) = self.signals.stopped().now_or_never() {
+            if let Some(reason) = waits.stopped.as_mut().now_or_never() {
                 return Ok(Step::Stopped(reason));
             }
             return Ok(match stream.next().now_or_never() {
@@ -606,24 +618,35 @@ impl<'a> Attempt<'a> {
             });
         }
         let flush_at = run.sink.flush_at();
+        // Moving a timer later only marks it (it is re-filed when it fires), so the idle
+        // deadline follows each token cheaply; an earlier one (the first token's timeout
+        // giving way to a shorter idle timeout) is re-filed at once.
+        if waits.deadline.deadline() != deadline {
+            waits.deadline.as_mut().reset(deadline);
+        }
         loop {
             let waiting_since = tokio::time::Instant::now();
             tokio::select! {
                 biased;
-                reason = self.signals.stopped() => return Ok(Step::Stopped(reason)),
+                reason = waits.stopped.as_mut() => return Ok(Step::Stopped(reason)),
                 () = sleep_until_some(flush_at) => {
                     run.upstream_wait += waiting_since.elapsed();
                     return Ok(Step::FlushDue);
                 }
-                next = timeout_at(deadline, stream.next()) => {
+                // Before the deadline: what arrived by then is taken, as a timeout would.
+                next = stream.next() => {
                     run.upstream_wait += waiting_since.elapsed();
-                    return Ok(match next {
-                        Err(_elapsed) if receiving_first => Step::FirstTokenTimeout,
-                        Err(_elapsed) => Step::IdleTimeout,
-                        Ok(next) => Self::step_of(next),
+                    return Ok(Self::step_of(next));
+                }
+                () = waits.deadline.as_mut() => {
+                    run.upstream_wait += waiting_since.elapsed();
+                    return Ok(if receiving_first {
+                        Step::FirstTokenTimeout
+                    } else {
+                        Step::IdleTimeout
                     });
                 }
-                _ = cancel_poll.tick() => {
+                _ = waits.cancel_poll.tick() => {
                     run.upstream_wait += waiting_since.elapsed();
                     if self.cancelled().await? {
                         return Ok(Step::Cancelled);
