@@ -456,6 +456,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The most HTTP workers actix-web runs (it refuses more).
+pub const MAX_HTTP_WORKERS: usize = 512;
+
 /// `[gateway]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -511,6 +514,12 @@ pub struct GatewaySettings {
     /// gateway can run past a short value before their requests are even read; leave slow
     /// clients to the ingress. 0 turns the timeout off.
     pub client_request_timeout_ms: u64,
+    /// HTTP worker threads (each an actix-web event loop serving its share of the
+    /// connections); the multiplexed reader runs on the main thread beside them. `0`: one per
+    /// CPU the process may use (actix-web's default). One serves a gateway whose pod has a
+    /// CPU limit of about one core (`k8s/`): each token then crosses one thread, not two,
+    /// which measured lower latency and CPU per token on two cores (`bench/results/notes.md`).
+    pub http_workers: usize,
 }
 
 impl Default for GatewaySettings {
@@ -530,6 +539,7 @@ impl Default for GatewaySettings {
             completion_timeout_secs: 540,
             default_model: None,
             client_request_timeout_ms: 30_000,
+            http_workers: 1,
         }
     }
 }
@@ -570,6 +580,12 @@ pub struct ProducerSettings {
     /// or scaled-down producer; default 1 h). 0 never removes any. Live producers mark their
     /// consumers seen every 5 s, so keep it well above that.
     pub dead_consumer_secs: u64,
+    /// Threads of the producer's async runtime. `0`: one per CPU the process may use (Tokio's
+    /// default). One suits a producer whose pod has a CPU limit of about one core (`k8s/`):
+    /// a token's hops (upstream connection, SSE parser, attempt, Redis call) then stay on
+    /// one thread, with no cross-thread wake-ups, which measured lower latency and CPU per
+    /// token on two cores (`bench/results/notes.md`). Scale out with replicas.
+    pub runtime_threads: usize,
 }
 
 impl Default for ProducerSettings {
@@ -586,6 +602,7 @@ impl Default for ProducerSettings {
             max_attempts: 3,
             token_coalesce_ms: 0,
             dead_consumer_secs: 3_600,
+            runtime_threads: 1,
         }
     }
 }
@@ -817,6 +834,12 @@ impl Settings {
         if self.streams.event_shards == 0 {
             return Err(invalid("streams.event_shards", "must be at least 1"));
         }
+        if self.gateway.http_workers > MAX_HTTP_WORKERS {
+            return Err(invalid(
+                "gateway.http_workers",
+                format!("must be at most {MAX_HTTP_WORKERS}"),
+            ));
+        }
         if self.producer.concurrency == 0 {
             return Err(invalid("producer.concurrency", "must be at least 1"));
         }
@@ -980,6 +1003,18 @@ mod tests {
         );
         let at_bound =
             Settings::load_from_vars(None, vars(&[("BRIDGE__REDIS__COMMAND_TIMEOUT_MS", "1500")]));
+        assert!(at_bound.is_ok(), "{at_bound:?}");
+    }
+
+    #[test]
+    fn more_http_workers_than_actix_web_runs_are_refused() {
+        let err = Settings::load_from_vars(None, vars(&[("BRIDGE__GATEWAY__HTTP_WORKERS", "513")]));
+        assert!(
+            matches!(&err, Err(ConfigError::Invalid { key, .. }) if key == "gateway.http_workers"),
+            "{err:?}"
+        );
+        let at_bound =
+            Settings::load_from_vars(None, vars(&[("BRIDGE__GATEWAY__HTTP_WORKERS", "512")]));
         assert!(at_bound.is_ok(), "{at_bound:?}");
     }
 

@@ -130,6 +130,14 @@ impl Application {
         let cors_origins = state.settings.gateway.cors_allowed_origins.clone();
         let client_request_timeout =
             Duration::from_millis(state.settings.gateway.client_request_timeout_ms);
+        let http_workers = match state.settings.gateway.http_workers {
+            // actix-web's own default, named here so the gauge can tell it.
+            0 => std::thread::available_parallelism()
+                .map_or(2, std::num::NonZeroUsize::get)
+                .min(service_kit::config::MAX_HTTP_WORKERS),
+            workers => workers,
+        };
+        metrics::gauge!("gateway_http_workers").set(http_workers as f64);
         let server = HttpServer::new(move || {
             App::new()
                 // Without configured origins there is no CORS middleware at all: a restrictive
@@ -153,6 +161,7 @@ impl Application {
         .client_request_timeout(client_request_timeout)
         // SSE responses end on shutdown themselves; the rest finish within this.
         .shutdown_timeout(5)
+        .workers(http_workers)
         .listen(listener)?
         .run();
         Ok(Self {

@@ -55,6 +55,9 @@ impl Application {
         let metrics = service_kit::ops::install_metrics();
         // Present from the start (an autoscaler reads it before the first job).
         metrics::gauge!("producer_in_flight").set(0.0);
+        // What `producer.runtime_threads` came to (0 means one per CPU the process may use).
+        metrics::gauge!("producer_runtime_threads")
+            .set(tokio::runtime::Handle::current().metrics().num_workers() as f64);
         let redis = service_kit::redis::pool(&settings.redis).context("redis pool")?;
         service_kit::redis::start(&redis, &settings.redis).await;
         let reader =

@@ -336,3 +336,56 @@ async fn redis_back_empty_recreates_the_groups_and_skips_no_job() -> anyhow::Res
     .context("the processor did not count the chats started after the wipe")?;
     Ok(())
 }
+
+/// Threads of process `pid` whose name starts with `prefix` (Linux: `/proc/<pid>/task`).
+fn threads_named(pid: u32, prefix: &str) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm"))?;
+        if comm.starts_with(prefix) {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// A chat streams through `stack`, whose gateway runs `threads` HTTP workers and whose
+/// producer runs `threads` runtime threads, as their gauges also say.
+async fn serves_with_threads(stack: &Stack, threads: usize) -> anyhow::Result<()> {
+    let prompt = "count the threads [[mock tokens=8]]";
+    let started = stack.start_chat("threads", prompt).await?;
+    let events = payloads(&stack.read_all(str_field(&started, "streamUrl")?).await?)?;
+    assert_eq!(text_of(&events), expected_text(prompt, 8));
+
+    // Under actix's System (the binary's `main`), each worker is an arbiter thread named
+    // `actix-rt|system:<n>|arbiter:<n>`, of which the kernel keeps 15 characters; the
+    // reader's thread is the main one.
+    let gateway = &stack.gateways[0];
+    assert_eq!(threads_named(gateway.pid(), "actix-rt|system")?, threads);
+    let metrics = scrape(stack, stack.gateway()).await?;
+    assert_eq!(
+        metric_sample(&metrics, "gateway_http_workers"),
+        Some(threads as f64)
+    );
+    // Tokio names its blocking threads as its workers, so the producer's count comes from
+    // the runtime itself.
+    let metrics = scrape(stack, stack.producers[0].url()).await?;
+    assert_eq!(
+        metric_sample(&metrics, "producer_runtime_threads"),
+        Some(threads as f64)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_services_run_the_threads_their_settings_give() -> anyhow::Result<()> {
+    // The defaults: one of each, for pods of about one CPU.
+    serves_with_threads(&crate::stack::start().await?, 1).await?;
+    // Three: what neither the default nor one worker per CPU gives on two cores.
+    let stack = Stack::start(options().with_settings(|settings| {
+        settings.gateway.http_workers = 3;
+        settings.producer.runtime_threads = 3;
+    }))
+    .await?;
+    serves_with_threads(&stack, 3).await
+}
