@@ -515,10 +515,10 @@ pub struct GatewaySettings {
     /// clients to the ingress. 0 turns the timeout off.
     pub client_request_timeout_ms: u64,
     /// HTTP worker threads (each an actix-web event loop serving its share of the
-    /// connections); the multiplexed reader runs on the main thread beside them. `0`: one per
-    /// CPU the process may use (actix-web's default). One serves a gateway whose pod has a
-    /// CPU limit of about one core (`k8s/`): each token then crosses one thread, not two,
-    /// which measured lower latency and CPU per token on two cores (`bench/results/notes.md`).
+    /// connections); the multiplexed reader runs on the main thread beside them. `0` (the
+    /// default): one per CPU the process may use, which a pod's CPU limit caps (one in
+    /// `k8s/`). At most 512. One worker cost less CPU per token on the bench's two cores, but
+    /// its latencies were worse in the full benchmark (`bench/results/notes.md`).
     pub http_workers: usize,
 }
 
@@ -539,7 +539,7 @@ impl Default for GatewaySettings {
             completion_timeout_secs: 540,
             default_model: None,
             client_request_timeout_ms: 30_000,
-            http_workers: 1,
+            http_workers: 0,
         }
     }
 }
@@ -580,11 +580,11 @@ pub struct ProducerSettings {
     /// or scaled-down producer; default 1 h). 0 never removes any. Live producers mark their
     /// consumers seen every 5 s, so keep it well above that.
     pub dead_consumer_secs: u64,
-    /// Threads of the producer's async runtime. `0`: one per CPU the process may use (Tokio's
-    /// default). One suits a producer whose pod has a CPU limit of about one core (`k8s/`):
-    /// a token's hops (upstream connection, SSE parser, attempt, Redis call) then stay on
-    /// one thread, with no cross-thread wake-ups, which measured lower latency and CPU per
-    /// token on two cores (`bench/results/notes.md`). Scale out with replicas.
+    /// Threads of the producer's async runtime. `0` (the default): one per CPU the process may
+    /// use, which a pod's CPU limit caps (one in `k8s/`). One keeps a token's hops (upstream
+    /// connection, SSE parser, attempt, Redis call) on one thread: less CPU per token on the
+    /// bench's two cores, with latencies that moved either way between runs
+    /// (`bench/results/notes.md`).
     pub runtime_threads: usize,
 }
 
@@ -602,7 +602,7 @@ impl Default for ProducerSettings {
             max_attempts: 3,
             token_coalesce_ms: 0,
             dead_consumer_secs: 3_600,
-            runtime_threads: 1,
+            runtime_threads: 0,
         }
     }
 }
