@@ -1,7 +1,7 @@
 //! The multiplexed reader: one loop reads every session stream that has a subscriber and fans
 //! entries out to all subscribers of each stream. With few streams it blocks in one `XREAD`
 //! over all of them; with more (and always on a cluster) it reads only the streams whose writes
-//! announced themselves ([`Hub::run_announced`]).
+//! announced themselves ([`Hub::run`]).
 //!
 //! **Invariant**: the gateway never holds a Redis connection, or a blocking read, per SSE
 //! client. Subscribing and unsubscribing only touch the in-memory table; a new stream wakes the
@@ -81,7 +81,7 @@ pub struct HubSettings {
     /// Bytes a subscriber may have queued before it is cut off.
     pub buffer_bytes: usize,
     /// Redis Cluster: streams of different sessions live in different slots, and one `XREAD`
-    /// may not span slots (see [`Hub::run_announced`]).
+    /// may not span slots (see [`Hub::run`]).
     pub cluster: bool,
     /// The announced reader: a full read round at least this often, whatever was announced.
     pub sweep_ms: u64,
@@ -511,18 +511,6 @@ impl Hub {
         }
     }
 
-    /// The reader loop (see [`Hub::run_announced`]). `reader` and `wake` are clients of
-    /// their own: `reader`'s connection blocks in `XREAD`, `wake`'s takes subscriptions.
-    pub async fn run(
-        self,
-        reader: Client,
-        wake: Client,
-        shutdown: CancellationToken,
-        flag: LoopFlag,
-    ) {
-        self.run_announced(reader, wake, shutdown, flag).await;
-    }
-
     /// One blocking round: one `XREAD … BLOCK` over every stream with a subscriber, re-issued
     /// when a new stream comes (`CLIENT UNBLOCK`). Redis scans every named stream when the read
     /// is issued and each time a write wakes it, so its cost grows with the streams followed,
@@ -608,11 +596,13 @@ impl Hub {
         backoff.wait(shutdown).await
     }
 
-    /// The reader loop that reads what was announced, or, on a single node with at most
-    /// `block_max_streams` streams, blocks on all of them ([`Hub::blocking_round`]): a blocked
-    /// read returns each entry with its reply, where an announcement adds a hop, and Redis's
-    /// cost of blocking on a few streams is small. The loop unsubscribes while it blocks, and
-    /// its first announced round after blocking reads every stream.
+    /// The reader loop. `reader` and `wake` are clients of their own: `reader`'s connection
+    /// blocks in `XREAD`, `wake`'s takes subscriptions. It reads what was announced, or, on a
+    /// single node with at most `block_max_streams` streams, blocks on all of them
+    /// ([`Hub::blocking_round`]): a blocked read returns each entry with its reply, where an
+    /// announcement adds a hop, and Redis's cost of blocking on a few streams is small. The
+    /// loop unsubscribes while it blocks, and its first announced round after blocking reads
+    /// every stream.
     ///
     /// Every write to a session stream announces itself (`SPUBLISH` inside the writing
     /// script, see [`stream_io::session::WakeUps`]): on a single node on one shared channel,
@@ -627,7 +617,7 @@ impl Hub {
     /// (and after the wake client reconnects or falls behind) is the safety net for a lost
     /// announcement. Redis's cost is per write and per stream written, never per client or
     /// per stream followed, and idle streams cost one round per `sweep_ms`.
-    async fn run_announced(
+    pub async fn run(
         self,
         reader: Client,
         wake: Client,
