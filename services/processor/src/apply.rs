@@ -3,9 +3,10 @@
 //! Delivery is at-least-once (a crash between applying and `XACK` redelivers), so records are
 //! applied by a script that first checks the shard's ledger of applied entry ids and records
 //! the ids in the same atomic step. One script call applies a whole batch of a shard's records:
-//! it sums what the new records add to each counter hash and increments every hash field and
-//! refreshes every TTL once per batch, so counters shared by many records (a model's, a
-//! tenant's, the minute's) cost a few commands per batch instead of a few per record. The ledger and every counter hash a record touches carry the
+//! it sums what the new records add to each counter hash, then reads and writes each hash's
+//! fields with one `HMGET` and one `HSET` and refreshes its TTL, once per batch: counters shared
+//! by many records (a model's, a tenant's, the minute's) cost three commands per batch, not one
+//! per field and record. The ledger and every counter hash a record touches carry the
 //! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
 //! updates them all: the totals of the session, the model, the model within the session's
 //! tenant and the API key, and the same four for the record's minute. The tenant comes from the
@@ -103,11 +104,34 @@ end
 for i = 1, #ledger, 2000 do
   redis.call('ZADD', KEYS[1], unpack(ledger, i, math.min(i + 1999, #ledger)))
 end
+-- Each hash's fields are read and written in two commands (HMGET, HSET) however many a batch
+-- touches, instead of one HINCRBY per field: a finished chat adds about ten fields to each of
+-- up to eight hashes. A value too long to be exact as a Lua number (above 15 digits; Lua's
+-- numbers are doubles) or not a number at all is left to HINCRBY, which keeps it exact (or
+-- fails the batch, as it always did).
 if #ledger > 0 then
   for _, k in ipairs(touched) do
+    local names, deltas = {}, {}
     for field, delta in pairs(sums[k]) do
-      -- As an integer: a Lua number would reach Redis as '%.14g' text, not an integer.
-      redis.call('HINCRBY', KEYS[k], field, string.format('%d', delta))
+      names[#names + 1] = field
+      deltas[#deltas + 1] = delta
+    end
+    for i = 1, #names, 1000 do
+      local last = math.min(i + 999, #names)
+      local current = redis.call('HMGET', KEYS[k], unpack(names, i, last))
+      local set = {}
+      for j = i, last do
+        local old = current[j - i + 1]
+        local value = old and tonumber(old)
+        -- As integers: a Lua number would reach Redis as '%.14g' text, not an integer.
+        if old and (not value or #old > 15) then
+          redis.call('HINCRBY', KEYS[k], names[j], string.format('%d', deltas[j]))
+        else
+          set[#set + 1] = names[j]
+          set[#set + 1] = string.format('%d', (value or 0) + deltas[j])
+        end
+      end
+      if #set > 0 then redis.call('HSET', KEYS[k], unpack(set)) end
     end
     redis.call('EXPIRE', KEYS[k], ARGV[k + 4])
   end
@@ -896,6 +920,68 @@ mod tests {
             .ttl(RedisKey::model_stats(3, &model).as_str())
             .await?;
         assert!(ttl > 0 && ttl <= 100, "totals carry their TTL: {ttl}");
+        Ok(())
+    }
+
+    /// The script adds to a hash by reading and writing its fields (HMGET, HSET), which it
+    /// does in Lua numbers, doubles: a counter too long for one to hold exactly is added to by
+    /// `HINCRBY`, so it stays exact; one that is not a number fails the batch, as `HINCRBY`
+    /// always did, rather than being overwritten.
+    #[tokio::test]
+    async fn counters_past_what_a_lua_number_holds_stay_exact()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let session = SessionId::parse_stored("exact")?;
+        let model = ModelId::parse("m")?;
+        let tokens = |count| EventRecord::Tokens {
+            request_id: RequestId::new(),
+            session_id: session.clone(),
+            model_id: model.clone(),
+            count,
+            timestamp: now,
+        };
+        let session_key = RedisKey::session_stats(6, &session);
+        let model_key = RedisKey::model_stats(6, &model);
+        // 2^53 + 1: the first integer a double cannot hold.
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a counter set up as a long-running deployment would have it"
+        )]
+        let () = client
+            .hset(
+                session_key.as_str(),
+                ("tokens_streamed", "9007199254740993"),
+            )
+            .await?;
+        let [first, second] = <[EntryId; 2]>::try_from(deliver(&client, 6, "c1", 2).await?)
+            .map_err(|ids| format!("delivered {ids:?}"))?;
+        let batch = [applier.counts(6, first, &tokens(5), None, now)];
+        assert_eq!(
+            applier.apply(&client, 6, HOLDER, &batch).await?,
+            [Applied::Counted]
+        );
+        let long: Option<String> = client.hget(session_key.as_str(), "tokens_streamed").await?;
+        assert_eq!(long.as_deref(), Some("9007199254740998"));
+        let short: Option<String> = client.hget(model_key.as_str(), "tokens_streamed").await?;
+        assert_eq!(short.as_deref(), Some("5"));
+
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a counter corrupted by hand, to see the batch refused"
+        )]
+        let () = client
+            .hset(model_key.as_str(), ("tokens_streamed", "many"))
+            .await?;
+        let batch = [applier.counts(6, second, &tokens(7), None, now)];
+        assert!(
+            applier.apply(&client, 6, HOLDER, &batch).await.is_err(),
+            "a value that is not a number is not overwritten"
+        );
+        let kept: Option<String> = client.hget(model_key.as_str(), "tokens_streamed").await?;
+        assert_eq!(kept.as_deref(), Some("many"));
         Ok(())
     }
 
