@@ -126,6 +126,7 @@ impl Application {
             stream_tokens,
             shutdown: shutdown.clone(),
             lifecycle: lifecycle.clone(),
+            delivery: state::DeliveryMetrics::register(),
         });
         let cors_origins = state.settings.gateway.cors_allowed_origins.clone();
         let client_request_timeout =

@@ -19,6 +19,7 @@ use crate::chat::request_meta;
 use crate::connections::ConnectionGuard;
 use crate::error::{ApiError, ErrorBody};
 use crate::hub::{Batch, Closed, Frame, Subscription};
+use crate::state::DeliveryMetrics;
 use crate::state::SharedState;
 use crate::stream_token::{Claims, TokenError};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -635,10 +636,7 @@ impl<D: Dialect> Delivery<D> {
             counts.tokens += 1;
             // Producer write to gateway send, on two hosts' clocks (NTP keeps them close).
             let lag_ms = stream_schema::now_millis().saturating_sub(*timestamp);
-            counts
-                .lags
-                .get_or_insert_with(|| metrics::histogram!("gateway_token_delivery_lag_seconds"))
-                .record(lag_ms as f64 / 1000.0);
+            self.state.delivery.lag.record(lag_ms as f64 / 1000.0);
         }
         Ok(rendered.end || (self.request.is_some() && frame.event.is_terminal()))
     }
@@ -680,7 +678,7 @@ impl<D: Dialect> Delivery<D> {
                 };
                 let mut counts = Counts::default();
                 let finished = self.offer(model, last, &Frame::new(entry.id, event), &mut counts);
-                counts.flush(&self.guard);
+                counts.flush(&self.guard, &self.state.delivery);
                 if finished? {
                     return Ok(true);
                 }
@@ -772,7 +770,7 @@ impl<D: Dialect> Delivery<D> {
                         }
                     }
                     batch.clear();
-                    counts.flush(&self.guard);
+                    counts.flush(&self.guard, &self.state.delivery);
                     match finished {
                         Ok(true) => return End::Finished,
                         Ok(false) => {}
@@ -788,23 +786,22 @@ impl<D: Dialect> Delivery<D> {
     }
 }
 
-/// What a batch of offers delivered, counted once per batch rather than per frame (a metrics
-/// lookup per frame and client was a visible share of the gateway's time).
+/// What a batch of offers delivered, added to the counters once per batch rather than per
+/// frame.
 #[derive(Default)]
 struct Counts {
     events: u64,
     tokens: u64,
-    lags: Option<metrics::Histogram>,
 }
 
 impl Counts {
-    fn flush(&self, guard: &ConnectionGuard) {
+    fn flush(&self, guard: &ConnectionGuard, metrics: &DeliveryMetrics) {
         if self.events > 0 {
             guard.events_sent.fetch_add(self.events, Ordering::Relaxed);
-            metrics::counter!("gateway_events_delivered_total").increment(self.events);
+            metrics.events.increment(self.events);
         }
         if self.tokens > 0 {
-            metrics::counter!("gateway_tokens_delivered_total").increment(self.tokens);
+            metrics.tokens.increment(self.tokens);
         }
     }
 }
