@@ -415,3 +415,96 @@ async fn a_batch_is_one_entry_per_event_all_or_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A Redis that lost its scripts (restarted, failed over, `SCRIPT FLUSH`) answers `NOSCRIPT`
+/// to each script's next call: the call loads the script and is made again, built anew, and
+/// its events are written once.
+#[tokio::test]
+async fn every_script_is_loaded_again_after_redis_forgets_it_and_writes_once() -> anyhow::Result<()>
+{
+    let redis = RedisServer::start().await?;
+    let client = redis.client().await?;
+    let scripts = SessionScripts::default();
+    let model = ModelId::parse("m")?;
+    let forget = || async { client.script_flush(false).await };
+
+    let (one, two) = (RequestId::new(), RequestId::new());
+    let (first, second) = (SessionId::parse("a")?, SessionId::parse("b")?);
+    forget().await?;
+    let one_streams = start_request(&client, &scripts, &first, &model, one).await?;
+    forget().await?;
+    let two_streams = start_request(&client, &scripts, &second, &model, two).await?;
+    forget().await?;
+    let appended = scripts
+        .append_batch(
+            &client,
+            &one_streams,
+            1,
+            &[token(one, 1), token(one, 2)],
+            true,
+        )
+        .await?;
+    assert!(matches!(appended, AppendOutcome::Written(_)));
+    forget().await?;
+    let (one_next, two_first) = ([token(one, 3)], [token(two, 1)]);
+    let outcomes = scripts
+        .append_many(
+            &client,
+            &[
+                stream_io::session::AppendBatch {
+                    target: &one_streams,
+                    attempt: 1,
+                    events: &one_next,
+                    check_cancel: true,
+                },
+                stream_io::session::AppendBatch {
+                    target: &two_streams,
+                    attempt: 1,
+                    events: &two_first,
+                    check_cancel: true,
+                },
+            ],
+        )
+        .await?;
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, AppendOutcome::Written(_)))
+    );
+    forget().await?;
+    let restart = SessionEvent::Restart {
+        request_id: two,
+        attempt: 2,
+        reason: "producer_lost".to_owned(),
+        served_by: None,
+        timestamp: 2,
+    };
+    assert!(matches!(
+        scripts
+            .take_over(&client, &two_streams, 1, &restart)
+            .await?,
+        TakeOver::Taken(_)
+    ));
+
+    let sequences = |streams: &stream_io::session::RequestStreams| {
+        let client = client.clone();
+        let stream = streams.stream.clone();
+        async move {
+            let entries =
+                stream_io::session::range_after(&client, &stream, EntryId::ZERO, 100).await?;
+            let kinds: Vec<String> = entries
+                .iter()
+                .map(|entry| match SessionEvent::decode(&entry.fields) {
+                    Ok(SessionEvent::Token { sequence, .. }) => format!("t{sequence}"),
+                    Ok(SessionEvent::Start { .. }) => "start".to_owned(),
+                    Ok(SessionEvent::Restart { .. }) => "restart".to_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            anyhow::Ok(kinds)
+        }
+    };
+    assert_eq!(sequences(&one_streams).await?, ["start", "t1", "t2", "t3"]);
+    assert_eq!(sequences(&two_streams).await?, ["start", "t1", "restart"]);
+    Ok(())
+}
