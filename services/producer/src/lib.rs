@@ -89,6 +89,7 @@ impl Application {
             event_shards: settings.streams.event_shards,
             events_maxlen: settings.streams.events_maxlen,
             token_coalesce: Duration::from_millis(producer.token_coalesce_ms),
+            write_metrics: worker::WriteMetrics::register(),
         });
         let consumer = service_kit::consumer_name(&producer.consumer_name, "producer");
         let leases = Arc::new(Leases::default());

@@ -474,7 +474,7 @@ impl<'a> TokenSink<'a> {
             let (appended, recorded) = tokio::join!(append, self.record_on(client, &record));
             recorded?;
             self.unreported -= count;
-            metrics::counter!("producer_tokens_total").increment(u64::from(count));
+            self.ctx.write_metrics.tokens.increment(u64::from(count));
             appended?
         } else {
             append.await?
@@ -484,7 +484,7 @@ impl<'a> TokenSink<'a> {
             AppendOutcome::Fenced => return Ok(Write::Fenced),
             AppendOutcome::Cancelled => return Ok(Write::Cancelled),
         }
-        metrics::counter!("producer_append_batches_total").increment(1);
+        self.ctx.write_metrics.append_batches.increment(1);
         self.sequence += count as u64;
         self.tokens = self.tokens.saturating_add(tokens);
         self.reasoning_tokens = self.reasoning_tokens.saturating_add(reasoning);
@@ -516,7 +516,10 @@ impl<'a> TokenSink<'a> {
             return Ok(());
         }
         self.record(&self.tokens_record(self.unreported)).await?;
-        metrics::counter!("producer_tokens_total").increment(u64::from(self.unreported));
+        self.ctx
+            .write_metrics
+            .tokens
+            .increment(u64::from(self.unreported));
         self.unreported = 0;
         Ok(())
     }

@@ -43,6 +43,24 @@ pub struct WorkerContext {
     pub events_maxlen: u64,
     /// `producer.token_coalesce_ms`; zero writes each token as it arrives.
     pub token_coalesce: Duration,
+    pub write_metrics: WriteMetrics,
+}
+
+/// The counters every content write adds to, looked up in the recorder once rather than per
+/// write (hashing the name and reading the registry, per batch and request).
+pub struct WriteMetrics {
+    pub append_batches: metrics::Counter,
+    pub tokens: metrics::Counter,
+}
+
+impl WriteMetrics {
+    /// Handles from the recorder installed now (install it first).
+    pub fn register() -> Self {
+        Self {
+            append_batches: metrics::counter!("producer_append_batches_total"),
+            tokens: metrics::counter!("producer_tokens_total"),
+        }
+    }
 }
 
 impl WorkerContext {
@@ -852,6 +870,7 @@ pub(crate) mod testing {
                 event_shards: 2,
                 events_maxlen: 1_000,
                 token_coalesce,
+                write_metrics: super::WriteMetrics::register(),
             };
             Ok(Self { _redis: redis, ctx })
         }
