@@ -32,6 +32,10 @@ fn builder(settings: &RedisSettings) -> Result<Builder, RedisSetupError> {
             // A command interrupted by a dropped connection is retried once, not thrice, so a
             // caller learns about an outage within its timeout.
             config.max_command_attempts = 2;
+            // fred leaves Nagle's algorithm on: a command written while an earlier one on the
+            // connection is unacknowledged would wait for that ACK, and fred pipelines the
+            // commands of concurrent callers on one connection. Redis disables it on its side.
+            config.tcp.nodelay = Some(true);
         })
         .with_performance_config(|config| {
             config.default_command_timeout = command_timeout;
@@ -116,5 +120,29 @@ pub async fn observe(pool: Pool, shutdown: tokio_util::sync::CancellationToken) 
                 .set(sum_ms as f64 / samples as f64 / 1000.0);
         }
         metrics::gauge!("redis_command_latency_max_seconds").set(max_ms as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection, pooled or blocking, is opened with `TCP_NODELAY`.
+    #[test]
+    fn connections_disable_nagles_algorithm() -> Result<(), RedisSetupError> {
+        let settings = RedisSettings::default();
+        assert_eq!(
+            builder(&settings)?.get_connection_config().tcp.nodelay,
+            Some(true)
+        );
+        let blocking = blocking_client(&settings)?;
+        assert_eq!(blocking.connection_config().tcp.nodelay, Some(true));
+        let pool = pool(&settings)?;
+        assert!(
+            pool.clients()
+                .iter()
+                .all(|client| client.connection_config().tcp.nodelay == Some(true))
+        );
+        Ok(())
     }
 }
