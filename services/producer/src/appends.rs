@@ -185,18 +185,32 @@ impl Inner {
 /// [`MAX_CALL_EVENTS`] events (the first always goes), and never two of one owner key (two
 /// attempts of one request: the script reads each owner once). The rest stay queued, in order.
 fn take_round(queue: &mut Vec<Queued>) -> Vec<Queued> {
+    // Chosen first, moved after: the owner set borrows the queue's keys instead of copying one
+    // per batch.
+    let chosen: Vec<bool> = {
+        let mut owners = HashSet::new();
+        let (mut taken, mut events) = (0, 0);
+        queue
+            .iter()
+            .map(|queued| {
+                let owner = queued.target.owner.as_str();
+                let fits = taken == 0
+                    || (taken < MAX_BATCH_REQUESTS
+                        && events + queued.events.len() <= MAX_CALL_EVENTS
+                        && !owners.contains(owner));
+                if fits {
+                    taken += 1;
+                    events += queued.events.len();
+                    owners.insert(owner);
+                }
+                fits
+            })
+            .collect()
+    };
     let mut round = Vec::new();
     let mut rest = Vec::new();
-    let mut owners = HashSet::new();
-    let mut events = 0;
-    for queued in queue.drain(..) {
-        let fits = round.is_empty()
-            || (round.len() < MAX_BATCH_REQUESTS
-                && events + queued.events.len() <= MAX_CALL_EVENTS
-                && !owners.contains(queued.target.owner.as_str()));
+    for (queued, fits) in queue.drain(..).zip(chosen) {
         if fits {
-            events += queued.events.len();
-            owners.insert(queued.target.owner.as_str().to_owned());
             round.push(queued);
         } else {
             rest.push(queued);
