@@ -3,10 +3,10 @@
 //! Delivery is at-least-once (a crash between applying and `XACK` redelivers), so records are
 //! applied by a script that first checks the shard's ledger of applied entry ids and records
 //! the ids in the same atomic step. One script call applies a whole batch of a shard's records:
-//! it sums what the new records add to each counter hash, then reads and writes each hash's
-//! fields with one `HMGET` and one `HSET` and refreshes its TTL, once per batch: counters shared
-//! by many records (a model's, a tenant's, the minute's) cost three commands per batch, not one
-//! per field and record. The ledger and every counter hash a record touches carry the
+//! it sums what the new records add to each counter hash, then adds to each hash once per batch
+//! (one `HINCRBY` for a single field; one `HMGET` and one `HSET` for several) and refreshes its
+//! TTL: counters shared by many records (a model's, a tenant's, the minute's) cost at most three
+//! commands per batch, not one per field and record. The ledger and every counter hash a record touches carry the
 //! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
 //! updates them all: the totals of the session, the model, the model within the session's
 //! tenant and the API key, and the same four for the record's minute. The tenant comes from the
@@ -104,8 +104,8 @@ end
 for i = 1, #ledger, 2000 do
   redis.call('ZADD', KEYS[1], unpack(ledger, i, math.min(i + 1999, #ledger)))
 end
--- Each hash's fields are read and written in two commands (HMGET, HSET) however many a batch
--- touches, instead of one HINCRBY per field: a finished chat adds about ten fields to each of
+-- A hash the batch adds one field to gets one HINCRBY; one it adds more to is read and written
+-- in two commands (HMGET, HSET) however many: a finished chat adds about ten fields to each of
 -- up to eight hashes. A value too long to be exact as a Lua number (above 15 digits; Lua's
 -- numbers are doubles) or not a number at all is left to HINCRBY, which keeps it exact (or
 -- fails the batch, as it always did).
@@ -116,6 +116,11 @@ if #ledger > 0 then
       names[#names + 1] = field
       deltas[#deltas + 1] = delta
     end
+    if #names == 1 then
+      -- As an integer: a Lua number would reach Redis as '%.14g' text, not an integer.
+      redis.call('HINCRBY', KEYS[k], names[1], string.format('%d', deltas[1]))
+      names = {}
+    end
     for i = 1, #names, 1000 do
       local last = math.min(i + 999, #names)
       local current = redis.call('HMGET', KEYS[k], unpack(names, i, last))
@@ -123,7 +128,6 @@ if #ledger > 0 then
       for j = i, last do
         local old = current[j - i + 1]
         local value = old and tonumber(old)
-        -- As integers: a Lua number would reach Redis as '%.14g' text, not an integer.
         if old and (not value or #old > 15) then
           redis.call('HINCRBY', KEYS[k], names[j], string.format('%d', deltas[j]))
         else
@@ -923,8 +927,96 @@ mod tests {
         Ok(())
     }
 
-    /// The script adds to a hash by reading and writing its fields (HMGET, HSET), which it
-    /// does in Lua numbers, doubles: a counter too long for one to hold exactly is added to by
+    /// A finished chat, which adds eleven fields to each of its hashes.
+    fn finished_in(session: &SessionId, now: u64) -> Result<EventRecord, stream_schema::IdError> {
+        Ok(EventRecord::Finished {
+            request_id: RequestId::new(),
+            session_id: session.clone(),
+            model_id: ModelId::parse("m")?,
+            outcome: Outcome::Completed(stream_schema::FinishReason::Stop),
+            prompt_tokens: 3,
+            completion_tokens: 5,
+            ttft_ms: Some(7),
+            duration_ms: 40,
+            timestamp: now,
+        })
+    }
+
+    /// Each `calls` count of `INFO commandstats`, by command.
+    async fn command_calls(
+        client: &Client,
+    ) -> Result<HashMap<String, u64>, Box<dyn std::error::Error>> {
+        let info: String = client
+            .info(Some(fred::types::InfoKind::CommandStats))
+            .await?;
+        Ok(info
+            .lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+                Some((name.to_owned(), calls.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// A hash the batch adds several fields to costs `HMGET`, `HSET` and `EXPIRE`, however
+    /// many fields; one it adds a single field to, `HINCRBY` and `EXPIRE`.
+    #[tokio::test]
+    async fn each_counter_hash_costs_at_most_three_commands_per_batch()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let server = test_support::RedisServer::start().await?;
+        let client = server.client().await?;
+        let applier = applier();
+        let now = stream_schema::now_millis();
+        let session = SessionId::parse_stored("costs")?;
+        let ids = deliver(&client, 2, "c1", 2).await?;
+        let finished = applier.counts(2, ids[0], &finished_in(&session, now)?, None, now);
+        let tokens = EventRecord::Tokens {
+            request_id: RequestId::new(),
+            session_id: session.clone(),
+            model_id: ModelId::parse("m")?,
+            count: 4,
+            timestamp: now,
+        };
+        let tokens = applier.counts(2, ids[1], &tokens, None, now);
+        // Session, model and the tenant's model, totals and minute: six hashes each.
+        assert_eq!((finished.hashes.len(), finished.deltas.len()), (6, 11));
+        let calls = |before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str| {
+            after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+        };
+
+        let before = command_calls(&client).await?;
+        applier.apply(&client, 2, HOLDER, &[finished]).await?;
+        let after = command_calls(&client).await?;
+        for (name, expected) in [("hmget", 6), ("hset", 6), ("expire", 6), ("hincrby", 0)] {
+            assert_eq!(
+                calls(&before, &after, name),
+                expected,
+                "{name} for eleven fields"
+            );
+        }
+        let before = after;
+        applier.apply(&client, 2, HOLDER, &[tokens]).await?;
+        let after = command_calls(&client).await?;
+        for (name, expected) in [("hmget", 0), ("hset", 0), ("expire", 6), ("hincrby", 6)] {
+            assert_eq!(
+                calls(&before, &after, name),
+                expected,
+                "{name} for one field"
+            );
+        }
+        let model = ModelId::parse("m")?;
+        let totals: HashMap<String, i64> = client
+            .hgetall(RedisKey::model_stats(2, &model).as_str())
+            .await?;
+        assert_eq!(totals.get("finished"), Some(&1));
+        assert_eq!(totals.get("duration_ms_sum"), Some(&40));
+        assert_eq!(totals.get("tokens_streamed"), Some(&4));
+        Ok(())
+    }
+
+    /// The script adds several fields to a hash by reading and writing them (HMGET, HSET), in
+    /// Lua numbers, doubles: a counter too long for one to hold exactly is added to by
     /// `HINCRBY`, so it stays exact; one that is not a number fails the batch, as `HINCRBY`
     /// always did, rather than being overwritten.
     #[tokio::test]
@@ -936,13 +1028,6 @@ mod tests {
         let now = stream_schema::now_millis();
         let session = SessionId::parse_stored("exact")?;
         let model = ModelId::parse("m")?;
-        let tokens = |count| EventRecord::Tokens {
-            request_id: RequestId::new(),
-            session_id: session.clone(),
-            model_id: model.clone(),
-            count,
-            timestamp: now,
-        };
         let session_key = RedisKey::session_stats(6, &session);
         let model_key = RedisKey::model_stats(6, &model);
         // 2^53 + 1: the first integer a double cannot hold.
@@ -953,35 +1038,49 @@ mod tests {
         let () = client
             .hset(
                 session_key.as_str(),
-                ("tokens_streamed", "9007199254740993"),
+                ("duration_ms_sum", "9007199254740993"),
             )
             .await?;
         let [first, second] = <[EntryId; 2]>::try_from(deliver(&client, 6, "c1", 2).await?)
             .map_err(|ids| format!("delivered {ids:?}"))?;
-        let batch = [applier.counts(6, first, &tokens(5), None, now)];
+        let batch = [applier.counts(6, first, &finished_in(&session, now)?, None, now)];
         assert_eq!(
             applier.apply(&client, 6, HOLDER, &batch).await?,
             [Applied::Counted]
         );
-        let long: Option<String> = client.hget(session_key.as_str(), "tokens_streamed").await?;
-        assert_eq!(long.as_deref(), Some("9007199254740998"));
-        let short: Option<String> = client.hget(model_key.as_str(), "tokens_streamed").await?;
-        assert_eq!(short.as_deref(), Some("5"));
+        let field = |key: &RedisKey, name: &'static str| {
+            let (client, key) = (client.clone(), key.clone());
+            async move {
+                let value: Option<String> = client.hget(key.as_str(), name).await?;
+                Ok::<_, fred::error::Error>(value)
+            }
+        };
+        assert_eq!(
+            field(&session_key, "duration_ms_sum").await?.as_deref(),
+            Some("9007199254741033")
+        );
+        assert_eq!(field(&session_key, "finished").await?.as_deref(), Some("1"));
+        assert_eq!(
+            field(&model_key, "duration_ms_sum").await?.as_deref(),
+            Some("40")
+        );
 
         #[expect(
             clippy::disallowed_methods,
             reason = "a counter corrupted by hand, to see the batch refused"
         )]
         let () = client
-            .hset(model_key.as_str(), ("tokens_streamed", "many"))
+            .hset(model_key.as_str(), ("finished", "many"))
             .await?;
-        let batch = [applier.counts(6, second, &tokens(7), None, now)];
+        let batch = [applier.counts(6, second, &finished_in(&session, now)?, None, now)];
         assert!(
             applier.apply(&client, 6, HOLDER, &batch).await.is_err(),
             "a value that is not a number is not overwritten"
         );
-        let kept: Option<String> = client.hget(model_key.as_str(), "tokens_streamed").await?;
-        assert_eq!(kept.as_deref(), Some("many"));
+        assert_eq!(
+            field(&model_key, "finished").await?.as_deref(),
+            Some("many")
+        );
         Ok(())
     }
 
