@@ -6,12 +6,13 @@
 //! it sums what the new records add to each counter hash, then adds to each hash once per batch
 //! (one `HINCRBY` for a single field; one `HMGET` and one `HSET` for several) and refreshes its
 //! TTL: counters shared by many records (a model's, a tenant's, the minute's) cost at most three
-//! commands per batch, not one per field and record. The ledger and every counter hash a record touches carry the
-//! shard's hash tag `{n}` (a session's records all live in one shard), so one script in one slot
-//! updates them all: the totals of the session, the model, the model within the session's
-//! tenant and the API key, and the same four for the record's minute. The tenant comes from the
-//! session's stored id (`SessionId::tenant`), so records need no tenant field. What the hashes hold (field names, deltas, histogram buckets) is
-//! defined once in `stream_schema::stats`, which the gateway reads with.
+//! commands per batch, not one per field and record. The ledger and every counter hash a record
+//! touches carry the shard's hash tag `{n}` (a session's records all live in one shard), so one
+//! script in one slot updates them all: the totals of the session, the model, the model within
+//! the session's tenant and the API key, and the same four for the record's minute. The tenant
+//! comes from the session's stored id (`SessionId::tenant`), so records need no tenant field.
+//! What the hashes hold (field names, deltas, histogram buckets) is defined once in
+//! `stream_schema::stats`, which the gateway reads with.
 //!
 //! The ledger only has to remember an id while the entry can still be delivered again, that is
 //! until it is acknowledged: `XACK` and the removal from the ledger happen in one script (the
