@@ -133,28 +133,7 @@ pub fn connections_to(pid: u32, remote_port: u16) -> anyhow::Result<usize> {
         .count())
 }
 
-/// Calls per command from `INFO commandstats` (`cmdstat_xadd:calls=…` → `xadd`).
-pub async fn command_calls(redis: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
-    let info: String = redis
-        .info(Some(InfoKind::CommandStats))
-        .await
-        .context("INFO commandstats")?;
-    Ok(parse_commandstats(&info))
-}
-
-fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
-}
+pub use test_support::command_calls;
 
 /// Commands Redis executed during a `MONITOR` sample: those clients sent, and those scripts ran
 /// (`INFO commandstats` counts both alike).
@@ -300,15 +279,6 @@ pub fn load_average() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn commandstats_lines_are_parsed() {
-        let info = "# Commandstats\r\ncmdstat_xadd:calls=12,usec=40,usec_per_call=3.33,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=7,usec=9\r\n";
-        let calls = parse_commandstats(info);
-        assert_eq!(calls.get("xadd"), Some(&12));
-        assert_eq!(calls.get("evalsha"), Some(&7));
-        assert_eq!(calls.len(), 2);
-    }
 
     #[test]
     fn status_fields_are_read_in_kib() {

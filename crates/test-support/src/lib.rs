@@ -15,6 +15,8 @@ pub mod stack;
 
 pub use http::{metric_sample, wait_for_http_ok, wait_until};
 pub use process::{ServiceProcess, bin_path, find_on_path, free_port};
-pub use redis::{GroupConsumer, RedisCluster, RedisServer, connect_client, group_consumers};
+pub use redis::{
+    GroupConsumer, RedisCluster, RedisServer, command_calls, connect_client, group_consumers,
+};
 pub use sse::{SseClient, SseConnection, SseEvent};
 pub use stack::{RedisSource, Service, ServiceKind, Stack, StackOptions, StackRedis, sha256_hex};

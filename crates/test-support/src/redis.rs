@@ -4,6 +4,7 @@
 //! Each instance is a child of the test process with its own temp dir, on a free port that is
 //! never 6379 (a developer Redis runs there). Dropping the handle kills exactly our children.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -258,6 +259,30 @@ impl Drop for RedisCluster {
     }
 }
 
+/// Calls per command from `INFO commandstats` (`cmdstat_xadd:calls=…` → `xadd`): every call
+/// Redis ran, those inside scripts included, failed ones too.
+pub async fn command_calls(client: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
+    let info: String = client
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .context("INFO commandstats")?;
+    Ok(parse_commandstats(&info))
+}
+
+fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
 /// Connects a fred client to `url` (`redis://` or `redis-cluster://`).
 ///
 /// Commands time out after 5 s so a test against a stopped Redis fails instead of hanging;
@@ -463,6 +488,15 @@ async fn raw_command(port: u16, args: &[&str]) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commandstats_lines_are_parsed() {
+        let info = "# Commandstats\r\ncmdstat_xadd:calls=12,usec=40,usec_per_call=3.33,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=7,usec=9\r\n";
+        let calls = parse_commandstats(info);
+        assert_eq!(calls.get("xadd"), Some(&12));
+        assert_eq!(calls.get("evalsha"), Some(&7));
+        assert_eq!(calls.len(), 2);
+    }
 
     #[test]
     fn cluster_url_lists_every_node() -> anyhow::Result<()> {

@@ -450,6 +450,8 @@ impl Applier {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use stream_schema::record::FallbackSide;
     use stream_schema::{RequestId, record::Outcome};
@@ -943,23 +945,6 @@ mod tests {
         })
     }
 
-    /// Each `calls` count of `INFO commandstats`, by command.
-    async fn command_calls(
-        client: &Client,
-    ) -> Result<HashMap<String, u64>, Box<dyn std::error::Error>> {
-        let info: String = client
-            .info(Some(fred::types::InfoKind::CommandStats))
-            .await?;
-        Ok(info
-            .lines()
-            .filter_map(|line| {
-                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = stats.strip_prefix("calls=")?.split(',').next()?;
-                Some((name.to_owned(), calls.parse().ok()?))
-            })
-            .collect())
-    }
-
     /// A hash the batch adds several fields to costs `HMGET`, `HSET` and `EXPIRE`, however
     /// many fields; one it adds a single field to, `HINCRBY` and `EXPIRE`.
     #[tokio::test]
@@ -972,23 +957,16 @@ mod tests {
         let session = SessionId::parse_stored("costs")?;
         let ids = deliver(&client, 2, "c1", 2).await?;
         let finished = applier.counts(2, ids[0], &finished_in(&session, now)?, None, now);
-        let tokens = EventRecord::Tokens {
-            request_id: RequestId::new(),
-            session_id: session.clone(),
-            model_id: ModelId::parse("m")?,
-            count: 4,
-            timestamp: now,
-        };
-        let tokens = applier.counts(2, ids[1], &tokens, None, now);
+        let tokens = applier.counts(2, ids[1], &tokens(4, now)?, None, now);
         // Session, model and the tenant's model, totals and minute: six hashes each.
         assert_eq!((finished.hashes.len(), finished.deltas.len()), (6, 11));
-        let calls = |before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str| {
+        let calls = |before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str| {
             after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
         };
 
-        let before = command_calls(&client).await?;
+        let before = test_support::command_calls(&client).await?;
         applier.apply(&client, 2, HOLDER, &[finished]).await?;
-        let after = command_calls(&client).await?;
+        let after = test_support::command_calls(&client).await?;
         for (name, expected) in [("hmget", 6), ("hset", 6), ("expire", 6), ("hincrby", 0)] {
             assert_eq!(
                 calls(&before, &after, name),
@@ -998,7 +976,7 @@ mod tests {
         }
         let before = after;
         applier.apply(&client, 2, HOLDER, &[tokens]).await?;
-        let after = command_calls(&client).await?;
+        let after = test_support::command_calls(&client).await?;
         for (name, expected) in [("hmget", 0), ("hset", 0), ("expire", 6), ("hincrby", 6)] {
             assert_eq!(
                 calls(&before, &after, name),

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fred::prelude::*;
 use serde_json::json;
 use test_support::{SseClient, wait_until};
 
@@ -232,12 +231,10 @@ async fn xreads(stack: &Stack) -> anyhow::Result<u64> {
     let mut calls = 0;
     for port in cluster.ports() {
         let node = test_support::connect_client(&format!("redis://127.0.0.1:{port}")).await?;
-        let info: String = node.info(Some(fred::types::InfoKind::CommandStats)).await?;
-        calls += info
-            .lines()
-            .find_map(|line| line.strip_prefix("cmdstat_xread:"))
-            .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("calls=")))
-            .and_then(|n| n.parse::<u64>().ok())
+        calls += test_support::command_calls(&node)
+            .await?
+            .get("xread")
+            .copied()
             .unwrap_or(0);
     }
     Ok(calls)

@@ -72,21 +72,9 @@ async fn a_killed_gateways_connections_leave_the_view_after_its_liveness_ttl() -
 
 /// Commands Redis executed, by name, without the test's own `INFO`.
 async fn commands(redis: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
-    let info: String = redis
-        .info(Some(fred::types::InfoKind::CommandStats))
-        .await?;
-    Ok(info
-        .lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            (name != "info").then(|| (name.to_owned(), calls))
-        })
-        .collect())
+    let mut calls = test_support::command_calls(redis).await?;
+    calls.remove("info");
+    Ok(calls)
 }
 
 /// The commands a connection view could cost: the old per-connection heartbeat's and the

@@ -27,15 +27,10 @@ fn tokens(session: &SessionId, model: &ModelId, count: u32) -> EventRecord {
 /// How many times Redis has run `ZADD`: only the apply script runs it (its ledger insert, once
 /// per call that applies anything), so it counts applied batches.
 async fn zadd_calls(redis: &Client) -> anyhow::Result<u64> {
-    let info: String = redis
-        .info(Some(fred::types::InfoKind::CommandStats))
-        .await?;
-    Ok(info
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_zadd:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map(str::parse)
-        .transpose()?
+    Ok(test_support::command_calls(redis)
+        .await?
+        .get("zadd")
+        .copied()
         .unwrap_or(0))
 }
 
