@@ -190,6 +190,11 @@ fn flatten(fields: stream_schema::Fields) -> impl Iterator<Item = String> {
         .flat_map(|(name, value)| [name.to_owned(), value])
 }
 
+/// A script's boolean argument.
+fn flag(on: bool) -> String {
+    if on { "1" } else { "0" }.to_owned()
+}
+
 /// Runs a script by hash with the keys and arguments `call` builds, loading the script on
 /// `NOSCRIPT` (a restarted or new Redis node) and building the call again for the retry.
 ///
@@ -364,7 +369,6 @@ impl SessionScripts {
                 events.len()
             )));
         }
-        let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
         let reply = run_script(client, &self.append, || {
             let mut args = vec![
                 attempt.to_string(),
@@ -446,8 +450,8 @@ impl SessionScripts {
                 keys.extend(batch.target.keys());
                 args.extend([
                     batch.attempt.to_string(),
-                    if batch.check_cancel { "1" } else { "0" }.to_owned(),
-                    if terminal { "1" } else { "0" }.to_owned(),
+                    flag(batch.check_cancel),
+                    flag(terminal),
                     batch.target.retention.ttl_secs.to_string(),
                     batch.events.len().to_string(),
                 ]);
