@@ -722,7 +722,12 @@ async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<(
         s.mock_llm.token_delay_ms = 0;
     }))
     .await?;
-    let prompt = "flood [[mock tokens=30000]]";
+    // More than the kernel can hold for a client that stopped reading: with 30,000 tokens
+    // (about 5 MB of frames) the gateway's socket buffer (up to `tcp_wmem`'s 4 MB) and the
+    // client's receive buffer sometimes took the whole flood, and nothing overflowed.
+    let tokens: usize = 100_000;
+    let prompt = format!("flood [[mock tokens={tokens}]]");
+    let prompt = prompt.as_str();
     let started = stack.start_chat("slow", prompt).await?;
     let url = str_field(&started, "streamUrl")?;
 
@@ -775,7 +780,7 @@ async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<(
         .filter(|e| e["type"] == "token")
         .filter_map(|e| e["sequence"].as_u64())
         .collect();
-    let expected_sequences: Vec<u64> = (1..=30_000).collect();
+    let expected_sequences: Vec<u64> = (1..=tokens as u64).collect();
     if sequences != expected_sequences {
         let first_bad = sequences
             .iter()
@@ -788,7 +793,7 @@ async fn a_slow_client_is_cut_off_and_resumes_without_loss() -> anyhow::Result<(
         );
     }
     assert!(
-        text_of(&all) == expected_text(prompt, 30_000),
+        text_of(&all) == expected_text(prompt, tokens),
         "text differs"
     );
     Ok(())
