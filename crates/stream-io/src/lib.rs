@@ -11,6 +11,7 @@
 //! one request never interleaves two attempts.
 
 pub mod api_keys;
+mod call_args;
 pub mod cancel;
 pub mod connections;
 pub mod entry;

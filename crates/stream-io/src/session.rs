@@ -12,6 +12,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use stream_schema::{EntryId, RedisKey, RequestId, SessionEvent, SessionId};
 
+use crate::call_args::CallArgs;
 use crate::entry::{Entry, parse_entries};
 use crate::error::StreamIoError;
 
@@ -162,6 +163,13 @@ pub struct Retention {
 /// call stays short (callers batch fewer: the producer's batch holds 128).
 pub const MAX_BATCH_EVENTS: usize = 256;
 
+/// Sizing hints of an append call's buffers: arguments of a token event (its field count,
+/// six names and six values), bytes of one event's values, and of one batch's keys and
+/// arguments. A larger call only grows its buffers.
+const ARGS_PER_EVENT: usize = 13;
+const BYTES_PER_EVENT: usize = 96;
+const BYTES_PER_BATCH: usize = 192;
+
 /// Requests one [`SessionScripts::append_many`] call takes at most.
 pub const MAX_BATCH_REQUESTS: usize = 256;
 
@@ -184,15 +192,9 @@ pub enum AppendOutcome {
     Cancelled,
 }
 
-fn flatten(fields: stream_schema::Fields) -> impl Iterator<Item = String> {
-    fields
-        .into_iter()
-        .flat_map(|(name, value)| [name.to_owned(), value])
-}
-
 /// A script's boolean argument.
-fn flag(on: bool) -> String {
-    if on { "1" } else { "0" }.to_owned()
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
 }
 
 /// Runs a script by hash with the keys and arguments `call` builds, loading the script on
@@ -205,13 +207,13 @@ fn flag(on: bool) -> String {
 async fn run_script(
     client: &Client,
     script: &Script,
-    call: impl Fn() -> (Vec<String>, Vec<String>),
+    call: impl Fn() -> CallArgs,
 ) -> Result<Value, StreamIoError> {
-    let (keys, args) = call();
+    let (keys, args) = call().finish();
     match client.evalsha(script.sha1().clone(), keys, args).await {
         Err(error) if error.details().starts_with("NOSCRIPT") => {
             script.load(client).await?;
-            let (keys, args) = call();
+            let (keys, args) = call().finish();
             Ok(client.evalsha(script.sha1().clone(), keys, args).await?)
         }
         reply => Ok(reply?),
@@ -296,11 +298,11 @@ impl SessionScripts {
         }
     }
 
-    /// The channel that announces a write to `stream`.
-    fn wake(&self, stream: &RedisKey) -> String {
+    /// The channel that announces a write to `stream`, as the call's next argument.
+    fn wake(&self, call: &mut CallArgs, stream: &RedisKey) {
         match self.wake_ups {
-            WakeUps::Shared => RedisKey::wake_all().to_string(),
-            WakeUps::PerStream => stream.wake_channel(),
+            WakeUps::Shared => call.arg(RedisKey::wake_all()),
+            WakeUps::PerStream => call.arg(stream.wake_channel()),
         }
     }
 
@@ -314,9 +316,13 @@ impl SessionScripts {
         retention: Retention,
     ) -> Result<EntryId, StreamIoError> {
         let reply = run_script(client, &self.start, || {
-            let mut args = vec![retention.ttl_secs.to_string(), self.wake(stream)];
-            args.extend(flatten(event.encode()));
-            (vec![stream.to_string(), owner.to_string()], args)
+            let mut call = CallArgs::default();
+            call.key(stream);
+            call.key(owner);
+            call.arg(retention.ttl_secs);
+            self.wake(&mut call, stream);
+            call.fields(event);
+            call
         })
         .await?;
         entry_id(reply)
@@ -370,21 +376,22 @@ impl SessionScripts {
             )));
         }
         let reply = run_script(client, &self.append, || {
-            let mut args = vec![
-                attempt.to_string(),
-                flag(check_cancel),
-                flag(last.is_terminal()),
-                target.retention.ttl_secs.to_string(),
-                OWNER_DONE.to_owned(),
-                self.wake(&target.stream),
-                events.len().to_string(),
-            ];
+            let mut call = CallArgs::with_capacity(
+                7 + events.len() * ARGS_PER_EVENT,
+                events.len() * BYTES_PER_EVENT,
+            );
+            target.write_keys(&mut call);
+            call.arg(attempt);
+            call.static_arg(flag(check_cancel));
+            call.static_arg(flag(last.is_terminal()));
+            call.arg(target.retention.ttl_secs);
+            call.static_arg(OWNER_DONE);
+            self.wake(&mut call, &target.stream);
+            call.arg(events.len());
             for event in events {
-                let fields = event.encode();
-                args.push((fields.len() * 2).to_string());
-                args.extend(flatten(fields));
+                call.event(event);
             }
-            (target.keys(), args)
+            call
         })
         .await?;
         let mut parts = reply.into_array().into_iter();
@@ -439,29 +446,27 @@ impl SessionScripts {
             }
         }
         let reply = run_script(client, &self.append_many, || {
-            let mut keys = Vec::with_capacity(batches.len() * 3);
-            let mut args = vec![
-                OWNER_DONE.to_owned(),
-                batches.len().to_string(),
-                RedisKey::wake_all().to_string(),
-            ];
+            let events: usize = batches.iter().map(|batch| batch.events.len()).sum();
+            let mut call = CallArgs::with_capacity(
+                3 + batches.len() * 5 + events * ARGS_PER_EVENT,
+                batches.len() * BYTES_PER_BATCH + events * BYTES_PER_EVENT,
+            );
+            call.static_arg(OWNER_DONE);
+            call.arg(batches.len());
+            call.arg(RedisKey::wake_all());
             for batch in batches {
                 let terminal = batch.events.last().is_some_and(SessionEvent::is_terminal);
-                keys.extend(batch.target.keys());
-                args.extend([
-                    batch.attempt.to_string(),
-                    flag(batch.check_cancel),
-                    flag(terminal),
-                    batch.target.retention.ttl_secs.to_string(),
-                    batch.events.len().to_string(),
-                ]);
+                batch.target.write_keys(&mut call);
+                call.arg(batch.attempt);
+                call.static_arg(flag(batch.check_cancel));
+                call.static_arg(flag(terminal));
+                call.arg(batch.target.retention.ttl_secs);
+                call.arg(batch.events.len());
                 for event in batch.events {
-                    let fields = event.encode();
-                    args.push((fields.len() * 2).to_string());
-                    args.extend(flatten(fields));
+                    call.event(event);
                 }
             }
-            (keys, args)
+            call
         })
         .await?;
         let outcomes = reply
@@ -532,17 +537,15 @@ impl SessionScripts {
         event: &SessionEvent,
     ) -> Result<TakeOver, StreamIoError> {
         let reply = run_script(client, &self.take_over, || {
-            let mut args = vec![
-                expected.to_string(),
-                next.clone(),
-                expire_secs.to_string(),
-                self.wake(&target.stream),
-            ];
-            args.extend(flatten(event.encode()));
-            (
-                vec![target.stream.to_string(), target.owner.to_string()],
-                args,
-            )
+            let mut call = CallArgs::default();
+            call.key(&target.stream);
+            call.key(&target.owner);
+            call.arg(expected);
+            call.arg(&next);
+            call.arg(expire_secs);
+            self.wake(&mut call, &target.stream);
+            call.fields(event);
+            call
         })
         .await?;
         let mut parts = reply.into_array().into_iter();
@@ -629,12 +632,11 @@ impl RequestStreams {
         }
     }
 
-    fn keys(&self) -> Vec<String> {
-        vec![
-            self.stream.to_string(),
-            self.owner.to_string(),
-            self.cancel.to_string(),
-        ]
+    /// The keys the append scripts take for this request, in their order.
+    fn write_keys(&self, call: &mut CallArgs) {
+        call.key(&self.stream);
+        call.key(&self.owner);
+        call.key(&self.cancel);
     }
 }
 

@@ -2,6 +2,7 @@
 //! and the typed decode error.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::str::FromStr;
 
 /// The newest schema version, written as field `v`; bumped when an entry's meaning changes.
@@ -26,6 +27,19 @@ pub(crate) const F_VERSION: &str = "v";
 
 /// An entry ready for `XADD`/`HSET`: ordered field/value pairs.
 pub type Fields = Vec<(&'static str, String)>;
+
+/// Where an entry's fields are written, one pair at a time and in order. [`Fields`] collects
+/// them as strings; a writer that formats them into one shared buffer (the producer's script
+/// calls) spends no allocation per field.
+pub trait FieldSink {
+    fn field(&mut self, name: &'static str, value: impl fmt::Display);
+}
+
+impl FieldSink for Fields {
+    fn field(&mut self, name: &'static str, value: impl fmt::Display) {
+        self.push((name, value.to_string()));
+    }
+}
 
 /// Why an entry could not be decoded. Readers log and count it and go on; it never panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

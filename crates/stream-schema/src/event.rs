@@ -6,8 +6,8 @@
 use serde::Serialize;
 
 use crate::codec::{
-    DecodeError, FieldSource, Fields, Version, bool_field, check_version, optional_parsed,
-    parse_bool, parsed, required, string_enum, version_field_for,
+    DecodeError, F_VERSION, FieldSink, FieldSource, Fields, Version, bool_field, check_version,
+    optional_parsed, parse_bool, parsed, required, string_enum,
 };
 use crate::ids::{ModelId, RequestId, SessionId};
 
@@ -243,11 +243,17 @@ impl SessionEvent {
 
     /// Redis fields of this event.
     pub fn encode(&self) -> Fields {
-        let mut f: Fields = vec![
-            version_field_for(self.version()),
-            (F_TYPE, self.type_name().to_owned()),
-            (F_REQUEST, self.request_id().to_string()),
-        ];
+        let mut fields = Fields::new();
+        self.write_fields(&mut fields);
+        fields
+    }
+
+    /// Writes the Redis fields of this event, in order, to `out` (what [`Self::encode`]
+    /// collects): a writer that packs them into one buffer allocates nothing per field.
+    pub fn write_fields(&self, out: &mut impl FieldSink) {
+        out.field(F_VERSION, self.version() as u32);
+        out.field(F_TYPE, self.type_name());
+        out.field(F_REQUEST, self.request_id());
         match self {
             Self::Start {
                 session_id,
@@ -256,10 +262,10 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_SESSION, session_id.to_string()));
-                f.push((F_MODEL, model_id.to_string()));
-                f.push((F_ATTEMPT, attempt.to_string()));
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_SESSION, session_id);
+                out.field(F_MODEL, model_id);
+                out.field(F_ATTEMPT, attempt);
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::Token {
                 sequence,
@@ -267,9 +273,9 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_SEQ, sequence.to_string()));
-                f.push((F_CONTENT, content.clone()));
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_SEQ, sequence);
+                out.field(F_CONTENT, content);
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::ToolCall {
                 sequence,
@@ -280,16 +286,16 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_SEQ, sequence.to_string()));
-                f.push((F_INDEX, index.to_string()));
+                out.field(F_SEQ, sequence);
+                out.field(F_INDEX, index);
                 if let Some(id) = id {
-                    f.push((F_CALL_ID, id.clone()));
+                    out.field(F_CALL_ID, id);
                 }
                 if let Some(name) = name {
-                    f.push((F_NAME, name.clone()));
+                    out.field(F_NAME, name);
                 }
-                f.push((F_ARGUMENTS, arguments.clone()));
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_ARGUMENTS, arguments);
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::Reasoning {
                 sequence,
@@ -297,9 +303,9 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_SEQ, sequence.to_string()));
-                f.push((F_CONTENT, content.clone()));
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_SEQ, sequence);
+                out.field(F_CONTENT, content);
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::Restart {
                 attempt,
@@ -308,12 +314,12 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_ATTEMPT, attempt.to_string()));
-                f.push((F_REASON, reason.clone()));
+                out.field(F_ATTEMPT, attempt);
+                out.field(F_REASON, reason);
                 if let Some(model) = served_by {
-                    f.push((F_SERVED_BY, model.to_string()));
+                    out.field(F_SERVED_BY, model);
                 }
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::Complete {
                 finish_reason,
@@ -321,14 +327,14 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_FINISH, finish_reason.as_str().to_owned()));
-                f.push((F_PROMPT_TOKENS, usage.prompt_tokens.to_string()));
-                f.push((F_COMPLETION_TOKENS, usage.completion_tokens.to_string()));
-                f.push((F_USAGE_SOURCE, usage.source.as_str().to_owned()));
+                out.field(F_FINISH, finish_reason.as_str());
+                out.field(F_PROMPT_TOKENS, usage.prompt_tokens);
+                out.field(F_COMPLETION_TOKENS, usage.completion_tokens);
+                out.field(F_USAGE_SOURCE, usage.source.as_str());
                 if let Some(reasoning) = usage.reasoning_tokens {
-                    f.push((F_REASONING_TOKENS, reasoning.to_string()));
+                    out.field(F_REASONING_TOKENS, reasoning);
                 }
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_TIMESTAMP, timestamp);
             }
             Self::Error {
                 code,
@@ -337,13 +343,12 @@ impl SessionEvent {
                 timestamp,
                 ..
             } => {
-                f.push((F_CODE, code.as_str().to_owned()));
-                f.push((F_MESSAGE, message.clone()));
-                f.push((F_RETRYABLE, bool_field(*retryable)));
-                f.push((F_TIMESTAMP, timestamp.to_string()));
+                out.field(F_CODE, code.as_str());
+                out.field(F_MESSAGE, message);
+                out.field(F_RETRYABLE, bool_field(*retryable));
+                out.field(F_TIMESTAMP, timestamp);
             }
         }
-        f
     }
 
     pub fn decode<S: FieldSource + ?Sized>(src: &S) -> Result<Self, DecodeError> {

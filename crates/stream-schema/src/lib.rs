@@ -21,7 +21,7 @@ mod schema;
 pub mod stats;
 
 pub use api_key::{KeyRole, StoredApiKey};
-pub use codec::{DecodeError, Fields, SCHEMA_VERSION};
+pub use codec::{DecodeError, FieldSink, Fields, SCHEMA_VERSION};
 pub use connection::{ConnectionId, ConnectionInfo, GatewayId};
 pub use cursor::SessionCursor;
 pub use dead_letter::DeadLetter;
