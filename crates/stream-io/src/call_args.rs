@@ -24,7 +24,10 @@ pub(crate) struct CallArgs {
 enum Piece {
     Static(&'static str),
     /// A range of the buffer.
-    Written { start: usize, end: usize },
+    Written {
+        start: usize,
+        end: usize,
+    },
 }
 
 impl CallArgs {
@@ -84,7 +87,11 @@ impl CallArgs {
             Piece::Static(text) => Bytes::from_static(text.as_bytes()),
             Piece::Written { start, end } => buf.slice(start..end),
         };
-        let keys = self.keys.iter().map(|piece| Key::from(bytes(piece))).collect();
+        let keys = self
+            .keys
+            .iter()
+            .map(|piece| Key::from(bytes(piece)))
+            .collect();
         let args = self
             .args
             .iter()
