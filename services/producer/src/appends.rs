@@ -5,10 +5,11 @@
 //! no call is in flight; the batches that arrive while one is go together in the next, one
 //! `EVALSHA` and one `MGET` (every owner key and cancel flag) for all of them
 //! (`SessionScripts::append_many`), each request still fenced, refused on cancel and written
-//! all or nothing on its own. At most two calls are in flight, each made by a short task that
-//! lives while batches wait (spawned on the workers' tracker, so shutdown waits for it). In
-//! Redis Cluster the keys of different sessions live in different slots, so each batch is its
-//! own `APPEND` call, as before.
+//! all or nothing on its own. At most two calls are in flight. A batch that finds no call in
+//! flight and nothing waiting is written by its own caller; otherwise it queues, and a short
+//! task takes the queue while batches wait (spawned on the workers' tracker, so shutdown waits
+//! for it). In Redis Cluster the keys of different sessions live in different slots, so each
+//! batch is its own `APPEND` call, as before.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -90,6 +91,24 @@ impl Appender {
                 .append_batch(inner.redis.next(), target, attempt, &events, check_cancel)
                 .await;
         }
+        let alone = {
+            let mut state = inner.lock();
+            let alone = state.queue.is_empty() && state.running == 0;
+            if alone {
+                state.running += 1;
+            }
+            alone
+        };
+        if alone {
+            // No call in flight and nothing waiting: this caller makes the call (one task
+            // hand-off fewer per lone batch, the common case at a low rate). While a call is
+            // in flight, batches queue and go together, as below.
+            let _slot = CallSlot(inner);
+            return inner
+                .scripts
+                .append_batch(inner.redis.next(), target, attempt, &events, check_cancel)
+                .await;
+        }
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = inner.lock();
@@ -115,6 +134,29 @@ impl Appender {
                 "the append's call was dropped".to_owned(),
             ))
         })
+    }
+}
+
+/// A call slot held by a caller that makes its own call. When the call ends (or the caller
+/// goes away), batches that queued meanwhile get a task to take them; otherwise the slot is
+/// given back.
+struct CallSlot<'a>(&'a Arc<Inner>);
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        let inner = self.0;
+        let waiting = {
+            let mut state = inner.lock();
+            let waiting = !state.queue.is_empty();
+            if !waiting {
+                state.running -= 1;
+            }
+            waiting
+        };
+        if waiting {
+            let runner = Arc::clone(inner);
+            inner.tracker.spawn(async move { runner.run().await });
+        }
     }
 }
 
@@ -286,12 +328,15 @@ mod tests {
             60,
         )
         .await?;
+        let (lead, lead_streams) = started(&env, "lead").await?;
         let scripts = env.calls("evalsha").await?;
 
-        // All four are queued before the call is made (one thread: the call's task runs
-        // once every append waits).
+        // The first finds no call in flight and makes its own; the other four queue behind
+        // it and share the next call (one thread: the queue's task runs once every append
+        // waits).
         let appender = &env.ctx.appender;
         let outcomes = futures::future::join_all([
+            appender.append(&lead_streams, 1, vec![token(&lead, 1)], true),
             appender.append(&a_streams, 1, vec![token(&a, 1), token(&a, 2)], true),
             appender.append(&b_streams, 1, vec![token(&b, 1)], true),
             appender.append(&fenced_streams, 1, vec![token(&fenced, 1)], true),
@@ -303,11 +348,17 @@ mod tests {
 
         assert!(matches!(outcomes[0], AppendOutcome::Written(_)));
         assert!(matches!(outcomes[1], AppendOutcome::Written(_)));
+        assert!(matches!(outcomes[2], AppendOutcome::Written(_)));
         assert_eq!(
-            outcomes[2..],
+            outcomes[3..],
             [AppendOutcome::Fenced, AppendOutcome::Cancelled]
         );
-        assert_eq!(env.calls("evalsha").await? - scripts, 1);
+        assert_eq!(
+            env.calls("evalsha").await? - scripts,
+            2,
+            "the lone call and the shared one"
+        );
+        assert_eq!(tokens(&env.events(&lead).await?), [1]);
         assert_eq!(tokens(&env.events(&a).await?), [1, 2]);
         assert_eq!(tokens(&env.events(&b).await?), [1]);
         assert_eq!(env.events(&fenced).await?.len(), 2, "`start` and `restart`");
