@@ -425,7 +425,8 @@ impl Hub {
     }
 
     /// Decodes and encodes each new entry once, then hands every subscriber all of its frames
-    /// of the round under one lock of its mailbox and wakes it once.
+    /// of the round under one lock of its mailbox, and wakes them all once the round is
+    /// dispatched.
     /// `round` is the snapshot the read's cursors came from. Returns the streams whose entries
     /// were set aside because their feed is newer than the read: they must be read again from
     /// the feed's own cursor.
@@ -438,6 +439,10 @@ impl Hub {
         let mut table = self.table();
         let mut frames = Vec::new();
         let mut read_again = Vec::new();
+        // Woken together once the round is dispatched: a delivery task on another thread that
+        // runs between two wake-ups parks again, and each wake-up of a parked worker thread is
+        // a system call.
+        let mut wakers = Vec::new();
         for (key, entries) in replies {
             // The stream lost its last subscriber while the read was in flight.
             let Some(feed) = table.feeds.get_mut(&key) else {
@@ -479,21 +484,21 @@ impl Hub {
                         metrics::counter!("gateway_sse_overflows_total").increment(1);
                         metrics::gauge!("gateway_hub_subscribers").decrement(1.0);
                         state.closed = Some(Closed::Overflow);
-                        if let Some(waker) = state.waker.take() {
-                            waker.wake();
-                        }
+                        wakers.extend(state.waker.take());
                         return false;
                     }
                     state.queued += size;
                     state.frames.push_back(frame.clone());
                 }
-                if state.frames.len() > before
-                    && let Some(waker) = state.waker.take()
-                {
-                    waker.wake();
+                if state.frames.len() > before {
+                    wakers.extend(state.waker.take());
                 }
                 true
             });
+        }
+        drop(table);
+        for waker in wakers {
+            waker.wake();
         }
         read_again
     }
