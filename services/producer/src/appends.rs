@@ -366,6 +366,56 @@ mod tests {
         Ok(())
     }
 
+    /// A batch left queued while both call slots are busy is taken by whichever call ends
+    /// first: the lone caller's slot hands it to a new task, or the queue's task takes it.
+    /// Either way every batch gets its answer and every slot is given back.
+    #[tokio::test]
+    async fn a_batch_queued_behind_busy_calls_is_written_and_the_slots_are_given_back()
+    -> anyhow::Result<()> {
+        let env = Env::start(Duration::ZERO).await?;
+        let (lead, lead_streams) = started(&env, "lead").await?;
+        let (a, a_streams) = started(&env, "a").await?;
+        let scripts = env.calls("evalsha").await?;
+
+        // `lead` calls alone; the first `a` batch gets the second slot; the second `a` batch
+        // (same owner key) cannot share that call and waits for a slot.
+        let appender = &env.ctx.appender;
+        let outcomes = futures::future::join_all([
+            appender.append(&lead_streams, 1, vec![token(&lead, 1)], true),
+            appender.append(&a_streams, 1, vec![token(&a, 1)], true),
+            appender.append(&a_streams, 1, vec![token(&a, 2)], true),
+        ])
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+        assert!(
+            outcomes
+                .iter()
+                .all(|outcome| matches!(outcome, AppendOutcome::Written(_)))
+        );
+        assert_eq!(env.calls("evalsha").await? - scripts, 3);
+        assert_eq!(tokens(&env.events(&a).await?), [1, 2]);
+        // The queue's tasks end once it is empty; wait for them to give their slots back.
+        let inner = &appender.inner;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while inner.lock().running > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("a call slot was never given back"))?;
+        assert!(inner.lock().queue.is_empty());
+
+        // With the slots back, the next batch is written as before.
+        appender
+            .append(&lead_streams, 1, vec![token(&lead, 2)], true)
+            .await?;
+        assert_eq!(env.calls("evalsha").await? - scripts, 4);
+        assert_eq!(tokens(&env.events(&lead).await?), [1, 2]);
+        Ok(())
+    }
+
     #[test]
     fn a_call_never_takes_two_batches_of_one_owner_and_keeps_the_rest_in_order()
     -> anyhow::Result<()> {
