@@ -85,29 +85,21 @@ impl Appender {
         check_cancel: bool,
     ) -> Result<AppendOutcome, StreamIoError> {
         let inner = &self.inner;
-        if !inner.combine {
-            return inner
-                .scripts
-                .append_batch(inner.redis.next(), target, attempt, &events, check_cancel)
-                .await;
-        }
-        let alone = {
-            let mut state = inner.lock();
-            let alone = state.queue.is_empty() && state.running == 0;
-            if alone {
-                state.running += 1;
-            }
-            alone
+        // Without combining, or with no call in flight and nothing waiting, this caller makes
+        // its own call (one task hand-off fewer per lone batch, the common case at a low
+        // rate). While a call is in flight, batches queue and go together, as below.
+        let slot = if inner.combine {
+            CallSlot::claim_idle(inner)
+        } else {
+            None
         };
-        if alone {
-            // No call in flight and nothing waiting: this caller makes the call (one task
-            // hand-off fewer per lone batch, the common case at a low rate). While a call is
-            // in flight, batches queue and go together, as below.
-            let _slot = CallSlot(inner);
-            return inner
+        if !inner.combine || slot.is_some() {
+            let outcome = inner
                 .scripts
                 .append_batch(inner.redis.next(), target, attempt, &events, check_cancel)
                 .await;
+            drop(slot);
+            return outcome;
         }
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -126,8 +118,7 @@ impl Appender {
             start
         };
         if start {
-            let runner = Arc::clone(inner);
-            inner.tracker.spawn(async move { runner.run().await });
+            inner.spawn_runner();
         }
         answer.await.unwrap_or_else(|_| {
             Err(StreamIoError::Protocol(
@@ -142,6 +133,19 @@ impl Appender {
 /// given back.
 struct CallSlot<'a>(&'a Arc<Inner>);
 
+impl<'a> CallSlot<'a> {
+    /// The slot, when no call is in flight and no batch waits.
+    fn claim_idle(inner: &'a Arc<Inner>) -> Option<Self> {
+        let mut state = inner.lock();
+        let idle = state.queue.is_empty() && state.running == 0;
+        if idle {
+            state.running += 1;
+        }
+        // Lazily: a slot made and dropped here would give back one it never took.
+        idle.then(|| Self(inner))
+    }
+}
+
 impl Drop for CallSlot<'_> {
     fn drop(&mut self) {
         let inner = self.0;
@@ -154,8 +158,7 @@ impl Drop for CallSlot<'_> {
             waiting
         };
         if waiting {
-            let runner = Arc::clone(inner);
-            inner.tracker.spawn(async move { runner.run().await });
+            inner.spawn_runner();
         }
     }
 }
@@ -164,6 +167,13 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic (a push, or a swap of the queue).
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a task that makes calls while batches wait; the caller has counted it in
+    /// `running`.
+    fn spawn_runner(self: &Arc<Self>) {
+        let runner = Arc::clone(self);
+        self.tracker.spawn(async move { runner.run().await });
     }
 
     /// Makes calls while batches wait: each call takes everything queued (up to its limits).
