@@ -439,9 +439,9 @@ impl Hub {
         let mut table = self.table();
         let mut frames = Vec::new();
         let mut read_again = Vec::new();
-        // Woken together once the round is dispatched: a delivery task on another thread that
-        // runs between two wake-ups parks again, and each wake-up of a parked worker thread is
-        // a system call.
+        // Woken together once the round is dispatched (and the table lock released): a
+        // delivery task woken mid-round runs on the other core and contends for the mailbox
+        // locks the dispatch still takes.
         let mut wakers = Vec::new();
         for (key, entries) in replies {
             // The stream lost its last subscriber while the read was in flight.
