@@ -741,6 +741,11 @@ impl<D: Dialect> Delivery<D> {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Frames taken from a subscription; emptied before each take, its buffer reused.
         let mut batch = VecDeque::new();
+        // Made once, not per frame: a fresh `cancelled()` future joins and leaves the shutdown
+        // token's waiter list (a mutex every connection shares) on each poll and drop, twice
+        // per token and client.
+        let shutdown = self.state.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             let next = next_batch(&feeds, &mut batch);
             let (index, taken) = tokio::select! {
@@ -754,7 +759,7 @@ impl<D: Dialect> Delivery<D> {
                     continue;
                 }
                 () = self.body.closed() => return End::ClientGone,
-                () = self.state.shutdown.cancelled() => return End::Shutdown,
+                () = &mut shutdown => return End::Shutdown,
                 () = &mut revoked => return End::Revoked,
             };
             match taken {
