@@ -75,9 +75,11 @@ impl Dispatcher {
             // job): the running worker keeps it, and its renewal fixes the idle time.
             return;
         };
+        // A child per job: an attempt polls its stop signals on every token, and checking a
+        // token locks its node; the shared token's lock would be taken by every attempt.
         let signals = StopSignals {
             lease_lost,
-            hard_stop: self.hard_stop.clone(),
+            hard_stop: self.hard_stop.child_token(),
         };
         let this = Arc::clone(self);
         self.workers.spawn(async move {
