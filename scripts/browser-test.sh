@@ -6,8 +6,9 @@
 # builds the service binaries and the useChat app (scripts/sdk-clients.sh) if needed, then
 # runs the tests, which are #[ignore]d in the plain test run because they need the browser. A screenshot lands in tests/artifacts/demo-page.png.
 #
-# Usage: scripts/browser-test.sh [--update-screenshot]
+# Usage: scripts/browser-test.sh [--update-screenshot | --install-only]
 #   --update-screenshot   also copy the screenshot to docs/demo-page.png (the README's picture)
+#   --install-only        only install (and check) Chromium and ChromeDriver, then stop
 # Environment:
 #   CHROMIUM, CHROMEDRIVER   use these binaries instead of chromium/chromedriver on PATH
 #   CARGO_TARGET_DIR         where the binaries are built (the Makefile sets it)
@@ -24,15 +25,17 @@ have() { command -v "$1" >/dev/null 2>&1; }
 fail() {
     say "$*"
     say "install Chromium and its ChromeDriver yourself (Debian/Ubuntu: apt-get install -y" \
-        "chromium chromium-driver), or point CHROMIUM and CHROMEDRIVER at a matching pair."
+        "--no-install-recommends chromium chromium-driver), or point CHROMIUM and CHROMEDRIVER at a matching pair."
     exit 1
 }
 
+install_only=false
 case "${1:-}" in
     --update-screenshot) export BRIDGE_UPDATE_DEMO_SCREENSHOT=1 ;;
+    --install-only) install_only=true ;;
     "") ;;
     *)
-        say "unknown argument: $1 (usage: scripts/browser-test.sh [--update-screenshot])"
+        say "unknown argument: $1 (usage: scripts/browser-test.sh [--update-screenshot | --install-only])"
         exit 2
         ;;
 esac
@@ -69,11 +72,15 @@ if ! find_browser; then
     apt_get() {
         ${sudo_cmd[@]+"${sudo_cmd[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get "$@"
     }
+    # Without the recommended packages (a desktop's: systemd, CUPS, Samba, Perl, PulseAudio,
+    # about 130 in all on Debian 12): headless Chromium needs none of them, and they were most
+    # of the install's time on a new machine.
+    packages=(--no-install-recommends chromium chromium-driver)
     # Fresh containers often have no package lists yet: refresh them only if the install fails.
-    if ! apt_get install -y chromium chromium-driver; then
+    if ! apt_get install -y "${packages[@]}"; then
         apt_get update || fail "apt-get update failed."
-        apt_get install -y chromium chromium-driver ||
-            fail "apt-get install -y chromium chromium-driver failed."
+        apt_get install -y "${packages[@]}" ||
+            fail "apt-get install -y ${packages[*]} failed."
     fi
     find_browser || fail "chromium and chromium-driver were installed but are still not on PATH."
 fi
@@ -86,6 +93,9 @@ if [ -z "$browser_version" ] || [ "${browser_version%%.*}" != "${driver_version%
     fail "Chromium $browser_version and ChromeDriver $driver_version are different major versions."
 fi
 export CHROMIUM=$chromium_bin CHROMEDRIVER=$driver_bin
+if $install_only; then
+    exit 0
+fi
 
 scripts/ensure-redis.sh
 # The useChat app the test `browser::the_usechat_app_...` serves (installed and bundled once).

@@ -7,7 +7,18 @@
 # Env: CARGO_TARGET_DIR (binaries in $CARGO_TARGET_DIR/debug, built by `make build`),
 # SCHEMATHESIS_MAX_EXAMPLES (cases per operation and phase), SCHEMATHESIS_SEED (reproduce a run),
 # SCHEMATHESIS_KEEP=1 (keep the temp dir with configs, logs and the report).
+# `--install-only`: only install the pinned schemathesis into its venv, then stop.
 set -euo pipefail
+
+install_only=false
+case "${1:-}" in
+    --install-only) install_only=true ;;
+    "") ;;
+    *)
+        echo "schemathesis.sh: unknown argument: $1 (usage: scripts/schemathesis.sh [--install-only])" >&2
+        exit 2
+        ;;
+esac
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,12 +29,7 @@ VENV="$HOME/.cache/llm-bridge/venv-schemathesis"
 MAX_EXAMPLES=${SCHEMATHESIS_MAX_EXAMPLES:-200}
 BIN="$CARGO_TARGET_DIR/debug"
 
-for binary in redis-server curl sha256sum python3; do
-    command -v "$binary" >/dev/null || { echo "schemathesis.sh: $binary not found" >&2; exit 1; }
-done
-for service in gateway producer mock-llm; do
-    [[ -x "$BIN/$service" ]] || { echo "schemathesis.sh: $BIN/$service missing; run make build" >&2; exit 1; }
-done
+command -v python3 >/dev/null || { echo "schemathesis.sh: python3 not found" >&2; exit 1; }
 
 # CPython before 3.11.8 / 3.12.2 raises "AST constructor recursion depth mismatch" inside
 # Hypothesis while schemathesis builds its coverage cases (gh-106905): prefer a fixed Python.
@@ -47,6 +53,15 @@ if [[ "$("$VENV/bin/schemathesis" --version 2>/dev/null)" != *" $SCHEMATHESIS_VE
     "$python" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
+if $install_only; then
+    exit 0
+fi
+for binary in redis-server curl sha256sum; do
+    command -v "$binary" >/dev/null || { echo "schemathesis.sh: $binary not found" >&2; exit 1; }
+done
+for service in gateway producer mock-llm; do
+    [[ -x "$BIN/$service" ]] || { echo "schemathesis.sh: $BIN/$service missing; run make build" >&2; exit 1; }
+done
 phases=examples,coverage,fuzzing,stateful
 if ! "$VENV/bin/python" -c "$python_ok"; then
     echo "schemathesis.sh: no Python >= 3.11.8 found; skipping the coverage phase (gh-106905)" >&2

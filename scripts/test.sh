@@ -24,12 +24,36 @@ step() {
 }
 
 step "redis" scripts/ensure-redis.sh
+
+# The SDK clients, schemathesis and Chromium are installed beside the checks and the build
+# (scripts/test-tools.sh); the "test tools" step waits for them and shows what they printed.
+tools_log=$(mktemp -t llm-bridge-test-tools.XXXXXX)
+scripts/test-tools.sh >"$tools_log" 2>&1 &
+tools_pid=$!
+# Never left running, nor cut off mid-install (an interrupted dpkg leaves the machine's
+# packages half configured): an early failure waits for it.
+finish_tools() {
+    if kill -0 "$tools_pid" 2>/dev/null; then
+        printf '\n==> waiting for the test tools being installed (scripts/test-tools.sh)\n' >&2
+        wait "$tools_pid" || true
+    fi
+    rm -f "$tools_log"
+}
+trap finish_tools EXIT
+tools_ready() {
+    local rc=0
+    wait "$tools_pid" || rc=$?
+    cat "$tools_log"
+    return "$rc"
+}
+
 step "format" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests spawn the real binaries, so they must be built first.
 step "build" cargo build --workspace --bins
-# The published OpenAI SDKs (Python venv, npm dir) the e2e test `openai_sdk::` drives.
-step "sdk clients" scripts/sdk-clients.sh
+# The published SDKs (Python venv, npm dir) the e2e tests `openai_sdk::` and `aisdk::` drive,
+# schemathesis and Chromium.
+step "test tools" tools_ready
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "tests" cargo nextest run --workspace
