@@ -25,7 +25,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 fail() {
     say "$*"
     say "install Chromium and its ChromeDriver yourself (Debian/Ubuntu: apt-get install -y" \
-        "--no-install-recommends chromium chromium-driver), or point CHROMIUM and CHROMEDRIVER at a matching pair."
+        "--no-install-recommends chromium chromium-driver), or point CHROMIUM and" \
+        "CHROMEDRIVER at a matching pair."
     exit 1
 }
 
