@@ -23,7 +23,7 @@ pub mod records;
 pub mod requests;
 pub mod session;
 
-pub use entry::{Entry, RawEntry, parse_entries, parse_xread, parse_xread_raw};
+pub use entry::{Entry, RawEntry, RawStream, parse_entries, parse_xread, parse_xread_frame};
 pub use error::StreamIoError;
 
 /// `MAXLEN ~ n`: approximate trimming, which Redis does in whole macro-nodes (cheap).

@@ -13,8 +13,8 @@
 //! cursor it reads with `XRANGE` ([`Subscription::catch_up_to`]). Delivery drops ids it has
 //! already sent, so neither a gap nor a duplicate can appear at the seam.
 //!
-//! Per read round, each new entry is decoded straight from the reply's values
-//! ([`stream_io::parse_xread_raw`]) and encoded once as a shared [`Frame`]; each subscriber
+//! Per read round, each new entry is decoded straight from the reply's protocol frames
+//! ([`stream_io::parse_xread_frame`]) and encoded once as a shared [`Frame`]; each subscriber
 //! gets all its frames of the round under one lock of its mailbox and one wake-up.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -430,11 +430,7 @@ impl Hub {
     /// `round` is the snapshot the read's cursors came from. Returns the streams whose entries
     /// were set aside because their feed is newer than the read: they must be read again from
     /// the feed's own cursor.
-    fn dispatch(
-        &self,
-        replies: Vec<(String, Vec<stream_io::RawEntry>)>,
-        round: u64,
-    ) -> Vec<String> {
+    fn dispatch(&self, replies: Vec<stream_io::RawStream>, round: u64) -> Vec<String> {
         let buffer_bytes = self.shared.settings.buffer_bytes;
         let mut table = self.table();
         let mut frames = Vec::new();
@@ -445,11 +441,11 @@ impl Hub {
         let mut wakers = Vec::new();
         for (key, entries) in replies {
             // The stream lost its last subscriber while the read was in flight.
-            let Some(feed) = table.feeds.get_mut(&key) else {
+            let Some(feed) = table.feeds.get_mut(&*key) else {
                 continue;
             };
             if feed.since_round >= round {
-                read_again.push(key);
+                read_again.push(key.to_string());
                 continue;
             }
             frames.clear();
@@ -535,9 +531,9 @@ impl Hub {
         if keys.is_empty() {
             return true;
         }
-        let read = reader.custom::<Value, Value>(
+        let read = reader.custom_raw(
             CustomCommand::new_static("XREAD", ClusterHash::Random, true),
-            blocking_xread_args(settings.batch, settings.block_ms, keys, ids),
+            xread_args(settings.batch, Some(settings.block_ms), keys, ids),
         );
         let read = tokio::time::timeout(read_deadline, read);
         tokio::pin!(read);
@@ -552,7 +548,7 @@ impl Hub {
         match result
             .map_err(|_| "read timed out".to_owned())
             .and_then(|r| r.map_err(|e| e.to_string()))
-            .and_then(|value| stream_io::parse_xread_raw(value).map_err(|e| e.to_string()))
+            .and_then(|frame| stream_io::parse_xread_frame(frame).map_err(|e| e.to_string()))
         {
             Ok(replies) => {
                 backoff.reset();
@@ -695,7 +691,7 @@ impl Hub {
                             replies
                                 .iter()
                                 .filter(|(_, entries)| entries.len() as u64 >= settings.batch)
-                                .map(|(key, _)| key.clone()),
+                                .map(|(key, _)| key.to_string()),
                         );
                         let read_again = self.dispatch(replies, round);
                         due.extend(read_again);
@@ -881,13 +877,15 @@ async fn unsubscribe(wake: &Client, channels: Vec<String>) {
     }
 }
 
-/// The arguments of `XREAD COUNT batch BLOCK block_ms STREAMS keys… ids…`.
-fn blocking_xread_args(batch: u64, block_ms: u64, keys: Vec<Bytes>, ids: Vec<Bytes>) -> Vec<Value> {
+/// The arguments of `XREAD COUNT batch [BLOCK block_ms] STREAMS keys… ids…`.
+fn xread_args(batch: u64, block_ms: Option<u64>, keys: Vec<Bytes>, ids: Vec<Bytes>) -> Vec<Value> {
     let mut args = Vec::with_capacity(5 + keys.len() + ids.len());
     args.push(Value::from_static_str("COUNT"));
     args.push(Value::Integer(i64::try_from(batch).unwrap_or(i64::MAX)));
-    args.push(Value::from_static_str("BLOCK"));
-    args.push(Value::Integer(i64::try_from(block_ms).unwrap_or(i64::MAX)));
+    if let Some(block_ms) = block_ms {
+        args.push(Value::from_static_str("BLOCK"));
+        args.push(Value::Integer(i64::try_from(block_ms).unwrap_or(i64::MAX)));
+    }
     args.push(Value::from_static_str("STREAMS"));
     args.extend(keys.into_iter().map(Value::Bytes));
     args.extend(ids.into_iter().map(Value::Bytes));
@@ -895,33 +893,41 @@ fn blocking_xread_args(batch: u64, block_ms: u64, keys: Vec<Bytes>, ids: Vec<Byt
 }
 
 /// Non-blocking `XREAD`s over `cursors` (key, last id): one on a single node, one per slot
-/// on a cluster, all at once (fred pipelines them per node).
+/// on a cluster (routed to the slot's node), all at once (fred pipelines them per node). The
+/// replies are read as protocol frames ([`stream_io::parse_xread_frame`]).
 async fn read_round(
     reader: &Client,
     batch: u64,
     cursors: Vec<(String, String)>,
     mode: Announcements,
-) -> Result<Vec<(String, Vec<stream_io::RawEntry>)>, String> {
-    let mut groups: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
+) -> Result<Vec<stream_io::RawStream>, String> {
+    let mut groups: HashMap<u16, (Vec<Bytes>, Vec<Bytes>)> = HashMap::new();
     for (key, id) in cursors {
         let slot = match mode {
             Announcements::Shared => 0,
             Announcements::PerStream => fred::util::redis_keyslot(key.as_bytes()),
         };
         let group = groups.entry(slot).or_default();
-        group.0.push(key);
-        group.1.push(id);
+        group.0.push(Bytes::from(key));
+        group.1.push(Bytes::from(id));
     }
-    let reads = groups
-        .into_values()
-        .map(|(keys, ids)| reader.xread::<Value, _, _>(Some(batch), None, keys, ids));
+    let reads = groups.into_iter().map(|(slot, (keys, ids))| {
+        let route = match mode {
+            Announcements::Shared => ClusterHash::Random,
+            Announcements::PerStream => ClusterHash::Custom(slot),
+        };
+        reader.custom_raw(
+            CustomCommand::new_static("XREAD", route, false),
+            xread_args(batch, None, keys, ids),
+        )
+    });
     let results = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(reads))
         .await
         .map_err(|_| "read round timed out".to_owned())?;
     let mut replies = Vec::new();
     for result in results {
-        let value = result.map_err(|e| e.to_string())?;
-        replies.extend(stream_io::parse_xread_raw(value).map_err(|e| e.to_string())?);
+        let frame = result.map_err(|e| e.to_string())?;
+        replies.extend(stream_io::parse_xread_frame(frame).map_err(|e| e.to_string())?);
     }
     Ok(replies)
 }
@@ -944,6 +950,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use fred::types::Resp3Frame;
     use futures::task::noop_waker_ref;
     use stream_schema::{ErrorCode, ModelId, SessionId};
 
@@ -968,12 +975,27 @@ mod tests {
         ]
     }
 
-    fn reply(key: &str, events: &[SessionEvent]) -> Value {
+    fn reply(key: &str, events: &[SessionEvent]) -> Resp3Frame {
         reply_from(key, 1, events)
     }
 
-    /// A reply whose entries have ids `first-0`, `first+1-0`, …
-    fn reply_from(key: &str, first: usize, events: &[SessionEvent]) -> Value {
+    fn bulk(text: impl Into<Bytes>) -> Resp3Frame {
+        Resp3Frame::BlobString {
+            data: text.into(),
+            attributes: None,
+        }
+    }
+
+    fn array(items: Vec<Resp3Frame>) -> Resp3Frame {
+        Resp3Frame::Array {
+            data: items,
+            attributes: None,
+        }
+    }
+
+    /// An `XREAD` reply as Redis sends it over RESP2 (fred hands it over as RESP3 frames),
+    /// whose entries have ids `first-0`, `first+1-0`, …
+    fn reply_from(key: &str, first: usize, events: &[SessionEvent]) -> Resp3Frame {
         let entries = events
             .iter()
             .enumerate()
@@ -981,18 +1003,12 @@ mod tests {
                 let fields = event
                     .encode()
                     .into_iter()
-                    .flat_map(|(name, value)| [Value::from(name), Value::from(value)])
+                    .flat_map(|(name, value)| [bulk(name), bulk(value)])
                     .collect();
-                Value::Array(vec![
-                    Value::from(format!("{}-0", first + i)),
-                    Value::Array(fields),
-                ])
+                array(vec![bulk(format!("{}-0", first + i)), array(fields)])
             })
             .collect();
-        Value::Array(vec![Value::Array(vec![
-            Value::from(key),
-            Value::Array(entries),
-        ])])
+        array(vec![array(vec![bulk(key.to_owned()), array(entries)])])
     }
 
     /// A single-node hub whose buffer no test fills.
@@ -1030,20 +1046,26 @@ mod tests {
         Ok(())
     }
 
-    /// The reader's raw parse makes byte for byte the frames the converting parse made.
+    /// The frames made from a read reply are, byte for byte, those of the events written.
     #[test]
-    fn frames_from_the_raw_parse_equal_those_of_the_converting_parse() -> anyhow::Result<()> {
-        let value = reply("llm:stream:{s}:m", &events());
-        let converted = stream_io::parse_xread(value.clone())?;
-        let raw = stream_io::parse_xread_raw(value)?;
-        assert_eq!(converted.len(), 1);
-        assert_eq!(converted[0].1.len(), raw[0].1.len());
-        for (entry, raw_entry) in converted[0].1.iter().zip(&raw[0].1) {
-            let old = Frame::new(entry.id, SessionEvent::decode(&entry.fields)?);
-            let new = Frame::new(raw_entry.id, SessionEvent::decode(raw_entry)?);
-            assert_eq!(old.id, new.id);
-            assert_eq!(old.bytes, new.bytes);
-            assert_eq!(old.event, new.event);
+    fn frames_from_a_read_reply_are_those_of_the_events_written() -> anyhow::Result<()> {
+        let events = events();
+        let read = stream_io::parse_xread_frame(reply("llm:stream:{s}:m", &events))?;
+        assert_eq!(read.len(), 1);
+        assert_eq!(&*read[0].0, "llm:stream:{s}:m");
+        assert_eq!(read[0].1.len(), events.len());
+        for (n, (entry, event)) in read[0].1.iter().zip(&events).enumerate() {
+            let from_reply = Frame::new(entry.id, SessionEvent::decode(entry)?);
+            let written = Frame::new(
+                EntryId {
+                    ms: n as u64 + 1,
+                    seq: 0,
+                },
+                event.clone(),
+            );
+            assert_eq!(from_reply.id, written.id);
+            assert_eq!(from_reply.bytes, written.bytes);
+            assert_eq!(from_reply.event, written.event);
         }
         Ok(())
     }
@@ -1098,7 +1120,7 @@ mod tests {
         let first = hub.subscribe(&key, EntryId::ZERO, None);
         let round = hub.read_args().round;
         let set_aside = hub.dispatch(
-            stream_io::parse_xread_raw(reply_from(key.as_str(), 1, &events))?,
+            stream_io::parse_xread_frame(reply_from(key.as_str(), 1, &events))?,
             round,
         );
         assert!(set_aside.is_empty());
@@ -1111,7 +1133,7 @@ mod tests {
         let second = hub.subscribe(&key, EntryId::ZERO, None);
         assert_eq!(second.catch_up_to, None);
         let set_aside = hub.dispatch(
-            stream_io::parse_xread_raw(reply_from(key.as_str(), 3, &events))?,
+            stream_io::parse_xread_frame(reply_from(key.as_str(), 3, &events))?,
             round,
         );
         assert_eq!(set_aside, [key.as_str()]);
@@ -1142,7 +1164,7 @@ mod tests {
         let events = events();
         let round = hub.read_args().round;
         hub.dispatch(
-            stream_io::parse_xread_raw(reply(key.as_str(), &events))?,
+            stream_io::parse_xread_frame(reply(key.as_str(), &events))?,
             round,
         );
         assert!(matches!(
