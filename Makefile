@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-bridge/target
 export CARGO_TARGET_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build bench bench-quick bench-peers bench-memory bench-capacity clean-logs k8s-validate images-test
+.PHONY: help run test lint fmt build bench bench-quick bench-peers bench-memory bench-capacity bench-instructions clean-logs k8s-validate images-test
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ bench-memory: ## 30-min soak, 200 streams: RSS of each service and Redis memory 
 
 bench-capacity: ## Measured figures of docs/capacity.md (~2 min once built): bench/results/capacity.md
 	@scripts/bench.sh --capacity
+
+bench-instructions: ## Instructions per delivered token of one service under callgrind, a count that repeats on a noisy VM (SERVICE=gateway LOAD=20x20 WINDOW=20)
+	@scripts/callgrind.sh $(or $(SERVICE),gateway) $(or $(LOAD),20x20) $(or $(WINDOW),20)
 
 clean-logs: ## Remove logs of `make run` and of test-spawned processes
 	rm -rf .run/logs "$(CARGO_TARGET_DIR)/test-logs"

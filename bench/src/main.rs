@@ -78,7 +78,8 @@ struct Args {
     /// Python venv with LiteLLM [default: ~/.cache/llm-bridge/venv-litellm].
     #[arg(long, value_name = "DIR")]
     litellm_venv: Option<PathBuf>,
-    /// Run just these scenarios (comma-separated names).
+    /// Run just these scenarios (comma-separated names), or a paced load the matrix does not
+    /// have: STREAMSxRATE[:WINDOW_SECONDS], e.g. 20x20 (20 streams at 20 tokens/s) or 20x20:60.
     #[arg(long, value_name = "S1,S2", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Idle-client steps (comma-separated counts); `--idle 0` skips the step.
@@ -231,6 +232,31 @@ fn matrix(quick: bool) -> Vec<Scenario> {
     ]
 }
 
+/// `--only 20x20` or `20x20:60`: a paced load the matrix does not have, `streams` streams at
+/// `rate` tokens/s each, chats of about 10 s, 3 s of warm-up and a window of 10 s (or the
+/// seconds given), for experiments such as `scripts/callgrind.sh`.
+fn ad_hoc(name: &str) -> Option<Scenario> {
+    let (load, window_s) = match name.split_once(':') {
+        Some((load, window)) => (load, window.parse().ok()?),
+        None => (name, 10),
+    };
+    let (streams, rate) = load.split_once('x')?;
+    let streams: usize = streams.parse().ok()?;
+    let rate: u64 = rate.parse().ok()?;
+    if streams == 0 || window_s == 0 || !(1..=1000).contains(&rate) {
+        return None;
+    }
+    let tokens_per_chat = usize::try_from(rate * 10).ok()?;
+    Some(scenario(
+        name,
+        streams,
+        1000 / rate,
+        tokens_per_chat,
+        3,
+        window_s,
+    ))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = parse_args();
@@ -326,8 +352,17 @@ async fn main() -> anyhow::Result<()> {
     let mut scenarios = matrix(options.quick);
     if let Some(only) = &options.only {
         scenarios.retain(|s| only.contains(&s.name));
-        if scenarios.is_empty() {
-            bail!("--only matches no scenario of this mode");
+        for name in only {
+            if scenarios.iter().any(|s| &s.name == name) {
+                continue;
+            }
+            match ad_hoc(name) {
+                Some(scenario) => scenarios.push(scenario),
+                None => bail!(
+                    "--only {name}: not a scenario of this mode, nor a paced load \
+                     STREAMSxRATE[:WINDOW_SECONDS] (e.g. 20x20 or 20x20:60)"
+                ),
+            }
         }
     }
     let idle_steps = options.idle.clone().unwrap_or_else(|| {
@@ -447,4 +482,33 @@ fn command_line() -> String {
 )]
 fn announce(out: &std::path::Path) {
     println!("{}", out.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ad_hoc_load_is_streams_at_a_rate_with_an_optional_window() -> anyhow::Result<()> {
+        let scenario = ad_hoc("20x20").context("20x20 is a paced load")?;
+        assert_eq!(
+            (
+                scenario.streams,
+                scenario.delay_ms,
+                scenario.tokens_per_chat
+            ),
+            (20, 50, 200)
+        );
+        assert_eq!(scenario.window, Duration::from_secs(10));
+        let scenario = ad_hoc("3x50:80").context("3x50:80 is a paced load")?;
+        assert_eq!((scenario.streams, scenario.delay_ms), (3, 20));
+        assert_eq!(scenario.window, Duration::from_secs(80));
+        assert_eq!(scenario.name, "3x50:80");
+        for wrong in [
+            "max-100", "20x", "x20", "0x20", "20x0", "20x2000", "20x20:0", "20x20:s",
+        ] {
+            assert!(ad_hoc(wrong).is_none(), "{wrong}");
+        }
+        Ok(())
+    }
 }
